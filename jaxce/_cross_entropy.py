@@ -1,0 +1,184 @@
+"""`cross_entropy` and `nll_loss`: PyTorch's semantics on any class axis."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxce import _checks, _stats
+from jaxce._reduction import integer_target_loss, target_loss
+
+
+def cross_entropy(
+    logits,
+    labels,
+    *,
+    weight=None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    axis: int = -1,
+    where=None,
+) -> jax.Array:
+  r"""Softmax cross-entropy with PyTorch's options, for integer or probability
+  targets.
+
+  With :math:`p = \mathrm{softmax}(x)` over the class axis, class weights
+  :math:`w` (default 1), :math:`v_n = [y_n \ne \text{ignore\_index}]` and
+  :math:`C` classes, integer targets give
+
+  .. math::
+    \ell_n = (1 - \varepsilon)\, w_{y_n} v_n (-\log p_{n, y_n})
+      + \frac{\varepsilon}{C}\, v_n \sum_c w_c (-\log p_{n,c})
+      + \lambda_z v_n (\log \textstyle\sum_c e^{x_{n,c}})^2
+
+  and "mean" is :math:`\sum_n \ell_n / \sum_n w_{y_n} v_n`. Probability targets
+  :math:`t` give :math:`\ell_n = -\sum_c w_c q_{n,c} \log p_{n,c}` with
+  :math:`q = (1 - \varepsilon) t + \varepsilon / C`, plus the z-loss term, and
+  "mean" divides by the number of positions.
+
+  Differences from PyTorch, on purpose:
+
+  * "mean" over positions that are all ignored returns 0.0 with zero gradients
+    (PyTorch returns NaN), so a padding-only micro-batch cannot poison training.
+  * Integer labels outside [0, C) that are not `ignore_index` make that
+    position's loss NaN (PyTorch raises). Use :mod:`jaxce.checked` to raise an
+    error naming the bad label instead, even under `jax.jit`.
+  * Classes outside `where`, and classes whose logit is -inf, take no part:
+    probability 0, gradient 0, and label smoothing spreads its mass over the
+    remaining :math:`C_n` classes of each position (:math:`C_n = C` when
+    nothing is masked). A position with no class left contributes 0.
+
+  The gradient is a custom VJP that keeps only `logits` and a per-position
+  float32 logsumexp, and recomputes the softmax in one fused pass. Pure
+  forward mode (`jax.jvp`, `jax.jacfwd`) is not available through a custom VJP
+  and raises ``TypeError: can't apply forward-mode autodiff (jvp) to a
+  custom_vjp function``; `jax.grad`, `jax.hessian` and grad-of-grad work.
+
+  Args:
+    logits: Unnormalized scores, float16, bfloat16, float32 or float64, with
+      the classes on `axis`.
+    labels: Either integer class indices with `logits`' shape without `axis`,
+      or floating class probabilities with `logits`' shape.
+    weight: Optional per-class weights, shape ``[C]``.
+    ignore_index: Integer targets equal to this contribute nothing and are left
+      out of the "mean" denominator. Not used with probability targets.
+    reduction: "none", "mean" or "sum".
+    label_smoothing: :math:`\varepsilon \in [0, 1]`, a static float.
+    z_loss: :math:`\lambda_z \ge 0`, weight of the squared logsumexp (the
+      PaLM / t5x auxiliary loss), reduced with the same denominator.
+    axis: The class axis. -1 is JAX's layout; 1 is PyTorch's ``(N, C, ...)``.
+    where: Optional boolean mask broadcastable to `logits`: the classes that
+      take part in the softmax.
+
+  Returns:
+    The loss in float32 (float64 for float64 logits): a scalar, or per-position
+    values of `logits`' shape without `axis` for ``reduction="none"``.
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxce
+    >>> logits = jnp.array([[1.2, -0.8, -0.5], [0.9, -1.2, 1.1]])
+    >>> print(jaxce.cross_entropy(logits, jnp.array([0, 1]), reduction="none"))
+    [0.27614918 2.951853  ]
+    >>> print(jaxce.cross_entropy(logits, jnp.array([0, -100])))
+    0.27614918
+  """
+  fn = "cross_entropy"
+  logits = _checks.float_array(fn, "logits", logits)
+  axis = _checks.canonical_axis(fn, axis, logits.ndim)
+  reduction = _checks.reduction(fn, reduction)
+  eps = _checks.static_float(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
+  z = _checks.static_float(fn, "z_loss", z_loss, 0.0, float("inf"))
+  num_classes = logits.shape[axis]
+  weight = _checks.class_weight(fn, weight, num_classes)
+  where = _checks.class_mask(fn, where, logits.shape)
+  labels = jnp.asarray(labels)
+
+  if jnp.issubdtype(labels.dtype, jnp.floating):
+    if labels.shape != logits.shape:
+      raise TypeError(
+          f"{fn}: floating `labels` are class probabilities and must have the"
+          f" logits' shape {logits.shape}. Got {labels.shape}. For class"
+          " indices, pass an integer array."
+      )
+    stats = _stats.target_stats(logits, labels, weight, where, axis, eps)
+    return target_loss(*stats, reduction=reduction, z_loss=z)
+
+  labels = _checks.integer_labels(fn, labels, logits.shape, axis)
+  stats = _stats.label_stats(
+      logits, labels, weight if eps else None, where, axis, smoothing=bool(eps))
+  return integer_target_loss(
+      stats.lse,
+      stats.picked,
+      labels,
+      num_classes=num_classes,
+      weight=weight,
+      ignore_index=ignore_index,
+      reduction=reduction,
+      label_smoothing=eps,
+      z_loss=z,
+      smoothing_sums=stats[2:] if eps else None,
+  )
+
+
+def nll_loss(
+    log_probs,
+    labels,
+    *,
+    weight=None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    axis: int = -1,
+) -> jax.Array:
+  r"""Negative log-likelihood of integer labels, as `torch.nn.functional.nll_loss`.
+
+  .. math::
+    \ell_n = -w_{y_n} v_n \,\mathrm{log\_probs}_{n, y_n}, \qquad
+    \text{mean} = \sum_n \ell_n / \sum_n w_{y_n} v_n
+
+  with :math:`v_n = [y_n \ne \text{ignore\_index}]`. As in :func:`cross_entropy`,
+  "mean" over all-ignored positions is 0.0 (PyTorch: NaN) and labels outside
+  [0, C) give NaN. The gradient is a custom VJP that keeps only the labels.
+
+  Args:
+    log_probs: Log-probabilities (e.g. from :func:`log_softmax`), floating,
+      with the classes on `axis`.
+    labels: Integer class indices with `log_probs`' shape without `axis`.
+    weight: Optional per-class weights, shape ``[C]``.
+    ignore_index: Labels equal to this contribute nothing.
+    reduction: "none", "mean" or "sum".
+    axis: The class axis (1 for PyTorch's layout).
+
+  Returns:
+    The loss in float32 (float64 for float64 input); per position for
+    ``reduction="none"``.
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxce
+    >>> log_probs = jaxce.log_softmax(jnp.array([[1.2, -0.8, -0.5]]))
+    >>> print(jaxce.nll_loss(log_probs, jnp.array([0])))
+    0.27614915
+  """
+  fn = "nll_loss"
+  log_probs = jnp.asarray(log_probs)
+  if not jnp.issubdtype(log_probs.dtype, jnp.floating):
+    raise TypeError(
+        f"{fn}: `log_probs` must have a floating dtype (log-probabilities)."
+        f" Got {log_probs.dtype}."
+    )
+  axis = _checks.canonical_axis(fn, axis, log_probs.ndim)
+  reduction = _checks.reduction(fn, reduction)
+  num_classes = log_probs.shape[axis]
+  weight = _checks.class_weight(fn, weight, num_classes)
+  labels = _checks.integer_labels(fn, labels, log_probs.shape, axis)
+  return integer_target_loss(
+      None,
+      _stats.pick(log_probs, labels, axis),
+      labels,
+      num_classes=num_classes,
+      weight=weight,
+      ignore_index=ignore_index,
+      reduction=reduction,
+  )
+

@@ -1,0 +1,97 @@
+"""From per-position statistics to a loss: weights, ignore_index, smoothing,
+z-loss and the reduction, all on arrays without a class axis.
+
+These run as ordinary JAX code after the custom_vjp kernels of `_stats.py`
+(and of the fused linear loss), so their gradients come from autodiff.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def reduce(loss: jax.Array, reduction: str, denominator: jax.Array | None = None):
+  """Applies `reduction`; "mean" divides by `denominator` (default: count).
+
+  A zero denominator (every position ignored) gives 0.0 with zero gradient,
+  not NaN: a padding-only batch must not poison training.
+  """
+  if reduction == "none":
+    return loss
+  total = jnp.sum(loss)
+  if reduction == "sum":
+    return total
+  if denominator is None:
+    return total / max(loss.size, 1)
+  d = jnp.sum(denominator)
+  return total / jnp.where(d == 0, 1.0, d)
+
+
+def integer_target_loss(
+    lse: jax.Array | None,
+    picked: jax.Array,
+    labels: jax.Array,
+    *,
+    num_classes: int,
+    weight: jax.Array | None,
+    ignore_index: int | None,
+    reduction: str,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    smoothing_sums: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+) -> jax.Array:
+  """PyTorch's integer-target loss from per-position statistics.
+
+  With lse=None this is `nll_loss` (`picked` holds log-probabilities);
+  otherwise -log p[y] = lse - picked. `smoothing_sums` is
+  (sum_c w_c x_c, sum_c w_c, number of classes) over each position's active
+  classes, required when `label_smoothing` > 0.
+  """
+  ct = picked.dtype
+  valid = jnp.ones(labels.shape, bool) if ignore_index is None else labels != ignore_index
+  if weight is None:
+    w_pos = valid.astype(ct)
+  else:
+    w_y = jnp.take(weight.astype(ct), jnp.clip(labels, 0, num_classes - 1))
+    w_pos = jnp.where(valid, w_y, 0.0)
+  # Positions that are ignored, or whose classes are all masked, contribute 0;
+  # zeroing the statistics first keeps their gradients 0 rather than NaN.
+  keep = valid if lse is None else valid & (lse > -jnp.inf)
+  picked = jnp.where(keep, picked, 0.0)
+  if lse is None:
+    loss = -w_pos * picked
+  else:
+    lse = jnp.where(keep, lse, 0.0)
+    loss = w_pos * (lse - picked)
+    if label_smoothing:
+      weighted_sum, weight_sum, count = smoothing_sums
+      weighted_sum = jnp.where(keep, weighted_sum, 0.0)
+      smooth = (weight_sum * lse - weighted_sum) / jnp.maximum(count, 1.0)
+      loss = (1.0 - label_smoothing) * loss + label_smoothing * smooth
+    if z_loss:
+      loss = loss + z_loss * lse**2
+  # Labels outside [0, C) that are not ignored: NaN, never a plausible number.
+  bad = valid & ((labels < 0) | (labels >= num_classes))
+  loss = loss * jnp.where(bad, jnp.nan, 1.0).astype(ct)
+  return reduce(loss, reduction, w_pos)
+
+
+def target_loss(
+    lse: jax.Array,
+    mass: jax.Array,
+    weighted_logits: jax.Array,
+    *,
+    reduction: str,
+    z_loss: float = 0.0,
+) -> jax.Array:
+  """Probability-target loss, mass * lse - sum_c w_c q_c x_c, reduced.
+
+  "mean" divides by the number of positions, as PyTorch does.
+  """
+  keep = lse > -jnp.inf
+  lse = jnp.where(keep, lse, 0.0)
+  loss = jnp.where(keep, mass * lse - jnp.where(keep, weighted_logits, 0.0), 0.0)
+  if z_loss:
+    loss = loss + z_loss * lse**2
+  return reduce(loss, reduction)

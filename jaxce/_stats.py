@@ -1,0 +1,236 @@
+"""Per-position statistics of logits, each a lean `jax.custom_vjp`.
+
+Every loss over a class axis is a cheap function of a few per-position numbers
+(the logsumexp, the logit at the label, a weighted sum of logits). These
+kernels compute those numbers in one pass over the logits and differentiate
+them in one elementwise pass, so the losses built on them (see `_losses.py`)
+get exact gradients for weights, label smoothing, z-loss and reductions from
+ordinary autodiff on arrays without a class axis.
+
+What each backward keeps (`*Residuals` below): the inputs as given (the caller
+holds them anyway) and a per-position float32 logsumexp. No softmax, no
+float32 copy of the logits and no one-hot matrix is saved.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxce import _checks
+from jaxce._log_softmax import masked, softmax_from_lse, stable_logsumexp
+
+
+def one_hot_at(labels: jax.Array, shape, axis: int) -> jax.Array:
+  """Boolean mask of `shape`, true where the class index equals the label.
+
+  Labels outside [0, C) match nothing. An iota comparison (rather than a
+  gather) keeps everything elementwise, so it fuses with its neighbours and
+  works on logits sharded over the class axis.
+  """
+  iota = jax.lax.broadcasted_iota(jnp.int32, shape, axis)
+  return iota == jnp.expand_dims(labels.astype(jnp.int32), axis)
+
+
+def _per_class(weight, axis, ndim):
+  return 1.0 if weight is None else _checks.expand_to_axis(weight, axis, ndim)
+
+
+def _sum_to_class(x, axis):
+  return jnp.sum(x, tuple(a for a in range(x.ndim) if a != axis))
+
+
+# ---------------------------------------------------------------------------
+# Integer labels: lse, logit at the label, and label-smoothing sums.
+
+
+class LabelStats(NamedTuple):
+  lse: jax.Array  # logsumexp over the active classes (-inf if none)
+  picked: jax.Array  # logit at the label; 0 for labels outside [0, C)
+  weighted_sum: jax.Array | None  # sum_c w_c x_c over active classes
+  weight_sum: jax.Array | None  # sum_c w_c over active classes
+  count: jax.Array | None  # number of active classes
+
+
+class LabelResiduals(NamedTuple):
+  logits: jax.Array
+  labels: jax.Array
+  weight: jax.Array | None  # only when smoothing
+  where: jax.Array | None
+  lse: jax.Array  # float32 per position, class axis kept
+
+
+def label_stats(logits, labels, weight, where, axis: int, smoothing: bool):
+  """Per-position statistics for integer-target losses.
+
+  Active classes are those inside `where` with a logit above -inf. The three
+  smoothing sums are only computed (and only `weight` is only used) when
+  `smoothing` is true; otherwise they are None.
+  """
+  return _label_stats(logits, labels, weight, where, axis, smoothing)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _label_stats(logits, labels, weight, where, axis, smoothing):
+  return _label_stats_fwd(logits, labels, weight, where, axis, smoothing)[0]
+
+
+def _label_stats_fwd(logits, labels, weight, where, axis, smoothing):
+  x = masked(logits.astype(_checks.compute_dtype(logits.dtype)), where)
+  lse = stable_logsumexp(x, axis)
+  hot = one_hot_at(labels, x.shape, axis)
+  picked = jnp.sum(jnp.where(hot, x, 0.0), axis)
+  sums = (None, None, None)
+  if smoothing:
+    active = x > -jnp.inf
+    w = _per_class(weight, axis, x.ndim)
+    sums = (
+        jnp.sum(jnp.where(active, w * x, 0.0), axis),
+        jnp.sum(jnp.where(active, w, 0.0), axis),
+        jnp.sum(active, axis, dtype=x.dtype),
+    )
+  stats = LabelStats(jnp.squeeze(lse, axis), picked, *sums)
+  return stats, LabelResiduals(logits, labels, weight, where, lse)
+
+
+def _label_stats_bwd(axis, smoothing, res, g):
+  ct = res.lse.dtype
+  x = masked(res.logits.astype(ct), res.where)
+  hot = one_hot_at(res.labels, x.shape, axis)
+  col = lambda v: jnp.expand_dims(v.astype(ct), axis)
+  dx = col(g.lse) * softmax_from_lse(x, res.lse) + jnp.where(hot, col(g.picked), 0.0)
+  dweight = None
+  if smoothing:
+    active = x > -jnp.inf
+    w = _per_class(res.weight, axis, x.ndim)
+    dx = dx + jnp.where(active, w * col(g.weighted_sum), 0.0)
+    if res.weight is not None:
+      dw = jnp.where(active, x * col(g.weighted_sum) + col(g.weight_sum), 0.0)
+      dweight = _sum_to_class(dw, axis).astype(res.weight.dtype)
+  return dx.astype(res.logits.dtype), None, dweight, None
+
+
+_label_stats.defvjp(_label_stats_fwd, _label_stats_bwd)
+
+
+# ---------------------------------------------------------------------------
+# Probability targets: lse and the two target-weighted sums.
+
+
+class TargetStats(NamedTuple):
+  lse: jax.Array  # logsumexp over the classes inside `where` (-inf if none)
+  mass: jax.Array  # sum_c w_c q_c, the total weighted target mass
+  weighted_logits: jax.Array  # sum_c w_c q_c x_c (0 * -inf counts as 0)
+
+
+class TargetResiduals(NamedTuple):
+  logits: jax.Array
+  targets: jax.Array
+  weight: jax.Array | None
+  where: jax.Array | None
+  lse: jax.Array  # float32 per position, class axis kept
+  count: jax.Array | None  # active classes per position (smoothing only)
+
+
+def target_stats(logits, targets, weight, where, axis: int, smoothing: float):
+  """Per-position statistics for probability-target losses.
+
+  With q = (1 - smoothing) * targets + smoothing / K on the K classes that are
+  active (inside `where`, logit above -inf), the loss is
+  ``mass * lse - weighted_logits``. Target mass on a -inf logit gives +inf,
+  as it should; classes outside `where` are left out of every sum.
+  """
+  return _target_stats(logits, targets, weight, where, axis, smoothing)
+
+
+def _smoothed(t, x, count, smoothing, axis):
+  """The smoothed target q, in the compute dtype."""
+  if not smoothing:
+    return t
+  active = x > -jnp.inf
+  uniform = smoothing / jnp.maximum(jnp.expand_dims(count, axis), 1.0)
+  return (1.0 - smoothing) * t + jnp.where(active, uniform, 0.0)
+
+
+def _in_mask(v, where):
+  return v if where is None else jnp.where(where, v, 0.0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _target_stats(logits, targets, weight, where, axis, smoothing):
+  return _target_stats_fwd(logits, targets, weight, where, axis, smoothing)[0]
+
+
+def _target_stats_fwd(logits, targets, weight, where, axis, smoothing):
+  ct = _checks.compute_dtype(logits.dtype)
+  x = masked(logits.astype(ct), where)
+  lse = stable_logsumexp(x, axis)
+  count = jnp.sum(x > -jnp.inf, axis, dtype=ct) if smoothing else None
+  wq = _per_class(weight, axis, x.ndim) * _smoothed(
+      targets.astype(ct), x, count, smoothing, axis)
+  wq = _in_mask(wq, where)
+  stats = TargetStats(
+      jnp.squeeze(lse, axis),
+      jnp.sum(wq, axis),
+      jnp.sum(jnp.where(wq == 0, 0.0, wq * x), axis),
+  )
+  return stats, TargetResiduals(logits, targets, weight, where, lse, count)
+
+
+def _target_stats_bwd(axis, smoothing, res, g):
+  ct = res.lse.dtype
+  x = masked(res.logits.astype(ct), res.where)
+  col = lambda v: jnp.expand_dims(v.astype(ct), axis)
+  w = _per_class(res.weight, axis, x.ndim)
+  q = _in_mask(_smoothed(res.targets.astype(ct), x, res.count, smoothing, axis), res.where)
+  wq = w * q
+  dx = col(g.lse) * softmax_from_lse(x, res.lse) + jnp.where(
+      wq == 0, 0.0, wq * col(g.weighted_logits))
+  # d/dq of (mass, weighted_logits) is w * (g_mass + g_wl * x); the chain to
+  # the targets carries the (1 - smoothing) factor.
+  x_or_0 = jnp.where(q == 0, 0.0, x)
+  dq = _in_mask(w * (col(g.mass) + col(g.weighted_logits) * x_or_0), res.where)
+  dtargets = ((1.0 - smoothing) * dq).astype(res.targets.dtype)
+  dweight = None
+  if res.weight is not None:
+    dw = q * (col(g.mass) + col(g.weighted_logits) * x_or_0)
+    dweight = _sum_to_class(dw, axis).astype(res.weight.dtype)
+  return dx.astype(res.logits.dtype), dtargets, dweight, None
+
+
+_target_stats.defvjp(_target_stats_fwd, _target_stats_bwd)
+
+
+# ---------------------------------------------------------------------------
+# Log-probabilities: the entry at the label (NLL).
+
+
+class PickResiduals(NamedTuple):
+  labels: jax.Array  # all the backward needs, besides static shape and dtype
+
+
+def pick(x, labels, axis: int):
+  """x at the label along `axis` (0 for labels outside [0, C)), in float32+."""
+  return _pick(x, labels, axis, x.shape, x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _pick(x, labels, axis, shape, dtype):
+  return _pick_fwd(x, labels, axis, shape, dtype)[0]
+
+
+def _pick_fwd(x, labels, axis, shape, dtype):
+  hot = one_hot_at(labels, shape, axis)
+  out = jnp.sum(jnp.where(hot, x.astype(_checks.compute_dtype(dtype)), 0.0), axis)
+  return out, PickResiduals(labels)
+
+
+def _pick_bwd(axis, shape, dtype, res, g):
+  hot = one_hot_at(res.labels, shape, axis)
+  return jnp.where(hot, jnp.expand_dims(g, axis), 0.0).astype(dtype), None
+
+
+_pick.defvjp(_pick_fwd, _pick_bwd)

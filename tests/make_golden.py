@@ -1,0 +1,580 @@
+"""Generate PyTorch golden values for the jaxce test suite.
+
+Run from the repository root (or anywhere)::
+
+    python tests/make_golden.py
+
+This regenerates every file in ``tests/golden/``.  PyTorch is needed ONLY to
+regenerate the files; the test suite reads the committed ``.npz`` files through
+``tests/golden.py`` and never imports torch.
+
+Generated with torch 2.13.0 (CPU build, ``torch-2.13.0+cpu``), numpy 2.4.6,
+Python 3.11.  The torch version actually used is also stored in every file
+under the key ``__torch_version__`` (0-d str array).
+
+Inputs come from ``numpy.random.default_rng(SEED)`` (``SEED = 20240601``, one
+generator per output file, so adding a case to one file does not change the
+others).  All inputs are converted to ``torch.float64`` (floats) or
+``torch.int64`` (class indices) before calling torch, and every stored array
+is float64 or int64.  The ``.npz`` files are written with a fixed zip
+timestamp, so regenerating with the same torch build gives byte-identical
+files.
+
+File format
+-----------
+Each file is an ordinary ``.npz`` archive (``numpy.load`` works, no pickle
+needed).  Keys are ``"{case_id}__{name}"`` where ``case_id`` is ``c000``,
+``c001``, ... (zero-padded, in generation order) and ``name`` is an array
+name.  Every case has ``{case_id}__meta``: a 0-d numpy unicode array holding a
+JSON object that describes how to rebuild the call.  Common meta keys:
+
+    fn              "cross_entropy" | "nll_loss" |
+                    "binary_cross_entropy_with_logits" | "log_softmax"
+    torch_call      the exact torch expression evaluated (for humans)
+    layout          "2d" ([N, C]), "kdim" ([N, C, d1, d2], class axis 1),
+                    "3d" ([B, T, C], BCE only) or "3d" (log_softmax)
+    axis            the class / softmax axis (always 1 for cross_entropy and
+                    nll_loss, because torch's class axis is dim 1; for the
+                    2-D layout axis 1 == axis -1)
+    reduction       "none" | "mean" | "sum"
+    weight          bool: whether a ``weight`` array is stored and passed
+    ... plus the keys listed per file below.
+
+``{case_id}__loss`` is the torch output (0-d for "mean"/"sum").  Gradients
+are named ``grad_<input>``.  For reduction "mean"/"sum" they are the gradient
+of the scalar loss; for reduction "none" (and for log_softmax) they are the
+gradient of ``(loss * cot).sum()`` where ``{case_id}__cot`` is a stored random
+cotangent with the loss's shape (so they are exactly a VJP with ``cot``).
+
+``tests/golden.py`` provides ``load(name) -> list[dict]``: one dict per case,
+``"meta"`` -> parsed JSON dict, every other name -> numpy array.
+
+Files and cases
+---------------
+cross_entropy_int.npz  (51 cases)
+    ``torch.nn.functional.cross_entropy(logits, targets, weight=weight,
+    ignore_index=ignore_index, reduction=reduction,
+    label_smoothing=label_smoothing)`` with int64 class-index targets.
+    Full product of layout {2d [7, 5], kdim [6, 5, 2, 3]} x weight {None,
+    uniform(0.2, 2.0) [C]} x ignore_index {-100 (about 25% of targets set to
+    -100), 1 (a valid class; targets equal to 1 are ignored)} x
+    label_smoothing {0.0, 0.15} x reduction {none, mean, sum} = 48 cases,
+    plus 3 cases with meta ``"all_ignored": true`` where every target equals
+    ignore_index (-100): (2d, mean, no weight, eps 0), (kdim, mean, weight,
+    eps 0.15), (2d, sum, weight, eps 0.15).  For "mean" torch returns NaN
+    there (0/0) while its gradient is all zeros; jaxce deliberately returns
+    0.0 for the loss instead.  Arrays: logits, targets, [weight], loss,
+    grad_logits, [cot].  Meta: target_kind="int", ignore_index,
+    label_smoothing, all_ignored, n_ignored.
+
+cross_entropy_prob.npz  (24 cases)
+    Same torch function with probability targets of the logits' shape
+    (softmax over the class axis of random normals; requires_grad=True).
+    layout {2d [7, 5], kdim [6, 5, 2, 3]} x weight {None, [C]} x
+    label_smoothing {0.0, 0.2} x reduction {none, mean, sum}.  Note that for
+    probability targets torch's "mean" divides by the number of batch
+    elements (N * d1 * d2), not by a weight sum, and ignore_index does not
+    apply.  Arrays: logits, targets, [weight], loss, grad_logits,
+    grad_targets, [cot].  Meta: target_kind="prob", label_smoothing.
+
+nll_loss.npz  (24 cases)
+    ``torch.nn.functional.nll_loss(log_probs, targets, weight=weight,
+    ignore_index=ignore_index, reduction=reduction)`` where ``log_probs`` =
+    log_softmax (class axis 1) of random normals, used as the leaf input.
+    layout {2d [7, 5], kdim [6, 5, 2, 3]} x weight {None, [C]} x
+    ignore_index {-100 (~25% ignored), 1} x reduction.  Arrays: log_probs,
+    targets, [weight], loss, grad_log_probs, [cot].  Meta: ignore_index,
+    n_ignored.
+
+bce_with_logits.npz  (38 cases)
+    ``torch.nn.functional.binary_cross_entropy_with_logits(logits, targets,
+    weight=weight, reduction=reduction, pos_weight=pos_weight)``; targets
+    uniform in [0, 1] with some entries exactly 0.0 and 1.0
+    (requires_grad=True).  layout {2d [7, 5], 3d [3, 4, 5]} x weight {None,
+    per-class [C], broadcast ([N, 1] for 2d, [B, 1, C] for 3d)} x pos_weight
+    {None, uniform(0.5, 3.0) [C]} x reduction = 36 cases, plus 2 "large"
+    cases (meta ``"large": true``; 2d [4, 5] logits containing +-50 and
+    +-200, per-class weight and pos_weight, reduction none and mean).
+    Arrays: logits, targets, [weight], [pos_weight], loss, grad_logits,
+    grad_targets, [cot].  Meta: weight_kind ("none"|"class"|"broadcast"),
+    weight_shape, pos_weight (bool), large.
+
+log_softmax.npz  (3 cases)
+    ``torch.log_softmax(x, dim=axis)`` on a [4, 5, 6] array, axis -1 and 1,
+    plus one case (meta ``"large": true``) with entries of magnitude up to
+    1e4 along axis -1.  Arrays: x, out, cot, grad_x (gradient of
+    ``(out * cot).sum()``).
+
+extreme.npz  (4 cases)
+    cross_entropy with int64 targets on 2-D float64 logits [6, 5] whose
+    entries reach +-3e4 (e.g. the row [3e4, -3e4, 0, 1, -1] with target 1,
+    whose loss is 6e4), label_smoothing {0.0, 0.1} x reduction {none, mean};
+    no weight, ignore_index -100 (unused).  Arrays: logits, targets, loss,
+    grad_logits, [cot].  The loss here spans ~1e-4..1e5, so compare with a
+    relative tolerance.
+
+Observed torch behaviour (checked against an independent float64 JAX
+reference when these files were generated; all 144 cases agree to rtol 1e-10)
+---------------------------------------------------------------------------
+* Integer targets, label smoothing eps, weight w (w = 1 if None), validity
+  v_n = [y_n != ignore_index]:
+      l_n = (1 - eps) * nll_n + (eps / C) * s_n,
+      nll_n = -w[y_n] v_n log p[n, y_n],   s_n = -v_n sum_c w_c log p[n, c];
+  "mean" divides the sum of BOTH terms by sum_n w[y_n] v_n (so without a
+  weight, by the number of non-ignored targets, not by N).
+* Every target ignored: "mean" -> NaN (0/0) with an all-zero gradient;
+  "sum" -> 0.0; "none" -> zeros.
+* Probability targets: targets become (1 - eps) * y + eps / C; the loss is
+  -sum_c w_c y_c log p_c and "mean" divides by the number of batch elements
+  regardless of the weight.
+* binary_cross_entropy_with_logits: l = -w [pw * y log s(x) + (1 - y)
+  log(1 - s(x))], finite for |x| = 200; "mean" divides by the element count.
+* A zero loss can come out as -0.0 (extreme.npz, a row whose target holds
+  the maximum logit by a margin of 3e4).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import zipfile
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SEED = 20240601
+OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
+
+N2, C = 7, 5  # 2-D layout [N, C]
+NK, D1, D2 = 6, 2, 3  # K-dim layout [N, C, d1, d2]
+REDUCTIONS = ("none", "mean", "sum")
+
+
+# ----------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------
+def _rng(tag: str) -> np.random.Generator:
+    # one generator per file, derived from SEED and a fixed per-file integer
+    offsets = {
+        "cross_entropy_int": 1,
+        "cross_entropy_prob": 2,
+        "nll_loss": 3,
+        "bce_with_logits": 4,
+        "log_softmax": 5,
+        "extreme": 6,
+    }
+    return np.random.default_rng([SEED, offsets[tag]])
+
+
+def _t(a: np.ndarray, grad: bool = False) -> torch.Tensor:
+    a = np.array(a, order="C")
+    if a.dtype.kind in "iu":
+        return torch.from_numpy(a.astype(np.int64))
+    t = torch.from_numpy(a.astype(np.float64).copy())
+    if grad:
+        t.requires_grad_(True)
+    return t
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    a = t.detach().cpu().numpy()
+    if a.dtype.kind == "f":
+        return np.asarray(a, dtype=np.float64)
+    return np.asarray(a, dtype=np.int64)
+
+
+def _logit_shape(layout: str) -> tuple[int, ...]:
+    return (N2, C) if layout == "2d" else (NK, C, D1, D2)
+
+
+def _target_shape(layout: str) -> tuple[int, ...]:
+    return (N2,) if layout == "2d" else (NK, D1, D2)
+
+
+def _int_targets(rng, layout: str, ignore_index: int) -> np.ndarray:
+    """Class indices in [0, C); for ignore_index=-100 about 25% set to -100,
+    for ignore_index=1 the natural ~1/C of entries equal to 1 are ignored.
+    Guarantees at least one ignored and at least one non-ignored entry."""
+    shape = _target_shape(layout)
+    tg = rng.integers(0, C, size=shape).astype(np.int64)
+    flat = tg.reshape(-1)
+    if ignore_index == -100:
+        mask = rng.random(flat.shape) < 0.25
+        flat[mask] = -100
+    if not np.any(flat == ignore_index):
+        flat[0] = ignore_index
+    if np.all(flat == ignore_index):
+        flat[-1] = 0 if ignore_index != 0 else 2
+    return flat.reshape(shape)
+
+
+def _backward(loss: torch.Tensor, reduction: str, rng):
+    """Backprop either the scalar loss or (loss * cot).sum(); returns cot."""
+    if reduction == "none":
+        cot = rng.normal(size=tuple(loss.shape))
+        (loss * _t(cot)).sum().backward()
+        return cot
+    loss.backward()
+    return None
+
+
+def _save(name: str, cases: list[dict]) -> str:
+    """Write cases to OUT_DIR/name.npz with keys '{cid}__{array}'.
+
+    Written through zipfile with a fixed timestamp so reruns are byte-stable;
+    the result is a normal .npz readable by numpy.load(allow_pickle=False).
+    """
+    os.makedirs(OUT_DIR, exist_ok=True)
+    arrays: dict[str, np.ndarray] = {
+        "__torch_version__": np.array(torch.__version__),
+    }
+    for i, case in enumerate(cases):
+        cid = f"c{i:03d}"
+        meta = dict(case["meta"])
+        meta["case_id"] = cid
+        arrays[f"{cid}__meta"] = np.array(json.dumps(meta, sort_keys=True))
+        for k, v in case["arrays"].items():
+            if v is None:
+                continue
+            v = np.asarray(v)
+            if v.dtype.kind == "f":
+                v = v.astype(np.float64)
+            elif v.dtype.kind in "iub":
+                v = v.astype(np.int64)
+            arrays[f"{cid}__{k}"] = v
+    path = os.path.join(OUT_DIR, name + ".npz")
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for key in sorted(arrays):
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.array(arrays[key], order="C"),
+                                      allow_pickle=False)
+            info = zipfile.ZipInfo(key + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, buf.getvalue())
+    return path
+
+
+# ----------------------------------------------------------------------------
+# cross_entropy, integer targets
+# ----------------------------------------------------------------------------
+def _ce_int_case(rng, layout, use_weight, ignore_index, eps, reduction,
+                 targets=None, all_ignored=False):
+    logits = rng.normal(0.0, 2.0, size=_logit_shape(layout))
+    weight = rng.uniform(0.2, 2.0, size=(C,)) if use_weight else None
+    if targets is None:
+        targets = _int_targets(rng, layout, ignore_index)
+    x = _t(logits, grad=True)
+    loss = F.cross_entropy(x, _t(targets),
+                           weight=None if weight is None else _t(weight),
+                           ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=eps)
+    cot = _backward(loss, reduction, rng)
+    meta = {
+        "fn": "cross_entropy",
+        "torch_call": (
+            "torch.nn.functional.cross_entropy(logits, targets, "
+            f"weight={'weight' if use_weight else None}, "
+            f"ignore_index={ignore_index}, reduction={reduction!r}, "
+            f"label_smoothing={eps})"),
+        "target_kind": "int",
+        "layout": layout,
+        "axis": 1,
+        "weight": use_weight,
+        "ignore_index": ignore_index,
+        "label_smoothing": eps,
+        "reduction": reduction,
+        "all_ignored": all_ignored,
+        "n_ignored": int(np.sum(targets == ignore_index)),
+    }
+    return {"meta": meta, "arrays": {
+        "logits": logits, "targets": targets, "weight": weight,
+        "loss": _np(loss), "grad_logits": _np(x.grad), "cot": cot}}
+
+
+def make_cross_entropy_int():
+    rng = _rng("cross_entropy_int")
+    cases = []
+    for layout in ("2d", "kdim"):
+        for use_weight in (False, True):
+            for ignore_index in (-100, 1):
+                for eps in (0.0, 0.15):
+                    for reduction in REDUCTIONS:
+                        cases.append(_ce_int_case(rng, layout, use_weight,
+                                                  ignore_index, eps, reduction))
+    # every target ignored: torch "mean" -> NaN (jaxce returns 0.0)
+    for layout, use_weight, eps, reduction in (("2d", False, 0.0, "mean"),
+                                              ("kdim", True, 0.15, "mean"),
+                                              ("2d", True, 0.15, "sum")):
+        tg = np.full(_target_shape(layout), -100, dtype=np.int64)
+        cases.append(_ce_int_case(rng, layout, use_weight, -100, eps,
+                                  reduction, targets=tg, all_ignored=True))
+    return cases
+
+
+# ----------------------------------------------------------------------------
+# cross_entropy, probability targets
+# ----------------------------------------------------------------------------
+def make_cross_entropy_prob():
+    rng = _rng("cross_entropy_prob")
+    cases = []
+    for layout in ("2d", "kdim"):
+        for use_weight in (False, True):
+            for eps in (0.0, 0.2):
+                for reduction in REDUCTIONS:
+                    shape = _logit_shape(layout)
+                    logits = rng.normal(0.0, 2.0, size=shape)
+                    z = rng.normal(0.0, 1.5, size=shape)
+                    z = np.exp(z - z.max(axis=1, keepdims=True))
+                    targets = z / z.sum(axis=1, keepdims=True)
+                    weight = (rng.uniform(0.2, 2.0, size=(C,))
+                              if use_weight else None)
+                    x = _t(logits, grad=True)
+                    y = _t(targets, grad=True)
+                    loss = F.cross_entropy(
+                        x, y, weight=None if weight is None else _t(weight),
+                        reduction=reduction, label_smoothing=eps)
+                    cot = _backward(loss, reduction, rng)
+                    meta = {
+                        "fn": "cross_entropy",
+                        "torch_call": (
+                            "torch.nn.functional.cross_entropy(logits, "
+                            "targets, "
+                            f"weight={'weight' if use_weight else None}, "
+                            f"reduction={reduction!r}, "
+                            f"label_smoothing={eps})"),
+                        "target_kind": "prob",
+                        "layout": layout,
+                        "axis": 1,
+                        "weight": use_weight,
+                        "label_smoothing": eps,
+                        "reduction": reduction,
+                    }
+                    cases.append({"meta": meta, "arrays": {
+                        "logits": logits, "targets": targets,
+                        "weight": weight, "loss": _np(loss),
+                        "grad_logits": _np(x.grad),
+                        "grad_targets": _np(y.grad), "cot": cot}})
+    return cases
+
+
+# ----------------------------------------------------------------------------
+# nll_loss
+# ----------------------------------------------------------------------------
+def make_nll_loss():
+    rng = _rng("nll_loss")
+    cases = []
+    for layout in ("2d", "kdim"):
+        for use_weight in (False, True):
+            for ignore_index in (-100, 1):
+                for reduction in REDUCTIONS:
+                    raw = rng.normal(0.0, 2.0, size=_logit_shape(layout))
+                    log_probs = _np(torch.log_softmax(_t(raw), dim=1))
+                    weight = (rng.uniform(0.2, 2.0, size=(C,))
+                              if use_weight else None)
+                    targets = _int_targets(rng, layout, ignore_index)
+                    lp = _t(log_probs, grad=True)
+                    loss = F.nll_loss(
+                        lp, _t(targets),
+                        weight=None if weight is None else _t(weight),
+                        ignore_index=ignore_index, reduction=reduction)
+                    cot = _backward(loss, reduction, rng)
+                    meta = {
+                        "fn": "nll_loss",
+                        "torch_call": (
+                            "torch.nn.functional.nll_loss(log_probs, targets, "
+                            f"weight={'weight' if use_weight else None}, "
+                            f"ignore_index={ignore_index}, "
+                            f"reduction={reduction!r})"),
+                        "layout": layout,
+                        "axis": 1,
+                        "weight": use_weight,
+                        "ignore_index": ignore_index,
+                        "reduction": reduction,
+                        "n_ignored": int(np.sum(targets == ignore_index)),
+                    }
+                    cases.append({"meta": meta, "arrays": {
+                        "log_probs": log_probs, "targets": targets,
+                        "weight": weight, "loss": _np(loss),
+                        "grad_log_probs": _np(lp.grad), "cot": cot}})
+    return cases
+
+
+# ----------------------------------------------------------------------------
+# binary_cross_entropy_with_logits
+# ----------------------------------------------------------------------------
+def _bce_targets(rng, shape):
+    y = rng.uniform(0.0, 1.0, size=shape)
+    flat = y.reshape(-1)
+    r = rng.random(flat.shape)
+    flat[r < 0.2] = 0.0
+    flat[r > 0.8] = 1.0
+    flat[0], flat[1] = 0.0, 1.0  # make sure both exact values occur
+    return flat.reshape(shape)
+
+
+def _bce_case(rng, layout, logits, targets, weight_kind, weight, pos_weight,
+              reduction, large=False):
+    x = _t(logits, grad=True)
+    y = _t(targets, grad=True)
+    loss = F.binary_cross_entropy_with_logits(
+        x, y, weight=None if weight is None else _t(weight),
+        reduction=reduction,
+        pos_weight=None if pos_weight is None else _t(pos_weight))
+    cot = _backward(loss, reduction, rng)
+    meta = {
+        "fn": "binary_cross_entropy_with_logits",
+        "torch_call": (
+            "torch.nn.functional.binary_cross_entropy_with_logits(logits, "
+            f"targets, weight={'weight' if weight is not None else None}, "
+            f"reduction={reduction!r}, "
+            f"pos_weight={'pos_weight' if pos_weight is not None else None})"),
+        "layout": layout,
+        "shape": list(logits.shape),
+        "weight": weight is not None,
+        "weight_kind": weight_kind,
+        "weight_shape": None if weight is None else list(weight.shape),
+        "pos_weight": pos_weight is not None,
+        "reduction": reduction,
+        "large": large,
+    }
+    return {"meta": meta, "arrays": {
+        "logits": logits, "targets": targets, "weight": weight,
+        "pos_weight": pos_weight, "loss": _np(loss),
+        "grad_logits": _np(x.grad), "grad_targets": _np(y.grad), "cot": cot}}
+
+
+def make_bce_with_logits():
+    rng = _rng("bce_with_logits")
+    cases = []
+    shapes = {"2d": (N2, C), "3d": (3, 4, C)}
+    bshapes = {"2d": (N2, 1), "3d": (3, 1, C)}
+    for layout in ("2d", "3d"):
+        shape = shapes[layout]
+        for weight_kind in ("none", "class", "broadcast"):
+            for use_pw in (False, True):
+                for reduction in REDUCTIONS:
+                    logits = rng.normal(0.0, 2.5, size=shape)
+                    targets = _bce_targets(rng, shape)
+                    if weight_kind == "none":
+                        weight = None
+                    elif weight_kind == "class":
+                        weight = rng.uniform(0.2, 2.0, size=(C,))
+                    else:
+                        weight = rng.uniform(0.2, 2.0, size=bshapes[layout])
+                    pos_weight = (rng.uniform(0.5, 3.0, size=(C,))
+                                  if use_pw else None)
+                    cases.append(_bce_case(rng, layout, logits, targets,
+                                           weight_kind, weight, pos_weight,
+                                           reduction))
+    # large-magnitude logits: naive log(sigmoid(x)) would overflow / give inf
+    logits = np.array([[50.0, -50.0, 200.0, -200.0, 0.0],
+                       [-200.0, 200.0, -50.0, 50.0, 1.0],
+                       [200.0, 200.0, -200.0, -200.0, -1.0],
+                       [50.0, -50.0, 200.0, -200.0, 3.0]])
+    targets = np.array([[1.0, 0.0, 0.0, 1.0, 0.5],
+                        [0.0, 1.0, 1.0, 0.0, 0.25],
+                        [1.0, 0.3, 0.7, 0.0, 1.0],
+                        [0.5, 0.5, 0.5, 0.5, 0.0]])
+    weight = rng.uniform(0.2, 2.0, size=(C,))
+    pos_weight = rng.uniform(0.5, 3.0, size=(C,))
+    for reduction in ("none", "mean"):
+        cases.append(_bce_case(rng, "2d", logits, targets, "class", weight,
+                               pos_weight, reduction, large=True))
+    return cases
+
+
+# ----------------------------------------------------------------------------
+# log_softmax
+# ----------------------------------------------------------------------------
+def make_log_softmax():
+    rng = _rng("log_softmax")
+    cases = []
+    specs = [(-1, False), (1, False), (-1, True)]
+    for axis, large in specs:
+        x_np = rng.normal(0.0, 2.0, size=(4, 5, 6))
+        if large:
+            x_np = x_np * 1e3
+            x_np[0, 0] = [1e4, -1e4, 0.0, 5e3, -5e3, 1e4]
+            x_np[1, 2] = -1e4
+        x = _t(x_np, grad=True)
+        out = torch.log_softmax(x, dim=axis)
+        cot = rng.normal(size=tuple(out.shape))
+        (out * _t(cot)).sum().backward()
+        meta = {
+            "fn": "log_softmax",
+            "torch_call": f"torch.log_softmax(x, dim={axis})",
+            "layout": "3d",
+            "axis": axis,
+            "large": large,
+        }
+        cases.append({"meta": meta, "arrays": {
+            "x": x_np, "out": _np(out), "cot": cot, "grad_x": _np(x.grad)}})
+    return cases
+
+
+# ----------------------------------------------------------------------------
+# extreme logits for cross_entropy
+# ----------------------------------------------------------------------------
+def make_extreme():
+    rng = _rng("extreme")
+    logits = np.array([[3e4, -3e4, 0.0, 1.0, -1.0],
+                       [-3e4, 3e4, 0.0, 0.0, 0.0],
+                       [3e4, 3e4, -3e4, 0.0, 0.0],
+                       [1e4, -2e4, 2.5e4, -3e4, 5.0],
+                       [0.0, 0.0, 0.0, 0.0, 0.0],
+                       [-3e4, -3e4, -3e4, -3e4, -3e4]])
+    targets = np.array([1, 1, 0, 3, 2, 4], dtype=np.int64)
+    cases = []
+    for eps in (0.0, 0.1):
+        for reduction in ("none", "mean"):
+            x = _t(logits, grad=True)
+            loss = F.cross_entropy(x, _t(targets), reduction=reduction,
+                                   label_smoothing=eps)
+            cot = _backward(loss, reduction, rng)
+            meta = {
+                "fn": "cross_entropy",
+                "torch_call": (
+                    "torch.nn.functional.cross_entropy(logits, targets, "
+                    f"reduction={reduction!r}, label_smoothing={eps})"),
+                "target_kind": "int",
+                "layout": "2d",
+                "axis": 1,
+                "weight": False,
+                "ignore_index": -100,
+                "label_smoothing": eps,
+                "reduction": reduction,
+                "all_ignored": False,
+            }
+            cases.append({"meta": meta, "arrays": {
+                "logits": logits, "targets": targets, "loss": _np(loss),
+                "grad_logits": _np(x.grad), "cot": cot}})
+    return cases
+
+
+MAKERS = {
+    "cross_entropy_int": make_cross_entropy_int,
+    "cross_entropy_prob": make_cross_entropy_prob,
+    "nll_loss": make_nll_loss,
+    "bce_with_logits": make_bce_with_logits,
+    "log_softmax": make_log_softmax,
+    "extreme": make_extreme,
+}
+
+
+def main() -> None:
+    torch.use_deterministic_algorithms(True)
+    total = 0
+    for name, maker in MAKERS.items():
+        cases = maker()
+        path = _save(name, cases)
+        size = os.path.getsize(path)
+        total += size
+        print(f"{os.path.relpath(path)}: {len(cases)} cases, {size} bytes")
+    print(f"total: {total} bytes (torch {torch.__version__})")
+
+
+if __name__ == "__main__":
+    main()
