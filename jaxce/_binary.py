@@ -108,5 +108,5 @@ def binary_cross_entropy_with_logits(
   loss = _binary_terms(logits, targets, pos_weight)
   if weight is not None:
     weight = _checks.float_array(fn, "weight", weight)
-    loss = _checks.broadcastable(fn, "weight", weight, logits.shape) * loss
+    loss = _checks.broadcastable(fn, "weight", weight, logits.shape).astype(loss.dtype) * loss
   return reduce(loss, reduction)

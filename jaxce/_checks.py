@@ -38,7 +38,8 @@ def int_array(fn: str, name: str, x) -> jax.Array:
 
 def compute_dtype(dtype) -> np.dtype:
   """At least float32: half-precision inputs are reduced in float32."""
-  return jnp.promote_types(dtype, jnp.float32)
+  dtype = np.dtype(dtype)
+  return dtype if dtype.itemsize > 4 else np.dtype(np.float32)
 
 
 def canonical_axis(fn: str, axis, ndim: int) -> int:

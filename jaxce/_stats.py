@@ -35,8 +35,11 @@ def one_hot_at(labels: jax.Array, shape, axis: int) -> jax.Array:
   return iota == jnp.expand_dims(labels.astype(jnp.int32), axis)
 
 
-def _per_class(weight, axis, ndim):
-  return 1.0 if weight is None else _checks.expand_to_axis(weight, axis, ndim)
+def _per_class_along(weight, axis, x):
+  """Class weights shaped to broadcast against `x` along `axis`, in its dtype."""
+  if weight is None:
+    return 1.0
+  return _checks.expand_to_axis(weight.astype(x.dtype), axis, x.ndim)
 
 
 def _sum_to_class(x, axis):
@@ -86,7 +89,7 @@ def _label_stats_fwd(logits, labels, weight, where, axis, smoothing):
   sums = (None, None, None)
   if smoothing:
     active = x > -jnp.inf
-    w = _per_class(weight, axis, x.ndim)
+    w = _per_class_along(weight, axis, x)
     sums = (
         jnp.sum(jnp.where(active, w * x, 0.0), axis),
         jnp.sum(jnp.where(active, w, 0.0), axis),
@@ -105,7 +108,7 @@ def _label_stats_bwd(axis, smoothing, res, g):
   dweight = None
   if smoothing:
     active = x > -jnp.inf
-    w = _per_class(res.weight, axis, x.ndim)
+    w = _per_class_along(res.weight, axis, x)
     dx = dx + jnp.where(active, w * col(g.weighted_sum), 0.0)
     if res.weight is not None:
       dw = jnp.where(active, x * col(g.weighted_sum) + col(g.weight_sum), 0.0)
@@ -169,7 +172,7 @@ def _target_stats_fwd(logits, targets, weight, where, axis, smoothing):
   x = masked(logits.astype(ct), where)
   lse = stable_logsumexp(x, axis)
   count = jnp.sum(x > -jnp.inf, axis, dtype=ct) if smoothing else None
-  wq = _per_class(weight, axis, x.ndim) * _smoothed(
+  wq = _per_class_along(weight, axis, x) * _smoothed(
       targets.astype(ct), x, count, smoothing, axis)
   wq = _in_mask(wq, where)
   stats = TargetStats(
@@ -184,7 +187,7 @@ def _target_stats_bwd(axis, smoothing, res, g):
   ct = res.lse.dtype
   x = masked(res.logits.astype(ct), res.where)
   col = lambda v: jnp.expand_dims(v.astype(ct), axis)
-  w = _per_class(res.weight, axis, x.ndim)
+  w = _per_class_along(res.weight, axis, x)
   q = _in_mask(_smoothed(res.targets.astype(ct), x, res.count, smoothing, axis), res.where)
   wq = w * q
   dx = col(g.lse) * softmax_from_lse(x, res.lse) + jnp.where(
