@@ -22,12 +22,13 @@ def masked(x: jax.Array, where: jax.Array | None) -> jax.Array:
 
 
 def stable_logsumexp(x: jax.Array, axis: int) -> jax.Array:
-  """logsumexp over `axis` (kept), of an already masked, upcast array.
+  """logsumexp over `axis` (kept) of an already masked array, in float32+.
 
   A row of -inf gives -inf, never NaN. The max shift goes through
   `stop_gradient`: it cancels mathematically, so derivatives taken through a
   custom_vjp's forward (grad-of-grad, hessian) need not see it.
   """
+  x = x.astype(_checks.compute_dtype(x.dtype))
   m = jax.lax.stop_gradient(jnp.max(x, axis, keepdims=True))
   m = jnp.where(jnp.isfinite(m), m, 0.0)
   return m + jnp.log(jnp.sum(jnp.exp(x - m), axis, keepdims=True))
@@ -45,8 +46,8 @@ class Residuals(NamedTuple):
 
 
 def _forward(x, where, axis):
-  x_ct = masked(x.astype(_checks.compute_dtype(x.dtype)), where)
-  return x_ct, stable_logsumexp(x_ct, axis)
+  lse = stable_logsumexp(masked(x, where), axis)
+  return masked(x.astype(lse.dtype), where), lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

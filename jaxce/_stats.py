@@ -35,6 +35,19 @@ def one_hot_at(labels: jax.Array, shape, axis: int) -> jax.Array:
   return iota == jnp.expand_dims(labels.astype(jnp.int32), axis)
 
 
+def take_at(x: jax.Array, labels: jax.Array, axis: int) -> jax.Array:
+  """x at the label along `axis`; 0 for labels outside [0, C).
+
+  A gather: on CPU a masked sum over the class axis is not fused into the
+  reduction and would materialize an N x C temporary.
+  """
+  num_classes = x.shape[axis]
+  inside = (labels >= 0) & (labels < num_classes)
+  idx = jnp.expand_dims(jnp.where(inside, labels, 0), axis)
+  picked = jnp.squeeze(jnp.take_along_axis(x, idx, axis, mode="clip"), axis)
+  return jnp.where(inside, picked, jnp.zeros((), x.dtype))
+
+
 def _per_class_along(weight, axis, x):
   """Class weights shaped to broadcast against `x` along `axis`, in its dtype."""
   if weight is None:
@@ -82,10 +95,10 @@ def _label_stats(logits, labels, weight, where, axis, smoothing):
 
 
 def _label_stats_fwd(logits, labels, weight, where, axis, smoothing):
-  x = masked(logits.astype(_checks.compute_dtype(logits.dtype)), where)
-  lse = stable_logsumexp(x, axis)
-  hot = one_hot_at(labels, x.shape, axis)
-  picked = jnp.sum(jnp.where(hot, x, 0.0), axis)
+  lse = stable_logsumexp(masked(logits, where), axis)
+  x = masked(logits.astype(lse.dtype), where)
+  # Gathered from the input dtype: exact, and no upcast copy to gather from.
+  picked = take_at(masked(logits, where), labels, axis).astype(lse.dtype)
   sums = (None, None, None)
   if smoothing:
     active = x > -jnp.inf
@@ -168,9 +181,9 @@ def _target_stats(logits, targets, weight, where, axis, smoothing):
 
 
 def _target_stats_fwd(logits, targets, weight, where, axis, smoothing):
-  ct = _checks.compute_dtype(logits.dtype)
+  lse = stable_logsumexp(masked(logits, where), axis)
+  ct = lse.dtype
   x = masked(logits.astype(ct), where)
-  lse = stable_logsumexp(x, axis)
   count = jnp.sum(x > -jnp.inf, axis, dtype=ct) if smoothing else None
   wq = _per_class_along(weight, axis, x) * _smoothed(
       targets.astype(ct), x, count, smoothing, axis)
@@ -226,8 +239,7 @@ def _pick(x, labels, axis, shape, dtype):
 
 
 def _pick_fwd(x, labels, axis, shape, dtype):
-  hot = one_hot_at(labels, shape, axis)
-  out = jnp.sum(jnp.where(hot, x.astype(_checks.compute_dtype(dtype)), 0.0), axis)
+  out = take_at(x, labels, axis).astype(_checks.compute_dtype(dtype))
   return out, PickResiduals(labels)
 
 
