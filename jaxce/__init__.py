@@ -4,6 +4,7 @@ stable custom-VJP gradients."""
 from jaxce import checked
 from jaxce._binary import binary_cross_entropy_with_logits
 from jaxce._cross_entropy import cross_entropy, nll_loss
+from jaxce._linear import linear_cross_entropy
 from jaxce._log_softmax import log_softmax, logsumexp
 from jaxce._optax import (
     sigmoid_binary_cross_entropy,
@@ -17,6 +18,7 @@ __all__ = [
     "binary_cross_entropy_with_logits",
     "checked",
     "cross_entropy",
+    "linear_cross_entropy",
     "log_softmax",
     "logsumexp",
     "nll_loss",

@@ -1,0 +1,315 @@
+"""`linear_cross_entropy`: cross-entropy of `x @ kernel + bias` that never
+materializes the [N, V] logits.
+
+The kernel is a `jax.custom_vjp` over vocabulary chunks. The forward streams
+the chunks with an online logsumexp (float32), producing the same
+per-position statistics as `_stats.label_stats`, so weights, ignore_index,
+label smoothing, z-loss and reductions are shared with `cross_entropy`. The
+backward recomputes each chunk's logits and accumulates dx (float32), and
+writes dkernel / dbias chunk by chunk. Residuals (`LinearResiduals`): the
+inputs and a per-position float32 logsumexp; the largest temporary is one
+[N, chunk] block.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import operator
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxce import _checks
+from jaxce._reduction import integer_target_loss
+from jaxce._stats import LabelStats
+
+_F32 = jnp.float32
+
+
+def default_chunk_size(num_tokens: int, vocab: int) -> int:
+  """The vocabulary chunk used when `chunk_size=None`.
+
+  The power of two that makes one float32 [N, chunk] block about 16 MiB
+  (2**22 elements), at least 128 (a TPU lane multiple) and at most V.
+  """
+  target = 2**22 // max(num_tokens, 1)
+  chunk = 1 << max(7, target.bit_length() - 1) if target >= 128 else 128
+  return max(1, min(vocab, chunk))
+
+
+class _Chunk(NamedTuple):
+  z: jax.Array  # [N, c] float32 logits (capped), -inf on columns not new here
+  raw_tanh: jax.Array | None  # tanh(raw / softcap), for the softcap derivative
+  cols: jax.Array  # [c] global class index of each column
+  fresh: jax.Array  # [c] columns that belong to this chunk (not the overlap)
+  start: jax.Array  # first column of the slice
+
+
+def _chunk_logits(x, kernel, bias, i, chunk, softcap) -> _Chunk:
+  """Logits of vocabulary chunk i. The last chunk is shifted left to stay in
+  bounds (no padded copy of the kernel); the columns it shares with the
+  previous chunk are set to -inf so each class is counted once."""
+  vocab = kernel.shape[1]
+  start = jnp.minimum(i * chunk, vocab - chunk)
+  w = _slice_cols(kernel, start, chunk)
+  z = _matmul(x, w, contract=(1, 0))
+  if bias is not None:
+    z = z + _slice_cols(bias, start, chunk).astype(_F32)[None, :]
+  t = None
+  if softcap is not None:
+    t = jnp.tanh(z / softcap)
+    z = softcap * t
+  cols = start + jnp.arange(chunk)
+  fresh = cols >= i * chunk
+  return _Chunk(jnp.where(fresh[None, :], z, -jnp.inf), t, cols, fresh, start)
+
+
+def _at_labels(ch: _Chunk, labels) -> jax.Array:
+  """[N, c] mask of each position's label column, if it is new in this chunk."""
+  return (ch.cols[None, :] == labels[:, None]) & ch.fresh[None, :]
+
+
+def _num_chunks(vocab, chunk):
+  return -(-vocab // chunk)
+
+
+class LinearResiduals(NamedTuple):
+  x: jax.Array  # [N, D]
+  kernel: jax.Array  # [D, V]
+  bias: jax.Array | None  # [V]
+  labels: jax.Array  # [N]
+  weight: jax.Array | None  # [V], only with label smoothing
+  lse: jax.Array  # [N] float32
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def linear_label_stats(x, kernel, bias, labels, weight, chunk, softcap, smoothing):
+  """`_stats.label_stats` of `x @ kernel + bias` (optionally soft-capped),
+  streamed over vocabulary chunks of size `chunk`."""
+  return _fwd(x, kernel, bias, labels, weight, chunk, softcap, smoothing)[0]
+
+
+def _fwd(x, kernel, bias, labels, weight, chunk, softcap, smoothing):
+  n = x.shape[0]
+  zeros = jnp.zeros((n,), _F32)
+
+  def step(carry, i):
+    m, s, picked, sums = carry
+    ch = _chunk_logits(x, kernel, bias, i, chunk, softcap)
+    m_new = jnp.maximum(m, jnp.max(ch.z, axis=1))
+    shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    s = s * jnp.exp(m - shift) + jnp.sum(jnp.exp(ch.z - shift[:, None]), axis=1)
+    hot = _at_labels(ch, labels)
+    picked = picked + jnp.sum(jnp.where(hot, ch.z, 0.0), axis=1)
+    if smoothing:
+      active = ch.z > -jnp.inf
+      w = _weight_chunk(weight, ch)
+      sums = (
+          sums[0] + jnp.sum(jnp.where(active, w * ch.z, 0.0), axis=1),
+          sums[1] + jnp.sum(jnp.where(active, w, 0.0), axis=1),
+          sums[2] + jnp.sum(active, axis=1, dtype=_F32),
+      )
+    return (m_new, s, picked, sums), None
+
+  init = (jnp.full((n,), -jnp.inf, _F32), zeros, zeros, (zeros,) * 3 if smoothing else ())
+  (m, s, picked, sums), _ = jax.lax.scan(
+      step, init, jnp.arange(_num_chunks(kernel.shape[1], chunk)))
+  lse = jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(s)
+  stats = LabelStats(lse, picked, *(sums if smoothing else (None,) * 3))
+  return stats, LinearResiduals(x, kernel, bias, labels, weight, lse)
+
+
+def _weight_chunk(weight, ch: _Chunk):
+  if weight is None:
+    return jnp.ones((1, ch.cols.shape[0]), _F32)
+  return _slice_cols(weight, ch.start, ch.cols.shape[0]).astype(_F32)[None, :]
+
+
+def _matmul(a, b, contract):
+  """a . b over one axis each, in the inputs' dtype with float32 accumulation."""
+  dims = (((contract[0],), (contract[1],)), ((), ()))
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=_F32)
+
+
+def _as_bits(a):
+  """16-bit floats viewed as uint16 (free). XLA's CPU backend upcasts a bf16
+  dynamic-slice to float32 and hoists that upcast of the whole kernel out of
+  the loop; on integers it slices in place."""
+  if a.dtype.itemsize == 2 and jnp.issubdtype(a.dtype, jnp.floating):
+    return jax.lax.bitcast_convert_type(a, jnp.uint16)
+  return a
+
+
+def _slice_cols(a, start, size):
+  """a[..., start:start + size], without any copy of `a`."""
+  out = jax.lax.dynamic_slice_in_dim(_as_bits(a), start, size, axis=a.ndim - 1)
+  return jax.lax.bitcast_convert_type(out, a.dtype) if out.dtype != a.dtype else out
+
+
+def _add_columns(acc, update, start):
+  """acc[..., start:start+c] += update (zeros on the overlap columns)."""
+  new = _slice_cols(acc, start, update.shape[-1]) + update.astype(acc.dtype)
+  out = jax.lax.dynamic_update_slice_in_dim(_as_bits(acc), _as_bits(new), start, acc.ndim - 1)
+  return jax.lax.bitcast_convert_type(out, acc.dtype) if out.dtype != acc.dtype else out
+
+
+def _bwd(chunk, softcap, smoothing, res, g):
+  x, kernel, bias, labels, weight, lse = res
+  lse_col = jnp.where(lse == -jnp.inf, jnp.inf, lse)[:, None]
+  g_lse, g_picked = g.lse.astype(_F32)[:, None], g.picked.astype(_F32)[:, None]
+
+  def step(carry, i):
+    dx, dkernel, dbias, dweight = carry
+    ch = _chunk_logits(x, kernel, bias, i, chunk, softcap)
+    hot = _at_labels(ch, labels)
+    dz = g_lse * jnp.exp(ch.z - lse_col) + jnp.where(hot, g_picked, 0.0)
+    if smoothing:
+      active = ch.z > -jnp.inf
+      w = _weight_chunk(weight, ch)
+      dz = dz + jnp.where(active, w * g.weighted_sum[:, None], 0.0)
+      if dweight is not None:
+        dw = jnp.where(active, ch.z * g.weighted_sum[:, None] + g.weight_sum[:, None], 0.0)
+        dweight = _add_columns(dweight, jnp.sum(dw, axis=0), ch.start)
+    if softcap is not None:
+      dz = dz * (1.0 - ch.raw_tanh**2)
+    dz = jnp.where(ch.fresh[None, :], dz, 0.0).astype(x.dtype)
+    w_chunk = _slice_cols(kernel, ch.start, chunk)
+    dx = dx + _matmul(dz, w_chunk, contract=(1, 1))
+    dkernel = _add_columns(dkernel, _matmul(x_t, dz, contract=(1, 0)), ch.start)
+    if dbias is not None:
+      dbias = _add_columns(dbias, jnp.sum(dz.astype(_F32), axis=0), ch.start)
+    return (dx, dkernel, dbias, dweight), None
+
+  # x transposed once: XLA's CPU backend has no native bf16 matmul that
+  # contracts both operands' first axes, and would upcast all of x instead.
+  x_t = x.T
+  init = (
+      jnp.zeros(x.shape, _F32),
+      jnp.zeros(kernel.shape, kernel.dtype),
+      None if bias is None else jnp.zeros(bias.shape, _F32),
+      jnp.zeros(weight.shape, _F32) if smoothing and weight is not None else None,
+  )
+  (dx, dkernel, dbias, dweight), _ = jax.lax.scan(
+      step, init, jnp.arange(_num_chunks(kernel.shape[1], chunk)))
+  cast = lambda v, like: None if like is None else v.astype(like.dtype)  # noqa: E731
+  return dx.astype(x.dtype), dkernel, cast(dbias, bias), None, cast(dweight, weight)
+
+
+linear_label_stats.defvjp(_fwd, _bwd)
+
+
+def linear_cross_entropy(
+    x,
+    kernel,
+    labels,
+    *,
+    bias=None,
+    weight=None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+) -> jax.Array:
+  r"""`cross_entropy(x @ kernel + bias, labels, ...)` without the [N, V] logits.
+
+  Same options, reductions, ignore / all-ignored rules, dtypes and errors as
+  :func:`jaxce.cross_entropy` (class axis last). With `softcap`, the logits
+  are :math:`s \tanh(z / s)` before the softmax (Gemma 2).
+
+  Memory: the forward streams vocabulary chunks with an online logsumexp; the
+  backward recomputes each chunk's logits. What is kept for the backward is
+  `x`, `kernel`, `bias`, `labels` and one float32 logsumexp per token; the
+  largest temporary is a float32 [N, chunk] block (plus a float32 dx
+  accumulator of `x`'s size).
+
+  Args:
+    x: Activations ``[..., D]``, any leading batch dims.
+    kernel: ``[D, V]``, Flax `Dense` layout, same dtype as `x`. For tied
+      ``[V, D]`` embeddings pass ``emb.T``.
+    labels: Integer ``[...]``, `x`'s leading dims.
+    bias: Optional ``[V]``. A -inf entry removes that class.
+    weight: Optional per-class weights ``[V]``.
+    ignore_index: Labels equal to this contribute nothing.
+    reduction: "none" (per token, `x`'s leading shape), "mean" or "sum".
+    label_smoothing: In [0, 1].
+    z_loss: Weight of the squared logsumexp, >= 0.
+    softcap: Optional positive logit soft-cap.
+    chunk_size: Vocabulary chunk. None picks the power of two that makes a
+      float32 [N, chunk] block about 16 MiB, within [128, V]. Any positive
+      size works; the last chunk is shifted to stay in bounds and its overlap
+      with the previous one is counted once.
+
+  Returns:
+    float32 (float64 for float64 inputs) loss.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jaxce
+    >>> x = jnp.ones((2, 3)); kernel = jnp.zeros((3, 5)); labels = jnp.array([0, 4])
+    >>> print(jaxce.linear_cross_entropy(x, kernel, labels))
+    1.609438
+  """
+  fn = "linear_cross_entropy"
+  x = _checks.float_array(fn, "x", x)
+  kernel = _checks.float_array(fn, "kernel", kernel)
+  if x.ndim < 1 or kernel.ndim != 2 or kernel.shape[0] != x.shape[-1]:
+    raise ValueError(
+        f"{fn}: `kernel` must have shape (D, V) with D = x.shape[-1]. Got x"
+        f" {x.shape} and kernel {kernel.shape}."
+    )
+  if x.dtype != kernel.dtype:
+    raise TypeError(
+        f"{fn}: `x` and `kernel` must have the same dtype. Got {x.dtype} and"
+        f" {kernel.dtype}."
+    )
+  reduction = _checks.reduction(fn, reduction)
+  eps = _checks.static_float(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
+  z = _checks.static_float(fn, "z_loss", z_loss, 0.0, math.inf)
+  if softcap is not None:
+    softcap = _checks.static_float(fn, "softcap", softcap, 0.0, math.inf)
+    if softcap == 0.0:
+      raise ValueError(f"{fn}: `softcap` must be positive. Got 0.0.")
+  lead, vocab = x.shape[:-1], kernel.shape[1]
+  labels = _checks.int_array(fn, "labels", labels)
+  if labels.shape != lead:
+    raise ValueError(
+        f"{fn}: `labels` must have shape {lead} (x's shape {x.shape} without"
+        f" the last axis). Got {labels.shape}."
+    )
+  weight = _checks.class_weight(fn, weight, vocab)
+  if bias is not None:
+    bias = _checks.float_array(fn, "bias", bias)
+    if bias.shape != (vocab,):
+      raise ValueError(f"{fn}: `bias` must have shape ({vocab},). Got {bias.shape}.")
+  n = math.prod(lead)
+  if chunk_size is None:
+    chunk = default_chunk_size(n, vocab)
+  else:
+    try:
+      chunk = operator.index(chunk_size)
+    except TypeError:
+      raise TypeError(f"{fn}: `chunk_size` must be an int or None. Got {chunk_size!r}.") from None
+    if chunk < 1:
+      raise ValueError(f"{fn}: `chunk_size` must be positive. Got {chunk}.")
+    chunk = min(chunk, vocab)
+
+  flat_labels = labels.reshape(n)
+  stats = linear_label_stats(
+      x.reshape(n, x.shape[-1]), kernel, bias, flat_labels,
+      weight if eps else None, chunk, softcap, bool(eps))
+  loss = integer_target_loss(
+      stats.lse,
+      stats.picked,
+      flat_labels,
+      num_classes=vocab,
+      weight=weight,
+      ignore_index=ignore_index,
+      reduction=reduction,
+      label_smoothing=eps,
+      z_loss=z,
+      smoothing_sums=stats[2:] if eps else None,
+  )
+  return loss.reshape(lead) if reduction == "none" else loss
