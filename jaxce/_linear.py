@@ -26,6 +26,9 @@ from jaxce._reduction import integer_target_loss
 from jaxce._stats import LabelStats
 
 _F32 = jnp.float32
+# Elements of one float32 block (16 MiB): sets the default vocabulary chunk
+# ([N, chunk] logits) and the row blocks of the dx accumulation ([rows, D]).
+BLOCK_ELEMENTS = 2**22
 
 
 def default_chunk_size(num_tokens: int, vocab: int) -> int:
@@ -34,27 +37,26 @@ def default_chunk_size(num_tokens: int, vocab: int) -> int:
   The power of two that makes one float32 [N, chunk] block about 16 MiB
   (2**22 elements), at least 128 (a TPU lane multiple) and at most V.
   """
-  target = 2**22 // max(num_tokens, 1)
+  target = BLOCK_ELEMENTS // max(num_tokens, 1)
   chunk = 1 << max(7, target.bit_length() - 1) if target >= 128 else 128
   return max(1, min(vocab, chunk))
 
 
 class _Chunk(NamedTuple):
-  z: jax.Array  # [N, c] float32 logits (capped), -inf on columns not new here
+  z: jax.Array  # [N, c] float32 logits (soft-capped if asked)
   raw_tanh: jax.Array | None  # tanh(raw / softcap), for the softcap derivative
   cols: jax.Array  # [c] global class index of each column
-  fresh: jax.Array  # [c] columns that belong to this chunk (not the overlap)
+  fresh: jax.Array  # [c] columns first seen in this chunk (not the overlap)
   start: jax.Array  # first column of the slice
 
 
 def _chunk_logits(x, kernel, bias, i, chunk, softcap) -> _Chunk:
   """Logits of vocabulary chunk i. The last chunk is shifted left to stay in
   bounds (no padded copy of the kernel); the columns it shares with the
-  previous chunk are set to -inf so each class is counted once."""
+  previous chunk are marked not `fresh`."""
   vocab = kernel.shape[1]
   start = jnp.minimum(i * chunk, vocab - chunk)
-  w = _slice_cols(kernel, start, chunk)
-  z = _matmul(x, w, contract=(1, 0))
+  z = _matmul(x, _slice_cols(kernel, start, chunk), contract=(1, 0))
   if bias is not None:
     z = z + _slice_cols(bias, start, chunk).astype(_F32)[None, :]
   t = None
@@ -62,17 +64,71 @@ def _chunk_logits(x, kernel, bias, i, chunk, softcap) -> _Chunk:
     t = jnp.tanh(z / softcap)
     z = softcap * t
   cols = start + jnp.arange(chunk)
-  fresh = cols >= i * chunk
-  return _Chunk(jnp.where(fresh[None, :], z, -jnp.inf), t, cols, fresh, start)
+  return _Chunk(z, t, cols, cols >= i * chunk, start)
 
 
-def _at_labels(ch: _Chunk, labels) -> jax.Array:
-  """[N, c] mask of each position's label column, if it is new in this chunk."""
-  return (ch.cols[None, :] == labels[:, None]) & ch.fresh[None, :]
+def _matmul(a, b, contract):
+  """a . b over one axis each, in the inputs' dtype with float32 accumulation."""
+  dims = (((contract[0],), (contract[1],)), ((), ()))
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=_F32)
 
 
-def _num_chunks(vocab, chunk):
-  return -(-vocab // chunk)
+def _add_rows_matmul(acc, a, b):
+  """acc + a @ b.T (a float32, cast to b's dtype), in blocks of rows.
+
+  A [N, D] float32 product beside the [N, D] float32 accumulator would double
+  the backward's largest buffer; blocks of about 16 MiB keep it small.
+  """
+  n, d = acc.shape
+  block = max(1, min(n, BLOCK_ELEMENTS // max(d, 1)))
+  if block == n:
+    return acc + _matmul(a.astype(b.dtype), b, contract=(1, 1))
+
+  def body(acc, j):
+    start = jnp.minimum(j * block, n - block)  # last block shifted in bounds
+    rows = jax.lax.dynamic_slice_in_dim(a, start, block, axis=0)
+    fresh = start + jnp.arange(block) >= j * block
+    rows = jnp.where(fresh[:, None], rows, 0.0).astype(b.dtype)
+    old = jax.lax.dynamic_slice_in_dim(acc, start, block, axis=0)
+    new = old + _matmul(rows, b, contract=(1, 1))
+    return jax.lax.dynamic_update_slice_in_dim(acc, new, start, axis=0), None
+
+  return jax.lax.scan(body, acc, jnp.arange(-(-n // block)))[0]
+
+
+def _slice_cols(a, start, size):
+  return jax.lax.dynamic_slice_in_dim(a, start, size, axis=a.ndim - 1)
+
+
+def _write_cols(acc, update, start):
+  """acc[..., start:start+c] = update. Every column's gradient is complete
+  within a chunk, so the overlap columns are rewritten with equal values."""
+  return jax.lax.dynamic_update_slice_in_dim(acc, update.astype(acc.dtype), start, acc.ndim - 1)
+
+
+def _scan_chunks(step, carry, kernel, chunk):
+  """Runs step(carry, kernel, i) over the vocabulary chunks.
+
+  The kernel rides in the loop carry behind an optimization barrier: XLA's
+  CPU backend widens a bf16 dynamic-slice to float32 by converting its whole
+  operand, and would hoist that [D, V] float32 copy out of a loop in which
+  the kernel is invariant.
+  """
+
+  def body(state, i):
+    carry, kernel = state
+    kernel = jax.lax.optimization_barrier(kernel)
+    return (step(carry, kernel, i), kernel), None
+
+  n = -(-kernel.shape[1] // chunk)
+  (carry, _), _ = jax.lax.scan(body, (carry, kernel), jnp.arange(n))
+  return carry
+
+
+def _class_weights(weight, ch: _Chunk):
+  if weight is None:
+    return jnp.ones((1, ch.cols.shape[0]), _F32)
+  return _slice_cols(weight, ch.start, ch.cols.shape[0]).astype(_F32)[None, :]
 
 
 class LinearResiduals(NamedTuple):
@@ -95,104 +151,70 @@ def _fwd(x, kernel, bias, labels, weight, chunk, softcap, smoothing):
   n = x.shape[0]
   zeros = jnp.zeros((n,), _F32)
 
-  def step(carry, i):
+  def step(carry, kernel, i):
     m, s, picked, sums = carry
     ch = _chunk_logits(x, kernel, bias, i, chunk, softcap)
-    m_new = jnp.maximum(m, jnp.max(ch.z, axis=1))
+    z = jnp.where(ch.fresh[None, :], ch.z, -jnp.inf)  # count each class once
+    m_new = jnp.maximum(m, jnp.max(z, axis=1))
     shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-    s = s * jnp.exp(m - shift) + jnp.sum(jnp.exp(ch.z - shift[:, None]), axis=1)
-    hot = _at_labels(ch, labels)
-    picked = picked + jnp.sum(jnp.where(hot, ch.z, 0.0), axis=1)
+    s = s * jnp.exp(m - shift) + jnp.sum(jnp.exp(z - shift[:, None]), axis=1)
+    hot = (ch.cols[None, :] == labels[:, None]) & ch.fresh[None, :]
+    picked = picked + jnp.sum(jnp.where(hot, z, 0.0), axis=1)
     if smoothing:
-      active = ch.z > -jnp.inf
-      w = _weight_chunk(weight, ch)
+      active = z > -jnp.inf
+      w = _class_weights(weight, ch)
       sums = (
-          sums[0] + jnp.sum(jnp.where(active, w * ch.z, 0.0), axis=1),
+          sums[0] + jnp.sum(jnp.where(active, w * z, 0.0), axis=1),
           sums[1] + jnp.sum(jnp.where(active, w, 0.0), axis=1),
           sums[2] + jnp.sum(active, axis=1, dtype=_F32),
       )
-    return (m_new, s, picked, sums), None
+    return m_new, s, picked, sums
 
   init = (jnp.full((n,), -jnp.inf, _F32), zeros, zeros, (zeros,) * 3 if smoothing else ())
-  (m, s, picked, sums), _ = jax.lax.scan(
-      step, init, jnp.arange(_num_chunks(kernel.shape[1], chunk)))
+  m, s, picked, sums = _scan_chunks(step, init, kernel, chunk)
   lse = jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(s)
   stats = LabelStats(lse, picked, *(sums if smoothing else (None,) * 3))
   return stats, LinearResiduals(x, kernel, bias, labels, weight, lse)
 
 
-def _weight_chunk(weight, ch: _Chunk):
-  if weight is None:
-    return jnp.ones((1, ch.cols.shape[0]), _F32)
-  return _slice_cols(weight, ch.start, ch.cols.shape[0]).astype(_F32)[None, :]
-
-
-def _matmul(a, b, contract):
-  """a . b over one axis each, in the inputs' dtype with float32 accumulation."""
-  dims = (((contract[0],), (contract[1],)), ((), ()))
-  return jax.lax.dot_general(a, b, dims, preferred_element_type=_F32)
-
-
-def _as_bits(a):
-  """16-bit floats viewed as uint16 (free). XLA's CPU backend upcasts a bf16
-  dynamic-slice to float32 and hoists that upcast of the whole kernel out of
-  the loop; on integers it slices in place."""
-  if a.dtype.itemsize == 2 and jnp.issubdtype(a.dtype, jnp.floating):
-    return jax.lax.bitcast_convert_type(a, jnp.uint16)
-  return a
-
-
-def _slice_cols(a, start, size):
-  """a[..., start:start + size], without any copy of `a`."""
-  out = jax.lax.dynamic_slice_in_dim(_as_bits(a), start, size, axis=a.ndim - 1)
-  return jax.lax.bitcast_convert_type(out, a.dtype) if out.dtype != a.dtype else out
-
-
-def _add_columns(acc, update, start):
-  """acc[..., start:start+c] += update (zeros on the overlap columns)."""
-  new = _slice_cols(acc, start, update.shape[-1]) + update.astype(acc.dtype)
-  out = jax.lax.dynamic_update_slice_in_dim(_as_bits(acc), _as_bits(new), start, acc.ndim - 1)
-  return jax.lax.bitcast_convert_type(out, acc.dtype) if out.dtype != acc.dtype else out
-
-
 def _bwd(chunk, softcap, smoothing, res, g):
   x, kernel, bias, labels, weight, lse = res
   lse_col = jnp.where(lse == -jnp.inf, jnp.inf, lse)[:, None]
-  g_lse, g_picked = g.lse.astype(_F32)[:, None], g.picked.astype(_F32)[:, None]
-
-  def step(carry, i):
-    dx, dkernel, dbias, dweight = carry
-    ch = _chunk_logits(x, kernel, bias, i, chunk, softcap)
-    hot = _at_labels(ch, labels)
-    dz = g_lse * jnp.exp(ch.z - lse_col) + jnp.where(hot, g_picked, 0.0)
-    if smoothing:
-      active = ch.z > -jnp.inf
-      w = _weight_chunk(weight, ch)
-      dz = dz + jnp.where(active, w * g.weighted_sum[:, None], 0.0)
-      if dweight is not None:
-        dw = jnp.where(active, ch.z * g.weighted_sum[:, None] + g.weight_sum[:, None], 0.0)
-        dweight = _add_columns(dweight, jnp.sum(dw, axis=0), ch.start)
-    if softcap is not None:
-      dz = dz * (1.0 - ch.raw_tanh**2)
-    dz = jnp.where(ch.fresh[None, :], dz, 0.0).astype(x.dtype)
-    w_chunk = _slice_cols(kernel, ch.start, chunk)
-    dx = dx + _matmul(dz, w_chunk, contract=(1, 1))
-    dkernel = _add_columns(dkernel, _matmul(x_t, dz, contract=(1, 0)), ch.start)
-    if dbias is not None:
-      dbias = _add_columns(dbias, jnp.sum(dz.astype(_F32), axis=0), ch.start)
-    return (dx, dkernel, dbias, dweight), None
-
+  col = lambda v: v.astype(_F32)[:, None]  # noqa: E731
   # x transposed once: XLA's CPU backend has no native bf16 matmul that
   # contracts both operands' first axes, and would upcast all of x instead.
   x_t = x.T
+
+  def step(carry, kernel, i):
+    dx, dkernel, dbias, dweight = carry
+    ch = _chunk_logits(x, kernel, bias, i, chunk, softcap)
+    # dz of every column of the slice: the overlap columns' values equal the
+    # previous chunk's, so writing them again is harmless; dx counts them once.
+    dz = col(g.lse) * jnp.exp(ch.z - lse_col)
+    dz = dz + jnp.where(ch.cols[None, :] == labels[:, None], col(g.picked), 0.0)
+    if smoothing:
+      active = ch.z > -jnp.inf
+      dz = dz + jnp.where(active, _class_weights(weight, ch) * col(g.weighted_sum), 0.0)
+      if dweight is not None:
+        dw = jnp.where(active, ch.z * col(g.weighted_sum) + col(g.weight_sum), 0.0)
+        dweight = _write_cols(dweight, jnp.sum(dw, axis=0), ch.start)
+    if softcap is not None:
+      dz = dz * (1.0 - ch.raw_tanh**2)
+    dz_in = dz.astype(x.dtype)
+    w_chunk = _slice_cols(kernel, ch.start, chunk)
+    dx = _add_rows_matmul(dx, jnp.where(ch.fresh[None, :], dz, 0.0), w_chunk)
+    dkernel = _write_cols(dkernel, _matmul(x_t, dz_in, contract=(1, 0)), ch.start)
+    if dbias is not None:
+      dbias = _write_cols(dbias, jnp.sum(dz, axis=0), ch.start)
+    return dx, dkernel, dbias, dweight
+
   init = (
       jnp.zeros(x.shape, _F32),
       jnp.zeros(kernel.shape, kernel.dtype),
       None if bias is None else jnp.zeros(bias.shape, _F32),
       jnp.zeros(weight.shape, _F32) if smoothing and weight is not None else None,
   )
-  (dx, dkernel, dbias, dweight), _ = jax.lax.scan(
-      step, init, jnp.arange(_num_chunks(kernel.shape[1], chunk)))
+  dx, dkernel, dbias, dweight = _scan_chunks(step, init, kernel, chunk)
   cast = lambda v, like: None if like is None else v.astype(like.dtype)  # noqa: E731
   return dx.astype(x.dtype), dkernel, cast(dbias, bias), None, cast(dweight, weight)
 
