@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxce import _checks
+from jaxce._collective import match_vma
 from jaxce._reduction import reduce
 
 
@@ -49,7 +50,7 @@ def _binary_terms_bwd(res, g):
   dpw = None
   if res.pos_weight is not None:
     dpw = _unbroadcast(g * t * jax.nn.softplus(-x), res.pos_weight.shape)
-    dpw = dpw.astype(res.pos_weight.dtype)
+    dpw = match_vma(dpw.astype(res.pos_weight.dtype), res.pos_weight)
   return dx.astype(res.logits.dtype), dt.astype(res.targets.dtype), dpw
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxce import _checks, _stats
+from jaxce import _checks, _collective, _stats
 from jaxce._reduction import integer_target_loss, target_loss
 
 
@@ -20,6 +20,7 @@ def cross_entropy(
     z_loss: float = 0.0,
     axis: int = -1,
     where=None,
+    class_axis_name: str | None = None,
 ) -> jax.Array:
   r"""Softmax cross-entropy with PyTorch's options, for integer or probability
   targets.
@@ -71,6 +72,10 @@ def cross_entropy(
     axis: The class axis. -1 is JAX's layout; 1 is PyTorch's ``(N, C, ...)``.
     where: Optional boolean mask broadcastable to `logits`: the classes that
       take part in the softmax.
+    class_axis_name: Inside `shard_map`, the mesh axis over which the classes
+      are split: each device passes its slice of `logits` (and of `weight`
+      and `where`) and the global labels, and gets the loss over all classes.
+      Label smoothing uses the global class count.
 
   Returns:
     The loss in float32 (float64 for float64 logits): a scalar, or per-position
@@ -102,18 +107,23 @@ def cross_entropy(
           f" logits' shape {logits.shape}. Got {labels.shape}. For class"
           " indices, pass an integer array."
       )
-    stats = _stats.target_stats(logits, labels, weight, where, axis, eps)
-    return target_loss(*stats, reduction=reduction, z_loss=z)
+    stats = _stats.target_stats(logits, labels, weight, where, axis, bool(eps))
+    stats = _collective.combine(stats, class_axis_name)
+    return target_loss(
+        stats.lse, stats.target_mass, stats.target_logits, reduction=reduction,
+        label_smoothing=eps, z_loss=z, smoothing_sums=stats[3:] if eps else None)
 
   labels = _checks.integer_labels(fn, labels, logits.shape, axis)
+  classes = _collective.class_slice(labels, num_classes, class_axis_name)
   stats = _stats.label_stats(
-      logits, labels, weight if eps else None, where, axis, smoothing=bool(eps))
+      logits, classes.local_labels, weight if eps else None, where, axis, smoothing=bool(eps))
+  stats = _collective.combine(stats, class_axis_name)
   return integer_target_loss(
       stats.lse,
       stats.picked,
       labels,
-      num_classes=num_classes,
-      weight=weight,
+      num_classes=classes.num_classes,
+      label_weight=_collective.label_weight(weight, classes),
       ignore_index=ignore_index,
       reduction=reduction,
       label_smoothing=eps,
@@ -130,6 +140,7 @@ def nll_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     axis: int = -1,
+    class_axis_name: str | None = None,
 ) -> jax.Array:
   r"""Negative log-likelihood of integer labels, as `torch.nn.functional.nll_loss`.
 
@@ -149,6 +160,8 @@ def nll_loss(
     ignore_index: Labels equal to this contribute nothing.
     reduction: "none", "mean" or "sum".
     axis: The class axis (1 for PyTorch's layout).
+    class_axis_name: Inside `shard_map`, the mesh axis over which the classes
+      are split (see :func:`cross_entropy`).
 
   Returns:
     The loss in float32 (float64 for float64 input); per position for
@@ -172,12 +185,16 @@ def nll_loss(
   num_classes = log_probs.shape[axis]
   weight = _checks.class_weight(fn, weight, num_classes)
   labels = _checks.integer_labels(fn, labels, log_probs.shape, axis)
+  classes = _collective.class_slice(labels, num_classes, class_axis_name)
+  picked = _stats.pick(log_probs, classes.local_labels, axis)
+  if class_axis_name is not None:
+    picked = jax.lax.psum(picked, class_axis_name)
   return integer_target_loss(
       None,
-      _stats.pick(log_probs, labels, axis),
+      picked,
       labels,
-      num_classes=num_classes,
-      weight=weight,
+      num_classes=classes.num_classes,
+      label_weight=_collective.label_weight(weight, classes),
       ignore_index=ignore_index,
       reduction=reduction,
   )

@@ -21,7 +21,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxce import _checks
+from jaxce import _checks, _collective
+from jaxce._collective import match_vma, vary_like
 from jaxce._reduction import integer_target_loss
 from jaxce._stats import LabelStats
 
@@ -171,6 +172,7 @@ def _fwd(x, kernel, bias, labels, weight, chunk, softcap, smoothing):
     return m_new, s, picked, sums
 
   init = (jnp.full((n,), -jnp.inf, _F32), zeros, zeros, (zeros,) * 3 if smoothing else ())
+  init = vary_like(init, x, kernel, bias, labels, weight)
   m, s, picked, sums = _scan_chunks(step, init, kernel, chunk)
   lse = jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(s)
   stats = LabelStats(lse, picked, *(sums if smoothing else (None,) * 3))
@@ -180,7 +182,7 @@ def _fwd(x, kernel, bias, labels, weight, chunk, softcap, smoothing):
 def _bwd(chunk, softcap, smoothing, res, g):
   x, kernel, bias, labels, weight, lse = res
   lse_col = jnp.where(lse == -jnp.inf, jnp.inf, lse)[:, None]
-  col = lambda v: v.astype(_F32)[:, None]  # noqa: E731
+  col = lambda v: v.astype(_F32)[:, None]
   # x transposed once: XLA's CPU backend has no native bf16 matmul that
   # contracts both operands' first axes, and would upcast all of x instead.
   x_t = x.T
@@ -214,9 +216,12 @@ def _bwd(chunk, softcap, smoothing, res, g):
       None if bias is None else jnp.zeros(bias.shape, _F32),
       jnp.zeros(weight.shape, _F32) if smoothing and weight is not None else None,
   )
+  init = vary_like(init, x, kernel, bias, labels, weight, *g)
   dx, dkernel, dbias, dweight = _scan_chunks(step, init, kernel, chunk)
-  cast = lambda v, like: None if like is None else v.astype(like.dtype)  # noqa: E731
-  return dx.astype(x.dtype), dkernel, cast(dbias, bias), None, cast(dweight, weight)
+  # Inside shard_map, each device's partial dx / dkernel sums over the axes
+  # it does not share with its primal (the Megatron all-reduce of dx).
+  cast = lambda v, like: None if like is None else match_vma(v.astype(like.dtype), like)
+  return cast(dx, x), cast(dkernel, kernel), cast(dbias, bias), None, cast(dweight, weight)
 
 
 linear_label_stats.defvjp(_fwd, _bwd)
@@ -235,6 +240,7 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     chunk_size: int | None = None,
+    class_axis_name: str | None = None,
 ) -> jax.Array:
   r"""`cross_entropy(x @ kernel + bias, labels, ...)` without the [N, V] logits.
 
@@ -264,6 +270,10 @@ def linear_cross_entropy(
       float32 [N, chunk] block about 16 MiB, within [128, V]. Any positive
       size works; the last chunk is shifted to stay in bounds and its overlap
       with the previous one is counted once.
+    class_axis_name: Inside `shard_map`, the mesh axis over which the
+      vocabulary is split: each device passes its [D, V / n] slice of
+      `kernel` (and of `bias` and `weight`) and gets the loss over the whole
+      vocabulary.
 
   Returns:
     float32 (float64 for float64 inputs) loss.
@@ -319,15 +329,17 @@ def linear_cross_entropy(
     chunk = min(chunk, vocab)
 
   flat_labels = labels.reshape(n)
+  classes = _collective.class_slice(flat_labels, vocab, class_axis_name)
   stats = linear_label_stats(
-      x.reshape(n, x.shape[-1]), kernel, bias, flat_labels,
+      x.reshape(n, x.shape[-1]), kernel, bias, classes.local_labels,
       weight if eps else None, chunk, softcap, bool(eps))
+  stats = _collective.combine(stats, class_axis_name)
   loss = integer_target_loss(
       stats.lse,
       stats.picked,
       flat_labels,
-      num_classes=vocab,
-      weight=weight,
+      num_classes=classes.num_classes,
+      label_weight=_collective.label_weight(weight, classes),
       ignore_index=ignore_index,
       reduction=reduction,
       label_smoothing=eps,

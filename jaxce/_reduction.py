@@ -34,7 +34,7 @@ def integer_target_loss(
     labels: jax.Array,
     *,
     num_classes: int,
-    weight: jax.Array | None,
+    label_weight: jax.Array | None,
     ignore_index: int | None,
     reduction: str,
     label_smoothing: float = 0.0,
@@ -44,17 +44,16 @@ def integer_target_loss(
   """PyTorch's integer-target loss from per-position statistics.
 
   With lse=None this is `nll_loss` (`picked` holds log-probabilities);
-  otherwise -log p[y] = lse - picked. `smoothing_sums` is
-  (sum_c w_c x_c, sum_c w_c, number of classes) over each position's active
-  classes, required when `label_smoothing` > 0.
+  otherwise -log p[y] = lse - picked. `label_weight` is w[y] per position
+  (None: 1). `smoothing_sums` is (sum_c w_c x_c, sum_c w_c, number of
+  classes) over each position's active classes, required when
+  `label_smoothing` > 0.
   """
   ct = picked.dtype
   valid = jnp.ones(labels.shape, bool) if ignore_index is None else labels != ignore_index
-  if weight is None:
-    w_pos = valid.astype(ct)
-  else:
-    w_y = jnp.take(weight.astype(ct), jnp.clip(labels, 0, num_classes - 1))
-    w_pos = jnp.where(valid, w_y, 0.0)
+  w_pos = valid.astype(ct)
+  if label_weight is not None:
+    w_pos = jnp.where(valid, label_weight.astype(ct), 0.0)
   # Positions that are ignored, or whose classes are all masked, contribute 0;
   # zeroing the statistics first keeps their gradients 0 rather than NaN.
   keep = valid if lse is None else valid & (lse > -jnp.inf)
@@ -65,10 +64,8 @@ def integer_target_loss(
     lse = jnp.where(keep, lse, 0.0)
     loss = w_pos * (lse - picked)
     if label_smoothing:
-      weighted_sum, weight_sum, count = smoothing_sums
-      weighted_sum = jnp.where(keep, weighted_sum, 0.0)
-      smooth = (weight_sum * lse - weighted_sum) / jnp.maximum(count, 1.0)
-      loss = (1.0 - label_smoothing) * loss + label_smoothing * smooth
+      loss = (1.0 - label_smoothing) * loss + label_smoothing * _uniform_ce(
+          lse, smoothing_sums, keep)
     if z_loss:
       loss = loss + z_loss * lse**2
   # Labels outside [0, C) that are not ignored: NaN, never a plausible number.
@@ -77,21 +74,34 @@ def integer_target_loss(
   return reduce(loss, reduction, w_pos)
 
 
+def _uniform_ce(lse, smoothing_sums, keep):
+  """-(1/K) sum_c w_c log p_c over the K active classes, from the sums."""
+  weighted_sum, weight_sum, count = smoothing_sums
+  weighted_sum = jnp.where(keep, weighted_sum, 0.0)
+  return jnp.where(keep, weight_sum * lse - weighted_sum, 0.0) / jnp.maximum(count, 1.0)
+
+
 def target_loss(
     lse: jax.Array,
-    mass: jax.Array,
-    weighted_logits: jax.Array,
+    target_mass: jax.Array,
+    target_logits: jax.Array,
     *,
     reduction: str,
+    label_smoothing: float = 0.0,
     z_loss: float = 0.0,
+    smoothing_sums: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
-  """Probability-target loss, mass * lse - sum_c w_c q_c x_c, reduced.
+  """Probability-target loss -sum_c w_c q_c log p_c, q = (1 - eps) t + eps / K.
 
+  That is (1 - eps) (target_mass * lse - target_logits) + eps * uniform CE.
   "mean" divides by the number of positions, as PyTorch does.
   """
   keep = lse > -jnp.inf
   lse = jnp.where(keep, lse, 0.0)
-  loss = jnp.where(keep, mass * lse - jnp.where(keep, weighted_logits, 0.0), 0.0)
+  loss = jnp.where(keep, target_mass * lse - jnp.where(keep, target_logits, 0.0), 0.0)
+  if label_smoothing:
+    loss = (1.0 - label_smoothing) * loss + label_smoothing * _uniform_ce(
+        lse, smoothing_sums, keep)
   if z_loss:
     loss = loss + z_loss * lse**2
   return reduce(loss, reduction)

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxce import _checks
+from jaxce._collective import match_vma
 from jaxce._log_softmax import masked, softmax_from_lse, stable_logsumexp
 
 
@@ -57,6 +58,24 @@ def _per_class_along(weight, axis, x):
 
 def _sum_to_class(x, axis):
   return jnp.sum(x, tuple(a for a in range(x.ndim) if a != axis))
+
+
+def _smoothing_sums(x, w, axis):
+  """(sum_c w_c x_c, sum_c w_c, count) over the active classes (x > -inf)."""
+  active = x > -jnp.inf
+  return (
+      jnp.sum(jnp.where(active, w * x, 0.0), axis),
+      jnp.sum(jnp.where(active, w, 0.0), axis),
+      jnp.sum(active, axis, dtype=x.dtype),
+  )
+
+
+def _smoothing_sums_bwd(x, w, g, col):
+  """Cotangents of `_smoothing_sums` for x and (unreduced) for w."""
+  active = x > -jnp.inf
+  dx = jnp.where(active, w * col(g.weighted_sum), 0.0)
+  dw = jnp.where(active, x * col(g.weighted_sum) + col(g.weight_sum), 0.0)
+  return dx, dw
 
 
 # ---------------------------------------------------------------------------
@@ -99,15 +118,7 @@ def _label_stats_fwd(logits, labels, weight, where, axis, smoothing):
   x = masked(logits.astype(lse.dtype), where)
   # Gathered from the input dtype: exact, and no upcast copy to gather from.
   picked = take_at(masked(logits, where), labels, axis).astype(lse.dtype)
-  sums = (None, None, None)
-  if smoothing:
-    active = x > -jnp.inf
-    w = _per_class_along(weight, axis, x)
-    sums = (
-        jnp.sum(jnp.where(active, w * x, 0.0), axis),
-        jnp.sum(jnp.where(active, w, 0.0), axis),
-        jnp.sum(active, axis, dtype=x.dtype),
-    )
+  sums = _smoothing_sums(x, _per_class_along(weight, axis, x), axis) if smoothing else (None,) * 3
   stats = LabelStats(jnp.squeeze(lse, axis), picked, *sums)
   return stats, LabelResiduals(logits, labels, weight, where, lse)
 
@@ -120,12 +131,10 @@ def _label_stats_bwd(axis, smoothing, res, g):
   dx = col(g.lse) * softmax_from_lse(x, res.lse) + jnp.where(hot, col(g.picked), 0.0)
   dweight = None
   if smoothing:
-    active = x > -jnp.inf
-    w = _per_class_along(res.weight, axis, x)
-    dx = dx + jnp.where(active, w * col(g.weighted_sum), 0.0)
+    dx_s, dw = _smoothing_sums_bwd(x, _per_class_along(res.weight, axis, x), g, col)
+    dx = dx + dx_s
     if res.weight is not None:
-      dw = jnp.where(active, x * col(g.weighted_sum) + col(g.weight_sum), 0.0)
-      dweight = _sum_to_class(dw, axis).astype(res.weight.dtype)
+      dweight = match_vma(_sum_to_class(dw, axis).astype(res.weight.dtype), res.weight)
   return dx.astype(res.logits.dtype), None, dweight, None
 
 
@@ -133,13 +142,16 @@ _label_stats.defvjp(_label_stats_fwd, _label_stats_bwd)
 
 
 # ---------------------------------------------------------------------------
-# Probability targets: lse and the two target-weighted sums.
+# Probability targets: lse, target-weighted sums, and label-smoothing sums.
 
 
 class TargetStats(NamedTuple):
   lse: jax.Array  # logsumexp over the classes inside `where` (-inf if none)
-  mass: jax.Array  # sum_c w_c q_c, the total weighted target mass
-  weighted_logits: jax.Array  # sum_c w_c q_c x_c (0 * -inf counts as 0)
+  target_mass: jax.Array  # sum_c w_c t_c over classes inside `where`
+  target_logits: jax.Array  # sum_c w_c t_c x_c (0 * -inf counts as 0)
+  weighted_sum: jax.Array | None  # as in LabelStats (smoothing only)
+  weight_sum: jax.Array | None
+  count: jax.Array | None
 
 
 class TargetResiduals(NamedTuple):
@@ -148,31 +160,26 @@ class TargetResiduals(NamedTuple):
   weight: jax.Array | None
   where: jax.Array | None
   lse: jax.Array  # float32 per position, class axis kept
-  count: jax.Array | None  # active classes per position (smoothing only)
 
 
-def target_stats(logits, targets, weight, where, axis: int, smoothing: float):
+def target_stats(logits, targets, weight, where, axis: int, smoothing: bool):
   """Per-position statistics for probability-target losses.
 
-  With q = (1 - smoothing) * targets + smoothing / K on the K classes that are
-  active (inside `where`, logit above -inf), the loss is
-  ``mass * lse - weighted_logits``. Target mass on a -inf logit gives +inf,
-  as it should; classes outside `where` are left out of every sum.
+  Classes outside `where` are left out of every sum. The smoothing sums run
+  over the active classes (inside `where`, logit above -inf), as in
+  `label_stats`. Target mass on a -inf logit makes `target_logits` -inf, so
+  the loss is +inf, as it should be.
   """
   return _target_stats(logits, targets, weight, where, axis, smoothing)
 
 
-def _smoothed(t, x, count, smoothing, axis):
-  """The smoothed target q, in the compute dtype."""
-  if not smoothing:
-    return t
-  active = x > -jnp.inf
-  uniform = smoothing / jnp.maximum(jnp.expand_dims(count, axis), 1.0)
-  return (1.0 - smoothing) * t + jnp.where(active, uniform, 0.0)
-
-
 def _in_mask(v, where):
   return v if where is None else jnp.where(where, v, 0.0)
+
+
+def _logits_times_targets(x, t):
+  """x where it meets target mass; 0 where t == 0 and x == -inf (0 * -inf)."""
+  return jnp.where((t == 0) & (x == -jnp.inf), 0.0, x)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -182,39 +189,36 @@ def _target_stats(logits, targets, weight, where, axis, smoothing):
 
 def _target_stats_fwd(logits, targets, weight, where, axis, smoothing):
   lse = stable_logsumexp(masked(logits, where), axis)
-  ct = lse.dtype
-  x = masked(logits.astype(ct), where)
-  count = jnp.sum(x > -jnp.inf, axis, dtype=ct) if smoothing else None
-  wq = _per_class_along(weight, axis, x) * _smoothed(
-      targets.astype(ct), x, count, smoothing, axis)
-  wq = _in_mask(wq, where)
+  x = masked(logits.astype(lse.dtype), where)
+  t = targets.astype(lse.dtype)
+  w = _per_class_along(weight, axis, x)
   stats = TargetStats(
       jnp.squeeze(lse, axis),
-      jnp.sum(wq, axis),
-      jnp.sum(jnp.where(wq == 0, 0.0, wq * x), axis),
+      jnp.sum(_in_mask(w * t, where), axis),
+      jnp.sum(_in_mask(w * t * _logits_times_targets(x, t), where), axis),
+      *(_smoothing_sums(x, w, axis) if smoothing else (None,) * 3),
   )
-  return stats, TargetResiduals(logits, targets, weight, where, lse, count)
+  return stats, TargetResiduals(logits, targets, weight, where, lse)
 
 
 def _target_stats_bwd(axis, smoothing, res, g):
   ct = res.lse.dtype
   x = masked(res.logits.astype(ct), res.where)
+  t = res.targets.astype(ct)
   col = lambda v: jnp.expand_dims(v.astype(ct), axis)
   w = _per_class_along(res.weight, axis, x)
-  q = _in_mask(_smoothed(res.targets.astype(ct), x, res.count, smoothing, axis), res.where)
-  wq = w * q
-  dx = col(g.lse) * softmax_from_lse(x, res.lse) + jnp.where(
-      wq == 0, 0.0, wq * col(g.weighted_logits))
-  # d/dq of (mass, weighted_logits) is w * (g_mass + g_wl * x); the chain to
-  # the targets carries the (1 - smoothing) factor.
-  x_or_0 = jnp.where(q == 0, 0.0, x)
-  dq = _in_mask(w * (col(g.mass) + col(g.weighted_logits) * x_or_0), res.where)
-  dtargets = ((1.0 - smoothing) * dq).astype(res.targets.dtype)
+  xt = _logits_times_targets(x, t)
+  dx = col(g.lse) * softmax_from_lse(x, res.lse) + _in_mask(w * t * col(g.target_logits), res.where)
+  # d/dt_c of (target_mass, target_logits) is w_c * (g_mass + g_logits * x_c).
+  dt = _in_mask(w * (col(g.target_mass) + col(g.target_logits) * xt), res.where)
+  dw = _in_mask(t * (col(g.target_mass) + col(g.target_logits) * xt), res.where)
+  if smoothing:
+    dx_s, dw_s = _smoothing_sums_bwd(x, w, g, col)
+    dx, dw = dx + dx_s, dw + dw_s
   dweight = None
   if res.weight is not None:
-    dw = q * (col(g.mass) + col(g.weighted_logits) * x_or_0)
-    dweight = _sum_to_class(dw, axis).astype(res.weight.dtype)
-  return dx.astype(res.logits.dtype), dtargets, dweight, None
+    dweight = match_vma(_sum_to_class(dw, axis).astype(res.weight.dtype), res.weight)
+  return dx.astype(res.logits.dtype), dt.astype(res.targets.dtype), dweight, None
 
 
 _target_stats.defvjp(_target_stats_fwd, _target_stats_bwd)
