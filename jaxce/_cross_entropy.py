@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxce import _checks, _collective, _stats
+from jaxce import _checks, _collective, _explicit, _stats
 from jaxce._reduction import integer_target_loss, target_loss
 
 
@@ -99,37 +99,51 @@ def cross_entropy(
   weight = _checks.class_weight(fn, weight, num_classes)
   where = _checks.class_mask(fn, where, logits.shape)
   labels = jnp.asarray(labels)
+  probabilities = jnp.issubdtype(labels.dtype, jnp.floating)
+  if probabilities and labels.shape != logits.shape:
+    raise TypeError(
+        f"{fn}: floating `labels` are class probabilities and must have the"
+        f" logits' shape {logits.shape}. Got {labels.shape}. For class"
+        " indices, pass an integer array."
+    )
+  if not probabilities:
+    labels = _checks.integer_labels(fn, labels, logits.shape, axis)
 
-  if jnp.issubdtype(labels.dtype, jnp.floating):
-    if labels.shape != logits.shape:
-      raise TypeError(
-          f"{fn}: floating `labels` are class probabilities and must have the"
-          f" logits' shape {logits.shape}. Got {labels.shape}. For class"
-          " indices, pass an integer array."
-      )
-    stats = _stats.target_stats(logits, labels, weight, where, axis, bool(eps))
+  def impl(logits, labels, weight, where, class_axis_name, row_axes=()):
+    if probabilities:
+      stats = _stats.target_stats(logits, labels, weight, where, axis, bool(eps))
+      stats = _collective.combine(stats, class_axis_name)
+      return target_loss(
+          stats.lse, stats.target_mass, stats.target_logits, reduction=reduction,
+          label_smoothing=eps, z_loss=z, smoothing_sums=stats[3:] if eps else None,
+          row_axes=row_axes)
+    classes = _collective.class_slice(labels, logits.shape[axis], class_axis_name)
+    stats = _stats.label_stats(
+        logits, classes.local_labels, weight if eps else None, where, axis, smoothing=bool(eps))
     stats = _collective.combine(stats, class_axis_name)
-    return target_loss(
-        stats.lse, stats.target_mass, stats.target_logits, reduction=reduction,
-        label_smoothing=eps, z_loss=z, smoothing_sums=stats[3:] if eps else None)
+    return integer_target_loss(
+        stats.lse,
+        stats.picked,
+        labels,
+        num_classes=classes.num_classes,
+        label_weight=_collective.label_weight(weight, classes),
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=eps,
+        z_loss=z,
+        smoothing_sums=stats[2:] if eps else None,
+        row_axes=row_axes,
+    )
 
-  labels = _checks.integer_labels(fn, labels, logits.shape, axis)
-  classes = _collective.class_slice(labels, num_classes, class_axis_name)
-  stats = _stats.label_stats(
-      logits, classes.local_labels, weight if eps else None, where, axis, smoothing=bool(eps))
-  stats = _collective.combine(stats, class_axis_name)
-  return integer_target_loss(
-      stats.lse,
-      stats.picked,
-      labels,
-      num_classes=classes.num_classes,
-      label_weight=_collective.label_weight(weight, classes),
-      ignore_index=ignore_index,
-      reduction=reduction,
-      label_smoothing=eps,
-      z_loss=z,
-      smoothing_sums=stats[2:] if eps else None,
-  )
+  args = (logits, labels, weight, where)
+  if class_axis_name is None:
+    split = _explicit.class_split(logits, axis, reduction)
+    if split is not None:
+      label_spec = split.spec if probabilities else split.row_spec
+      specs = (split.spec, label_spec, split.class_spec, split.spec)
+      return _explicit.run(
+          lambda *a: impl(*a, split.class_axis_name, split.row_axes), args, specs, split.out_spec)
+  return impl(*args, class_axis_name)
 
 
 def nll_loss(
@@ -185,17 +199,29 @@ def nll_loss(
   num_classes = log_probs.shape[axis]
   weight = _checks.class_weight(fn, weight, num_classes)
   labels = _checks.integer_labels(fn, labels, log_probs.shape, axis)
-  classes = _collective.class_slice(labels, num_classes, class_axis_name)
-  picked = _stats.pick(log_probs, classes.local_labels, axis)
-  if class_axis_name is not None:
-    picked = jax.lax.psum(picked, class_axis_name)
-  return integer_target_loss(
-      None,
-      picked,
-      labels,
-      num_classes=classes.num_classes,
-      label_weight=_collective.label_weight(weight, classes),
-      ignore_index=ignore_index,
-      reduction=reduction,
-  )
+
+  def impl(log_probs, labels, weight, class_axis_name, row_axes=()):
+    classes = _collective.class_slice(labels, log_probs.shape[axis], class_axis_name)
+    picked = _stats.pick(log_probs, classes.local_labels, axis)
+    if class_axis_name is not None:
+      picked = jax.lax.psum(picked, class_axis_name)
+    return integer_target_loss(
+        None,
+        picked,
+        labels,
+        num_classes=classes.num_classes,
+        label_weight=_collective.label_weight(weight, classes),
+        ignore_index=ignore_index,
+        reduction=reduction,
+        row_axes=row_axes,
+    )
+
+  args = (log_probs, labels, weight)
+  if class_axis_name is None:
+    split = _explicit.class_split(log_probs, axis, reduction)
+    if split is not None:
+      specs = (split.spec, split.row_spec, split.class_spec)
+      return _explicit.run(
+          lambda *a: impl(*a, split.class_axis_name, split.row_axes), args, specs, split.out_spec)
+  return impl(*args, class_axis_name)
 

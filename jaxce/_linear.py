@@ -20,8 +20,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-from jaxce import _checks, _collective
+from jaxce import _checks, _collective, _explicit
 from jaxce._collective import match_vma, vary_like
 from jaxce._reduction import integer_target_loss
 from jaxce._stats import LabelStats
@@ -316,34 +317,46 @@ def linear_cross_entropy(
     bias = _checks.float_array(fn, "bias", bias)
     if bias.shape != (vocab,):
       raise ValueError(f"{fn}: `bias` must have shape ({vocab},). Got {bias.shape}.")
-  n = math.prod(lead)
-  if chunk_size is None:
-    chunk = default_chunk_size(n, vocab)
-  else:
+  if chunk_size is not None:
     try:
-      chunk = operator.index(chunk_size)
+      chunk_size = operator.index(chunk_size)
     except TypeError:
       raise TypeError(f"{fn}: `chunk_size` must be an int or None. Got {chunk_size!r}.") from None
-    if chunk < 1:
-      raise ValueError(f"{fn}: `chunk_size` must be positive. Got {chunk}.")
-    chunk = min(chunk, vocab)
+    if chunk_size < 1:
+      raise ValueError(f"{fn}: `chunk_size` must be positive. Got {chunk_size}.")
 
-  flat_labels = labels.reshape(n)
-  classes = _collective.class_slice(flat_labels, vocab, class_axis_name)
-  stats = linear_label_stats(
-      x.reshape(n, x.shape[-1]), kernel, bias, classes.local_labels,
-      weight if eps else None, chunk, softcap, bool(eps))
-  stats = _collective.combine(stats, class_axis_name)
-  loss = integer_target_loss(
-      stats.lse,
-      stats.picked,
-      flat_labels,
-      num_classes=classes.num_classes,
-      label_weight=_collective.label_weight(weight, classes),
-      ignore_index=ignore_index,
-      reduction=reduction,
-      label_smoothing=eps,
-      z_loss=z,
-      smoothing_sums=stats[2:] if eps else None,
-  )
-  return loss.reshape(lead) if reduction == "none" else loss
+  def impl(x, kernel, labels, bias, weight, class_axis_name, row_axes=()):
+    lead, (d, vocab) = x.shape[:-1], kernel.shape  # this device's share
+    n = math.prod(lead)
+    chunk = default_chunk_size(n, vocab) if chunk_size is None else min(chunk_size, vocab)
+    flat_labels = labels.reshape(n)
+    classes = _collective.class_slice(flat_labels, vocab, class_axis_name)
+    stats = linear_label_stats(
+        x.reshape(n, d), kernel, bias, classes.local_labels,
+        weight if eps else None, chunk, softcap, bool(eps))
+    stats = _collective.combine(stats, class_axis_name)
+    loss = integer_target_loss(
+        stats.lse,
+        stats.picked,
+        flat_labels,
+        num_classes=classes.num_classes,
+        label_weight=_collective.label_weight(weight, classes),
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=eps,
+        z_loss=z,
+        smoothing_sums=stats[2:] if eps else None,
+        row_axes=row_axes,
+    )
+    return loss.reshape(lead) if reduction == "none" else loss
+
+  args = (x, kernel, labels, bias, weight)
+  if class_axis_name is None:
+    split = _explicit.linear_split(x, kernel, reduction)
+    if split is not None:
+      vocab_spec = split.class_spec[0]
+      specs = (P(*split.row_spec, None), P(None, vocab_spec), split.row_spec, split.class_spec,
+               split.class_spec)
+      return _explicit.run(
+          lambda *a: impl(*a, split.class_axis_name, split.row_axes), args, specs, split.out_spec)
+  return impl(*args, class_axis_name)

@@ -11,21 +11,31 @@ import jax
 import jax.numpy as jnp
 
 
-def reduce(loss: jax.Array, reduction: str, denominator: jax.Array | None = None):
+def reduce(
+    loss: jax.Array,
+    reduction: str,
+    denominator: jax.Array | None = None,
+    row_axes: tuple[str, ...] = (),
+):
   """Applies `reduction`; "mean" divides by `denominator` (default: count).
 
   A zero denominator (every position ignored) gives 0.0 with zero gradient,
-  not NaN: a padding-only batch must not poison training.
+  not NaN: a padding-only batch must not poison training. `row_axes` are
+  mesh axes (inside shard_map) over which the positions are split.
   """
   if reduction == "none":
     return loss
-  total = jnp.sum(loss)
+  total = _psum(jnp.sum(loss), row_axes)
   if reduction == "sum":
     return total
   if denominator is None:
-    return total / max(loss.size, 1)
-  d = jnp.sum(denominator)
+    denominator = jnp.ones(loss.shape, loss.dtype)
+  d = _psum(jnp.sum(denominator), row_axes)
   return total / jnp.where(d == 0, 1.0, d)
+
+
+def _psum(x, axes):
+  return jax.lax.psum(x, axes) if axes else x
 
 
 def integer_target_loss(
@@ -40,6 +50,7 @@ def integer_target_loss(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     smoothing_sums: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    row_axes: tuple[str, ...] = (),
 ) -> jax.Array:
   """PyTorch's integer-target loss from per-position statistics.
 
@@ -71,7 +82,7 @@ def integer_target_loss(
   # Labels outside [0, C) that are not ignored: NaN, never a plausible number.
   bad = valid & ((labels < 0) | (labels >= num_classes))
   loss = loss * jnp.where(bad, jnp.nan, 1.0).astype(ct)
-  return reduce(loss, reduction, w_pos)
+  return reduce(loss, reduction, w_pos, row_axes)
 
 
 def _uniform_ce(lse, smoothing_sums, keep):
@@ -90,6 +101,7 @@ def target_loss(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     smoothing_sums: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    row_axes: tuple[str, ...] = (),
 ) -> jax.Array:
   """Probability-target loss -sum_c w_c q_c log p_c, q = (1 - eps) t + eps / K.
 
@@ -104,4 +116,4 @@ def target_loss(
         lse, smoothing_sums, keep)
   if z_loss:
     loss = loss + z_loss * lse**2
-  return reduce(loss, reduction)
+  return reduce(loss, reduction, None, row_axes)

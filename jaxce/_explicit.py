@@ -1,0 +1,122 @@
+"""Class-sharded inputs under `jax.jit` on an Explicit mesh.
+
+With `AxisType.Explicit`, an array's sharding is part of its type, so the
+losses can see that the class axis of the logits (or the vocabulary axis of
+the kernel) is split over mesh axes. They then run the per-device
+computation in `shard_map`, with those axes as `class_axis_name` and the axes
+that split the rows reduced with psum: no device ever gathers the logits or
+the kernel. (Under `AxisType.Auto` XLA's partitioner does the same for
+`cross_entropy` and `nll_loss` on its own.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+from jax.sharding import AxisType, PartitionSpec
+
+Names = tuple[str, ...]
+
+
+def spec_of(x) -> PartitionSpec | None:
+  """`x`'s PartitionSpec (one entry per dim) when it lives on an Explicit mesh."""
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or mesh.empty or AxisType.Explicit not in tuple(mesh.axis_types):
+    return None
+  spec = tuple(sharding.spec)
+  return PartitionSpec(*spec, *(None,) * (x.ndim - len(spec)))
+
+
+def names(entry) -> Names:
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def entry(axis_names: Names):
+  return None if not axis_names else axis_names[0] if len(axis_names) == 1 else axis_names
+
+
+def run(
+    body: Callable,
+    args: Sequence,
+    specs: Sequence[PartitionSpec | None],
+    out_spec: PartitionSpec,
+):
+  """`body(*local_args)` on every device of the Explicit mesh, each argument
+  first resharded to its spec (labels and weights are small; the logits and
+  kernel already have theirs). None arguments pass through."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    mesh = next(jax.typeof(a).sharding.mesh for a in args if a is not None)
+  present = [i for i, a in enumerate(args) if a is not None]
+
+  def local(*xs):
+    full = list(args)
+    for i, v in zip(present, xs, strict=True):
+      full[i] = v
+    return body(*full)
+
+  xs = [jax.sharding.reshard(args[i], specs[i]) for i in present]
+  return jax.shard_map(
+      local, mesh=mesh, in_specs=tuple(specs[i] for i in present), out_specs=out_spec
+  )(*xs)
+
+
+class Split(NamedTuple):
+  spec: PartitionSpec  # of the array that carries the classes
+  row_spec: PartitionSpec  # of per-position arrays (labels, loss "none")
+  class_spec: PartitionSpec  # of per-class vectors (weight, bias)
+  out_spec: PartitionSpec
+  class_axis_name: str | Names
+  row_axes: Names
+
+
+def class_split(x, class_dim: int, reduction: str, rows=None) -> Split | None:
+  """How to split a loss whose class dim of `x` is sharded on an Explicit
+  mesh (None when it is not). `rows`: the array whose other dims are the
+  positions, if not `x` itself (the activations, for the fused loss)."""
+  spec = spec_of(x)
+  if spec is None or spec[class_dim] is None:
+    return None
+  if rows is None:
+    row_entries = [spec[d] for d in range(x.ndim) if d != class_dim]
+  else:
+    row_spec_full = spec_of(rows) or PartitionSpec(*(None,) * rows.ndim)
+    row_entries = list(row_spec_full)[:-1]
+  row_spec = PartitionSpec(*row_entries)
+  row_axes = tuple(n for e in row_entries for n in names(e))
+  return Split(
+      spec=spec,
+      row_spec=row_spec,
+      class_spec=PartitionSpec(spec[class_dim]),
+      out_spec=row_spec if reduction == "none" else PartitionSpec(),
+      class_axis_name=entry(names(spec[class_dim])),
+      row_axes=row_axes,
+  )
+
+
+def linear_split(x, kernel, reduction: str) -> Split | None:
+  """`class_split` for the fused loss: the vocabulary is the kernel's dim 1
+  and the positions are `x`'s leading dims. Also used when only the rows
+  are sharded, so that the chunk loop runs on local arrays."""
+  kernel_spec = spec_of(kernel)
+  x_spec = spec_of(x)
+  if kernel_spec is None and x_spec is None:
+    return None
+  kernel_spec = kernel_spec or PartitionSpec(None, None)
+  row_entries = list(x_spec or PartitionSpec(*(None,) * x.ndim))[:-1]
+  row_spec = PartitionSpec(*row_entries)
+  if kernel_spec[1] is None and not any(row_entries):
+    return None
+  return Split(
+      spec=kernel_spec,
+      row_spec=row_spec,
+      class_spec=PartitionSpec(kernel_spec[1]),
+      out_spec=row_spec if reduction == "none" else PartitionSpec(),
+      class_axis_name=entry(names(kernel_spec[1])),
+      row_axes=tuple(n for e in row_entries for n in names(e)),
+  )
