@@ -90,7 +90,7 @@ def binary_cross_entropy_with_logits(
     >>> import jax.numpy as jnp, jaxce
     >>> x = jnp.array([2.0, -1.0]); t = jnp.array([1.0, 0.0])
     >>> print(jaxce.binary_cross_entropy_with_logits(x, t, reduction="none"))
-    [0.126928   0.31326166]
+    [0.126928  0.3132617]
   """
   fn = "binary_cross_entropy_with_logits"
   logits = _checks.float_array(fn, "logits", logits)

@@ -107,7 +107,9 @@ def class_weight(fn: str, weight, num_classes: int) -> jax.Array | None:
 
 
 def broadcastable(fn: str, name: str, x, shape, dtype=None) -> jax.Array:
-  """`x` broadcast to `shape`, or an error naming both shapes."""
+  """`x` with `shape`'s rank (leading 1s added, nothing copied), or an error
+  naming both shapes if it does not broadcast to `shape`. Kept unbroadcast so
+  that a custom_vjp saving it saves only its own size."""
   x = jnp.asarray(x) if dtype is None else jnp.asarray(x, dtype)
   try:
     jnp.broadcast_shapes(x.shape, tuple(shape))
@@ -119,7 +121,7 @@ def broadcastable(fn: str, name: str, x, shape, dtype=None) -> jax.Array:
         f"{fn}: `{name}` must be broadcastable to the logits' shape"
         f" {tuple(shape)}. Got {x.shape}."
     )
-  return jnp.broadcast_to(x, shape)
+  return x.reshape((1,) * (len(shape) - x.ndim) + x.shape)
 
 
 def class_mask(fn: str, where, shape) -> jax.Array | None:

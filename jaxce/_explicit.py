@@ -30,6 +30,11 @@ def spec_of(x) -> PartitionSpec | None:
   return PartitionSpec(*spec, *(None,) * (x.ndim - len(spec)))
 
 
+def spec_for_shape(spec: PartitionSpec, shape) -> PartitionSpec:
+  """`spec` for an array broadcast against it: its size-1 dims unsplit."""
+  return PartitionSpec(*(None if n == 1 else e for e, n in zip(spec, shape, strict=True)))
+
+
 def names(entry) -> Names:
   if entry is None:
     return ()

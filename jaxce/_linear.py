@@ -27,7 +27,6 @@ from jaxce._collective import match_vma, vary_like
 from jaxce._reduction import integer_target_loss
 from jaxce._stats import LabelStats
 
-_F32 = jnp.float32
 # Elements of one float32 block (16 MiB): sets the default vocabulary chunk
 # ([N, chunk] logits) and the row blocks of the dx accumulation ([rows, D]).
 BLOCK_ELEMENTS = 2**22
@@ -44,56 +43,81 @@ def default_chunk_size(num_tokens: int, vocab: int) -> int:
   return max(1, min(vocab, chunk))
 
 
+# The vocabulary is viewed as [G, V / G] groups (a free reshape) and each step
+# handles one chunk of every group: on G devices with the kernel split over
+# its vocabulary axis, XLA's partitioner then keeps every group where it lives
+# instead of gathering the kernel. G is 1 on one device.
+
+
 class _Chunk(NamedTuple):
-  z: jax.Array  # [N, c] float32 logits (soft-capped if asked)
+  z: jax.Array  # [N, G, c] float32 logits (soft-capped if asked)
   raw_tanh: jax.Array | None  # tanh(raw / softcap), for the softcap derivative
-  cols: jax.Array  # [c] global class index of each column
-  fresh: jax.Array  # [c] columns first seen in this chunk (not the overlap)
-  start: jax.Array  # first column of the slice
+  cols: jax.Array  # [G, c] global class index of each column
+  fresh: jax.Array  # [1, 1, c] columns first seen in this chunk (not the overlap)
+  start: jax.Array  # first column of the slice within each group
 
 
-def _chunk_logits(x, kernel, bias, i, chunk, softcap) -> _Chunk:
-  """Logits of vocabulary chunk i. The last chunk is shifted left to stay in
-  bounds (no padded copy of the kernel); the columns it shares with the
+def _grouped(v, groups):
+  """[..., V] viewed as [..., G, V / G] (a free reshape)."""
+  return v.reshape(*v.shape[:-1], groups, v.shape[-1] // groups)
+
+
+def _group_cols(v, start, size, groups):
+  """[..., G, size]: columns start:start+size of each of the G equal slices
+  of v's last axis."""
+  if groups == 1:  # see _write_cols
+    return jnp.expand_dims(_slice_cols(v, start, size), -2)
+  return _slice_cols(_grouped(v, groups), start, size)
+
+
+def _chunk_logits(x, kernel, bias, i, chunk, softcap, groups) -> _Chunk:
+  """Logits of chunk i of every group. The last chunk is shifted left to stay
+  in bounds (no padded copy of the kernel); the columns it shares with the
   previous chunk are marked not `fresh`."""
-  vocab = kernel.shape[1]
-  start = jnp.minimum(i * chunk, vocab - chunk)
-  z = _matmul(x, _slice_cols(kernel, start, chunk), contract=(1, 0))
+  per_group = kernel.shape[-1] // groups
+  start = jnp.minimum(i * chunk, per_group - chunk)
+  z = _matmul(x, _group_cols(kernel, start, chunk, groups), (1,), (0,))
   if bias is not None:
-    z = z + _slice_cols(bias, start, chunk).astype(_F32)[None, :]
+    z = z + _group_cols(bias, start, chunk, groups).astype(z.dtype)[None]
   t = None
   if softcap is not None:
     t = jnp.tanh(z / softcap)
-    z = softcap * t
-  cols = start + jnp.arange(chunk)
-  return _Chunk(z, t, cols, cols >= i * chunk, start)
+    z = jnp.where(z == -jnp.inf, -jnp.inf, softcap * t)  # a -inf bias still removes a class
+  offsets = jnp.arange(groups)[:, None] * per_group
+  cols = offsets + start + jnp.arange(chunk)[None, :]
+  fresh = (start + jnp.arange(chunk) >= i * chunk)[None, None, :]
+  return _Chunk(z, t, cols, fresh, start)
 
 
-def _matmul(a, b, contract):
-  """a . b over one axis each, in the inputs' dtype with float32 accumulation."""
-  dims = (((contract[0],), (contract[1],)), ((), ()))
-  return jax.lax.dot_general(a, b, dims, preferred_element_type=_F32)
+def _matmul(a, b, contract_a, contract_b):
+  """a . b over the given axes, in the inputs' dtype, accumulated in float32
+  (float64 for float64 inputs)."""
+  dims = ((tuple(contract_a), tuple(contract_b)), ((), ()))
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=_checks.compute_dtype(a.dtype))
 
 
 def _add_rows_matmul(acc, a, b):
-  """acc + a @ b.T (a float32, cast to b's dtype), in blocks of rows.
+  """acc + a . b over their last two axes (a float32, cast to b's dtype), in
+  blocks of rows.
 
   A [N, D] float32 product beside the [N, D] float32 accumulator would double
   the backward's largest buffer; blocks of about 16 MiB keep it small.
   """
   n, d = acc.shape
   block = max(1, min(n, BLOCK_ELEMENTS // max(d, 1)))
+  if n == 0:
+    return acc
+  product = lambda rows: _matmul(rows.astype(b.dtype), b, (1, 2), (1, 2))
   if block == n:
-    return acc + _matmul(a.astype(b.dtype), b, contract=(1, 1))
+    return acc + product(a)
 
   def body(acc, j):
     start = jnp.minimum(j * block, n - block)  # last block shifted in bounds
     rows = jax.lax.dynamic_slice_in_dim(a, start, block, axis=0)
     fresh = start + jnp.arange(block) >= j * block
-    rows = jnp.where(fresh[:, None], rows, 0.0).astype(b.dtype)
+    rows = jnp.where(fresh[:, None, None], rows, 0.0)
     old = jax.lax.dynamic_slice_in_dim(acc, start, block, axis=0)
-    new = old + _matmul(rows, b, contract=(1, 1))
-    return jax.lax.dynamic_update_slice_in_dim(acc, new, start, axis=0), None
+    return jax.lax.dynamic_update_slice_in_dim(acc, old + product(rows), start, axis=0), None
 
   return jax.lax.scan(body, acc, jnp.arange(-(-n // block)))[0]
 
@@ -102,14 +126,20 @@ def _slice_cols(a, start, size):
   return jax.lax.dynamic_slice_in_dim(a, start, size, axis=a.ndim - 1)
 
 
-def _write_cols(acc, update, start):
-  """acc[..., start:start+c] = update. Every column's gradient is complete
-  within a chunk, so the overlap columns are rewritten with equal values."""
-  return jax.lax.dynamic_update_slice_in_dim(acc, update.astype(acc.dtype), start, acc.ndim - 1)
+def _write_cols(acc, update, start, groups):
+  """acc[..., g * V / G + start + j] = update[..., g, j]. Every column's
+  gradient is complete within a chunk, so the overlap columns are rewritten
+  with equal values. With one group no view is taken: XLA's CPU backend
+  would copy a whole bf16 [D, V] array to update it through one."""
+  update = update.astype(acc.dtype)
+  if groups == 1:
+    return jax.lax.dynamic_update_slice_in_dim(acc, update[..., 0, :], start, acc.ndim - 1)
+  grouped = jax.lax.dynamic_update_slice_in_dim(_grouped(acc, groups), update, start, acc.ndim)
+  return grouped.reshape(acc.shape)
 
 
-def _scan_chunks(step, carry, kernel, chunk):
-  """Runs step(carry, kernel, i) over the vocabulary chunks.
+def _scan_chunks(step, carry, kernel, chunk, per_group):
+  """Runs step(carry, kernel, i) over the chunks.
 
   The kernel rides in the loop carry behind an optimization barrier: XLA's
   CPU backend widens a bf16 dynamic-slice to float32 by converting its whole
@@ -122,15 +152,16 @@ def _scan_chunks(step, carry, kernel, chunk):
     kernel = jax.lax.optimization_barrier(kernel)
     return (step(carry, kernel, i), kernel), None
 
-  n = -(-kernel.shape[1] // chunk)
+  n = -(-per_group // chunk)
   (carry, _), _ = jax.lax.scan(body, (carry, kernel), jnp.arange(n))
   return carry
 
 
 def _class_weights(weight, ch: _Chunk):
   if weight is None:
-    return jnp.ones((1, ch.cols.shape[0]), _F32)
-  return _slice_cols(weight, ch.start, ch.cols.shape[0]).astype(_F32)[None, :]
+    return jnp.ones((1, *ch.cols.shape), ch.z.dtype)
+  groups, size = ch.cols.shape
+  return _group_cols(weight, ch.start, size, groups).astype(ch.z.dtype)[None]
 
 
 class LinearResiduals(NamedTuple):
@@ -142,83 +173,94 @@ class LinearResiduals(NamedTuple):
   lse: jax.Array  # [N] float32
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def linear_label_stats(x, kernel, bias, labels, weight, chunk, softcap, smoothing):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def linear_label_stats(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups):
   """`_stats.label_stats` of `x @ kernel + bias` (optionally soft-capped),
-  streamed over vocabulary chunks of size `chunk`."""
-  return _fwd(x, kernel, bias, labels, weight, chunk, softcap, smoothing)[0]
+  streamed over chunks of `chunk` columns of each of `groups` equal slices
+  of the vocabulary."""
+  return _fwd(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups)[0]
 
 
-def _fwd(x, kernel, bias, labels, weight, chunk, softcap, smoothing):
+def _fwd(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups):
+  ct = _checks.compute_dtype(x.dtype)
   n = x.shape[0]
-  zeros = jnp.zeros((n,), _F32)
+  zeros = jnp.zeros((n,), ct)
+  axes = (1, 2)
+  labels = labels.astype(jnp.int32)[:, None, None]
 
   def step(carry, kernel, i):
     m, s, picked, sums = carry
-    ch = _chunk_logits(x, kernel, bias, i, chunk, softcap)
-    z = jnp.where(ch.fresh[None, :], ch.z, -jnp.inf)  # count each class once
-    m_new = jnp.maximum(m, jnp.max(z, axis=1))
+    ch = _chunk_logits(x, kernel, bias, i, chunk, softcap, groups)
+    z = jnp.where(ch.fresh, ch.z, -jnp.inf)  # count each class once
+    m_new = jnp.maximum(m, jnp.max(z, axis=axes))
     shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-    s = s * jnp.exp(m - shift) + jnp.sum(jnp.exp(z - shift[:, None]), axis=1)
-    hot = (ch.cols[None, :] == labels[:, None]) & ch.fresh[None, :]
-    picked = picked + jnp.sum(jnp.where(hot, z, 0.0), axis=1)
+    s = s * jnp.exp(m - shift) + jnp.sum(jnp.exp(z - shift[:, None, None]), axis=axes)
+    hot = (ch.cols[None] == labels) & ch.fresh
+    picked = picked + jnp.sum(jnp.where(hot, z, 0.0), axis=axes)
     if smoothing:
       active = z > -jnp.inf
+      z_safe = jnp.where(active, z, 0.0)  # no 0 * -inf in higher derivatives
       w = _class_weights(weight, ch)
       sums = (
-          sums[0] + jnp.sum(jnp.where(active, w * z, 0.0), axis=1),
-          sums[1] + jnp.sum(jnp.where(active, w, 0.0), axis=1),
-          sums[2] + jnp.sum(active, axis=1, dtype=_F32),
+          sums[0] + jnp.sum(jnp.where(active, w * z_safe, 0.0), axis=axes),
+          sums[1] + jnp.sum(jnp.where(active, w, 0.0), axis=axes),
+          sums[2] + jnp.sum(active, axis=axes, dtype=ct),
       )
     return m_new, s, picked, sums
 
-  init = (jnp.full((n,), -jnp.inf, _F32), zeros, zeros, (zeros,) * 3 if smoothing else ())
+  init = (jnp.full((n,), -jnp.inf, ct), zeros, zeros, (zeros,) * 3 if smoothing else ())
   init = vary_like(init, x, kernel, bias, labels, weight)
-  m, s, picked, sums = _scan_chunks(step, init, kernel, chunk)
+  m, s, picked, sums = _scan_chunks(step, init, kernel, chunk, kernel.shape[1] // groups)
   lse = jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(s)
   stats = LabelStats(lse, picked, *(sums if smoothing else (None,) * 3))
-  return stats, LinearResiduals(x, kernel, bias, labels, weight, lse)
+  return stats, LinearResiduals(x, kernel, bias, labels[:, 0, 0], weight, lse)
 
 
-def _bwd(chunk, softcap, smoothing, res, g):
+def _bwd(chunk, softcap, smoothing, groups, res, g):
   x, kernel, bias, labels, weight, lse = res
-  lse_col = jnp.where(lse == -jnp.inf, jnp.inf, lse)[:, None]
-  col = lambda v: v.astype(_F32)[:, None]
+  ct = lse.dtype
+  col = lambda v: v.astype(ct)[:, None, None]
+  lse_col = col(jnp.where(lse == -jnp.inf, jnp.inf, lse))
+  labels = labels.astype(jnp.int32)[:, None, None]
   # x transposed once: XLA's CPU backend has no native bf16 matmul that
-  # contracts both operands' first axes, and would upcast all of x instead.
-  x_t = x.T
+  # contracts both operands' first axes (it would upcast all of x, or, with a
+  # single chunk, fail outright); the barrier keeps XLA from folding the
+  # transpose back into the matmul.
+  x_t = jax.lax.optimization_barrier(x.T)
 
   def step(carry, kernel, i):
     dx, dkernel, dbias, dweight = carry
-    ch = _chunk_logits(x, kernel, bias, i, chunk, softcap)
+    ch = _chunk_logits(x, kernel, bias, i, chunk, softcap, groups)
     # dz of every column of the slice: the overlap columns' values equal the
     # previous chunk's, so writing them again is harmless; dx counts them once.
     dz = col(g.lse) * jnp.exp(ch.z - lse_col)
-    dz = dz + jnp.where(ch.cols[None, :] == labels[:, None], col(g.picked), 0.0)
+    dz = dz + jnp.where(ch.cols[None] == labels, col(g.picked), 0.0)
     if smoothing:
       active = ch.z > -jnp.inf
       dz = dz + jnp.where(active, _class_weights(weight, ch) * col(g.weighted_sum), 0.0)
       if dweight is not None:
-        dw = jnp.where(active, ch.z * col(g.weighted_sum) + col(g.weight_sum), 0.0)
-        dweight = _write_cols(dweight, jnp.sum(dw, axis=0), ch.start)
+        z_safe = jnp.where(active, ch.z, 0.0)
+        dw = jnp.where(active, z_safe * col(g.weighted_sum) + col(g.weight_sum), 0.0)
+        dweight = _write_cols(dweight, jnp.sum(dw, axis=0), ch.start, groups)
     if softcap is not None:
       dz = dz * (1.0 - ch.raw_tanh**2)
-    dz_in = dz.astype(x.dtype)
-    w_chunk = _slice_cols(kernel, ch.start, chunk)
-    dx = _add_rows_matmul(dx, jnp.where(ch.fresh[None, :], dz, 0.0), w_chunk)
-    dkernel = _write_cols(dkernel, _matmul(x_t, dz_in, contract=(1, 0)), ch.start)
+    w_chunk = _group_cols(kernel, ch.start, chunk, groups)
+    dx = _add_rows_matmul(dx, jnp.where(ch.fresh, dz, 0.0), w_chunk)
+    dk = _matmul(x_t, dz.astype(x.dtype), (1,), (0,))
+    dkernel = _write_cols(dkernel, dk, ch.start, groups)
     if dbias is not None:
-      dbias = _write_cols(dbias, jnp.sum(dz, axis=0), ch.start)
+      dbias = _write_cols(dbias, jnp.sum(dz, axis=0), ch.start, groups)
     return dx, dkernel, dbias, dweight
 
   init = (
-      jnp.zeros(x.shape, _F32),
+      jnp.zeros(x.shape, ct),
       jnp.zeros(kernel.shape, kernel.dtype),
-      None if bias is None else jnp.zeros(bias.shape, _F32),
-      jnp.zeros(weight.shape, _F32) if smoothing and weight is not None else None,
+      None if bias is None else jnp.zeros(bias.shape, ct),
+      jnp.zeros(weight.shape, ct) if smoothing and weight is not None else None,
   )
   init = vary_like(init, x, kernel, bias, labels, weight, *g)
-  dx, dkernel, dbias, dweight = _scan_chunks(step, init, kernel, chunk)
+  dx, dkernel, dbias, dweight = _scan_chunks(
+      step, init, kernel, chunk, kernel.shape[1] // groups)
   # Inside shard_map, each device's partial dx / dkernel sums over the axes
   # it does not share with its primal (the Megatron all-reduce of dx).
   cast = lambda v, like: None if like is None else match_vma(v.astype(like.dtype), like)
@@ -303,8 +345,8 @@ def linear_cross_entropy(
   z = _checks.static_float(fn, "z_loss", z_loss, 0.0, math.inf)
   if softcap is not None:
     softcap = _checks.static_float(fn, "softcap", softcap, 0.0, math.inf)
-    if softcap == 0.0:
-      raise ValueError(f"{fn}: `softcap` must be positive. Got 0.0.")
+    if not 0.0 < softcap < math.inf:
+      raise ValueError(f"{fn}: `softcap` must be positive and finite. Got {softcap}.")
   lead, vocab = x.shape[:-1], kernel.shape[1]
   labels = _checks.int_array(fn, "labels", labels)
   if labels.shape != lead:
@@ -318,6 +360,8 @@ def linear_cross_entropy(
     if bias.shape != (vocab,):
       raise ValueError(f"{fn}: `bias` must have shape ({vocab},). Got {bias.shape}.")
   if chunk_size is not None:
+    if isinstance(chunk_size, bool):
+      raise TypeError(f"{fn}: `chunk_size` must be an int or None. Got {chunk_size!r}.")
     try:
       chunk_size = operator.index(chunk_size)
     except TypeError:
@@ -325,15 +369,17 @@ def linear_cross_entropy(
     if chunk_size < 1:
       raise ValueError(f"{fn}: `chunk_size` must be positive. Got {chunk_size}.")
 
-  def impl(x, kernel, labels, bias, weight, class_axis_name, row_axes=()):
+  def impl(x, kernel, labels, bias, weight, class_axis_name, row_axes=(), groups=1):
     lead, (d, vocab) = x.shape[:-1], kernel.shape  # this device's share
     n = math.prod(lead)
-    chunk = default_chunk_size(n, vocab) if chunk_size is None else min(chunk_size, vocab)
+    chunk = default_chunk_size(n, vocab) if chunk_size is None else chunk_size
+    per_group = vocab // groups
+    chunk = min(max(1, chunk // groups), per_group)
     flat_labels = labels.reshape(n)
     classes = _collective.class_slice(flat_labels, vocab, class_axis_name)
     stats = linear_label_stats(
         x.reshape(n, d), kernel, bias, classes.local_labels,
-        weight if eps else None, chunk, softcap, bool(eps))
+        weight if eps else None, chunk, softcap, bool(eps), groups)
     stats = _collective.combine(stats, class_axis_name)
     loss = integer_target_loss(
         stats.lse,
@@ -359,4 +405,9 @@ def linear_cross_entropy(
                split.class_spec)
       return _explicit.run(
           lambda *a: impl(*a, split.class_axis_name, split.row_axes), args, specs, split.out_spec)
-  return impl(*args, class_axis_name)
+  if class_axis_name is not None:
+    return impl(*args, class_axis_name)
+  # Under jit, a kernel that XLA's partitioner may have split over its
+  # vocabulary axis: one group per device.
+  devices = jax.device_count()
+  return impl(*args, None, groups=devices if devices > 1 and vocab % devices == 0 else 1)

@@ -76,7 +76,8 @@ def _log_softmax(x, where, axis):
 
 def _log_softmax_fwd(x, where, axis):
   x_ct, lse = _forward(x, where, axis)
-  return (x_ct - lse).astype(x.dtype), Residuals(x, where, lse)
+  out = jnp.where(lse == -jnp.inf, -jnp.inf, x_ct - lse)  # a row with no class: -inf
+  return out.astype(x.dtype), Residuals(x, where, lse)
 
 
 def _log_softmax_bwd(axis, res, g):

@@ -67,7 +67,8 @@ def integer_target_loss(
     w_pos = jnp.where(valid, label_weight.astype(ct), 0.0)
   # Positions that are ignored, or whose classes are all masked, contribute 0;
   # zeroing the statistics first keeps their gradients 0 rather than NaN.
-  keep = valid if lse is None else valid & (lse > -jnp.inf)
+  # (a NaN lse is kept: NaN inputs must give a NaN loss, not a silent 0)
+  keep = valid if lse is None else valid & (lse != -jnp.inf)
   picked = jnp.where(keep, picked, 0.0)
   if lse is None:
     loss = -w_pos * picked
@@ -108,7 +109,7 @@ def target_loss(
   That is (1 - eps) (target_mass * lse - target_logits) + eps * uniform CE.
   "mean" divides by the number of positions, as PyTorch does.
   """
-  keep = lse > -jnp.inf
+  keep = lse != -jnp.inf
   lse = jnp.where(keep, lse, 0.0)
   loss = jnp.where(keep, target_mass * lse - jnp.where(keep, target_logits, 0.0), 0.0)
   if label_smoothing:

@@ -52,7 +52,7 @@ def take_at(x: jax.Array, labels: jax.Array, axis: int) -> jax.Array:
 def _per_class_along(weight, axis, x):
   """Class weights shaped to broadcast against `x` along `axis`, in its dtype."""
   if weight is None:
-    return 1.0
+    return jnp.ones((1,) * x.ndim, x.dtype)
   return _checks.expand_to_axis(weight.astype(x.dtype), axis, x.ndim)
 
 
@@ -60,11 +60,17 @@ def _sum_to_class(x, axis):
   return jnp.sum(x, tuple(a for a in range(x.ndim) if a != axis))
 
 
+def _finite_part(x):
+  """x where it is above -inf, else 0: products with it stay finite, so a
+  masked class adds no 0 * -inf = NaN to higher-order derivatives."""
+  return jnp.where(x > -jnp.inf, x, 0.0)
+
+
 def _smoothing_sums(x, w, axis):
   """(sum_c w_c x_c, sum_c w_c, count) over the active classes (x > -inf)."""
   active = x > -jnp.inf
   return (
-      jnp.sum(jnp.where(active, w * x, 0.0), axis),
+      jnp.sum(jnp.where(active, w * _finite_part(x), 0.0), axis),
       jnp.sum(jnp.where(active, w, 0.0), axis),
       jnp.sum(active, axis, dtype=x.dtype),
   )
@@ -74,7 +80,7 @@ def _smoothing_sums_bwd(x, w, g, col):
   """Cotangents of `_smoothing_sums` for x and (unreduced) for w."""
   active = x > -jnp.inf
   dx = jnp.where(active, w * col(g.weighted_sum), 0.0)
-  dw = jnp.where(active, x * col(g.weighted_sum) + col(g.weight_sum), 0.0)
+  dw = jnp.where(active, _finite_part(x) * col(g.weighted_sum) + col(g.weight_sum), 0.0)
   return dx, dw
 
 
@@ -177,9 +183,13 @@ def _in_mask(v, where):
   return v if where is None else jnp.where(where, v, 0.0)
 
 
-def _logits_times_targets(x, t):
-  """x where it meets target mass; 0 where t == 0 and x == -inf (0 * -inf)."""
-  return jnp.where((t == 0) & (x == -jnp.inf), 0.0, x)
+def _logits_times_targets(x, t, where):
+  """x where it meets target mass; 0 for classes outside `where` and where
+  t == 0 meets x == -inf, so no 0 * -inf = NaN reaches any derivative."""
+  drop = (t == 0) & (x == -jnp.inf)
+  if where is not None:
+    drop = drop | ~where
+  return jnp.where(drop, 0.0, x)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -195,7 +205,7 @@ def _target_stats_fwd(logits, targets, weight, where, axis, smoothing):
   stats = TargetStats(
       jnp.squeeze(lse, axis),
       jnp.sum(_in_mask(w * t, where), axis),
-      jnp.sum(_in_mask(w * t * _logits_times_targets(x, t), where), axis),
+      jnp.sum(_in_mask(w * t * _logits_times_targets(x, t, where), where), axis),
       *(_smoothing_sums(x, w, axis) if smoothing else (None,) * 3),
   )
   return stats, TargetResiduals(logits, targets, weight, where, lse)
@@ -207,7 +217,7 @@ def _target_stats_bwd(axis, smoothing, res, g):
   t = res.targets.astype(ct)
   col = lambda v: jnp.expand_dims(v.astype(ct), axis)
   w = _per_class_along(res.weight, axis, x)
-  xt = _logits_times_targets(x, t)
+  xt = _logits_times_targets(x, t, res.where)
   dx = col(g.lse) * softmax_from_lse(x, res.lse) + _in_mask(w * t * col(g.target_logits), res.where)
   # d/dt_c of (target_mass, target_logits) is w_c * (g_mass + g_logits * x_c).
   dt = _in_mask(w * (col(g.target_mass) + col(g.target_logits) * xt), res.where)

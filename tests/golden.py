@@ -3,8 +3,10 @@
 The files are produced by ``tests/make_golden.py`` (which needs torch); this
 module only needs numpy.  See the docstring of make_golden.py for the format.
 
-    >>> cases = load("cross_entropy_int")
-    >>> cases[0]["meta"]["reduction"], cases[0]["logits"].shape
+Example (not a doctest: the path depends on the working directory)::
+
+    cases = load("cross_entropy_int")
+    cases[0]["meta"]["reduction"], cases[0]["logits"].shape
 """
 
 from __future__ import annotations
