@@ -4,7 +4,9 @@ Run from the repository root (or anywhere)::
 
     python tests/make_golden.py
 
-This regenerates every file in ``tests/golden/``.  PyTorch is needed ONLY to
+This regenerates every file in ``tests/golden/``; ``python tests/make_golden.py
+linear_cross_entropy`` (any of the file names below, without ``.npz``)
+regenerates only the files named.  PyTorch is needed ONLY to
 regenerate the files; the test suite reads the committed ``.npz`` files through
 ``tests/golden.py`` and never imports torch.
 
@@ -29,7 +31,8 @@ name.  Every case has ``{case_id}__meta``: a 0-d numpy unicode array holding a
 JSON object that describes how to rebuild the call.  Common meta keys:
 
     fn              "cross_entropy" | "nll_loss" |
-                    "binary_cross_entropy_with_logits" | "log_softmax"
+                    "binary_cross_entropy_with_logits" | "log_softmax" |
+                    "linear_cross_entropy"
     torch_call      the exact torch expression evaluated (for humans)
     layout          "2d" ([N, C]), "kdim" ([N, C, d1, d2], class axis 1),
                     "3d" ([B, T, C], BCE only) or "3d" (log_softmax)
@@ -113,6 +116,28 @@ extreme.npz  (4 cases)
     grad_logits, [cot].  The loss here spans ~1e-4..1e5, so compare with a
     relative tolerance.
 
+linear_cross_entropy.npz  (16 cases)
+    The fused linear + cross-entropy: ``logits = x @ kernel + bias`` (float64),
+    optionally soft-capped, ``logits = softcap * torch.tanh(logits /
+    softcap)``, then ``torch.nn.functional.cross_entropy(logits, labels,
+    weight=weight, ignore_index=ignore_index, reduction=reduction,
+    label_smoothing=label_smoothing)`` (for the 3d layout the logits are
+    permuted to torch's class axis 1).  D = 6 features, V = 11 classes;
+    x ~ N(0, 1) (times 8 for the "large" cases), kernel ~ N(0, 0.7^2),
+    bias ~ N(0, 0.5^2).  Cases: weight {None, [V]} x ignore_index {-100
+    (~25% of labels -100), 2 (a valid class)} x label_smoothing {0.0, 0.1},
+    2d layout (x [7, D]), reduction cycling none/mean/sum = 8 cases; 2
+    softcap=2.0 cases (2d); 3 cases with layout "3d" (x [2, 4, D], labels
+    [2, 4]; one with softcap 2.0), one per reduction; 2 "large" cases
+    (logits up to ~1e2; one with softcap 5.0); 1 case with every label
+    ignored (reduction "mean", weight, smoothing: torch gives NaN, jaxce
+    0.0).  Arrays: x, kernel, bias, labels, [weight], loss, grad_x,
+    grad_kernel, grad_bias, [cot].  Meta: layout, weight, ignore_index,
+    label_smoothing, reduction, softcap (null or float), large,
+    all_ignored, n_ignored.  The jaxce call is ``linear_cross_entropy(x,
+    kernel, labels, bias=bias, weight=weight, ignore_index=...,
+    reduction=..., label_smoothing=..., softcap=...)``.
+
 Observed torch behaviour (checked against an independent float64 JAX
 reference when these files were generated; all 144 cases agree to rtol 1e-10)
 ---------------------------------------------------------------------------
@@ -138,6 +163,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 import zipfile
 
 import numpy as np
@@ -164,6 +190,7 @@ def _rng(tag: str) -> np.random.Generator:
         "bce_with_logits": 4,
         "log_softmax": 5,
         "extreme": 6,
+        "linear_cross_entropy": 7,
     }
     return np.random.default_rng([SEED, offsets[tag]])
 
@@ -553,6 +580,96 @@ def make_extreme():
                 "grad_logits": _np(x.grad), "cot": cot}})
     return cases
 
+# ----------------------------------------------------------------------------
+# linear_cross_entropy: cross_entropy(x @ kernel + bias), optional soft-cap
+# ----------------------------------------------------------------------------
+LIN_D, LIN_V = 6, 11  # features, classes
+LIN_SHAPES = {"2d": (7,), "3d": (2, 4)}  # x's leading dims (= labels' shape)
+
+
+def _linear_case(rng, layout, use_weight, ignore_index, eps, reduction,
+                 softcap=None, x_scale=1.0, all_ignored=False):
+    lead = LIN_SHAPES[layout]
+    x_np = rng.normal(0.0, 1.0, size=(*lead, LIN_D)) * x_scale
+    kernel = rng.normal(0.0, 0.7, size=(LIN_D, LIN_V))
+    bias = rng.normal(0.0, 0.5, size=(LIN_V,))
+    weight = rng.uniform(0.2, 2.0, size=(LIN_V,)) if use_weight else None
+    labels = rng.integers(0, LIN_V, size=lead).astype(np.int64)
+    flat = labels.reshape(-1)
+    if all_ignored:
+        flat[:] = ignore_index
+    else:
+        if ignore_index == -100:
+            flat[rng.random(flat.shape) < 0.25] = -100
+        if not np.any(flat == ignore_index):
+            flat[0] = ignore_index
+        if np.all(flat == ignore_index):
+            flat[-1] = 0
+    x = _t(x_np, grad=True)
+    k = _t(kernel, grad=True)
+    b = _t(bias, grad=True)
+    logits = x @ k + b
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    if layout == "3d":
+        logits = logits.permute(0, 2, 1)  # torch's class axis is 1
+    loss = F.cross_entropy(logits, _t(labels),
+                           weight=None if weight is None else _t(weight),
+                           ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=eps)
+    cot = _backward(loss, reduction, rng)
+    cap = "" if softcap is None else f"; logits = {softcap} * tanh(logits / {softcap})"
+    meta = {
+        "fn": "linear_cross_entropy",
+        "torch_call": (
+            f"logits = x @ kernel + bias{cap}; "
+            "torch.nn.functional.cross_entropy(logits"
+            f"{'.permute(0, 2, 1)' if layout == '3d' else ''}, labels, "
+            f"weight={'weight' if use_weight else None}, "
+            f"ignore_index={ignore_index}, reduction={reduction!r}, "
+            f"label_smoothing={eps})"),
+        "layout": layout,
+        "weight": use_weight,
+        "ignore_index": ignore_index,
+        "label_smoothing": eps,
+        "reduction": reduction,
+        "softcap": softcap,
+        "large": x_scale != 1.0,
+        "all_ignored": all_ignored,
+        "n_ignored": int(np.sum(labels == ignore_index)),
+    }
+    return {"meta": meta, "arrays": {
+        "x": x_np, "kernel": kernel, "bias": bias, "labels": labels,
+        "weight": weight, "loss": _np(loss), "grad_x": _np(x.grad),
+        "grad_kernel": _np(k.grad), "grad_bias": _np(b.grad), "cot": cot}}
+
+
+def make_linear_cross_entropy():
+    rng = _rng("linear_cross_entropy")
+    cases = []
+    i = 0
+    for use_weight in (False, True):
+        for ignore_index in (-100, 2):
+            for eps in (0.0, 0.1):
+                cases.append(_linear_case(rng, "2d", use_weight, ignore_index,
+                                          eps, REDUCTIONS[i % 3]))
+                i += 1
+    # soft-capped logits
+    cases.append(_linear_case(rng, "2d", False, -100, 0.0, "mean", softcap=2.0))
+    cases.append(_linear_case(rng, "2d", True, 2, 0.1, "none", softcap=2.0))
+    # leading batch dims [B, T, D]
+    cases.append(_linear_case(rng, "3d", True, -100, 0.1, "none"))
+    cases.append(_linear_case(rng, "3d", False, 2, 0.0, "mean"))
+    cases.append(_linear_case(rng, "3d", True, -100, 0.0, "sum", softcap=2.0))
+    # large activations: logits up to ~1e2
+    cases.append(_linear_case(rng, "2d", True, -100, 0.1, "mean", x_scale=8.0))
+    cases.append(_linear_case(rng, "2d", False, -100, 0.0, "none",
+                              softcap=5.0, x_scale=8.0))
+    # every label ignored: torch "mean" -> NaN (jaxce returns 0.0)
+    cases.append(_linear_case(rng, "2d", True, -100, 0.1, "mean",
+                              all_ignored=True))
+    return cases
+
 
 MAKERS = {
     "cross_entropy_int": make_cross_entropy_int,
@@ -561,14 +678,20 @@ MAKERS = {
     "bce_with_logits": make_bce_with_logits,
     "log_softmax": make_log_softmax,
     "extreme": make_extreme,
+    "linear_cross_entropy": make_linear_cross_entropy,
 }
 
 
-def main() -> None:
+def main(names=None) -> None:
+    """Regenerate the files in `names` (default: all of MAKERS)."""
+    names = list(MAKERS) if not names else [n.removesuffix(".npz") for n in names]
+    unknown = sorted(set(names) - set(MAKERS))
+    if unknown:
+        raise SystemExit(f"unknown golden file(s) {unknown}; known: {list(MAKERS)}")
     torch.use_deterministic_algorithms(True)
     total = 0
-    for name, maker in MAKERS.items():
-        cases = maker()
+    for name in names:
+        cases = MAKERS[name]()
         path = _save(name, cases)
         size = os.path.getsize(path)
         total += size
@@ -577,4 +700,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

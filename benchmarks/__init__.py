@@ -1,0 +1,1 @@
+"""Benchmark suite for jaxce: `python benchmarks/run.py --help`."""

@@ -1,0 +1,353 @@
+"""Bad inputs raise at trace time (eagerly and under jax.jit) with the right
+type and a message naming the argument and what was expected and got;
+out-of-range labels give NaN, or an error naming them with jaxce.checked."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import checkify
+
+import jaxce
+
+N, C = 4, 5
+
+
+def _x(shape=(N, C), dtype=jnp.float32):
+  return jnp.asarray(np.random.default_rng(0).normal(size=shape), dtype)
+
+
+def _y(shape=(N,)):
+  return jnp.asarray(np.arange(int(np.prod(shape))).reshape(shape) % C, jnp.int32)
+
+
+def _assert_raises(fn, args, exc, fragments):
+  """`fn(*args)` raises `exc` eagerly and while tracing under jit (never when
+  running), with every fragment in its message."""
+  for mode, f in (("eager", fn), ("jit", jax.jit(fn))):
+    with pytest.raises(exc) as info:
+      f(*args)
+    msg = str(info.value)
+    for frag in fragments:
+      assert frag in msg, f"{mode}: {frag!r} not in {msg!r}"
+  # Trace time: abstract evaluation alone raises too.
+  with pytest.raises(exc):
+    jax.eval_shape(fn, *args)
+
+
+CE = jaxce.cross_entropy
+NLL = jaxce.nll_loss
+BCE = jaxce.binary_cross_entropy_with_logits
+
+# name: (fn, args, exception, message fragments)
+CASES = {
+    # integer labels of the wrong shape
+    "ce_labels_shape": (
+        lambda x, y: CE(x, y), (_x(), _y((3,))), ValueError, ["labels", "(4,)", "(3,)"]),
+    "ce_labels_shape_axis1": (
+        lambda x, y: CE(x, y, axis=1), (_x((2, C, 3)), _y((2, C))), ValueError,
+        ["labels", "(2, 3)", "(2, 5)"]),
+    "ce_labels_rank": (
+        lambda x, y: CE(x, y), (_x(), _y((N, 1))), ValueError, ["labels", "(4,)", "(4, 1)"]),
+    "nll_labels_shape": (
+        lambda x, y: NLL(x, y), (_x(), _y((N + 1,))), ValueError, ["labels", "(4,)", "(5,)"]),
+    "ce_bool_labels": (
+        lambda x, y: CE(x, y), (_x(), jnp.zeros(N, bool)), TypeError, ["labels", "bool"]),
+    # class weights
+    "ce_weight_shape": (
+        lambda x, w: CE(x, _y(), weight=w), (_x(), jnp.ones(C - 1)), ValueError,
+        ["weight", "(5,)", "(4,)"]),
+    "ce_weight_rank": (
+        lambda x, w: CE(x, _y(), weight=w), (_x(), jnp.ones((1, C))), ValueError,
+        ["weight", "(5,)", "(1, 5)"]),
+    "ce_probs_weight_shape": (
+        lambda x, w: CE(x, jnp.full((N, C), 0.2), weight=w), (_x(), jnp.ones(C + 2)),
+        ValueError, ["weight", "(5,)", "(7,)"]),
+    "nll_weight_shape": (
+        lambda x, w: NLL(x, _y(), weight=w), (_x(), jnp.ones(3)), ValueError,
+        ["weight", "(5,)", "(3,)"]),
+    "ce_int_weight": (
+        lambda x, w: CE(x, _y(), weight=w), (_x(), jnp.ones(C, jnp.int32)), TypeError,
+        ["weight", "int32"]),
+    # where
+    "ce_where_shape": (
+        lambda x, m: CE(x, _y(), where=m), (_x(), jnp.ones((N, 3), bool)), ValueError,
+        ["where", "(4, 5)", "(4, 3)"]),
+    "ce_where_rank": (
+        lambda x, m: CE(x, _y(), where=m), (_x(), jnp.ones((2, N, C), bool)), ValueError,
+        ["where", "(4, 5)", "(2, 4, 5)"]),
+    "ce_probs_where_shape": (
+        lambda x, m: CE(x, jnp.full((N, C), 0.2), where=m), (_x(), jnp.ones((C,), bool)[:3]),
+        ValueError, ["where", "(4, 5)", "(3,)"]),
+    "log_softmax_where_shape": (
+        lambda x, m: jaxce.log_softmax(x, where=m), (_x(), jnp.ones((2, C), bool)),
+        ValueError, ["where", "(4, 5)", "(2, 5)"]),
+    "logsumexp_where_shape": (
+        lambda x, m: jaxce.logsumexp(x, where=m), (_x(), jnp.ones((N, 2), bool)),
+        ValueError, ["where", "(4, 5)", "(4, 2)"]),
+    "ce_where_int": (
+        lambda x, m: CE(x, _y(), where=m), (_x(), jnp.ones((N, C), jnp.int32)), TypeError,
+        ["where", "bool", "int32"]),
+    "ce_where_float": (
+        lambda x, m: CE(x, _y(), where=m), (_x(), jnp.ones((N, C), jnp.float32)), TypeError,
+        ["where", "bool", "float32"]),
+    "log_softmax_where_float": (
+        lambda x, m: jaxce.log_softmax(x, where=m), (_x(), jnp.ones((N, C))), TypeError,
+        ["where", "float32"]),
+    "logsumexp_where_int": (
+        lambda x, m: jaxce.logsumexp(x, where=m), (_x(), jnp.ones((N, C), jnp.int32)),
+        TypeError, ["where", "int32"]),
+    # floating labels (probabilities) of the wrong shape
+    "ce_float_labels_shape": (
+        lambda x, t: CE(x, t), (_x(), jnp.full((N,), 0.5)), TypeError,
+        ["labels", "(4, 5)", "(4,)"]),
+    "ce_float_labels_transposed": (
+        lambda x, t: CE(x, t), (_x(), jnp.full((C, N), 0.2)), TypeError,
+        ["labels", "(4, 5)", "(5, 4)"]),
+    # integer logits / log_probs, floating labels to nll_loss
+    "ce_int_logits": (
+        lambda x, y: CE(x, y), (jnp.zeros((N, C), jnp.int32), _y()), TypeError,
+        ["logits", "int32"]),
+    "ce_bool_logits": (
+        lambda x, y: CE(x, y), (jnp.zeros((N, C), bool), _y()), TypeError, ["logits", "bool"]),
+    "nll_int_log_probs": (
+        lambda x, y: NLL(x, y), (jnp.zeros((N, C), jnp.int32), _y()), TypeError,
+        ["log_probs", "int32"]),
+    "nll_float_labels": (
+        lambda x, y: NLL(x, y), (_x(), jnp.zeros((N,), jnp.float32)), TypeError,
+        ["labels", "float32"]),
+    "nll_prob_labels": (
+        lambda x, y: NLL(x, y), (_x(), jnp.full((N, C), 0.2)), TypeError, ["labels"]),
+    "log_softmax_int": (
+        lambda x: jaxce.log_softmax(x), (jnp.zeros((N, C), jnp.int32),), TypeError,
+        ["x", "int32"]),
+    "logsumexp_int": (
+        lambda x: jaxce.logsumexp(x), (jnp.zeros((N, C), jnp.int32),), TypeError,
+        ["x", "int32"]),
+    "bce_int_logits": (
+        lambda x, t: BCE(x, t), (jnp.zeros((N, C), jnp.int32), _x()), TypeError,
+        ["logits", "int32"]),
+    # unknown reduction
+    "ce_reduction": (
+        lambda x, y: CE(x, y, reduction="avg"), (_x(), _y()), ValueError,
+        ["reduction", "'avg'", "'none'", "'mean'", "'sum'"]),
+    "ce_probs_reduction": (
+        lambda x, t: CE(x, t, reduction="batchmean"), (_x(), jnp.full((N, C), 0.2)),
+        ValueError, ["reduction", "'batchmean'", "'none'", "'mean'", "'sum'"]),
+    "nll_reduction": (
+        lambda x, y: NLL(x, y, reduction="Mean"), (_x(), _y()), ValueError,
+        ["reduction", "'Mean'", "'none'", "'mean'", "'sum'"]),
+    "bce_reduction": (
+        lambda x, t: BCE(x, t, reduction=None), (_x(), _x()), ValueError,
+        ["reduction", "None", "'none'", "'mean'", "'sum'"]),
+    # label_smoothing and z_loss
+    "ce_smoothing_negative": (
+        lambda x, y: CE(x, y, label_smoothing=-0.1), (_x(), _y()), ValueError,
+        ["label_smoothing", "-0.1"]),
+    "ce_smoothing_above_one": (
+        lambda x, y: CE(x, y, label_smoothing=1.5), (_x(), _y()), ValueError,
+        ["label_smoothing", "1.5"]),
+    "ce_smoothing_nan": (
+        lambda x, y: CE(x, y, label_smoothing=float("nan")), (_x(), _y()), ValueError,
+        ["label_smoothing", "nan"]),
+    "ce_probs_smoothing_above_one": (
+        lambda x, t: CE(x, t, label_smoothing=2.0), (_x(), jnp.full((N, C), 0.2)),
+        ValueError, ["label_smoothing", "2.0"]),
+    "ce_z_loss_negative": (
+        lambda x, y: CE(x, y, z_loss=-1e-4), (_x(), _y()), ValueError, ["z_loss", "-0.0001"]),
+    "ce_probs_z_loss_negative": (
+        lambda x, t: CE(x, t, z_loss=-1.0), (_x(), jnp.full((N, C), 0.2)), ValueError,
+        ["z_loss", "-1.0"]),
+    # BCE shapes
+    "bce_targets_shape": (
+        lambda x, t: BCE(x, t), (_x(), _x((N, 1))), ValueError, ["targets", "(4, 5)", "(4, 1)"]),
+    "bce_targets_rank": (
+        lambda x, t: BCE(x, t), (_x(), _x((C,))), ValueError, ["targets", "(4, 5)", "(5,)"]),
+    "bce_weight_shape": (
+        lambda x, w: BCE(x, x, weight=w), (_x(), jnp.ones((3,))), ValueError,
+        ["weight", "(4, 5)", "(3,)"]),
+    "bce_weight_bigger": (
+        lambda x, w: BCE(x, x, weight=w), (_x(), jnp.ones((2, N, C))), ValueError,
+        ["weight", "(4, 5)", "(2, 4, 5)"]),
+    "bce_pos_weight_shape": (
+        lambda x, pw: BCE(x, x, pos_weight=pw), (_x(), jnp.ones((N,))), ValueError,
+        ["pos_weight", "(4, 5)", "(4,)"]),
+    "bce_pos_weight_int": (
+        lambda x, pw: BCE(x, x, pos_weight=pw), (_x(), jnp.ones((C,), jnp.int32)), TypeError,
+        ["pos_weight", "int32"]),
+    # bad axis
+    "ce_axis_out_of_range": (
+        lambda x, y: CE(x, y, axis=2), (_x(), _y()), ValueError, ["axis", "2", "[-2, 2)"]),
+    "ce_axis_negative_out_of_range": (
+        lambda x, y: CE(x, y, axis=-3), (_x(), _y()), ValueError, ["axis", "-3"]),
+    "ce_axis_float": (
+        lambda x, y: CE(x, y, axis=1.0), (_x(), _y()), TypeError, ["axis", "float"]),
+    "nll_axis_out_of_range": (
+        lambda x, y: NLL(x, y, axis=5), (_x(), _y()), ValueError, ["axis", "5"]),
+    "log_softmax_axis": (
+        lambda x: jaxce.log_softmax(x, axis=3), (_x(),), ValueError, ["axis", "3"]),
+    "logsumexp_axis": (
+        lambda x: jaxce.logsumexp(x, axis=-5), (_x(),), ValueError, ["axis", "-5"]),
+    "ce_scalar_logits": (
+        lambda x, y: CE(x, y), (jnp.float32(1.0), jnp.int32(0)), ValueError, ["axis"]),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_bad_input_raises(case):
+  fn, args, exc, fragments = case
+  _assert_raises(fn, args, exc, fragments)
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "nll_loss", "log_softmax", "logsumexp",
+                                  "binary_cross_entropy_with_logits"])
+def test_messages_name_the_function(name):
+  fn = getattr(jaxce, name)
+  x = jnp.zeros((N, C), jnp.int32)
+  args = {"cross_entropy": (x, _y()), "nll_loss": (x, _y()),
+          "binary_cross_entropy_with_logits": (x, x)}.get(name, (x,))
+  with pytest.raises(TypeError, match=re.escape(name)):
+    fn(*args)
+
+
+def test_traced_label_smoothing_is_refused():
+  # label_smoothing selects code: a traced value is a TypeError, not a silent
+  # concretization failure.
+  f = jax.jit(lambda x, y, eps: CE(x, y, label_smoothing=eps))
+  with pytest.raises(TypeError, match="label_smoothing"):
+    f(_x(), _y(), 0.1)
+  f = jax.jit(lambda x, y, z: CE(x, y, z_loss=z))
+  with pytest.raises(TypeError, match="z_loss"):
+    f(_x(), _y(), 0.1)
+
+
+def test_valid_edge_values_accepted():
+  x, y = _x(), _y()
+  for eps in (0.0, 1.0):
+    assert np.isfinite(float(CE(x, y, label_smoothing=eps)))
+  assert np.isfinite(float(CE(x, y, z_loss=0.0)))
+  assert np.isfinite(float(CE(x, y, axis=-1)))
+  # numpy integer axis and a broadcastable where of lower rank are fine.
+  assert np.isfinite(float(CE(x, y, axis=np.int64(1), where=jnp.ones((C,), bool))))
+  assert np.isfinite(float(BCE(x, x, weight=jnp.ones((N, 1)), pos_weight=jnp.ones((C,)))))
+  assert np.isfinite(float(BCE(x, jnp.ones((N, C), jnp.int32))))  # integer targets cast
+  assert np.isfinite(float(BCE(x, jnp.ones((N, C), bool))))
+
+
+# ---------------------------------------------------------------------------
+# Out-of-range labels: NaN for that position (not ignore_index).
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_out_of_range_labels_give_nan_at_that_position(jit):
+  x = _x()
+  y = jnp.asarray([0, C, -1, -100], jnp.int32)  # too big, negative, ignored
+  ce = jax.jit(CE, static_argnames=("reduction", "label_smoothing")) if jit else CE
+  nll = jax.jit(NLL, static_argnames=("reduction",)) if jit else NLL
+  for kw in ({}, {"label_smoothing": 0.1}):
+    per = np.asarray(ce(x, y, reduction="none", **kw))
+    assert np.isfinite(per[0])
+    assert per[3] == 0.0
+    assert np.isnan(per[1]), per
+    assert np.isnan(per[2]), per
+    assert np.isnan(float(ce(x, y, **kw)))
+    assert np.isnan(float(ce(x, y, reduction="sum", **kw)))
+  per = np.asarray(nll(jaxce.log_softmax(x), y, reduction="none"))
+  assert np.isfinite(per[0])
+  assert per[3] == 0.0
+  assert np.isnan(per[1]), per
+  assert np.isnan(per[2]), per
+  # Weighted: the clipped weight lookup must not hide the bad label.
+  per = np.asarray(CE(x, y, weight=jnp.ones((C,)), reduction="none"))
+  assert np.isnan(per[1])
+  assert np.isnan(per[2])
+
+
+def test_ignore_index_is_not_special_otherwise():
+  # With another ignore_index, -100 is an out-of-range label like any other.
+  x = _x()
+  per = np.asarray(CE(x, jnp.asarray([0, 1, -100, 3], jnp.int32), ignore_index=1,
+                      reduction="none"))
+  assert per[1] == 0.0
+  assert np.isnan(per[2])
+  assert np.isfinite(per[[0, 3]]).all()
+
+
+# ---------------------------------------------------------------------------
+# jaxce.checked: an error naming the bad label, under jit too.
+
+
+def _checked_ce(x, y):
+  return jaxce.checked.cross_entropy(x, y, label_smoothing=0.1)
+
+
+def test_checked_raising_names_bad_label_under_jit():
+  step = jaxce.checked.raising(jax.jit(_checked_ce))
+  x = _x()
+  with pytest.raises(checkify.JaxRuntimeError, match=r"label 7 at flat position 2") as info:
+    step(x, jnp.asarray([0, 1, 7, -100], jnp.int32))
+  assert "[0, 5)" in str(info.value)
+  with pytest.raises(checkify.JaxRuntimeError, match=r"label -3 at flat position 0"):
+    step(x, jnp.asarray([-3, 1, 2, 3], jnp.int32))
+
+
+def test_checked_raising_correct_labels_match_plain_loss():
+  x, y = _x(), jnp.asarray([0, 4, -100, 2], jnp.int32)
+  step = jaxce.checked.raising(jax.jit(_checked_ce))
+  np.testing.assert_allclose(step(x, y), CE(x, y, label_smoothing=0.1), rtol=1e-6)
+  # Gradients through the checked loss, too.
+  g = jaxce.checked.raising(jax.jit(jax.grad(_checked_ce)))(x, y)
+  np.testing.assert_allclose(g, jax.grad(lambda x: CE(x, y, label_smoothing=0.1))(x),
+                             rtol=1e-6)
+
+
+def test_checked_options_forwarded():
+  # axis, ignore_index and weight reach both the check and the loss.
+  x = _x((2, C, 3))
+  y = jnp.asarray([[0, 4, 9], [1, 9, 2]], jnp.int32)  # 9 is ignore_index
+  w = jnp.linspace(0.5, 2.0, C, dtype=jnp.float32)
+
+  def f(x, y):
+    return jaxce.checked.cross_entropy(x, y, axis=1, ignore_index=9, weight=w)
+
+  got = jaxce.checked.raising(jax.jit(f))(x, y)
+  np.testing.assert_allclose(got, CE(x, y, axis=1, ignore_index=9, weight=w), rtol=1e-6)
+  with pytest.raises(checkify.JaxRuntimeError, match="label -100"):
+    jaxce.checked.raising(jax.jit(f))(x, y.at[1, 0].set(-100))
+
+
+def test_checked_nll_loss():
+  lp = jaxce.log_softmax(_x())
+  f = jaxce.checked.raising(jax.jit(lambda lp, y: jaxce.checked.nll_loss(lp, y)))
+  y = jnp.asarray([0, 1, -100, 4], jnp.int32)
+  np.testing.assert_allclose(f(lp, y), NLL(lp, y), rtol=1e-6)
+  with pytest.raises(checkify.JaxRuntimeError, match=r"label 5 at flat position 3"):
+    f(lp, y.at[3].set(C))
+
+
+def test_checked_probability_targets_pass_through():
+  x, t = _x(), jnp.full((N, C), 0.2, jnp.float32)
+  f = jaxce.checked.raising(jax.jit(lambda x, t: jaxce.checked.cross_entropy(x, t)))
+  np.testing.assert_allclose(f(x, t), CE(x, t), rtol=1e-6)
+
+
+def test_checked_eager_raises_and_plain_jit_refuses():
+  x, bad = _x(), jnp.asarray([0, 1, 7, 2], jnp.int32)
+  with pytest.raises(checkify.JaxRuntimeError, match="label 7"):
+    jaxce.checked.cross_entropy(x, bad)
+  # Documented: without checkify, a staged check is refused.
+  with pytest.raises(ValueError, match="not functionalized"):
+    jax.jit(jaxce.checked.cross_entropy)(x, bad)
+
+
+def test_check_labels_under_checkify():
+  def f(y):
+    jaxce.checked.check_labels(y, 3, ignore_index=None)
+    return y
+
+  err, _ = checkify.checkify(jax.jit(f))(jnp.asarray([0, 2, 1], jnp.int32))
+  assert err.get() is None
+  err, _ = checkify.checkify(jax.jit(f))(jnp.asarray([[0, 2], [-100, 1]], jnp.int32))
+  assert "label -100 at flat position 2" in err.get()

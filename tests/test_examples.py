@@ -1,0 +1,88 @@
+"""Smoke tests of the scripts in examples/: a few training steps each.
+
+tests/conftest.py turns on strict dtype promotion and rank promotion "raise".
+The examples' own code (data, model, loss, gradient, evaluation) is traced
+under both. The training loops run with standard dtype promotion, because
+optax 0.2's Adam computes `b1 ** count` from a Python float and an int32 step
+count, which strict promotion rejects; rank promotion stays "raise".
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+pytest.importorskip("optax")
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+
+
+def load_example(name: str):
+  spec = importlib.util.spec_from_file_location(f"jaxce_example_{name}", EXAMPLES / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module
+  spec.loader.exec_module(module)
+  return module
+
+
+def check_losses(result: dict, steps: int) -> None:
+  losses = result["losses"]
+  assert len(losses) == steps
+  assert all(math.isfinite(loss) for loss in losses), losses
+  assert result["first_loss"] == losses[0]
+  assert result["last_loss"] == losses[-1]
+  assert losses[-1] < 0.7 * losses[0], (losses[0], losses[-1])
+
+
+def test_flax_nnx_classifier():
+  nnx = pytest.importorskip("flax.nnx")
+  example = load_example("flax_nnx_classifier")
+
+  # Strict promotion: data, model, jaxce loss and gradient, evaluation.
+  x, y, _, _, _ = example.make_blobs(500, seed=0)
+  x, y = jnp.asarray(x), jnp.asarray(y)
+  model = example.MLP(example.NUM_FEATURES, example.HIDDEN, example.NUM_CLASSES, rngs=nnx.Rngs(0))
+  loss, grads = nnx.jit(nnx.value_and_grad(example.loss_fn))(model, x, y)
+  assert loss.dtype == jnp.float32
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+  metrics = example.evaluate(model, x, y)
+  assert float(metrics["loss"]) == pytest.approx(float(loss), rel=1e-6)
+  assert float(metrics["loss"]) == pytest.approx(float(metrics["optax_loss"]), rel=1e-5)
+
+  with jax.numpy_dtype_promotion("standard"):
+    result = example.main(steps=40, verbose=False)
+  check_losses(result, 40)
+  assert result["test_accuracy"] > 0.5
+
+
+def test_lm_head_linear_cross_entropy():
+  example = load_example("lm_head_linear_cross_entropy")
+
+  # Strict promotion: traced only (no compile), untied and tied heads.
+  inputs, labels = jax.eval_shape(example.make_batch, jax.random.key(0))
+  for tie in (False, True):
+    params = jax.eval_shape(functools.partial(example.init_params, tie_embeddings=tie),
+                            jax.random.key(0))
+    loss, grads = jax.eval_shape(jax.value_and_grad(example.loss_fn), params, inputs, labels)
+    assert loss.shape == ()
+    assert loss.dtype == jnp.float32
+    assert jax.tree.map(lambda g: (g.shape, g.dtype), grads) == jax.tree.map(
+        lambda p: (p.shape, p.dtype), params)
+    jax.eval_shape(example.token_accuracy, params, inputs, labels)
+
+  # Compiled temp memory of the loss's value_and_grad for one training batch.
+  memory = example.loss_memory(example.BATCH * example.SEQ_LEN, example.DIM, example.VOCAB,
+                               example.CHUNK)
+  assert memory["fused"] < memory["materialized"], memory
+
+  with jax.numpy_dtype_promotion("standard"):
+    result = example.main(steps=30, verbose=False, report_memory=False)
+  check_losses(result, 30)
+  assert result["memory"] is None

@@ -1,0 +1,158 @@
+"""jaxce against the PyTorch golden values of tests/golden/*.npz.
+
+Every case of the files in FILES is rebuilt from its metadata (PyTorch's class
+axis is 1) and compared, loss and gradients, in float64 (tight) and in float32.
+To keep compile time low, all the cases of one file run in a single jitted
+program per dtype (the inputs are arguments, not constants); each case is
+still checked, and reported, as its own test.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from golden import NAMES, load, torch_version
+
+import jaxce
+
+# The files this module rebuilds calls for (linear_cross_entropy.npz, if
+# present, belongs to the fused linear loss and is tested with it).
+FILES = {
+    "cross_entropy_int": 51,
+    "cross_entropy_prob": 24,
+    "nll_loss": 24,
+    "bce_with_logits": 38,
+    "log_softmax": 3,
+    "extreme": 4,
+}
+CASES = [(name, i, case) for name in FILES for i, case in enumerate(load(name))]
+DTYPES = ("float64", "float32")
+F32_EPS = float(np.finfo(np.float32).eps)
+# Skipping LLVM's optimizations halves the compile time of the per-file
+# programs; XLA's own passes (fusion included) still run, and without
+# fast-math the arithmetic is the same IEEE arithmetic.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+def test_every_file_has_its_cases():
+  assert set(FILES) <= set(NAMES)
+  assert {name: len(load(name)) for name in FILES} == FILES
+  for name in FILES:
+    assert torch_version(name)
+  fns = {case["meta"]["fn"] for _, _, case in CASES}
+  assert fns == {"cross_entropy", "nll_loss", "binary_cross_entropy_with_logits", "log_softmax"}
+
+
+def _scalar(loss, cot, reduction):
+  return jnp.sum(loss * cot) if reduction == "none" else loss
+
+
+def _run(meta, a):
+  """(loss, {input name: gradient}) from jaxce for one case; `a` holds the
+  case's arrays, already in the compute dtype (targets int32)."""
+  reduction = meta.get("reduction", "none")
+  cot = a.get("cot", 1.0)
+
+  if meta["fn"] == "log_softmax":
+    out, vjp = jax.vjp(lambda x: jaxce.log_softmax(x, axis=meta["axis"]), a["x"])
+    return out, {"x": vjp(a["cot"])[0]}
+
+  if meta["fn"] == "nll_loss":
+    def f(lp):
+      loss = jaxce.nll_loss(lp, a["targets"], weight=a.get("weight"),
+                            ignore_index=meta["ignore_index"], reduction=reduction,
+                            axis=meta["axis"])
+      return _scalar(loss, cot, reduction), loss
+
+    (_, loss), g = jax.value_and_grad(f, has_aux=True)(a["log_probs"])
+    return loss, {"log_probs": g}
+
+  if meta["fn"] == "binary_cross_entropy_with_logits":
+    def f(x, t):
+      loss = jaxce.binary_cross_entropy_with_logits(
+          x, t, weight=a.get("weight"), pos_weight=a.get("pos_weight"), reduction=reduction)
+      return _scalar(loss, cot, reduction), loss
+
+    (_, loss), (gx, gt) = jax.value_and_grad(f, (0, 1), has_aux=True)(a["logits"], a["targets"])
+    return loss, {"logits": gx, "targets": gt}
+
+  assert meta["fn"] == "cross_entropy"
+  kw = dict(weight=a.get("weight"), reduction=reduction,
+            label_smoothing=meta["label_smoothing"], axis=meta["axis"])
+  if meta["target_kind"] == "prob":
+    def f(x, t):
+      loss = jaxce.cross_entropy(x, t, **kw)
+      return _scalar(loss, cot, reduction), loss
+
+    (_, loss), (gx, gt) = jax.value_and_grad(f, (0, 1), has_aux=True)(a["logits"], a["targets"])
+    return loss, {"logits": gx, "targets": gt}
+
+  def f(x):
+    loss = jaxce.cross_entropy(x, a["targets"], ignore_index=meta["ignore_index"], **kw)
+    return _scalar(loss, cot, reduction), loss
+
+  (_, loss), g = jax.value_and_grad(f, has_aux=True)(a["logits"])
+  return loss, {"logits": g}
+
+
+INPUTS = ("logits", "log_probs", "x", "targets", "weight", "pos_weight", "cot")
+
+
+def _inputs(case, dtype):
+  out = {}
+  for k in INPUTS:
+    if k in case:
+      v = case[k]
+      out[k] = v.astype(np.int32) if v.dtype.kind in "iu" else v.astype(dtype)
+  return out
+
+
+@functools.cache
+def _file_results(name, dtype):
+  """jaxce's (loss, grads) for every case of one file, as NumPy arrays."""
+  cases = load(name)
+  metas = [c["meta"] for c in cases]
+  run_all = jax.jit(lambda inputs: [_run(m, a) for m, a in zip(metas, inputs, strict=True)])
+  inputs = [_inputs(c, dtype) for c in cases]
+  if dtype == "float64":
+    with jax.enable_x64(True):
+      return jax.device_get(run_all.lower(inputs).compile(FAST_COMPILE)(inputs))
+  return jax.device_get(run_all.lower(inputs).compile(FAST_COMPILE)(inputs))
+
+
+def _check(name, index, case, dtype):
+  meta = case["meta"]
+  loss, grads = _file_results(name, dtype)[index]
+  fdt = np.dtype(dtype)
+  assert loss.dtype == fdt
+  for k, g in grads.items():
+    assert g.dtype == fdt, k
+  if dtype == "float64":
+    tol = dict(rtol=1e-10, atol=1e-12)
+  else:
+    # float32 rounds the logsumexp at the magnitude of the largest input.
+    scale = max(float(np.max(np.abs(case[k]))) for k in ("logits", "log_probs", "x")
+                if k in case)
+    tol = dict(rtol=1e-5, atol=1e-6 + 8 * F32_EPS * scale)
+
+  expected = case["out"] if meta["fn"] == "log_softmax" else case["loss"]
+  if meta.get("all_ignored") and meta["reduction"] == "mean":
+    assert np.isnan(expected)  # torch: 0 / 0
+    assert float(loss) == 0.0  # jaxce, on purpose
+  else:
+    assert np.shape(loss) == np.shape(expected)
+    np.testing.assert_allclose(np.asarray(loss, np.float64), expected, **tol)
+  for k, g in grads.items():
+    np.testing.assert_allclose(np.asarray(g, np.float64), case["grad_" + k], **tol,
+                               err_msg=f"gradient with respect to {k}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("name", "index", "case"), CASES, ids=[f"{n}-{c['meta']['case_id']}" for n, _, c in CASES])
+def test_golden(name, index, case, dtype):
+  _check(name, index, case, dtype)

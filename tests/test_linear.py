@@ -1,0 +1,895 @@
+"""`jaxce.linear_cross_entropy`: the fused linear + cross-entropy that never
+materializes the [N, V] logits.
+
+It must equal `jaxce.cross_entropy(x @ kernel + bias, labels, ...)` (logits
+soft-capped to `softcap * tanh(logits / softcap)` when asked) with the same
+options, reductions, ignore / all-ignored rules, dtypes and errors. Checked
+here: values and gradients (x, kernel, bias, class weight) against that
+reference for every option and chunk size, bf16, jit / vmap / checkpoint,
+second order, the row-blocked dx accumulation, `default_chunk_size`, the saved
+residuals and the compiled program (no [N, V] buffer), argument errors, and
+the PyTorch goldens of tests/golden/linear_cross_entropy.npz.
+
+Compile time dominates on CPU, so the option matrix and the goldens run as a
+few jitted programs of GROUP cases each (inputs as arguments; XLA's compile
+time grows faster than linearly with the program, so not one program); each
+case is still its own test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from golden import load, torch_version
+from jax.ad_checkpoint import print_saved_residuals
+
+import jaxce
+from jaxce import _linear
+
+F32 = jnp.float32
+F32_EPS = float(np.finfo(np.float32).eps)
+HIGHEST = jax.lax.Precision.HIGHEST
+# Compile time dominates: LLVM's optimizations off (as in test_golden.py) and
+# XLA:CPU's older loop-fusion emitters halve it; the arithmetic is the same
+# IEEE arithmetic. (Not for the memory checks, which need the real pipeline.)
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+
+GROUP = 4  # cases per compiled program
+D, V = 5, 37  # V prime: chunk 7 leaves a shifted, overlapping last chunk
+INF_COLS = (33, 36)  # -inf bias: 33 lies in the overlap of the last chunk of 7
+
+
+# ---------------------------------------------------------------------------
+# Helpers: fast compilation, the materialized reference, comparison.
+
+
+def _fast(fn):
+  """`fn` jitted, compiled with FAST_COMPILE for the arguments of each call."""
+  def call(*args):
+    lowered = jax.jit(fn).lower(*args)
+    try:
+      compiled = lowered.compile(FAST_COMPILE)
+    except jax.errors.JaxRuntimeError as e:  # an option this XLA does not know
+      if "compile option" not in str(e):
+        raise
+      compiled = lowered.compile()
+    return compiled(*args)
+  return call
+
+
+def _ct(dtype):
+  """The reference's compute dtype: float64 stays, everything else float32."""
+  return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else F32
+
+
+def _ref_logits(x, kernel, bias=None, softcap=None):
+  """x @ kernel + bias (soft-capped), materialized, in the compute dtype."""
+  ct = _ct(x.dtype)
+  z = jax.lax.dot_general(
+      x.astype(ct), kernel.astype(ct), (((x.ndim - 1,), (0,)), ((), ())), precision=HIGHEST)
+  if bias is not None:
+    z = z + bias.astype(ct).reshape((1,) * (z.ndim - 1) + (-1,))
+  if softcap is not None:
+    z = softcap * jnp.tanh(z / softcap)
+  return z
+
+
+def _ref_loss(x, kernel, labels, *, bias=None, softcap=None, chunk_size=None, **kw):
+  del chunk_size
+  return jaxce.cross_entropy(_ref_logits(x, kernel, bias, softcap), labels, **kw)
+
+
+def _lin_loss(x, kernel, labels, **kw):
+  return jaxce.linear_cross_entropy(x, kernel, labels, **kw)
+
+
+def _value_and_grads(loss_fn, params, labels, cot, kw):
+  """(loss, grads of params) where the objective is the loss, or
+  sum(loss * cot) for reduction "none". `params` holds x, kernel and
+  optionally bias and weight."""
+  def f(p):
+    p = dict(p)
+    loss = loss_fn(p.pop("x"), p.pop("kernel"), labels, **p, **kw)
+    if kw.get("reduction") == "none":
+      return jnp.sum(loss * jnp.asarray(cot).astype(loss.dtype)), loss
+    return loss, loss
+
+  (_, loss), grads = jax.value_and_grad(f, has_aux=True)(params)
+  return loss, grads
+
+
+def _assert_close(actual, expected, rtol, atol, what):
+  actual = np.asarray(actual, np.float64)
+  expected = np.asarray(expected, np.float64)
+  assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+  np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=what)
+
+
+# ---------------------------------------------------------------------------
+# The option matrix against cross_entropy on materialized logits (float32).
+
+BASE = dict(lead=(6,), chunk=7, reduction="mean", bias=True, weight=False, ignore_index=-100,
+            ignored="none", eps=0.0, z=0.0, softcap=None, scale=1.0, inf_bias=False)
+ALL_OPTS = dict(weight=True, ignore_index=3, ignored="some", eps=0.2, z=1e-3, softcap=2.0,
+                scale=2.0)
+
+
+def _spec(**kw):
+  assert set(kw) <= set(BASE), kw
+  return {**BASE, **kw}
+
+
+SPECS = {}
+# chunk sizes: one column, a prime not dividing V (shifted last chunk), exactly V
+for _chunk in (1, 7, 37):
+  SPECS[f"chunk{_chunk}"] = _spec(chunk=_chunk, reduction="none", weight=True, ignored="some")
+SPECS.update({
+    "chunk50-smoothing-sum": _spec(chunk=50, eps=0.1, weight=True, reduction="sum"),  # > V
+    "plain": _spec(),
+    "no_bias-z_loss-sum": _spec(bias=False, z=1e-2, ignored="some", reduction="sum"),
+    "ignore_valid_class-weight-smoothing-none": _spec(
+        ignore_index=3, ignored="some", weight=True, eps=0.1, reduction="none"),
+    "smoothing-weight": _spec(eps=0.1, weight=True, ignored="some"),
+    "smoothing1-weight-sum": _spec(eps=1.0, weight=True, reduction="sum"),
+    "softcap": _spec(softcap=1.5, scale=3.0),
+    "all-none": _spec(**ALL_OPTS, reduction="none"),
+    "all-mean-chunk1": _spec(**ALL_OPTS, chunk=1),
+    "all-sum-chunkNone": _spec(**ALL_OPTS, chunk=None, reduction="sum"),
+    # leading batch dims: x [B, T, D], labels [B, T]
+    "batch-all-none-chunk13": _spec(**ALL_OPTS, lead=(2, 3), reduction="none", chunk=13),
+    "batch-mean-chunkNone": _spec(lead=(2, 3), chunk=None, ignored="some"),
+    # extreme but finite: logits reach about +-1e3
+    "extreme-smoothing-weight": _spec(scale=400.0, eps=0.1, weight=True),
+    "extreme-softcap-none": _spec(scale=400.0, softcap=50.0, ignored="some", reduction="none"),
+    # -inf bias entries: those classes take no part
+    "inf_bias-smoothing-weight": _spec(inf_bias=True, eps=0.1, weight=True),
+    "inf_bias-none-chunk1": _spec(inf_bias=True, reduction="none", chunk=1, z=1e-2),
+    "inf_bias-softcap": _spec(inf_bias=True, softcap=2.0, eps=0.1),
+    # every label ignored
+    "all_ignored-mean": _spec(ignored="all", weight=True, eps=0.1, z=1e-2),
+    "all_ignored-mean-valid_class": _spec(ignored="all", ignore_index=3, softcap=2.0),
+    "all_ignored-none": _spec(ignored="all", weight=True, eps=0.1, reduction="none", z=1e-2),
+})
+
+
+def _inputs(spec, seed):
+  """numpy inputs of one case: params (x, kernel, [bias], [weight]), labels, cot."""
+  rng = np.random.default_rng(seed)
+  lead = spec["lead"]
+  x = rng.normal(size=(*lead, D)) * spec["scale"]
+  kernel = rng.normal(size=(D, V)) * 0.5
+  params = {"x": x, "kernel": kernel}
+  if spec["bias"]:
+    bias = rng.normal(size=(V,)) * 0.5
+    if spec["inf_bias"]:
+      bias[list(INF_COLS)] = -np.inf
+    params["bias"] = bias
+  if spec["weight"]:
+    params["weight"] = rng.uniform(0.2, 2.0, size=(V,))
+  labels = rng.integers(0, V, size=lead)
+  flat = labels.reshape(-1)
+  flat[np.isin(flat, INF_COLS)] = 0  # no label on a removed class (its loss is +inf)
+  if spec["ignored"] == "some":
+    flat[::3] = spec["ignore_index"]
+  elif spec["ignored"] == "all":
+    flat[:] = spec["ignore_index"]
+  cot = rng.normal(size=lead)
+  params = {k: np.asarray(v, np.float32) for k, v in params.items()}
+  return params, np.asarray(labels, np.int32), np.asarray(cot, np.float32)
+
+
+def _kwargs(spec):
+  return dict(ignore_index=spec["ignore_index"], reduction=spec["reduction"],
+              label_smoothing=spec["eps"], z_loss=spec["z"], softcap=spec["softcap"],
+              chunk_size=spec["chunk"])
+
+
+MATRIX_NAMES = list(SPECS)
+
+
+@functools.cache
+def _matrix_results(group):
+  """{case: (lib (loss, grads), ref (loss, grads))}, {case: inputs} for one
+  group of GROUP cases of SPECS, in one program."""
+  names = MATRIX_NAMES[group * GROUP:(group + 1) * GROUP]
+  inputs = [_inputs(SPECS[n], MATRIX_NAMES.index(n)) for n in names]
+
+  def run(all_inputs):
+    out = []
+    for name, (params, labels, cot) in zip(names, all_inputs, strict=True):
+      kw = _kwargs(SPECS[name])
+      out.append((_value_and_grads(_lin_loss, params, labels, cot, kw),
+                  _value_and_grads(_ref_loss, params, labels, cot, kw)))
+    return out
+
+  results = jax.device_get(_fast(run)(inputs))
+  return dict(zip(names, results, strict=True)), dict(zip(names, inputs, strict=True))
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_matches_cross_entropy_on_materialized_logits(name):
+  spec = SPECS[name]
+  results, inputs = _matrix_results(MATRIX_NAMES.index(name) // GROUP)
+  (loss, grads), (ref_loss, ref_grads) = results[name]
+  params = inputs[name][0]
+
+  assert loss.dtype == np.float32
+  assert loss.shape == (spec["lead"] if spec["reduction"] == "none" else ())
+  assert set(grads) == set(params)
+  for k, g in grads.items():
+    assert g.dtype == np.float32, k
+    assert g.shape == params[k].shape, k
+    assert np.all(np.isfinite(g)), k
+  assert np.all(np.isfinite(loss))
+  # float32 rounds the logsumexp at the magnitude of the largest logit.
+  logit_scale = float(np.max(np.abs(params["x"] @ params["kernel"])))
+
+  if spec["ignored"] == "all":
+    # mean over nothing is 0.0 (not NaN), and nothing moves.
+    assert np.all(loss == 0.0)
+    for k, g in grads.items():
+      assert np.all(g == 0.0), k
+
+  if name.startswith("extreme"):
+    assert logit_scale > 500.0, logit_scale
+
+  if spec["inf_bias"]:
+    cols = list(INF_COLS)
+    assert np.all(grads["bias"][cols] == 0.0)
+    if spec["softcap"] is None:  # soft-capped, a -inf logit becomes -softcap
+      assert np.all(grads["kernel"][:, cols] == 0.0)
+
+  tol = dict(rtol=2e-5, atol=1e-6 + 16 * F32_EPS * logit_scale)
+  _assert_close(loss, ref_loss, what="loss", **tol)
+  for k in grads:
+    scale = float(np.max(np.abs(ref_grads[k]), initial=0.0))
+    _assert_close(grads[k], ref_grads[k], rtol=1e-4,
+                  atol=1e-6 + 1e-5 * scale + 16 * F32_EPS * logit_scale * scale,
+                  what=f"gradient with respect to {k}")
+
+
+def test_label_outside_range_gives_nan_like_cross_entropy():
+  params, labels, _ = _inputs(_spec(), 0)
+  labels = labels.copy()
+  labels[1], labels[4] = V, -5  # neither is ignore_index
+  kw = dict(bias=params["bias"], reduction="none", chunk_size=7)
+  loss, ref = jax.device_get(_fast(lambda p, y: [
+      fn(p["x"], p["kernel"], y, **kw) for fn in (_lin_loss, _ref_loss)])(params, labels))
+  assert np.isnan(loss[[1, 4]]).all()
+  assert np.isnan(ref[[1, 4]]).all()
+  ok = [0, 2, 3, 5]
+  _assert_close(loss[ok], ref[ok], rtol=2e-5, atol=1e-6, what="other positions")
+
+
+# ---------------------------------------------------------------------------
+# bfloat16 inputs: float32 loss, gradients in the input dtype.
+
+
+def test_bfloat16():
+  spec = _spec(**ALL_OPTS, reduction="none")
+  params, labels, cot = _inputs(spec, 100)
+  kw = _kwargs(spec)
+  bf = {k: jnp.asarray(v, jnp.bfloat16) for k, v in params.items()}
+  mixed = {**bf, "bias": jnp.asarray(params["bias"], F32)}  # float32 bias with bf16 x
+
+  @_fast
+  def run(bf, mixed):
+    # the reference: the same bf16-rounded values, in float32
+    return {name: (_value_and_grads(_lin_loss, p, labels, cot, kw),
+                   _value_and_grads(_ref_loss, p, labels, cot, kw))
+            for name, p in (("bf16", bf), ("mixed", mixed))}
+
+  out = jax.device_get(run(bf, mixed))
+  for name, ((loss, grads), (ref_loss, ref_grads)) in out.items():
+    assert loss.dtype == np.float32
+    _assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5, what=f"{name} loss")
+    for k, g in grads.items():
+      want = np.float32 if (name, k) == ("mixed", "bias") else jnp.bfloat16
+      assert g.dtype == ref_grads[k].dtype == want, (name, k, g.dtype)
+      # the cotangent of the logits is rounded to bf16 before each matmul
+      scale = float(np.max(np.abs(np.asarray(ref_grads[k], np.float32))))
+      _assert_close(g, ref_grads[k], rtol=3e-2, atol=2e-2 * scale, what=f"{name} d{k}")
+
+
+# ---------------------------------------------------------------------------
+# Transformations: vmap, checkpoint, second order.
+
+
+def test_vmap_over_extra_leading_axis():
+  B, N = 3, 4
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.normal(size=(B, N, D)), F32)
+  kernel = jnp.asarray(rng.normal(size=(D, V)) * 0.5, F32)
+  kernels = jnp.asarray(rng.normal(size=(B, D, V)) * 0.5, F32)
+  bias = jnp.asarray(rng.normal(size=(V,)) * 0.5, F32)
+  labels = jnp.asarray(rng.integers(0, V, size=(B, N)), jnp.int32).at[0, 1].set(-100)
+  kw = dict(label_smoothing=0.1, z_loss=1e-3, softcap=2.0, chunk_size=7)
+
+  @_fast
+  def run(x, kernel, kernels, bias, labels):
+    out = {}
+    for tag, fn in (("lin", _lin_loss), ("ref", _ref_loss)):
+      f = lambda x, k, b, y, fn=fn: fn(x, k, y, bias=b, **kw)
+      vg = jax.value_and_grad(f, (0, 1, 2))
+      out[tag] = (jax.vmap(vg, in_axes=(0, None, None, 0))(x, kernel, bias, labels),
+                  jax.vmap(vg, in_axes=(0, 0, None, 0))(x, kernels, bias, labels))
+    out["single"] = _lin_loss(x[1], kernel, labels[1], bias=bias, **kw)
+    return out
+
+  out = jax.device_get(run(x, kernel, kernels, bias, labels))
+  (losses, (dx, dkernel, dbias)), _ = out["lin"]
+  assert losses.shape == (B,)
+  assert dx.shape == (B, N, D)
+  assert dkernel.shape == (B, D, V)
+  assert dbias.shape == (B, V)
+  leaves = jax.tree_util.tree_leaves
+  for a, b in zip(leaves(out["lin"]), leaves(out["ref"]), strict=True):
+    _assert_close(a, b, rtol=1e-4, atol=1e-6, what="vmap")
+  _assert_close(losses[1], out["single"], rtol=1e-6, atol=1e-7, what="unbatched call")
+
+
+def test_checkpoint():
+  params, labels, _ = _inputs(_spec(**ALL_OPTS), 11)
+  kw = _kwargs(_spec(**ALL_OPTS))
+
+  def loss(p):
+    return _lin_loss(p["x"], p["kernel"], labels, bias=p["bias"], weight=p["weight"], **kw)
+
+  @_fast
+  def run(params):
+    return [jax.value_and_grad(f)(params) for f in (
+        loss, jax.checkpoint(loss),
+        jax.checkpoint(loss, policy=jax.checkpoint_policies.nothing_saveable))]
+
+  plain, *remat = jax.device_get(run(params))
+  for other in remat:
+    leaves = jax.tree_util.tree_leaves
+    for a, b in zip(leaves(other), leaves(plain), strict=True):
+      _assert_close(a, b, rtol=1e-6, atol=1e-7, what="checkpoint")
+
+
+def _second_order_inputs(seed):
+  spec = _spec(**ALL_OPTS)
+  params, labels, _ = _inputs(spec, seed)
+  weight = params.pop("weight")
+  rng = np.random.default_rng(seed + 1)
+  tangent = {k: np.asarray(rng.normal(size=v.shape), np.float32) for k, v in params.items()}
+  return params, weight, labels, tangent, {**_kwargs(spec), "reduction": "mean"}
+
+
+def _tree_vdot(a, b):
+  return sum(jnp.vdot(a[k], b[k]) for k in a)
+
+
+def test_grad_of_grad_matches_reference():
+  """Hessian-vector products (reverse over reverse) with respect to x, kernel
+  and bias equal those of cross_entropy on materialized logits, with every
+  option on (class weights fixed: see test_grad_of_grad_wrt_class_weight)."""
+  params, weight, labels, tangent, kw = _second_order_inputs(12)
+
+  @_fast
+  def hvps(params, tangent):
+    out = []
+    for fn in (_lin_loss, _ref_loss):
+      def f(p, fn=fn):
+        return fn(p["x"], p["kernel"], labels, bias=p["bias"], weight=weight, **kw)
+
+      out.append(jax.grad(lambda p, f=f: _tree_vdot(jax.grad(f)(p), tangent))(params))
+    return out
+
+  lin, ref = jax.device_get(hvps(params, tangent))
+  for k in lin:
+    scale = float(np.max(np.abs(ref[k])))
+    _assert_close(lin[k], ref[k], rtol=1e-4, atol=1e-4 * scale, what=f"hvp {k}")
+
+
+def test_second_order_finite_differences():
+  """What `check_grads(f, order=2, modes=["rev"])` checks, in one compiled
+  program (check_grads itself compiles op by op: ~30 s here): in a random
+  direction u, central differences of f and of grad f against the gradient
+  and the reverse-over-reverse VJP. float32 (the kernel accumulates in
+  float32 whatever the input dtype), so a large step."""
+  params, weight, labels, u, kw = _second_order_inputs(14)
+  rng = np.random.default_rng(15)
+  cot = {k: np.asarray(rng.normal(size=v.shape), np.float32) for k, v in params.items()}
+  h = 1e-2
+
+  def f(p):
+    return _lin_loss(p["x"], p["kernel"], labels, bias=p["bias"], weight=weight, **kw)
+
+  @_fast
+  def run(p, u, cot):
+    vg = jax.value_and_grad(f)
+    (f_plus, g_plus), (f_minus, g_minus) = (
+        vg({k: p[k] + sign * h * u[k] for k in p}) for sign in (1.0, -1.0))
+    fd1 = (f_plus - f_minus) / (2 * h)
+    fd2 = _tree_vdot({k: (g_plus[k] - g_minus[k]) / (2 * h) for k in p}, cot)
+    ad1 = _tree_vdot(jax.grad(f)(p), u)
+    ad2 = _tree_vdot(jax.grad(lambda p: _tree_vdot(jax.grad(f)(p), cot))(p), u)
+    return fd1, ad1, fd2, ad2
+
+  fd1, ad1, fd2, ad2 = jax.device_get(run(params, u, cot))
+  _assert_close(ad1, fd1, rtol=1e-2, atol=1e-3, what="first order")
+  _assert_close(ad2, fd2, rtol=1e-2, atol=1e-3, what="second order")
+
+
+def test_grad_of_grad_wrt_class_weight():
+  """Reverse over reverse with respect to the class weight, with label
+  smoothing: NaN in the overlap columns of the shifted last chunk (chunk 7,
+  V = 37: columns 30-34). The forward's smoothing sum masks those columns
+  with -inf logits and takes jnp.where(active, w * z, 0.0); its cotangent for
+  w is 0 * -inf = NaN (the where-gradient trap). cross_entropy has the same
+  trap for genuinely -inf logits."""
+  params, weight, labels, _, kw = _second_order_inputs(16)
+  rng = np.random.default_rng(17)
+  t_w = np.asarray(rng.normal(size=weight.shape), np.float32)
+
+  @_fast
+  def run(params, weight):
+    out = []
+    for fn in (_lin_loss, _ref_loss):
+      def f(w, fn=fn):
+        return fn(params["x"], params["kernel"], labels, bias=params["bias"], weight=w, **kw)
+
+      out.append(jax.grad(lambda w, f=f: jnp.vdot(jax.grad(f)(w), t_w))(weight))
+    return out
+
+  lin, ref = jax.device_get(run(params, weight))
+  assert np.all(np.isfinite(ref))
+  nan_cols = np.flatnonzero(np.isnan(lin)).tolist()
+  assert not nan_cols, f"NaN in columns {nan_cols}"
+  _assert_close(lin, ref, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(ref))), what="hvp weight")
+
+
+# ---------------------------------------------------------------------------
+# The row-blocked dx accumulation.
+
+
+@pytest.fixture
+def fresh_caches():
+  jax.clear_caches()
+  yield
+  jax.clear_caches()
+
+
+def _scan_lengths(jaxpr_text):
+  return sorted(int(n) for n in re.findall(r"length=(\d+)", jaxpr_text))
+
+
+@pytest.mark.parametrize(
+    ("block_elements", "row_blocks"),
+    [(24, 4),  # 3 rows a block: blocks 0-2, 3-5, 6-8 and a last one shifted to 7-9
+     (5, 10),  # fewer elements than D: one row a block
+     (80, None)])  # a single block of all 10 rows: no row loop
+def test_row_blocked_dx(monkeypatch, fresh_caches, block_elements, row_blocks):
+  n, d = 10, 8
+  monkeypatch.setattr(_linear, "BLOCK_ELEMENTS", block_elements)
+  rng = np.random.default_rng(15)
+  x = jnp.asarray(rng.normal(size=(n, d)), F32)
+  kernel = jnp.asarray(rng.normal(size=(d, V)) * 0.5, F32)
+  bias = jnp.asarray(rng.normal(size=(V,)) * 0.5, F32)
+  labels = jnp.asarray(rng.integers(0, V, size=(n,)), jnp.int32).at[2].set(-100)
+  cot = jnp.asarray(rng.normal(size=(n,)), F32)
+  kw = dict(reduction="none", label_smoothing=0.1, softcap=2.0, chunk_size=7)
+
+  def objective(fn):  # a fresh function: retraced with the patched constant
+    return lambda x, k, b: jnp.sum(fn(x, k, labels, bias=b, **kw) * cot)
+
+  grad_lin = jax.grad(objective(_lin_loss), (0, 1, 2))
+  lengths = _scan_lengths(str(jax.make_jaxpr(grad_lin)(x, kernel, bias)))
+  vocab_chunks = -(-V // 7)
+  if row_blocks is None:
+    assert set(lengths) == {vocab_chunks}, lengths
+  else:
+    assert row_blocks in lengths, lengths
+  grad_ref = jax.grad(objective(_ref_loss), (0, 1, 2))
+  lin, ref = _fast(lambda *a: (grad_lin(*a), grad_ref(*a)))(x, kernel, bias)
+  for name, a, b in zip(("x", "kernel", "bias"), lin, ref, strict=True):
+    _assert_close(a, b, rtol=1e-5, atol=1e-6, what=f"d{name}")
+
+
+# ---------------------------------------------------------------------------
+# default_chunk_size: the power of two that makes a float32 [N, chunk] block
+# about BLOCK_ELEMENTS (2**22) elements, clamped to [128, V]
+# (so V itself when V < 128).
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "vocab", "expected"),
+    [
+        (1, 50_000, 50_000),  # 2**22 columns wanted: all of V
+        (64, 1000, 1000),
+        (0, 1000, 1000),  # no tokens: counted as one
+        (1000, 5000, 4096),  # 4194 -> the power of two below
+        (8192, 128_256, 512),  # 2**22 / 2**13 exactly
+        (8193, 128_256, 256),
+        (2**15, 128_256, 128),
+        (2**15 + 1, 128_256, 128),  # floor of 128
+        (2**22, 128_256, 128),
+        (2**23, 128_256, 128),
+        (10**6, 100, 100),  # V below the floor
+        (1, 1, 1),
+    ])
+def test_default_chunk_size(num_tokens, vocab, expected):
+  assert _linear.default_chunk_size(num_tokens, vocab) == expected
+
+
+def test_default_chunk_size_rule():
+  for n in (1, 3, 100, 1000, 4097, 50_000, 2**20):
+    for v in (7, 128, 129, 1000, 32_000, 128_256):
+      c = _linear.default_chunk_size(n, v)
+      assert 1 <= c <= v
+      if c != v:
+        assert c & (c - 1) == 0, (n, v, c)  # a power of two
+        assert c >= 128, (n, v, c)
+        if c > 128:  # the largest power of two with n * c <= BLOCK_ELEMENTS
+          assert n * c <= _linear.BLOCK_ELEMENTS < n * 2 * c, (n, v, c)
+
+
+def test_default_chunk_size_is_used(monkeypatch, fresh_caches):
+  rng = np.random.default_rng(16)
+  n, vocab = 8, 1000
+  x = jnp.asarray(rng.normal(size=(n, 4)), F32)
+  kernel = jnp.asarray(rng.normal(size=(4, vocab)), F32)
+  labels = jnp.asarray(rng.integers(0, vocab, size=(n,)), jnp.int32)
+  # unpatched: 2**22 / 8 columns wanted, so one chunk of all of V
+  text = str(jax.make_jaxpr(lambda x, k: _lin_loss(x, k, labels))(x, kernel))
+  assert _scan_lengths(text) == [1]
+  monkeypatch.setattr(_linear, "BLOCK_ELEMENTS", 2**12)
+  assert _linear.default_chunk_size(n, vocab) == 512
+  text = str(jax.make_jaxpr(lambda x, k: _lin_loss(x, k, labels))(x, kernel))
+  assert _scan_lengths(text) == [2]  # 1000 columns in chunks of 512
+  loss, ref = _fast(lambda x, k: (_lin_loss(x, k, labels), _ref_loss(x, k, labels)))(x, kernel)
+  _assert_close(loss, ref, rtol=1e-5, atol=1e-6, what="loss")
+
+
+# ---------------------------------------------------------------------------
+# Memory: what is saved for the backward, and what the compiled program holds.
+
+RES_N, RES_D, RES_V = 64, 16, 1000
+_LINE = re.compile(r"^(\w+)\[([\d,\s]*)\]\s+(.*)$")
+
+
+def _residuals(fn, *args):
+  buf = io.StringIO()
+  with contextlib.redirect_stdout(buf):
+    print_saved_residuals(fn, *args)
+  out = []
+  for line in buf.getvalue().splitlines():
+    m = _LINE.match(line.strip())
+    assert m, f"unparsed residual line: {line!r}"
+    shape = tuple(int(d) for d in m.group(2).replace(" ", "").split(",") if d)
+    out.append((m.group(1), shape, m.group(3)))
+  assert out, "no residual printed"
+  return out
+
+
+def _res_inputs(dtype):
+  rng = np.random.default_rng(17)
+  x = jnp.asarray(rng.normal(size=(RES_N, RES_D)), dtype)
+  kernel = jnp.asarray(rng.normal(size=(RES_D, RES_V)) * 0.3, dtype)
+  bias = jnp.asarray(rng.normal(size=(RES_V,)), dtype)
+  weight = jnp.asarray(rng.uniform(0.5, 1.5, size=(RES_V,)), F32)
+  labels = jnp.asarray(rng.integers(0, RES_V, size=(RES_N,)), jnp.int32).at[::5].set(-100)
+  return x, kernel, bias, weight, labels
+
+
+RES_OPTIONS = {
+    "default": {},
+    "all": dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0, chunk_size=128),
+    "chunk7_none": dict(chunk_size=7, reduction="none"),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("options", list(RES_OPTIONS))
+def test_saved_residuals_hold_no_logits(options, dtype):
+  x, kernel, bias, weight, labels = _res_inputs(jnp.dtype(dtype))
+  kw = RES_OPTIONS[options]
+
+  def loss(x, kernel, bias, weight):
+    out = jaxce.linear_cross_entropy(x, kernel, labels, bias=bias, weight=weight, **kw)
+    return jnp.sum(out)
+
+  res = _residuals(loss, x, kernel, bias, weight)
+  short = {"float32": "f32", "bfloat16": "bf16"}[dtype]
+  biggest = max(RES_N * RES_D, RES_D * RES_V)
+  for dt, shape, origin in res:
+    size = math.prod(shape)
+    assert size != RES_N * RES_V, (dt, shape, origin, res)
+    assert size <= biggest, (dt, shape, origin, res)
+    if origin.startswith("from the argument"):
+      # the inputs as given: no float32 copy of bf16 activations or kernel
+      if shape in ((RES_N, RES_D), (RES_D, RES_V)):
+        assert dt == short, (dt, shape, origin)
+    elif not origin.startswith(("from a constant", "from a literal")):
+      # computed residuals: per-token arrays only
+      assert size <= RES_N, (dt, shape, origin, res)
+  args = {o.split()[-1] for _, _, o in res if o.startswith("from the argument")}
+  assert {"x", "kernel"} <= args, res
+
+
+def test_saved_residuals_control():
+  """The parser above sees an [N, V] residual where there is one."""
+  x, kernel, _, _, labels = _res_inputs(F32)
+  res = _residuals(lambda x, k: _ref_loss(x, k, labels), x, kernel)
+  assert any(math.prod(s) == RES_N * RES_V for _, s, _ in res), res
+
+
+HLO_N, HLO_D, HLO_V, HLO_CHUNK = 256, 32, 8192, 512
+HLO_BLOCK = HLO_N * HLO_CHUNK * 4  # bytes of one float32 [N, chunk] block
+HLO_OPTIONS = {
+    "default": {},
+    # measured: smoothing keeps about 5 [N, chunk] float32 blocks live (2.6 MB
+    # here, against 1.2 MB without it), the same for V = 8192 and 16384
+    "all": dict(weight=True, label_smoothing=0.1, z_loss=1e-4, softcap=30.0),
+}
+
+
+@pytest.mark.parametrize(("dtype", "options"),
+                         [("float32", "default"), ("bfloat16", "default"), ("bfloat16", "all")])
+def test_compiled_program_has_no_logits_buffer(dtype, options):
+  dt = jnp.dtype(dtype)
+  x = jax.ShapeDtypeStruct((HLO_N, HLO_D), dt)
+  kernel = jax.ShapeDtypeStruct((HLO_D, HLO_V), dt)
+  bias = jax.ShapeDtypeStruct((HLO_V,), dt)
+  weight = jax.ShapeDtypeStruct((HLO_V,), F32)
+  labels = jax.ShapeDtypeStruct((HLO_N,), jnp.int32)
+  kw = dict(HLO_OPTIONS[options])
+  use_weight = kw.pop("weight", False)
+
+  def loss(x, kernel, bias, weight, labels):
+    return jaxce.linear_cross_entropy(x, kernel, labels, bias=bias,
+                                      weight=weight if use_weight else None,
+                                      chunk_size=HLO_CHUNK, **kw)
+
+  compiled = jax.jit(jax.value_and_grad(loss, (0, 1, 2))).lower(
+      x, kernel, bias, weight, labels).compile()
+  text = compiled.as_text()
+  assert f"[{HLO_N},{HLO_CHUNK}]" in text  # the chunk blocks are there, spelled so
+  for shape in (f"[{HLO_N},{HLO_V}]", f"[{HLO_V},{HLO_N}]"):
+    assert shape not in text, shape
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  if options == "default":
+    assert temp < HLO_N * HLO_V * 4 / 4, temp
+  else:  # O(N * chunk), not O(N * V)
+    assert temp < 6 * HLO_BLOCK, temp
+
+
+# ---------------------------------------------------------------------------
+# Bad input: the right exception, a message naming the function and argument.
+
+_X = np.zeros((4, D), np.float32)
+_K = np.zeros((D, V), np.float32)
+_Y = np.zeros((4,), np.int32)
+
+BAD = {
+    "D_mismatch": (dict(kernel=np.zeros((D + 1, V), np.float32)), ValueError, "kernel"),
+    "kernel_rank1": (dict(kernel=np.zeros((D,), np.float32)), ValueError, "kernel"),
+    "kernel_rank3": (dict(kernel=np.zeros((1, D, V), np.float32)), ValueError, "kernel"),
+    "x_scalar": (dict(x=np.float32(1.0)), ValueError, "kernel"),
+    "x_kernel_dtypes": (dict(kernel=_K.astype(jnp.bfloat16)), TypeError, "kernel"),
+    "x_int": (dict(x=_X.astype(np.int32), kernel=_K.astype(np.int32)), TypeError, "x"),
+    "labels_shape": (dict(labels=np.zeros((5,), np.int32)), ValueError, "labels"),
+    "labels_rank": (dict(labels=np.zeros((4, 1), np.int32)), ValueError, "labels"),
+    "labels_float": (dict(labels=_Y.astype(np.float32)), TypeError, "labels"),
+    "bias_shape": (dict(bias=np.zeros((V - 1,), np.float32)), ValueError, "bias"),
+    "bias_rank": (dict(bias=np.zeros((1, V), np.float32)), ValueError, "bias"),
+    "bias_int": (dict(bias=np.zeros((V,), np.int32)), TypeError, "bias"),
+    "weight_shape": (dict(weight=np.ones((V + 1,), np.float32)), ValueError, "weight"),
+    "chunk_zero": (dict(chunk_size=0), ValueError, "chunk_size"),
+    "chunk_negative": (dict(chunk_size=-3), ValueError, "chunk_size"),
+    "chunk_float": (dict(chunk_size=2.5), TypeError, "chunk_size"),
+    "chunk_str": (dict(chunk_size="8"), TypeError, "chunk_size"),
+    "softcap_zero": (dict(softcap=0.0), ValueError, "softcap"),
+    "softcap_negative": (dict(softcap=-1.0), ValueError, "softcap"),
+    "softcap_nan": (dict(softcap=float("nan")), ValueError, "softcap"),
+    "smoothing_negative": (dict(label_smoothing=-0.1), ValueError, "label_smoothing"),
+    "smoothing_above_one": (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
+    "z_loss_negative": (dict(z_loss=-1e-3), ValueError, "z_loss"),
+    "reduction": (dict(reduction="avg"), ValueError, "reduction"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input(case):
+  override, exc, arg = BAD[case]
+  args = dict(x=_X, kernel=_K, labels=_Y)
+  kw = {k: v for k, v in override.items() if k not in args}
+  args.update({k: v for k, v in override.items() if k in args})
+  pattern = rf"linear_cross_entropy: .*`{arg}`"
+  with pytest.raises(exc, match=pattern):
+    jaxce.linear_cross_entropy(args["x"], args["kernel"], args["labels"], **kw)
+  # the same at trace time, under jit
+  with pytest.raises(exc, match=pattern):
+    jax.eval_shape(lambda x, k, y: jaxce.linear_cross_entropy(x, k, y, **kw),
+                   args["x"], args["kernel"], args["labels"])
+
+
+# ---------------------------------------------------------------------------
+# PyTorch goldens (tests/golden/linear_cross_entropy.npz, see make_golden.py).
+
+GOLDEN = load("linear_cross_entropy")
+GOLDEN_INPUTS = ("x", "kernel", "bias", "weight", "cot")
+GOLDEN_CHUNK = 4  # V = 11: chunks 0-3, 4-7 and a last one shifted to 7-10
+
+
+def test_golden_file():
+  assert len(GOLDEN) == 16
+  assert torch_version("linear_cross_entropy")
+  assert {c["meta"]["fn"] for c in GOLDEN} == {"linear_cross_entropy"}
+
+
+def _golden_run(meta, a):
+  kw = dict(ignore_index=meta["ignore_index"], reduction=meta["reduction"],
+            label_smoothing=meta["label_smoothing"], softcap=meta["softcap"],
+            chunk_size=GOLDEN_CHUNK)
+  params = {k: a[k] for k in ("x", "kernel", "bias", "weight") if k in a}
+  return _value_and_grads(_lin_loss, params, a["labels"], a.get("cot", 1.0), kw)
+
+
+@functools.cache
+def _golden_results(dtype, group):
+  cases = GOLDEN[group * GROUP:(group + 1) * GROUP]
+  metas = [c["meta"] for c in cases]
+  with jax.enable_x64(dtype == "float64"):
+    inputs = [{**{k: jnp.asarray(c[k], dtype) for k in GOLDEN_INPUTS if k in c},
+               "labels": jnp.asarray(c["labels"])} for c in cases]
+    run = _fast(lambda inputs: [_golden_run(m, a) for m, a in zip(metas, inputs, strict=True)])
+    return jax.device_get(run(inputs))
+
+
+def _golden_mismatches(index, dtype):
+  """Every way case `index` differs from torch in `dtype`, as messages."""
+  case = GOLDEN[index]
+  meta = case["meta"]
+  loss, grads = _golden_results(dtype, index // GROUP)[index % GROUP]
+  if dtype == "float64":
+    tol = dict(rtol=1e-10, atol=1e-12)
+  else:
+    logits = np.abs(case["x"]).max() * np.abs(case["kernel"]).sum(0).max()
+    tol = dict(rtol=1e-5, atol=1e-6 + 8 * F32_EPS * logits)
+  bad = []
+  if loss.dtype != np.dtype(dtype):
+    bad.append(f"loss dtype {loss.dtype}")
+  bad += [f"d{k} dtype {g.dtype}" for k, g in grads.items() if g.dtype != np.dtype(dtype)]
+  checks = [("grad_" + k, grads[k], case["grad_" + k]) for k in ("x", "kernel", "bias")]
+  if meta["all_ignored"] and meta["reduction"] == "mean":
+    assert np.isnan(case["loss"])  # torch: 0 / 0
+    if float(loss) != 0.0:  # jaxce, on purpose
+      bad.append(f"all-ignored mean loss {loss}, expected 0.0")
+  else:
+    checks.append(("loss", loss, case["loss"]))
+  for what, actual, expected in checks:
+    actual = np.asarray(actual, np.float64)
+    if actual.shape != expected.shape:
+      bad.append(f"{what}: shape {actual.shape}, expected {expected.shape}")
+    elif not np.allclose(actual, expected, equal_nan=False, **tol):
+      err = np.abs(actual - expected)
+      rel = np.max(err / np.maximum(np.abs(expected), tol["atol"]))
+      bad.append(f"{what}: max abs error {np.max(err):.3g}, max rel error {rel:.3g}")
+  return [f"{meta['case_id']}: {b}" for b in bad]
+
+
+@pytest.mark.parametrize("index", range(len(GOLDEN)),
+                         ids=[c["meta"]["case_id"] for c in GOLDEN])
+def test_golden_float32(index):
+  bad = _golden_mismatches(index, "float32")
+  assert not bad, "\n".join(bad)
+
+
+def test_golden_float64():
+  """All cases at float64 tolerance (one test: one cause fails them all)."""
+  bad = [m for i in range(len(GOLDEN)) for m in _golden_mismatches(i, "float64")]
+  assert not bad, f"{len(bad)} mismatches:\n" + "\n".join(bad)
+
+
+# ---------------------------------------------------------------------------
+# Found while writing these tests: each is what cross_entropy does, or what
+# the docstring promises, and linear_cross_entropy does not.
+
+
+def test_float64_inputs_give_a_float64_loss():
+  """Docstring: "float32 (float64 for float64 inputs) loss", as cross_entropy.
+  The kernel computes in float32 (`_F32` throughout _linear.py): the loss is
+  float32 and only float32-accurate."""
+  rng = np.random.default_rng(18)
+  with jax.enable_x64(True):
+    x = jnp.asarray(rng.normal(size=(4, D)), jnp.float64)
+    kernel = jnp.asarray(rng.normal(size=(D, V)), jnp.float64)
+    labels = jnp.asarray(rng.integers(0, V, size=(4,)), jnp.int64)
+    loss, ref = _fast(lambda x, k: (jaxce.linear_cross_entropy(x, k, labels, chunk_size=7),
+                                    _ref_loss(x, k, labels)))(x, kernel)
+  assert ref.dtype == np.float64
+  assert loss.dtype == np.float64
+  _assert_close(loss, ref, rtol=1e-12, atol=0.0, what="float64 loss")
+
+
+def test_any_integer_label_dtype():
+  """cross_entropy takes any integer labels under strict dtype promotion;
+  linear_cross_entropy compares them with its int32 (int64 under x64) class
+  indices (`ch.cols == labels`) and raises a TypePromotionError instead."""
+  rng = np.random.default_rng(19)
+  x = np.asarray(rng.normal(size=(4, D)), np.float32)
+  kernel = np.asarray(rng.normal(size=(D, V)), np.float32)
+  labels = np.asarray([0, 5, 36, 2])
+  failed, ok = [], []
+  for x64, dtype in [(False, jnp.int8), (False, jnp.uint8), (False, jnp.int16),
+                     (False, jnp.uint32), (True, jnp.int32)]:
+    name = f"{jnp.dtype(dtype).name} (x64={x64})"
+    with jax.enable_x64(x64):
+      y = jnp.asarray(labels, dtype)
+      jax.eval_shape(lambda x, k, y: _ref_loss(x, k, y), x, kernel, y)
+      try:
+        jax.eval_shape(lambda x, k, y: _lin_loss(x, k, y, chunk_size=7), x, kernel, y)
+        ok.append((name, y))
+      except Exception as e:
+        failed.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0]}")
+  if ok:  # values for the dtypes that trace (x64 off)
+    got = _fast(lambda ys: [(_lin_loss(x, kernel, y, chunk_size=7), _ref_loss(x, kernel, y))
+                            for y in ys])([y for n, y in ok if "x64=False" in n])
+    for loss, ref in got:
+      _assert_close(loss, ref, rtol=1e-5, atol=1e-6, what="labels dtype")
+  assert not failed, "\n".join(failed)
+
+
+def test_empty_batch():
+  """cross_entropy on [0, V] logits gives 0.0 and empty gradients; here the
+  backward's row-blocked dx accumulation slices one row out of zero rows
+  (`_add_rows_matmul`: block = max(1, min(n, ...)) = 1 for n = 0)."""
+  x = jnp.zeros((0, D), F32)
+  kernel = jnp.asarray(np.random.default_rng(20).normal(size=(D, V)), F32)
+  labels = jnp.zeros((0,), jnp.int32)
+  vg = lambda fn: jax.value_and_grad(lambda x, k: fn(x, k, labels, chunk_size=7), (0, 1))
+  ref_loss, _ = _fast(vg(_ref_loss))(x, kernel)
+  assert float(ref_loss) == 0.0
+  assert float(_fast(lambda x, k: _lin_loss(x, k, labels, chunk_size=7))(x, kernel)) == 0.0
+  jax.eval_shape(vg(_lin_loss), x, kernel)  # the backward traces
+  loss, (dx, dkernel) = _fast(vg(_lin_loss))(x, kernel)
+  assert float(loss) == 0.0
+  assert dx.shape == (0, D)
+  assert np.all(np.asarray(dkernel) == 0.0)
+
+
+def test_nan_activation_gives_nan():
+  """A NaN in x must show in the loss (PyTorch: NaN). Today the NaN logsumexp
+  fails integer_target_loss's `lse > -inf` test for "no class left", so the
+  position silently contributes 0 (while its gradient is NaN).
+  cross_entropy shares this: cross_entropy([[nan, 0.]], [0]) is 0.0."""
+  x = jnp.asarray([[1.0, 2.0, 0.5, -1.0, 0.0], [np.nan, 0.0, 0.0, 0.0, 0.0]], F32)
+  kernel = jnp.asarray(np.random.default_rng(21).normal(size=(D, V)), F32)
+  labels = jnp.asarray([3, 4], jnp.int32)
+  none, mean = _fast(lambda x, k: (_lin_loss(x, k, labels, reduction="none"),
+                                   _lin_loss(x, k, labels)))(x, kernel)
+  assert np.isfinite(float(none[0]))
+  assert np.isnan(float(none[1])), none
+  assert np.isnan(float(mean)), mean
+
+
+def test_infinite_softcap():
+  """softcap=inf passes the argument check, then inf * tanh(z / inf) = inf * 0
+  gives NaN logits, and (see above) a silent 0.0 loss. Either refuse it,
+  naming `softcap`, or treat it as no cap."""
+  rng = np.random.default_rng(22)
+  x = jnp.asarray(rng.normal(size=(4, D)), F32)
+  kernel = jnp.asarray(rng.normal(size=(D, V)), F32)
+  labels = jnp.asarray([0, 5, 36, 2], jnp.int32)
+  try:
+    jax.eval_shape(lambda x, k: _lin_loss(x, k, labels, softcap=float("inf")), x, kernel)
+    refused = None
+  except ValueError as e:
+    refused = str(e)
+  if refused is not None:
+    assert "softcap" in refused
+    return
+  capped, plain = _fast(lambda x, k: (_lin_loss(x, k, labels, softcap=float("inf")),
+                                      _lin_loss(x, k, labels)))(x, kernel)
+  _assert_close(capped, plain, rtol=1e-6, atol=0.0, what="softcap=inf vs no cap")
