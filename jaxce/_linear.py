@@ -83,9 +83,9 @@ def _chunk_logits(x, kernel, bias, i, chunk, softcap, groups) -> _Chunk:
   if softcap is not None:
     t = jnp.tanh(z / softcap)
     z = jnp.where(z == -jnp.inf, -jnp.inf, softcap * t)  # a -inf bias still removes a class
-  offsets = jnp.arange(groups)[:, None] * per_group
-  cols = offsets + start + jnp.arange(chunk)[None, :]
-  fresh = (start + jnp.arange(chunk) >= i * chunk)[None, None, :]
+  offsets = jnp.arange(groups, dtype=jnp.int32)[:, None] * per_group
+  cols = offsets + start + jnp.arange(chunk, dtype=jnp.int32)[None, :]
+  fresh = (start + jnp.arange(chunk, dtype=jnp.int32) >= i * chunk)[None, None, :]
   return _Chunk(z, t, cols, fresh, start)
 
 
@@ -153,7 +153,7 @@ def _scan_chunks(step, carry, kernel, chunk, per_group):
     return (step(carry, kernel, i), kernel), None
 
   n = -(-per_group // chunk)
-  (carry, _), _ = jax.lax.scan(body, (carry, kernel), jnp.arange(n))
+  (carry, _), _ = jax.lax.scan(body, (carry, kernel), jnp.arange(n, dtype=jnp.int32))
   return carry
 
 

@@ -77,8 +77,8 @@ def _ref_logits(x, kernel, bias=None, softcap=None):
       x.astype(ct), kernel.astype(ct), (((x.ndim - 1,), (0,)), ((), ())), precision=HIGHEST)
   if bias is not None:
     z = z + bias.astype(ct).reshape((1,) * (z.ndim - 1) + (-1,))
-  if softcap is not None:
-    z = softcap * jnp.tanh(z / softcap)
+  if softcap is not None:  # a -inf logit (from a -inf bias) stays -inf: no class
+    z = jnp.where(z == -jnp.inf, -jnp.inf, softcap * jnp.tanh(z / softcap))
   return z
 
 
@@ -639,9 +639,6 @@ HLO_OPTIONS = {
 def test_compiled_program_has_no_logits_buffer(dtype, options):
   dt = jnp.dtype(dtype)
   x = jax.ShapeDtypeStruct((HLO_N, HLO_D), dt)
-  kernel = jax.ShapeDtypeStruct((HLO_D, HLO_V), dt)
-  bias = jax.ShapeDtypeStruct((HLO_V,), dt)
-  weight = jax.ShapeDtypeStruct((HLO_V,), F32)
   labels = jax.ShapeDtypeStruct((HLO_N,), jnp.int32)
   kw = dict(HLO_OPTIONS[options])
   use_weight = kw.pop("weight", False)
@@ -651,8 +648,13 @@ def test_compiled_program_has_no_logits_buffer(dtype, options):
                                       weight=weight if use_weight else None,
                                       chunk_size=HLO_CHUNK, **kw)
 
-  compiled = jax.jit(jax.value_and_grad(loss, (0, 1, 2))).lower(
-      x, kernel, bias, weight, labels).compile()
+  def compile_for(vocab):
+    k = jax.ShapeDtypeStruct((HLO_D, vocab), dt)
+    b = jax.ShapeDtypeStruct((vocab,), dt)
+    w = jax.ShapeDtypeStruct((vocab,), F32)
+    return jax.jit(jax.value_and_grad(loss, (0, 1, 2))).lower(x, k, b, w, labels).compile()
+
+  compiled = compile_for(HLO_V)
   text = compiled.as_text()
   assert f"[{HLO_N},{HLO_CHUNK}]" in text  # the chunk blocks are there, spelled so
   for shape in (f"[{HLO_N},{HLO_V}]", f"[{HLO_V},{HLO_N}]"):
@@ -660,8 +662,9 @@ def test_compiled_program_has_no_logits_buffer(dtype, options):
   temp = compiled.memory_analysis().temp_size_in_bytes
   if options == "default":
     assert temp < HLO_N * HLO_V * 4 / 4, temp
-  else:  # O(N * chunk), not O(N * V)
-    assert temp < 6 * HLO_BLOCK, temp
+  else:  # O(N * chunk), not O(N * V): a few blocks, the same at twice the vocabulary
+    assert temp < 8 * HLO_BLOCK, temp
+    assert compile_for(2 * HLO_V).memory_analysis().temp_size_in_bytes <= 1.05 * temp
 
 
 # ---------------------------------------------------------------------------
