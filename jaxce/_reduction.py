@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxce._collective import ClassSlice, label_weight
+
 
 def reduce(
     loss: jax.Array,
@@ -43,8 +45,8 @@ def integer_target_loss(
     picked: jax.Array,
     labels: jax.Array,
     *,
-    num_classes: int,
-    label_weight: jax.Array | None,
+    classes: ClassSlice,
+    weight: jax.Array | None,
     ignore_index: int | None,
     reduction: str,
     label_smoothing: float = 0.0,
@@ -55,16 +57,18 @@ def integer_target_loss(
   """PyTorch's integer-target loss from per-position statistics.
 
   With lse=None this is `nll_loss` (`picked` holds log-probabilities);
-  otherwise -log p[y] = lse - picked. `label_weight` is w[y] per position
-  (None: 1). `smoothing_sums` is (sum_c w_c x_c, sum_c w_c, number of
+  otherwise -log p[y] = lse - picked. `classes` says where this device's
+  classes sit (all of them, outside shard_map) and `weight` is their class
+  weights (None: 1). `smoothing_sums` is (sum_c w_c x_c, sum_c w_c, number of
   classes) over each position's active classes, required when
   `label_smoothing` > 0.
   """
   ct = picked.dtype
   valid = jnp.ones(labels.shape, bool) if ignore_index is None else labels != ignore_index
   w_pos = valid.astype(ct)
-  if label_weight is not None:
-    w_pos = jnp.where(valid, label_weight.astype(ct), 0.0)
+  w_y = label_weight(weight, classes)
+  if w_y is not None:
+    w_pos = jnp.where(valid, w_y.astype(ct), 0.0)
   # Positions that are ignored, or whose classes are all masked, contribute 0;
   # zeroing the statistics first keeps their gradients 0 rather than NaN.
   # (a NaN lse is kept: NaN inputs must give a NaN loss, not a silent 0)
@@ -81,7 +85,7 @@ def integer_target_loss(
     if z_loss:
       loss = loss + z_loss * lse**2
   # Labels outside [0, C) that are not ignored: NaN, never a plausible number.
-  bad = valid & ((labels < 0) | (labels >= num_classes))
+  bad = valid & ((labels < 0) | (labels >= classes.num_classes))
   loss = loss * jnp.where(bad, jnp.nan, 1.0).astype(ct)
   return reduce(loss, reduction, w_pos, row_axes)
 

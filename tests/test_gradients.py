@@ -2,8 +2,6 @@
 grad-of-grad against plain jnp formulas, the documented forward-mode error,
 and the lean-residual promise of the custom VJPs."""
 
-import contextlib
-import io
 import math
 import re
 
@@ -11,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.ad_checkpoint import print_saved_residuals
 from jax.test_util import check_grads
+from residuals import saved_residuals
 
 import jaxce
 
@@ -362,21 +360,6 @@ def test_forward_mode_raises(fn):
 # Lean residuals: backward keeps the inputs and per-position statistics only.
 
 RES_N, RES_C = 64, 1000
-_LINE = re.compile(r"^(\w+)\[([\d,\s]*)\]\s+(.*)$")
-
-
-def _residuals(fn, *args):
-  buf = io.StringIO()
-  with contextlib.redirect_stdout(buf):
-    print_saved_residuals(fn, *args)
-  out = []
-  for line in buf.getvalue().splitlines():
-    m = _LINE.match(line.strip())
-    assert m, f"unparsed residual line: {line!r}"
-    shape = tuple(int(d) for d in m.group(2).replace(" ", "").split(",") if d)
-    out.append((m.group(1), shape, m.group(3)))
-  assert out, "no residual printed"
-  return out
 
 
 def _assert_lean(residuals, in_dtype, n_args):
@@ -438,7 +421,7 @@ def test_lean_residuals(case, dt_name):
     rng = _rng(11)
     x = jnp.asarray(rng.normal(size=(RES_N, RES_C)), dt)
     t = jnp.asarray(rng.uniform(size=(RES_N, RES_C)), dt)
-    res = _residuals(fn, *(x, t)[:n_args])
+    res = saved_residuals(fn, *(x, t)[:n_args])
   _assert_lean(res, dt_name, n_args)
 
 
@@ -450,5 +433,5 @@ def test_lean_residuals_broadcast_where(where_shape):
     where = jnp.asarray(_rng(12).uniform(size=where_shape) > 0.1)
     y = jnp.asarray(_LBL)
     x = jnp.asarray(_rng(11).normal(size=(RES_N, RES_C)), jnp.float32)
-    res = _residuals(lambda x: jaxce.cross_entropy(x, y, where=where), x)
+    res = saved_residuals(lambda x: jaxce.cross_entropy(x, y, where=where), x)
   _assert_lean(res, "f32", 1)

@@ -18,9 +18,7 @@ case is still its own test.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import io
 import math
 import re
 
@@ -29,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from golden import load, torch_version
-from jax.ad_checkpoint import print_saved_residuals
+from residuals import saved_residuals
 
 import jaxce
 from jaxce import _linear
@@ -555,21 +553,6 @@ def test_default_chunk_size_is_used(monkeypatch, fresh_caches):
 # Memory: what is saved for the backward, and what the compiled program holds.
 
 RES_N, RES_D, RES_V = 64, 16, 1000
-_LINE = re.compile(r"^(\w+)\[([\d,\s]*)\]\s+(.*)$")
-
-
-def _residuals(fn, *args):
-  buf = io.StringIO()
-  with contextlib.redirect_stdout(buf):
-    print_saved_residuals(fn, *args)
-  out = []
-  for line in buf.getvalue().splitlines():
-    m = _LINE.match(line.strip())
-    assert m, f"unparsed residual line: {line!r}"
-    shape = tuple(int(d) for d in m.group(2).replace(" ", "").split(",") if d)
-    out.append((m.group(1), shape, m.group(3)))
-  assert out, "no residual printed"
-  return out
 
 
 def _res_inputs(dtype):
@@ -599,7 +582,7 @@ def test_saved_residuals_hold_no_logits(options, dtype):
     out = jaxce.linear_cross_entropy(x, kernel, labels, bias=bias, weight=weight, **kw)
     return jnp.sum(out)
 
-  res = _residuals(loss, x, kernel, bias, weight)
+  res = saved_residuals(loss, x, kernel, bias, weight)
   short = {"float32": "f32", "bfloat16": "bf16"}[dtype]
   biggest = max(RES_N * RES_D, RES_D * RES_V)
   for dt, shape, origin in res:
@@ -620,7 +603,7 @@ def test_saved_residuals_hold_no_logits(options, dtype):
 def test_saved_residuals_control():
   """The parser above sees an [N, V] residual where there is one."""
   x, kernel, _, _, labels = _res_inputs(F32)
-  res = _residuals(lambda x, k: _ref_loss(x, k, labels), x, kernel)
+  res = saved_residuals(lambda x, k: _ref_loss(x, k, labels), x, kernel)
   assert any(math.prod(s) == RES_N * RES_V for _, s, _ in res), res
 
 
