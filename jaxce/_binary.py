@@ -31,22 +31,40 @@ def _binary_terms(logits, targets, pos_weight):
   return _binary_terms_fwd(logits, targets, pos_weight)[0]
 
 
+def _softplus_pair(x):
+  """(softplus(x), softplus(-x), sigmoid(x), sigmoid(-x)) from one exp and
+  one log1p: log(1 + e^{+-x}) = max(+-x, 0) + log1p(e^{-|x|}), exact at
+  both tails (no cancellation), finite for any finite x."""
+  e = jnp.exp(-jnp.abs(x))
+  shared = jnp.log1p(e)
+  big, small = 1.0 / (1.0 + e), e / (1.0 + e)  # sigmoid(|x|), sigmoid(-|x|)
+  pos = x >= 0
+  return (jnp.maximum(x, 0.0) + shared, jnp.maximum(-x, 0.0) + shared,
+          jnp.where(pos, big, small), jnp.where(pos, small, big))
+
+
+def _pos_weight(pos_weight, x):
+  if pos_weight is None:
+    return jnp.ones((), x.dtype)
+  return jnp.broadcast_to(pos_weight.astype(x.dtype), x.shape)
+
+
 def _binary_terms_fwd(logits, targets, pos_weight):
-  # -[pw t log s(x) + (1 - t) log(1 - s(x))] = pw t sp(-x) + (1 - t) sp(x),
-  # with softplus sp(x) = log(1 + e^x) finite for any finite x.
+  # -[pw t log s(x) + (1 - t) log(1 - s(x))] = pw t sp(-x) + (1 - t) sp(x).
   ct = _checks.compute_dtype(logits.dtype)
   x, t = logits.astype(ct), targets.astype(ct)
-  pt = t if pos_weight is None else jnp.broadcast_to(pos_weight.astype(ct), t.shape) * t
-  loss = pt * jax.nn.softplus(-x) + (1.0 - t) * jax.nn.softplus(x)
+  sp_x, sp_neg_x, _, _ = _softplus_pair(x)
+  loss = _pos_weight(pos_weight, x) * t * sp_neg_x + (1.0 - t) * sp_x
   return loss, BinaryResiduals(logits, targets, pos_weight)
 
 
 def _binary_terms_bwd(res, g):
   ct = g.dtype
   x, t = res.logits.astype(ct), res.targets.astype(ct)
-  pw = 1.0 if res.pos_weight is None else jnp.broadcast_to(res.pos_weight.astype(ct), x.shape)
-  dx = g * ((1.0 - t) * jax.nn.sigmoid(x) - pw * t * jax.nn.sigmoid(-x))
-  dt = g * (pw * jax.nn.softplus(-x) - jax.nn.softplus(x))
+  pw = _pos_weight(res.pos_weight, x)
+  sp_x, sp_neg_x, s_x, s_neg_x = _softplus_pair(x)
+  dx = g * ((1.0 - t) * s_x - pw * t * s_neg_x)
+  dt = g * (pw * sp_neg_x - sp_x)
   dpw = None
   if res.pos_weight is not None:
     dpw = _unbroadcast(g * t * jax.nn.softplus(-x), res.pos_weight.shape)
