@@ -51,7 +51,10 @@ def combine(stats, axis_name):
   lse = stats[0]
   m = jax.lax.pmax(jax.lax.stop_gradient(lse), axis_name)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
-  lse = m + jnp.log(jax.lax.psum(jnp.exp(lse - m), axis_name))
+  s = jax.lax.psum(jnp.exp(lse - m), axis_name)
+  # A position with no class left anywhere: -inf, with a zero (not NaN)
+  # derivative, as on one device.
+  lse = jnp.where(s > 0, m + jnp.log(jnp.where(s > 0, s, 1.0)), -jnp.inf)
   rest = (None if s is None else jax.lax.psum(s, axis_name) for s in stats[1:])
   return type(stats)(lse, *rest)
 

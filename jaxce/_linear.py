@@ -408,6 +408,6 @@ def linear_cross_entropy(
   if class_axis_name is not None:
     return impl(*args, class_axis_name)
   # Under jit, a kernel that XLA's partitioner may have split over its
-  # vocabulary axis: one group per device.
-  devices = jax.device_count()
-  return impl(*args, None, groups=devices if devices > 1 and vocab % devices == 0 else 1)
+  # vocabulary axis: as many groups as possible up to one per device, so
+  # that any mesh axis size dividing both V and the device count lines up.
+  return impl(*args, None, groups=math.gcd(vocab, jax.device_count()))

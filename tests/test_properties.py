@@ -83,7 +83,10 @@ def test_integer_target_loss_nonnegative(x, y, w, eps, z):
 @given(logits_st, targets_st, weight_st, smoothing_st, z_st)
 def test_probability_target_loss_nonnegative(x, t, w, eps, z):
   per = np.asarray(_ce(x, t, _w(w), label_smoothing=eps, z_loss=z).none)
-  assert np.all(per >= 0), per
+  # The loss is mass * lse - sum_c w_c t_c x_c: when it is ~0 (targets on
+  # the argmax class), float32 cancellation leaves a few ulps of lse either
+  # side of 0. Known limitation, noted on the issue.
+  assert np.all(per >= -4 * np.finfo(np.float32).eps * (1 + np.abs(np.asarray(x)).max())), per
 
 
 @SETTINGS
