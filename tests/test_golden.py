@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fast_compile import FAST_COMPILE
 from golden import NAMES, load, torch_version
 
 import jaxce
@@ -35,7 +36,6 @@ F32_EPS = float(np.finfo(np.float32).eps)
 # Skipping LLVM's optimizations halves the compile time of the per-file
 # programs; XLA's own passes (fusion included) still run, and without
 # fast-math the arithmetic is the same IEEE arithmetic.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def test_every_file_has_its_cases():

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fast_compile import compile_fast
 from golden import load, torch_version
 from residuals import saved_residuals
 
@@ -38,7 +39,6 @@ HIGHEST = jax.lax.Precision.HIGHEST
 # Compile time dominates: LLVM's optimizations off (as in test_golden.py) and
 # XLA:CPU's older loop-fusion emitters halve it; the arithmetic is the same
 # IEEE arithmetic. (Not for the memory checks, which need the real pipeline.)
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 
 GROUP = 4  # cases per compiled program
 D, V = 5, 37  # V prime: chunk 7 leaves a shifted, overlapping last chunk
@@ -51,16 +51,7 @@ INF_COLS = (33, 36)  # -inf bias: 33 lies in the overlap of the last chunk of 7
 
 def _fast(fn):
   """`fn` jitted, compiled with FAST_COMPILE for the arguments of each call."""
-  def call(*args):
-    lowered = jax.jit(fn).lower(*args)
-    try:
-      compiled = lowered.compile(FAST_COMPILE)
-    except jax.errors.JaxRuntimeError as e:  # an option this XLA does not know
-      if "compile option" not in str(e):
-        raise
-      compiled = lowered.compile()
-    return compiled(*args)
-  return call
+  return lambda *args: compile_fast(fn, *args, xla_cpu_use_fusion_emitters=False)(*args)
 
 
 def _ct(dtype):

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from fast_compile import FAST_COMPILE
 
 import jaxce
 
@@ -27,7 +28,6 @@ VMAP_BATCH = 3
 # The programs that group every case skip LLVM's optimizations, which halves
 # their compile time; XLA's own passes (fusion included) still run, and
 # without fast-math the arithmetic is the same IEEE arithmetic.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def _normal(rng, shape, scale=2.0):

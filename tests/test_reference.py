@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference as ref
+from fast_compile import FAST_COMPILE
 
 import jaxce
 
@@ -28,7 +29,6 @@ RTOL, ATOL = 1e-5, 1e-6
 # The grouped programs skip LLVM's optimizations, which halves their compile
 # time; XLA's own passes (fusion included) still run, and without fast-math
 # the arithmetic is the same IEEE arithmetic.
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
 def _close(actual, expected, rtol=RTOL, atol=ATOL):

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fast_compile import compile_fast
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -50,7 +51,6 @@ HIGHEST = jax.lax.Precision.HIGHEST
 # Compile time dominates: LLVM's optimizations off and XLA:CPU's older
 # loop-fusion emitters (as in test_linear.py). The SPMD partitioner, and so
 # the collectives checked here, run as usual.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 DATA, MODEL = 2, 4
 N, C = 16, 64  # logits [16, 64]: [8, 16] per device
 D, V = 6, 96  # kernel [6, 96]: [6, 24] per device; 12 per group under Auto (8 groups)
@@ -151,13 +151,7 @@ def _objective(loss, arrays):
 
 def _run(fn, *args):
   """`jax.jit(fn)(*args)`, compiled with FAST_COMPILE; returns (result, compiled)."""
-  lowered = jax.jit(fn).lower(*args)
-  try:
-    compiled = lowered.compile(FAST_COMPILE)
-  except jax.errors.JaxRuntimeError as e:  # an option this XLA does not know
-    if "compile option" not in str(e):
-      raise
-    compiled = lowered.compile()
+  compiled = compile_fast(fn, *args, xla_cpu_use_fusion_emitters=False)
   return compiled(*args), compiled
 
 
