@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from jaxce import _checks, _collective, _explicit
+from jaxce import _checks, _collective, _explicit, _linear_grads
 from jaxce._collective import match_vma, vary_like
 from jaxce._reduction import integer_target_loss
 from jaxce._stats import LabelStats
@@ -297,6 +297,15 @@ def linear_cross_entropy(
   largest temporary is a float32 [N, chunk] block (plus a float32 dx
   accumulator of `x`'s size).
 
+  One exception, for speed: a "mean" or "sum" loss of a 32-bit kernel with
+  `chunk_size=None` computes its gradients in the forward, over blocks of
+  tokens whose full-vocabulary logits are a float32 block of about 64 MiB
+  (`_linear_grads.py`). The logits are then computed once (three matmuls,
+  as on materialized logits, instead of four), and the backward keeps the
+  gradients, which are the size of the inputs. A 16-bit kernel keeps the
+  recomputing backward, where a float32 dkernel accumulator would double
+  the kernel's memory.
+
   Args:
     x: Activations ``[..., D]``, any leading batch dims.
     kernel: ``[D, V]``, Flax `Dense` layout, same dtype as `x`. For tied
@@ -407,6 +416,13 @@ def linear_cross_entropy(
           lambda *a: impl(*a, split.class_axis_name, split.row_axes), args, specs, split.out_spec)
   if class_axis_name is not None:
     return impl(*args, class_axis_name)
+  if reduction != "none" and kernel.dtype.itemsize >= 4 and chunk_size is None:
+    # 32-bit kernels: the dkernel accumulator costs no more than dkernel, so
+    # the forward computes the gradients and the logits once (three matmuls).
+    n = math.prod(lead)
+    options = _linear_grads.Options(ignore_index, reduction, eps, z, softcap)
+    return _linear_grads.linear_loss(
+        x.reshape(n, x.shape[-1]), kernel, bias, labels.reshape(n), weight, options)
   # Under jit, a kernel that XLA's partitioner may have split over its
   # vocabulary axis: as many groups as possible up to one per device, so
   # that any mesh axis size dividing both V and the device count lines up.
