@@ -2,10 +2,11 @@
 
 Every loss over a class axis is a cheap function of a few per-position numbers
 (the logsumexp, the logit at the label, a weighted sum of logits). These
-kernels compute those numbers in one pass over the logits and differentiate
-them in one elementwise pass, so the losses built on them (see `_losses.py`)
-get exact gradients for weights, label smoothing, z-loss and reductions from
-ordinary autodiff on arrays without a class axis.
+kernels compute those numbers in two reading passes over the logits (the max,
+then the sums) and differentiate them in one elementwise pass, so the losses
+built on them (see `_reduction.py`) get exact gradients for weights, label
+smoothing, z-loss and reductions from ordinary autodiff on arrays without a
+class axis.
 
 What each backward keeps (`*Residuals` below): the inputs as given (the caller
 holds them anyway) and a per-position float32 logsumexp. No softmax, no
@@ -28,9 +29,9 @@ from jaxce._log_softmax import masked, softmax_from_lse, stable_logsumexp
 def one_hot_at(labels: jax.Array, shape, axis: int) -> jax.Array:
   """Boolean mask of `shape`, true where the class index equals the label.
 
-  Labels outside [0, C) match nothing. An iota comparison (rather than a
-  gather) keeps everything elementwise, so it fuses with its neighbours and
-  works on logits sharded over the class axis.
+  Labels outside [0, C) match nothing. Used by the backward passes: an iota
+  comparison (rather than a scatter) keeps them elementwise, one fused pass
+  that also works on logits sharded over the class axis.
   """
   iota = jax.lax.broadcasted_iota(jnp.int32, shape, axis)
   return iota == jnp.expand_dims(labels.astype(jnp.int32), axis)
