@@ -29,9 +29,30 @@ def stable_logsumexp(x: jax.Array, axis: int) -> jax.Array:
   custom_vjp's forward (grad-of-grad, hessian) need not see it.
   """
   x = x.astype(_checks.compute_dtype(x.dtype))
-  m = jax.lax.stop_gradient(jnp.max(x, axis, keepdims=True))
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  return m + jnp.log(jnp.sum(jnp.exp(x - m), axis, keepdims=True))
+  return _shifted_logsumexp(x, jax.lax.stop_gradient(jnp.max(x, axis, keepdims=True)), axis)
+
+
+def _shifted_logsumexp(x, shift, axis):
+  shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+  return shift + jnp.log(jnp.sum(jnp.exp(x - shift), axis, keepdims=True))
+
+
+def logsumexp_near(x: jax.Array, guess: jax.Array, axis: int) -> jax.Array:
+  """`stable_logsumexp`, shifted by a per-row `guess` (axis kept) instead of
+  the row max: this saves the max's pass over x.
+
+  Any shift within ~80 of the max gives the same result, and the label's
+  logit nearly always is one. If the sum overflows, or falls below the
+  normal float range (a guess far above the max), anywhere, the batch is
+  redone with the max under a `lax.cond` that runs only then. (Under
+  `jax.vmap` a cond runs both branches, so the forward does one extra pass.)
+  """
+  x = x.astype(_checks.compute_dtype(x.dtype))
+  shift = jax.lax.stop_gradient(guess.astype(x.dtype))
+  shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+  log_s = jnp.log(jnp.sum(jnp.exp(x - shift), axis, keepdims=True))
+  usable = jnp.all(jnp.isfinite(log_s) & (log_s > -80.0))
+  return jax.lax.cond(usable, lambda: shift + log_s, lambda: stable_logsumexp(x, axis))
 
 
 def softmax_from_lse(x: jax.Array, lse: jax.Array) -> jax.Array:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from jaxce import _checks
 from jaxce._collective import match_vma
-from jaxce._log_softmax import masked, softmax_from_lse, stable_logsumexp
+from jaxce._log_softmax import logsumexp_near, masked, softmax_from_lse, stable_logsumexp
 
 
 def one_hot_at(labels: jax.Array, shape, axis: int) -> jax.Array:
@@ -121,10 +121,11 @@ def _label_stats(logits, labels, weight, where, axis, smoothing):
 
 
 def _label_stats_fwd(logits, labels, weight, where, axis, smoothing):
-  lse = stable_logsumexp(masked(logits, where), axis)
-  x = masked(logits.astype(lse.dtype), where)
   # Gathered from the input dtype: exact, and no upcast copy to gather from.
-  picked = take_at(masked(logits, where), labels, axis).astype(lse.dtype)
+  picked = take_at(masked(logits, where), labels, axis)
+  lse = logsumexp_near(masked(logits, where), jnp.expand_dims(picked, axis), axis)
+  picked = picked.astype(lse.dtype)
+  x = masked(logits.astype(lse.dtype), where)
   sums = _smoothing_sums(x, _per_class_along(weight, axis, x), axis) if smoothing else (None,) * 3
   stats = LabelStats(jnp.squeeze(lse, axis), picked, *sums)
   return stats, LabelResiduals(logits, labels, weight, where, lse)
