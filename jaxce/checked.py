@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax.experimental import checkify
 
@@ -82,5 +81,3 @@ def raising(fn):
 
   return wrapper
 
-
-del jax
