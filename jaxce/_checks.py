@@ -106,13 +106,12 @@ def class_weight(fn: str, weight, num_classes: int) -> jax.Array | None:
   return weight
 
 
-def broadcastable(fn: str, name: str, x, shape, dtype=None) -> jax.Array:
+def broadcastable(fn: str, name: str, x, shape) -> jax.Array:
   """`x` with `shape`'s rank (leading 1s added, nothing copied), or an error
   naming both shapes if it does not broadcast to `shape`. Kept unbroadcast so
   that a custom_vjp saving it saves only its own size."""
-  x = jnp.asarray(x) if dtype is None else jnp.asarray(x, dtype)
+  x = jnp.asarray(x)
   try:
-    jnp.broadcast_shapes(x.shape, tuple(shape))
     ok = jnp.broadcast_shapes(x.shape, tuple(shape)) == tuple(shape)
   except ValueError:
     ok = False

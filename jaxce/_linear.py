@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxce import _checks, _collective, _explicit, _linear_grads
 from jaxce._collective import match_vma, vary_like
+from jaxce._linear_grads import soft_cap
 from jaxce._reduction import integer_target_loss
 from jaxce._stats import LabelStats
 
@@ -81,8 +82,7 @@ def _chunk_logits(x, kernel, bias, i, chunk, softcap, groups) -> _Chunk:
     z = z + _group_cols(bias, start, chunk, groups).astype(z.dtype)[None]
   t = None
   if softcap is not None:
-    t = jnp.tanh(z / softcap)
-    z = jnp.where(z == -jnp.inf, -jnp.inf, softcap * t)  # a -inf bias still removes a class
+    z, t = soft_cap(z, softcap)
   offsets = jnp.arange(groups, dtype=jnp.int32)[:, None] * per_group
   cols = offsets + start + jnp.arange(chunk, dtype=jnp.int32)[None, :]
   fresh = (start + jnp.arange(chunk, dtype=jnp.int32) >= i * chunk)[None, None, :]

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxce import _checks
+from jaxce._collective import ClassSlice, label_weight
 from jaxce._cross_entropy import cross_entropy
 
 BLOCK_ELEMENTS = 2**24  # one float32 [rows, V] block: 64 MiB (smaller blocks run slower matmuls)
@@ -38,6 +39,13 @@ class GradResiduals(NamedTuple):
   dkernel: jax.Array  # [D, V]
   dbias: jax.Array | None  # [V]
   dweight: jax.Array | None  # [V]
+
+
+def soft_cap(z, cap):
+  """(cap * tanh(z / cap), tanh(z / cap)); a -inf logit (from a -inf bias)
+  stays -inf, so that class still takes no part."""
+  t = jnp.tanh(z / cap)
+  return jnp.where(z == -jnp.inf, -jnp.inf, cap * t), t
 
 
 def block_rows(num_tokens: int, vocab: int) -> int:
@@ -65,15 +73,15 @@ def _fwd(x, kernel, bias, labels, weight, options: Options):
   valid = labels != options.ignore_index
   # The "mean" denominator, sum_n w[y_n] v_n, needs no logits.
   inside = (labels >= 0) & (labels < vocab)
-  w_y = jnp.ones((n,), ct) if weight is None else jnp.take(
-      weight.astype(ct), jnp.clip(labels, 0, vocab - 1))
+  w_y = label_weight(weight, ClassSlice(labels, vocab, None))
+  w_y = jnp.ones((n,), ct) if w_y is None else w_y.astype(ct)
   denominator = jnp.sum(jnp.where(valid, w_y, 0.0))
   safe_den = jnp.where(denominator == 0, 1.0, denominator)
   scale = 1.0 / safe_den if options.reduction == "mean" else jnp.ones((), ct)
 
   def per_row(z, y, w):
     if options.softcap is not None:
-      z = jnp.where(z == -jnp.inf, -jnp.inf, options.softcap * jnp.tanh(z / options.softcap))
+      z, _ = soft_cap(z, options.softcap)
     return cross_entropy(z, y, weight=w, ignore_index=options.ignore_index, reduction="none",
                          label_smoothing=options.label_smoothing, z_loss=options.z_loss)
 
