@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
+from typing import Literal, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike, DTypeLike
 
+Reduction = Literal["none", "mean", "sum"]
 REDUCTIONS = ("none", "mean", "sum")
 
 
-def float_array(fn: str, name: str, x) -> jax.Array:
+def float_array(fn: str, name: str, x: ArrayLike) -> jax.Array:
   """`x` as an array with a floating dtype."""
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -26,7 +29,7 @@ def float_array(fn: str, name: str, x) -> jax.Array:
   return x
 
 
-def int_array(fn: str, name: str, x) -> jax.Array:
+def int_array(fn: str, name: str, x: ArrayLike) -> jax.Array:
   """`x` as an array with an integer dtype."""
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.integer):
@@ -36,13 +39,13 @@ def int_array(fn: str, name: str, x) -> jax.Array:
   return x
 
 
-def compute_dtype(dtype) -> np.dtype:
+def compute_dtype(dtype: DTypeLike) -> np.dtype[np.floating]:
   """At least float32: half-precision inputs are reduced in float32."""
   dtype = np.dtype(dtype)
   return dtype if dtype.itemsize > 4 else np.dtype(np.float32)
 
 
-def canonical_axis(fn: str, axis, ndim: int) -> int:
+def canonical_axis(fn: str, axis: int, ndim: int) -> int:
   try:
     axis = operator.index(axis)
   except TypeError:
@@ -57,15 +60,15 @@ def canonical_axis(fn: str, axis, ndim: int) -> int:
   return axis % ndim
 
 
-def reduction(fn: str, value) -> str:
+def reduction(fn: str, value: str) -> Reduction:
   if value not in REDUCTIONS:
     raise ValueError(
         f"{fn}: `reduction` must be one of {REDUCTIONS}. Got {value!r}."
     )
-  return value
+  return cast(Reduction, value)
 
 
-def static_float(fn: str, name: str, value, lo: float, hi: float) -> float:
+def static_float(fn: str, name: str, value: float, lo: float, hi: float) -> float:
   """A Python float in [lo, hi]; traced values are refused (they pick code)."""
   try:
     value = float(value)
@@ -82,7 +85,8 @@ def positions_shape(shape: Sequence[int], axis: int) -> tuple[int, ...]:
   return tuple(shape[:axis]) + tuple(shape[axis + 1:])
 
 
-def integer_labels(fn: str, labels, logits_shape, axis: int) -> jax.Array:
+def integer_labels(
+    fn: str, labels: ArrayLike, logits_shape: Sequence[int], axis: int) -> jax.Array:
   """Integer class indices with the logits' shape without the class axis."""
   labels = int_array(fn, "labels", labels)
   want = positions_shape(logits_shape, axis)
@@ -94,7 +98,7 @@ def integer_labels(fn: str, labels, logits_shape, axis: int) -> jax.Array:
   return labels
 
 
-def class_weight(fn: str, weight, num_classes: int) -> jax.Array | None:
+def class_weight(fn: str, weight: ArrayLike | None, num_classes: int) -> jax.Array | None:
   if weight is None:
     return None
   weight = float_array(fn, "weight", weight)
@@ -106,7 +110,7 @@ def class_weight(fn: str, weight, num_classes: int) -> jax.Array | None:
   return weight
 
 
-def broadcastable(fn: str, name: str, x, shape) -> jax.Array:
+def broadcastable(fn: str, name: str, x: ArrayLike, shape: Sequence[int]) -> jax.Array:
   """`x` with `shape`'s rank (leading 1s added, nothing copied), or an error
   naming both shapes if it does not broadcast to `shape`. Kept unbroadcast so
   that a custom_vjp saving it saves only its own size."""
@@ -123,7 +127,7 @@ def broadcastable(fn: str, name: str, x, shape) -> jax.Array:
   return x.reshape((1,) * (len(shape) - x.ndim) + x.shape)
 
 
-def class_mask(fn: str, where, shape) -> jax.Array | None:
+def class_mask(fn: str, where: ArrayLike | None, shape: Sequence[int]) -> jax.Array | None:
   if where is None:
     return None
   where = jnp.asarray(where)

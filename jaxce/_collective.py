@@ -9,19 +9,24 @@ psum/pmax to each device's slice.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
+
+# A mesh axis name, or several (jax collectives accept both).
+AxisName = str | tuple[str, ...]
+Stats = TypeVar("Stats", bound=tuple[Any, ...])
+Tree = TypeVar("Tree")
 
 
 class ClassSlice(NamedTuple):
   local_labels: jax.Array  # labels minus this device's first class
   num_classes: int  # over all devices
-  axis_name: str | None
+  axis_name: AxisName | None
 
 
-def class_slice(labels, num_local: int, axis_name) -> ClassSlice:
+def class_slice(labels: jax.Array, num_local: int, axis_name: AxisName | None) -> ClassSlice:
   """Where this device's classes sit among all of them."""
   if axis_name is None:
     return ClassSlice(labels, num_local, None)
@@ -30,7 +35,7 @@ def class_slice(labels, num_local: int, axis_name) -> ClassSlice:
                     axis_name)
 
 
-def label_weight(weight, where: ClassSlice):
+def label_weight(weight: jax.Array | None, where: ClassSlice) -> jax.Array | None:
   """w[y] per position (None without class weights). With a class axis,
   `weight` is this device's slice and the owner of each label supplies it."""
   if weight is None:
@@ -40,10 +45,11 @@ def label_weight(weight, where: ClassSlice):
   if where.axis_name is None:
     return w
   owned = (where.local_labels >= 0) & (where.local_labels < num_local)
-  return jax.lax.psum(jnp.where(owned, w, jnp.zeros((), w.dtype)), where.axis_name)
+  total: jax.Array = jax.lax.psum(jnp.where(owned, w, jnp.zeros((), w.dtype)), where.axis_name)
+  return total
 
 
-def combine(stats, axis_name):
+def combine(stats: Stats, axis_name: AxisName | None) -> Stats:
   """Global statistics from each device's: logsumexp of the logsumexps,
   sums of everything else (a label's logit comes from its owner alone)."""
   if axis_name is None:
@@ -59,7 +65,7 @@ def combine(stats, axis_name):
   return type(stats)(lse, *rest)
 
 
-def match_vma(cotangent, primal):
+def match_vma(cotangent: jax.Array | None, primal: jax.Array) -> jax.Array | None:
   """Sums a custom_vjp cotangent over the `shard_map` axes along which it
   varies but its primal does not (a class weight shared by devices holding
   different rows gets the sum of their contributions); a no-op elsewhere."""
@@ -69,7 +75,7 @@ def match_vma(cotangent, primal):
   return jax.lax.psum(cotangent, extra) if extra else cotangent
 
 
-def _varying_axes(x) -> frozenset:
+def _varying_axes(x: Any) -> frozenset[str]:
   aval = jax.typeof(x)
   manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
   if manual is not None:
@@ -77,13 +83,14 @@ def _varying_axes(x) -> frozenset:
   return frozenset(getattr(aval, "vma", ()))  # earlier releases
 
 
-def vary_like(tree, *refs):
+def vary_like(tree: Tree, *refs: jax.Array | None) -> Tree:
   """Marks a fresh (e.g. zeros) loop carry as varying along every `shard_map`
   axis that `refs` vary along, as `lax.scan` requires; a no-op elsewhere."""
   axes = frozenset().union(*(_varying_axes(r) for r in refs if r is not None))
 
-  def vary(x):
+  def vary(x: jax.Array) -> jax.Array:
     extra = tuple(sorted(axes - _varying_axes(x)))
     return jax.lax.pcast(x, extra, to="varying") if extra else x
 
-  return jax.tree.map(vary, tree)
+  varied: Tree = jax.tree.map(vary, tree)
+  return varied
