@@ -43,6 +43,8 @@ napoleon_use_rtype = False
 autodoc_typehints = "signature"
 autodoc_member_order = "bysource"
 autodoc_preserve_defaults = True
+# Signatures say `ArrayLike` (jax.typing.ArrayLike), not its expansion.
+autodoc_type_aliases = {"ArrayLike": "ArrayLike"}
 
 # The docstrings' examples run under `sphinx-build -b doctest` (.ci/docs).
 doctest_global_setup = "import jax, jax.numpy as jnp, jaxce"

@@ -2,6 +2,7 @@
 
 * ``cli-help``: runs ``python <jaxce_benchmark_command>`` from the repository
   root at build time and shows its output, so the flags page cannot go stale.
+* Signatures that read `ArrayLike | None` (see `clean_signature`).
 * A completeness check: every name in ``jaxce.__all__`` and
   ``jaxce.checked.__all__`` must be documented somewhere, or the build warns
   (and ``-W`` fails).
@@ -10,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,8 +57,20 @@ def check_public_api(app: Sphinx, env: Any) -> None:
       logger.warning("public API `%s` is not documented under docs/api/", name)
 
 
+def clean_signature(
+    app: Sphinx, what: str, name: str, obj: Any, options: Any, signature: str | None,
+    return_annotation: str | None,
+) -> tuple[str | None, str | None]:
+  """`ArrayLike | None`, not `TypeAliasForwardRef('ArrayLike') | None` (a
+  Sphinx rendering of aliases inside unions)."""
+  if signature:
+    signature = re.sub(r"TypeAliasForwardRef\('([^']*)'\)", r"\1", signature)
+  return signature, return_annotation
+
+
 def setup(app: Sphinx) -> dict[str, Any]:
   app.add_config_value("jaxce_benchmark_command", ["benchmarks/run.py", "--help"], "env")
   app.add_directive("cli-help", CliHelp)
   app.connect("env-check-consistency", check_public_api)
+  app.connect("autodoc-process-signature", clean_signature)
   return {"parallel_read_safe": True, "parallel_write_safe": True}
