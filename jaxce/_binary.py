@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.typing import ArrayLike
 
 from jaxce import _checks
 from jaxce._collective import match_vma
@@ -20,7 +18,7 @@ class BinaryResiduals(NamedTuple):
   pos_weight: jax.Array | None  # in its own (unbroadcast) shape
 
 
-def _unbroadcast(d: jax.Array, shape: Sequence[int]) -> jax.Array:
+def _unbroadcast(d: jax.Array, shape) -> jax.Array:
   """Sums a cotangent of a broadcast result back to the operand's `shape`."""
   lead = d.ndim - len(shape)
   axes = tuple(range(lead)) + tuple(
@@ -29,12 +27,11 @@ def _unbroadcast(d: jax.Array, shape: Sequence[int]) -> jax.Array:
 
 
 @jax.custom_vjp
-def _binary_terms(
-    logits: jax.Array, targets: jax.Array, pos_weight: jax.Array | None) -> jax.Array:
+def _binary_terms(logits, targets, pos_weight):
   return _binary_terms_fwd(logits, targets, pos_weight)[0]
 
 
-def _softplus_pair(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+def _softplus_pair(x):
   """(softplus(x), softplus(-x), sigmoid(x), sigmoid(-x)) from one exp and
   one log1p: log(1 + e^{+-x}) = max(+-x, 0) + log1p(e^{-|x|}), exact at
   both tails (no cancellation), finite for any finite x."""
@@ -46,15 +43,13 @@ def _softplus_pair(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.A
           jnp.where(pos, big, small), jnp.where(pos, small, big))
 
 
-def _pos_weight(pos_weight: jax.Array | None, x: jax.Array) -> jax.Array:
+def _pos_weight(pos_weight, x):
   if pos_weight is None:
     return jnp.ones((), x.dtype)
   return jnp.broadcast_to(pos_weight.astype(x.dtype), x.shape)
 
 
-def _binary_terms_fwd(
-    logits: jax.Array, targets: jax.Array, pos_weight: jax.Array | None
-) -> tuple[jax.Array, BinaryResiduals]:
+def _binary_terms_fwd(logits, targets, pos_weight):
   # -[pw t log s(x) + (1 - t) log(1 - s(x))] = pw t sp(-x) + (1 - t) sp(x).
   ct = _checks.compute_dtype(logits.dtype)
   x, t = logits.astype(ct), targets.astype(ct)
@@ -63,9 +58,7 @@ def _binary_terms_fwd(
   return loss, BinaryResiduals(logits, targets, pos_weight)
 
 
-def _binary_terms_bwd(
-    res: BinaryResiduals, g: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+def _binary_terms_bwd(res, g):
   ct = g.dtype
   x, t = res.logits.astype(ct), res.targets.astype(ct)
   pw = _pos_weight(res.pos_weight, x)
@@ -83,12 +76,12 @@ _binary_terms.defvjp(_binary_terms_fwd, _binary_terms_bwd)
 
 
 def binary_cross_entropy_with_logits(
-    logits: ArrayLike,
-    targets: ArrayLike,
+    logits,
+    targets,
     *,
-    weight: ArrayLike | None = None,
-    pos_weight: ArrayLike | None = None,
-    reduction: Literal["none", "mean", "sum"] = "mean",
+    weight=None,
+    pos_weight=None,
+    reduction: str = "mean",
 ) -> jax.Array:
   r"""Sigmoid binary cross-entropy on logits, as PyTorch's function of that name.
 

@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from typing import Literal, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.typing import ArrayLike, DTypeLike
 
-Reduction = Literal["none", "mean", "sum"]
 REDUCTIONS = ("none", "mean", "sum")
 
 
-def float_array(fn: str, name: str, x: ArrayLike) -> jax.Array:
+def float_array(fn: str, name: str, x) -> jax.Array:
   """`x` as an array with a floating dtype."""
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -29,7 +26,7 @@ def float_array(fn: str, name: str, x: ArrayLike) -> jax.Array:
   return x
 
 
-def int_array(fn: str, name: str, x: ArrayLike) -> jax.Array:
+def int_array(fn: str, name: str, x) -> jax.Array:
   """`x` as an array with an integer dtype."""
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.integer):
@@ -39,13 +36,13 @@ def int_array(fn: str, name: str, x: ArrayLike) -> jax.Array:
   return x
 
 
-def compute_dtype(dtype: DTypeLike) -> np.dtype[np.floating]:
+def compute_dtype(dtype) -> np.dtype:
   """At least float32: half-precision inputs are reduced in float32."""
   dtype = np.dtype(dtype)
   return dtype if dtype.itemsize > 4 else np.dtype(np.float32)
 
 
-def canonical_axis(fn: str, axis: int, ndim: int) -> int:
+def canonical_axis(fn: str, axis, ndim: int) -> int:
   try:
     axis = operator.index(axis)
   except TypeError:
@@ -60,15 +57,15 @@ def canonical_axis(fn: str, axis: int, ndim: int) -> int:
   return axis % ndim
 
 
-def reduction(fn: str, value: str) -> Reduction:
+def reduction(fn: str, value) -> str:
   if value not in REDUCTIONS:
     raise ValueError(
         f"{fn}: `reduction` must be one of {REDUCTIONS}. Got {value!r}."
     )
-  return cast(Reduction, value)
+  return value
 
 
-def static_float(fn: str, name: str, value: float, lo: float, hi: float) -> float:
+def static_float(fn: str, name: str, value, lo: float, hi: float) -> float:
   """A Python float in [lo, hi]; traced values are refused (they pick code)."""
   try:
     value = float(value)
@@ -85,8 +82,7 @@ def positions_shape(shape: Sequence[int], axis: int) -> tuple[int, ...]:
   return tuple(shape[:axis]) + tuple(shape[axis + 1:])
 
 
-def integer_labels(
-    fn: str, labels: ArrayLike, logits_shape: Sequence[int], axis: int) -> jax.Array:
+def integer_labels(fn: str, labels, logits_shape, axis: int) -> jax.Array:
   """Integer class indices with the logits' shape without the class axis."""
   labels = int_array(fn, "labels", labels)
   want = positions_shape(logits_shape, axis)
@@ -98,7 +94,7 @@ def integer_labels(
   return labels
 
 
-def class_weight(fn: str, weight: ArrayLike | None, num_classes: int) -> jax.Array | None:
+def class_weight(fn: str, weight, num_classes: int) -> jax.Array | None:
   if weight is None:
     return None
   weight = float_array(fn, "weight", weight)
@@ -110,7 +106,7 @@ def class_weight(fn: str, weight: ArrayLike | None, num_classes: int) -> jax.Arr
   return weight
 
 
-def broadcastable(fn: str, name: str, x: ArrayLike, shape: Sequence[int]) -> jax.Array:
+def broadcastable(fn: str, name: str, x, shape) -> jax.Array:
   """`x` with `shape`'s rank (leading 1s added, nothing copied), or an error
   naming both shapes if it does not broadcast to `shape`. Kept unbroadcast so
   that a custom_vjp saving it saves only its own size."""
@@ -127,7 +123,7 @@ def broadcastable(fn: str, name: str, x: ArrayLike, shape: Sequence[int]) -> jax
   return x.reshape((1,) * (len(shape) - x.ndim) + x.shape)
 
 
-def class_mask(fn: str, where: ArrayLike | None, shape: Sequence[int]) -> jax.Array | None:
+def class_mask(fn: str, where, shape) -> jax.Array | None:
   if where is None:
     return None
   where = jnp.asarray(where)

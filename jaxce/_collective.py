@@ -9,24 +9,19 @@ psum/pmax to each device's slice.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, TypeVar
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-
-# A mesh axis name, or several (jax collectives accept both).
-AxisName = str | tuple[str, ...]
-Stats = TypeVar("Stats", bound=tuple[Any, ...])
-Tree = TypeVar("Tree")
 
 
 class ClassSlice(NamedTuple):
   local_labels: jax.Array  # labels minus this device's first class
   num_classes: int  # over all devices
-  axis_name: AxisName | None
+  axis_name: str | None
 
 
-def class_slice(labels: jax.Array, num_local: int, axis_name: AxisName | None) -> ClassSlice:
+def class_slice(labels, num_local: int, axis_name) -> ClassSlice:
   """Where this device's classes sit among all of them."""
   if axis_name is None:
     return ClassSlice(labels, num_local, None)
@@ -35,7 +30,7 @@ def class_slice(labels: jax.Array, num_local: int, axis_name: AxisName | None) -
                     axis_name)
 
 
-def label_weight(weight: jax.Array | None, where: ClassSlice) -> jax.Array | None:
+def label_weight(weight, where: ClassSlice):
   """w[y] per position (None without class weights). With a class axis,
   `weight` is this device's slice and the owner of each label supplies it."""
   if weight is None:
@@ -45,11 +40,10 @@ def label_weight(weight: jax.Array | None, where: ClassSlice) -> jax.Array | Non
   if where.axis_name is None:
     return w
   owned = (where.local_labels >= 0) & (where.local_labels < num_local)
-  total: jax.Array = jax.lax.psum(jnp.where(owned, w, jnp.zeros((), w.dtype)), where.axis_name)
-  return total
+  return jax.lax.psum(jnp.where(owned, w, jnp.zeros((), w.dtype)), where.axis_name)
 
 
-def combine(stats: Stats, axis_name: AxisName | None) -> Stats:
+def combine(stats, axis_name):
   """Global statistics from each device's: logsumexp of the logsumexps,
   sums of everything else (a label's logit comes from its owner alone)."""
   if axis_name is None:
@@ -65,7 +59,7 @@ def combine(stats: Stats, axis_name: AxisName | None) -> Stats:
   return type(stats)(lse, *rest)
 
 
-def match_vma(cotangent: jax.Array | None, primal: jax.Array) -> jax.Array | None:
+def match_vma(cotangent, primal):
   """Sums a custom_vjp cotangent over the `shard_map` axes along which it
   varies but its primal does not (a class weight shared by devices holding
   different rows gets the sum of their contributions); a no-op elsewhere."""
@@ -75,7 +69,7 @@ def match_vma(cotangent: jax.Array | None, primal: jax.Array) -> jax.Array | Non
   return jax.lax.psum(cotangent, extra) if extra else cotangent
 
 
-def _varying_axes(x: Any) -> frozenset[str]:
+def _varying_axes(x) -> frozenset:
   aval = jax.typeof(x)
   manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
   if manual is not None:
@@ -83,14 +77,13 @@ def _varying_axes(x: Any) -> frozenset[str]:
   return frozenset(getattr(aval, "vma", ()))  # earlier releases
 
 
-def vary_like(tree: Tree, *refs: jax.Array | None) -> Tree:
+def vary_like(tree, *refs):
   """Marks a fresh (e.g. zeros) loop carry as varying along every `shard_map`
   axis that `refs` vary along, as `lax.scan` requires; a no-op elsewhere."""
   axes = frozenset().union(*(_varying_axes(r) for r in refs if r is not None))
 
-  def vary(x: jax.Array) -> jax.Array:
+  def vary(x):
     extra = tuple(sorted(axes - _varying_axes(x)))
     return jax.lax.pcast(x, extra, to="varying") if extra else x
 
-  varied: Tree = jax.tree.map(vary, tree)
-  return varied
+  return jax.tree.map(vary, tree)

@@ -2,28 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import jax
 import jax.numpy as jnp
-from jax.typing import ArrayLike
 
 from jaxce import _checks, _collective, _explicit, _stats
-from jaxce._collective import AxisName
 from jaxce._reduction import integer_target_loss, target_loss
 
 
 def cross_entropy(
-    logits: ArrayLike,
-    labels: ArrayLike,
+    logits,
+    labels,
     *,
-    weight: ArrayLike | None = None,
-    ignore_index: int | None = -100,
-    reduction: Literal["none", "mean", "sum"] = "mean",
+    weight=None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     axis: int = -1,
-    where: ArrayLike | None = None,
+    where=None,
     class_axis_name: str | None = None,
 ) -> jax.Array:
   r"""Softmax cross-entropy with PyTorch's options, for integer or probability
@@ -113,20 +109,13 @@ def cross_entropy(
   if not probabilities:
     labels = _checks.integer_labels(fn, labels, logits.shape, axis)
 
-  def impl(
-      logits: jax.Array,
-      labels: jax.Array,
-      weight: jax.Array | None,
-      where: jax.Array | None,
-      class_axis_name: AxisName | None,
-      row_axes: tuple[str, ...] = (),
-  ) -> jax.Array:
+  def impl(logits, labels, weight, where, class_axis_name, row_axes=()):
     if probabilities:
-      tstats = _stats.target_stats(logits, labels, weight, where, axis, bool(eps))
-      tstats = _collective.combine(tstats, class_axis_name)
+      stats = _stats.target_stats(logits, labels, weight, where, axis, bool(eps))
+      stats = _collective.combine(stats, class_axis_name)
       return target_loss(
-          tstats.lse, tstats.target_mass, tstats.target_logits, reduction=reduction,
-          label_smoothing=eps, z_loss=z, smoothing_sums=tstats[3:] if eps else None,
+          stats.lse, stats.target_mass, stats.target_logits, reduction=reduction,
+          label_smoothing=eps, z_loss=z, smoothing_sums=stats[3:] if eps else None,
           row_axes=row_axes)
     classes = _collective.class_slice(labels, logits.shape[axis], class_axis_name)
     stats = _stats.label_stats(
@@ -154,18 +143,17 @@ def cross_entropy(
       where_spec = None if where is None else _explicit.spec_for_shape(split.spec, where.shape)
       specs = (split.spec, label_spec, split.class_spec, where_spec)
       return _explicit.run(
-          lambda x, y, w, m: impl(x, y, w, m, split.class_axis_name, split.row_axes),
-          args, specs, split.out_spec)
+          lambda *a: impl(*a, split.class_axis_name, split.row_axes), args, specs, split.out_spec)
   return impl(*args, class_axis_name)
 
 
 def nll_loss(
-    log_probs: ArrayLike,
-    labels: ArrayLike,
+    log_probs,
+    labels,
     *,
-    weight: ArrayLike | None = None,
-    ignore_index: int | None = -100,
-    reduction: Literal["none", "mean", "sum"] = "mean",
+    weight=None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
     axis: int = -1,
     class_axis_name: str | None = None,
 ) -> jax.Array:
@@ -213,13 +201,7 @@ def nll_loss(
   weight = _checks.class_weight(fn, weight, num_classes)
   labels = _checks.integer_labels(fn, labels, log_probs.shape, axis)
 
-  def impl(
-      log_probs: jax.Array,
-      labels: jax.Array,
-      weight: jax.Array | None,
-      class_axis_name: AxisName | None,
-      row_axes: tuple[str, ...] = (),
-  ) -> jax.Array:
+  def impl(log_probs, labels, weight, class_axis_name, row_axes=()):
     classes = _collective.class_slice(labels, log_probs.shape[axis], class_axis_name)
     picked = _stats.pick(log_probs, classes.local_labels, axis)
     if class_axis_name is not None:
@@ -241,7 +223,6 @@ def nll_loss(
     if split is not None:
       specs = (split.spec, split.row_spec, split.class_spec)
       return _explicit.run(
-          lambda lp, y, w: impl(lp, y, w, split.class_axis_name, split.row_axes),
-          args, specs, split.out_spec)
+          lambda *a: impl(*a, split.class_axis_name, split.row_axes), args, specs, split.out_spec)
   return impl(*args, class_axis_name)
 

@@ -12,18 +12,17 @@ the kernel. (Under `AxisType.Auto` XLA's partitioner does the same for
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 from jax.sharding import AxisType, PartitionSpec
 
 Names = tuple[str, ...]
-Entry = str | Names | None  # one PartitionSpec entry
 
 
-def spec_of(x: jax.Array) -> PartitionSpec | None:
+def spec_of(x) -> PartitionSpec | None:
   """`x`'s PartitionSpec (one entry per dim) when it lives on an Explicit mesh."""
-  sharding: Any = getattr(jax.typeof(x), "sharding", None)
+  sharding = getattr(jax.typeof(x), "sharding", None)
   mesh = getattr(sharding, "mesh", None)
   if mesh is None or mesh.empty or AxisType.Explicit not in tuple(mesh.axis_types):
     return None
@@ -31,27 +30,27 @@ def spec_of(x: jax.Array) -> PartitionSpec | None:
   return PartitionSpec(*spec, *(None,) * (x.ndim - len(spec)))
 
 
-def spec_for_shape(spec: PartitionSpec, shape: Sequence[int]) -> PartitionSpec:
+def spec_for_shape(spec: PartitionSpec, shape) -> PartitionSpec:
   """`spec` for an array broadcast against it: its size-1 dims unsplit."""
   return PartitionSpec(*(None if n == 1 else e for e, n in zip(spec, shape, strict=True)))
 
 
-def names(entry: Entry) -> Names:
+def names(entry) -> Names:
   if entry is None:
     return ()
   return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def entry(axis_names: Names) -> Entry:
+def entry(axis_names: Names):
   return None if not axis_names else axis_names[0] if len(axis_names) == 1 else axis_names
 
 
 def run(
-    body: Callable[..., jax.Array],
-    args: Sequence[jax.Array | None],
+    body: Callable,
+    args: Sequence,
     specs: Sequence[PartitionSpec | None],
     out_spec: PartitionSpec,
-) -> jax.Array:
+):
   """`body(*local_args)` on every device of the Explicit mesh, each argument
   first resharded to its spec (labels and weights are small; the logits and
   kernel already have theirs). None arguments pass through."""
@@ -60,7 +59,7 @@ def run(
     mesh = next(jax.typeof(a).sharding.mesh for a in args if a is not None)
   present = [i for i, a in enumerate(args) if a is not None]
 
-  def local(*xs: jax.Array) -> jax.Array:
+  def local(*xs):
     full = list(args)
     for i, v in zip(present, xs, strict=True):
       full[i] = v
@@ -77,13 +76,11 @@ class Split(NamedTuple):
   row_spec: PartitionSpec  # of per-position arrays (labels, loss "none")
   class_spec: PartitionSpec  # of per-class vectors (weight, bias)
   out_spec: PartitionSpec
-  class_axis_name: Entry  # None when only the rows are split
+  class_axis_name: str | Names
   row_axes: Names
 
 
-def class_split(
-    x: jax.Array, class_dim: int, reduction: str, rows: jax.Array | None = None
-) -> Split | None:
+def class_split(x, class_dim: int, reduction: str, rows=None) -> Split | None:
   """How to split a loss whose class dim of `x` is sharded on an Explicit
   mesh (None when it is not). `rows`: the array whose other dims are the
   positions, if not `x` itself (the activations, for the fused loss)."""
@@ -107,7 +104,7 @@ def class_split(
   )
 
 
-def linear_split(x: jax.Array, kernel: jax.Array, reduction: str) -> Split | None:
+def linear_split(x, kernel, reduction: str) -> Split | None:
   """`class_split` for the fused loss: the vocabulary is the kernel's dim 1
   and the positions are `x`'s leading dims. Also used when only the rows
   are sharded, so that the chunk loop runs on local arrays."""

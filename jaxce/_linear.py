@@ -16,16 +16,14 @@ from __future__ import annotations
 import functools
 import math
 import operator
-from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
-from jax.typing import ArrayLike
 
 from jaxce import _checks, _collective, _explicit, _linear_grads
-from jaxce._collective import AxisName, match_vma, vary_like
+from jaxce._collective import match_vma, vary_like
 from jaxce._linear_grads import soft_cap
 from jaxce._reduction import integer_target_loss
 from jaxce._stats import LabelStats
@@ -33,8 +31,6 @@ from jaxce._stats import LabelStats
 # Elements of one float32 block (16 MiB): sets the default vocabulary chunk
 # ([N, chunk] logits) and the row blocks of the dx accumulation ([rows, D]).
 BLOCK_ELEMENTS = 2**22
-
-Carry = TypeVar("Carry")
 
 
 def default_chunk_size(num_tokens: int, vocab: int) -> int:
@@ -62,12 +58,12 @@ class _Chunk(NamedTuple):
   start: jax.Array  # first column of the slice within each group
 
 
-def _grouped(v: jax.Array, groups: int) -> jax.Array:
+def _grouped(v, groups):
   """[..., V] viewed as [..., G, V / G] (a free reshape)."""
   return v.reshape(*v.shape[:-1], groups, v.shape[-1] // groups)
 
 
-def _group_cols(v: jax.Array, start: jax.Array, size: int, groups: int) -> jax.Array:
+def _group_cols(v, start, size, groups):
   """[..., G, size]: columns start:start+size of each of the G equal slices
   of v's last axis."""
   if groups == 1:  # see _write_cols
@@ -75,15 +71,7 @@ def _group_cols(v: jax.Array, start: jax.Array, size: int, groups: int) -> jax.A
   return _slice_cols(_grouped(v, groups), start, size)
 
 
-def _chunk_logits(
-    x: jax.Array,
-    kernel: jax.Array,
-    bias: jax.Array | None,
-    i: jax.Array,
-    chunk: int,
-    softcap: float | None,
-    groups: int,
-) -> _Chunk:
+def _chunk_logits(x, kernel, bias, i, chunk, softcap, groups) -> _Chunk:
   """Logits of chunk i of every group. The last chunk is shifted left to stay
   in bounds (no padded copy of the kernel); the columns it shares with the
   previous chunk are marked not `fresh`."""
@@ -101,16 +89,14 @@ def _chunk_logits(
   return _Chunk(z, t, cols, fresh, start)
 
 
-def _matmul(
-    a: jax.Array, b: jax.Array, contract_a: Sequence[int], contract_b: Sequence[int]
-) -> jax.Array:
+def _matmul(a, b, contract_a, contract_b):
   """a . b over the given axes, in the inputs' dtype, accumulated in float32
   (float64 for float64 inputs)."""
   dims = ((tuple(contract_a), tuple(contract_b)), ((), ()))
   return jax.lax.dot_general(a, b, dims, preferred_element_type=_checks.compute_dtype(a.dtype))
 
 
-def _add_rows_matmul(acc: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+def _add_rows_matmul(acc, a, b):
   """acc + a . b over their last two axes (a float32, cast to b's dtype), in
   blocks of rows.
 
@@ -121,12 +107,11 @@ def _add_rows_matmul(acc: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
   block = max(1, min(n, BLOCK_ELEMENTS // max(d, 1)))
   if n == 0:
     return acc
-  product: Callable[[jax.Array], jax.Array] = (
-      lambda rows: _matmul(rows.astype(b.dtype), b, (1, 2), (1, 2)))
+  product = lambda rows: _matmul(rows.astype(b.dtype), b, (1, 2), (1, 2))
   if block == n:
     return acc + product(a)
 
-  def body(acc: jax.Array, j: jax.Array) -> tuple[jax.Array, None]:
+  def body(acc, j):
     start = jnp.minimum(j * block, n - block)  # last block shifted in bounds
     rows = jax.lax.dynamic_slice_in_dim(a, start, block, axis=0)
     fresh = start + jnp.arange(block) >= j * block
@@ -134,15 +119,14 @@ def _add_rows_matmul(acc: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
     old = jax.lax.dynamic_slice_in_dim(acc, start, block, axis=0)
     return jax.lax.dynamic_update_slice_in_dim(acc, old + product(rows), start, axis=0), None
 
-  out: jax.Array = jax.lax.scan(body, acc, jnp.arange(-(-n // block)))[0]
-  return out
+  return jax.lax.scan(body, acc, jnp.arange(-(-n // block)))[0]
 
 
-def _slice_cols(a: jax.Array, start: jax.Array, size: int) -> jax.Array:
+def _slice_cols(a, start, size):
   return jax.lax.dynamic_slice_in_dim(a, start, size, axis=a.ndim - 1)
 
 
-def _write_cols(acc: jax.Array, update: jax.Array, start: jax.Array, groups: int) -> jax.Array:
+def _write_cols(acc, update, start, groups):
   """acc[..., g * V / G + start + j] = update[..., g, j]. Every column's
   gradient is complete within a chunk, so the overlap columns are rewritten
   with equal values. With one group no view is taken: XLA's CPU backend
@@ -154,13 +138,7 @@ def _write_cols(acc: jax.Array, update: jax.Array, start: jax.Array, groups: int
   return grouped.reshape(acc.shape)
 
 
-def _scan_chunks(
-    step: Callable[[Carry, jax.Array, jax.Array], Carry],
-    carry: Carry,
-    kernel: jax.Array,
-    chunk: int,
-    per_group: int,
-) -> Carry:
+def _scan_chunks(step, carry, kernel, chunk, per_group):
   """Runs step(carry, kernel, i) over the chunks.
 
   The kernel rides in the loop carry behind an optimization barrier: XLA's
@@ -169,7 +147,7 @@ def _scan_chunks(
   the kernel is invariant.
   """
 
-  def body(state: tuple[Carry, jax.Array], i: jax.Array) -> tuple[tuple[Carry, jax.Array], None]:
+  def body(state, i):
     carry, kernel = state
     kernel = jax.lax.optimization_barrier(kernel)
     return (step(carry, kernel, i), kernel), None
@@ -179,17 +157,11 @@ def _scan_chunks(
   return carry
 
 
-def _class_weights(weight: jax.Array | None, ch: _Chunk) -> jax.Array:
+def _class_weights(weight, ch: _Chunk):
   if weight is None:
     return jnp.ones((1, *ch.cols.shape), ch.z.dtype)
   groups, size = ch.cols.shape
   return _group_cols(weight, ch.start, size, groups).astype(ch.z.dtype)[None]
-
-
-# Scan carries: (max, sum of exps, logit at the label, smoothing sums) and
-# (dx, dkernel, dbias, dweight).
-_FwdCarry = tuple[jax.Array, jax.Array, jax.Array, tuple[jax.Array, ...]]
-_BwdCarry = tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]
 
 
 class LinearResiduals(NamedTuple):
@@ -202,41 +174,21 @@ class LinearResiduals(NamedTuple):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def linear_label_stats(
-    x: jax.Array,
-    kernel: jax.Array,
-    bias: jax.Array | None,
-    labels: jax.Array,
-    weight: jax.Array | None,
-    chunk: int,
-    softcap: float | None,
-    smoothing: bool,
-    groups: int,
-) -> LabelStats:
+def linear_label_stats(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups):
   """`_stats.label_stats` of `x @ kernel + bias` (optionally soft-capped),
   streamed over chunks of `chunk` columns of each of `groups` equal slices
   of the vocabulary."""
   return _fwd(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups)[0]
 
 
-def _fwd(
-    x: jax.Array,
-    kernel: jax.Array,
-    bias: jax.Array | None,
-    labels: jax.Array,
-    weight: jax.Array | None,
-    chunk: int,
-    softcap: float | None,
-    smoothing: bool,
-    groups: int,
-) -> tuple[LabelStats, LinearResiduals]:
+def _fwd(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups):
   ct = _checks.compute_dtype(x.dtype)
   n = x.shape[0]
   zeros = jnp.zeros((n,), ct)
   axes = (1, 2)
   labels = labels.astype(jnp.int32)[:, None, None]
 
-  def step(carry: _FwdCarry, kernel: jax.Array, i: jax.Array) -> _FwdCarry:
+  def step(carry, kernel, i):
     m, s, picked, sums = carry
     ch = _chunk_logits(x, kernel, bias, i, chunk, softcap, groups)
     z = jnp.where(ch.fresh, ch.z, -jnp.inf)  # count each class once
@@ -256,8 +208,7 @@ def _fwd(
       )
     return m_new, s, picked, sums
 
-  init: _FwdCarry = (
-      jnp.full((n,), -jnp.inf, ct), zeros, zeros, (zeros,) * 3 if smoothing else ())
+  init = (jnp.full((n,), -jnp.inf, ct), zeros, zeros, (zeros,) * 3 if smoothing else ())
   init = vary_like(init, x, kernel, bias, labels, weight)
   m, s, picked, sums = _scan_chunks(step, init, kernel, chunk, kernel.shape[1] // groups)
   lse = jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(s)
@@ -265,17 +216,10 @@ def _fwd(
   return stats, LinearResiduals(x, kernel, bias, labels[:, 0, 0], weight, lse)
 
 
-def _bwd(
-    chunk: int,
-    softcap: float | None,
-    smoothing: bool,
-    groups: int,
-    res: LinearResiduals,
-    g: LabelStats,
-) -> tuple[jax.Array | None, ...]:
+def _bwd(chunk, softcap, smoothing, groups, res, g):
   x, kernel, bias, labels, weight, lse = res
   ct = lse.dtype
-  col: Callable[[Any], jax.Array] = lambda v: v.astype(ct)[:, None, None]
+  col = lambda v: v.astype(ct)[:, None, None]
   lse_col = col(jnp.where(lse == -jnp.inf, jnp.inf, lse))
   labels = labels.astype(jnp.int32)[:, None, None]
   # x transposed once: XLA's CPU backend has no native bf16 matmul that
@@ -284,7 +228,7 @@ def _bwd(
   # transpose back into the matmul.
   x_t = jax.lax.optimization_barrier(x.T)
 
-  def step(carry: _BwdCarry, kernel: jax.Array, i: jax.Array) -> _BwdCarry:
+  def step(carry, kernel, i):
     dx, dkernel, dbias, dweight = carry
     ch = _chunk_logits(x, kernel, bias, i, chunk, softcap, groups)
     # dz of every column of the slice: the overlap columns' values equal the
@@ -299,7 +243,6 @@ def _bwd(
         dw = jnp.where(active, z_safe * col(g.weighted_sum) + col(g.weight_sum), 0.0)
         dweight = _write_cols(dweight, jnp.sum(dw, axis=0), ch.start, groups)
     if softcap is not None:
-      assert ch.raw_tanh is not None
       dz = dz * (1.0 - ch.raw_tanh**2)
     w_chunk = _group_cols(kernel, ch.start, chunk, groups)
     dx = _add_rows_matmul(dx, jnp.where(ch.fresh, dz, 0.0), w_chunk)
@@ -320,9 +263,7 @@ def _bwd(
       step, init, kernel, chunk, kernel.shape[1] // groups)
   # Inside shard_map, each device's partial dx / dkernel sums over the axes
   # it does not share with its primal (the Megatron all-reduce of dx).
-  def cast(v: jax.Array | None, like: jax.Array | None) -> jax.Array | None:
-    return None if v is None or like is None else match_vma(v.astype(like.dtype), like)
-
+  cast = lambda v, like: None if like is None else match_vma(v.astype(like.dtype), like)
   return cast(dx, x), cast(dkernel, kernel), cast(dbias, bias), None, cast(dweight, weight)
 
 
@@ -330,14 +271,14 @@ linear_label_stats.defvjp(_fwd, _bwd)
 
 
 def linear_cross_entropy(
-    x: ArrayLike,
-    kernel: ArrayLike,
-    labels: ArrayLike,
+    x,
+    kernel,
+    labels,
     *,
-    bias: ArrayLike | None = None,
-    weight: ArrayLike | None = None,
+    bias=None,
+    weight=None,
     ignore_index: int = -100,
-    reduction: Literal["none", "mean", "sum"] = "mean",
+    reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
@@ -437,16 +378,7 @@ def linear_cross_entropy(
     if chunk_size < 1:
       raise ValueError(f"{fn}: `chunk_size` must be positive. Got {chunk_size}.")
 
-  def impl(
-      x: jax.Array,
-      kernel: jax.Array,
-      labels: jax.Array,
-      bias: jax.Array | None,
-      weight: jax.Array | None,
-      class_axis_name: AxisName | None,
-      row_axes: tuple[str, ...] = (),
-      groups: int = 1,
-  ) -> jax.Array:
+  def impl(x, kernel, labels, bias, weight, class_axis_name, row_axes=(), groups=1):
     lead, (d, vocab) = x.shape[:-1], kernel.shape  # this device's share
     n = math.prod(lead)
     chunk = default_chunk_size(n, vocab) if chunk_size is None else chunk_size
@@ -481,8 +413,7 @@ def linear_cross_entropy(
       specs = (P(*split.row_spec, None), P(None, vocab_spec), split.row_spec, split.class_spec,
                split.class_spec)
       return _explicit.run(
-          lambda x, k, y, b, w: impl(x, k, y, b, w, split.class_axis_name, split.row_axes),
-          args, specs, split.out_spec)
+          lambda *a: impl(*a, split.class_axis_name, split.row_axes), args, specs, split.out_spec)
   if class_axis_name is not None:
     return impl(*args, class_axis_name)
   if reduction != "none" and kernel.dtype.itemsize >= 4 and chunk_size is None:

@@ -14,7 +14,6 @@ gradients, scaled by the cotangent there; nothing of size N x V.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -35,10 +34,6 @@ class Options(NamedTuple):  # static: everything but the arrays
   softcap: float | None
 
 
-# The scan carry: (total, dx, dkernel, dbias, dweight).
-Carry = tuple[jax.Array, jax.Array, jax.Array, jax.Array | None, jax.Array | None]
-
-
 class GradResiduals(NamedTuple):
   dx: jax.Array  # [N, D]
   dkernel: jax.Array  # [D, V]
@@ -46,7 +41,7 @@ class GradResiduals(NamedTuple):
   dweight: jax.Array | None  # [V]
 
 
-def soft_cap(z: jax.Array, cap: float) -> tuple[jax.Array, jax.Array]:
+def soft_cap(z, cap):
   """(cap * tanh(z / cap), tanh(z / cap)); a -inf logit (from a -inf bias)
   stays -inf, so that class still takes no part."""
   t = jnp.tanh(z / cap)
@@ -58,21 +53,12 @@ def block_rows(num_tokens: int, vocab: int) -> int:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def linear_loss(
-    x: jax.Array,
-    kernel: jax.Array,
-    bias: jax.Array | None,
-    labels: jax.Array,
-    weight: jax.Array | None,
-    options: Options,
-) -> jax.Array:
+def linear_loss(x, kernel, bias, labels, weight, options: Options):
   """The reduced loss of `x @ kernel + bias` ([N, D] x [D, V])."""
   return _fwd(x, kernel, bias, labels, weight, options)[0]
 
 
-def _logits(
-    x_rows: jax.Array, kernel: jax.Array, bias: jax.Array | None, softcap: float | None
-) -> jax.Array:
+def _logits(x_rows, kernel, bias, softcap):
   ct = _checks.compute_dtype(x_rows.dtype)
   z = jax.lax.dot_general(x_rows, kernel, (((1,), (0,)), ((), ())), preferred_element_type=ct)
   if bias is not None:
@@ -80,14 +66,7 @@ def _logits(
   return z
 
 
-def _fwd(
-    x: jax.Array,
-    kernel: jax.Array,
-    bias: jax.Array | None,
-    labels: jax.Array,
-    weight: jax.Array | None,
-    options: Options,
-) -> tuple[jax.Array, GradResiduals]:
+def _fwd(x, kernel, bias, labels, weight, options: Options):
   n, vocab = x.shape[0], kernel.shape[1]
   ct = _checks.compute_dtype(x.dtype)
   rows = block_rows(n, vocab)
@@ -100,13 +79,13 @@ def _fwd(
   safe_den = jnp.where(denominator == 0, 1.0, denominator)
   scale = 1.0 / safe_den if options.reduction == "mean" else jnp.ones((), ct)
 
-  def per_row(z: jax.Array, y: jax.Array, w: jax.Array | None) -> jax.Array:
+  def per_row(z, y, w):
     if options.softcap is not None:
       z, _ = soft_cap(z, options.softcap)
     return cross_entropy(z, y, weight=w, ignore_index=options.ignore_index, reduction="none",
                          label_smoothing=options.label_smoothing, z_loss=options.z_loss)
 
-  def step(carry: Carry, j: jax.Array) -> tuple[Carry, None]:
+  def step(carry, j):
     total, dx, dkernel, dbias, dweight = carry
     start = jnp.minimum(j * rows, n - rows)  # last block shifted in bounds
     fresh = start + jnp.arange(rows, dtype=jnp.int32) >= j * rows
@@ -148,17 +127,12 @@ def _fwd(
     counts = jnp.zeros((vocab,), ct).at[jnp.where(valid & inside, labels, vocab)].add(
         1.0, mode="drop")
     dweight = dweight - total * scale**2 * counts
-  cast: Callable[[jax.Array | None, jax.Array | None], jax.Array | None] = (
-      lambda v, like: None if v is None or like is None else v.astype(like.dtype))
+  cast = lambda v, like: None if like is None else v.astype(like.dtype)
   return loss, GradResiduals(dx, dkernel, cast(dbias, bias), cast(dweight, weight))
 
 
-def _bwd(
-    options: Options, res: GradResiduals, g: jax.Array
-) -> tuple[jax.Array | None, jax.Array | None, jax.Array | None, None, jax.Array | None]:
-  def scaled(v: jax.Array | None) -> jax.Array | None:
-    return None if v is None else (g * v).astype(v.dtype)
-
+def _bwd(options, res: GradResiduals, g):
+  scaled = lambda v: None if v is None else (g * v).astype(v.dtype)
   return scaled(res.dx), scaled(res.dkernel), scaled(res.dbias), None, scaled(res.dweight)
 
 

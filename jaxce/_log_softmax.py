@@ -12,7 +12,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.typing import ArrayLike
 
 from jaxce import _checks
 
@@ -33,7 +32,7 @@ def stable_logsumexp(x: jax.Array, axis: int) -> jax.Array:
   return _shifted_logsumexp(x, jax.lax.stop_gradient(jnp.max(x, axis, keepdims=True)), axis)
 
 
-def _shifted_logsumexp(x: jax.Array, shift: jax.Array, axis: int) -> jax.Array:
+def _shifted_logsumexp(x, shift, axis):
   shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
   return shift + jnp.log(jnp.sum(jnp.exp(x - shift), axis, keepdims=True))
 
@@ -53,9 +52,7 @@ def logsumexp_near(x: jax.Array, guess: jax.Array, axis: int) -> jax.Array:
   shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
   log_s = jnp.log(jnp.sum(jnp.exp(x - shift), axis, keepdims=True))
   usable = jnp.all(jnp.isfinite(log_s) & (log_s > -80.0))
-  lse: jax.Array = jax.lax.cond(
-      usable, lambda: shift + log_s, lambda: stable_logsumexp(x, axis))
-  return lse
+  return jax.lax.cond(usable, lambda: shift + log_s, lambda: stable_logsumexp(x, axis))
 
 
 def softmax_from_lse(x: jax.Array, lse: jax.Array) -> jax.Array:
@@ -69,24 +66,22 @@ class Residuals(NamedTuple):
   lse: jax.Array  # per row, float32 (float64 for float64 input), axis kept
 
 
-def _forward(
-    x: jax.Array, where: jax.Array | None, axis: int) -> tuple[jax.Array, jax.Array]:
+def _forward(x, where, axis):
   lse = stable_logsumexp(masked(x, where), axis)
   return masked(x.astype(lse.dtype), where), lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _logsumexp(x: jax.Array, where: jax.Array | None, axis: int) -> jax.Array:
+def _logsumexp(x, where, axis):
   return _logsumexp_fwd(x, where, axis)[0]
 
 
-def _logsumexp_fwd(
-    x: jax.Array, where: jax.Array | None, axis: int) -> tuple[jax.Array, Residuals]:
+def _logsumexp_fwd(x, where, axis):
   _, lse = _forward(x, where, axis)
   return jnp.squeeze(lse, axis).astype(x.dtype), Residuals(x, where, lse)
 
 
-def _logsumexp_bwd(axis: int, res: Residuals, g: jax.Array) -> tuple[jax.Array, None]:
+def _logsumexp_bwd(axis, res, g):
   x_ct = masked(res.x.astype(res.lse.dtype), res.where)
   g = jnp.expand_dims(g.astype(res.lse.dtype), axis)
   return (g * softmax_from_lse(x_ct, res.lse)).astype(res.x.dtype), None
@@ -96,18 +91,17 @@ _logsumexp.defvjp(_logsumexp_fwd, _logsumexp_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _log_softmax(x: jax.Array, where: jax.Array | None, axis: int) -> jax.Array:
+def _log_softmax(x, where, axis):
   return _log_softmax_fwd(x, where, axis)[0]
 
 
-def _log_softmax_fwd(
-    x: jax.Array, where: jax.Array | None, axis: int) -> tuple[jax.Array, Residuals]:
+def _log_softmax_fwd(x, where, axis):
   x_ct, lse = _forward(x, where, axis)
   out = jnp.where(lse == -jnp.inf, -jnp.inf, x_ct - lse)  # a row with no class: -inf
   return out.astype(x.dtype), Residuals(x, where, lse)
 
 
-def _log_softmax_bwd(axis: int, res: Residuals, g: jax.Array) -> tuple[jax.Array, None]:
+def _log_softmax_bwd(axis, res, g):
   # d/dx_j sum_i g_i (x_i - lse) = g_j - p_j * sum_i g_i, over unmasked classes.
   # Masked and -inf classes are constant -inf outputs: their g is dropped.
   x_ct = masked(res.x.astype(res.lse.dtype), res.where)
@@ -120,7 +114,7 @@ def _log_softmax_bwd(axis: int, res: Residuals, g: jax.Array) -> tuple[jax.Array
 _log_softmax.defvjp(_log_softmax_fwd, _log_softmax_bwd)
 
 
-def log_softmax(x: ArrayLike, axis: int = -1, where: ArrayLike | None = None) -> jax.Array:
+def log_softmax(x, axis: int = -1, where=None) -> jax.Array:
   r"""Log-softmax over a class axis, with an optional class mask.
 
   .. math::
@@ -151,7 +145,7 @@ def log_softmax(x: ArrayLike, axis: int = -1, where: ArrayLike | None = None) ->
   return _log_softmax(x, where, axis)
 
 
-def logsumexp(x: ArrayLike, axis: int = -1, where: ArrayLike | None = None) -> jax.Array:
+def logsumexp(x, axis: int = -1, where=None) -> jax.Array:
   r"""Numerically stable :math:`\log \sum_{j \in \text{where}} e^{x_j}`.
 
   Computed in float32 for half-precision inputs and returned in the input's

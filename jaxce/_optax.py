@@ -8,25 +8,15 @@ dtype), and -inf logits on classes with zero target mass give finite losses
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import jax
 import jax.numpy as jnp
-from jax.typing import ArrayLike
 
 from jaxce import _checks
 from jaxce._binary import binary_cross_entropy_with_logits
 from jaxce._cross_entropy import cross_entropy
 
 
-def _one_class_axis(
-    fn: str,
-    logits: ArrayLike,
-    labels: jax.Array,
-    where: ArrayLike | None,
-    axis: int | Sequence[int] | None,
-    labels_have_classes: bool,
-) -> tuple[jax.Array, jax.Array, jax.Array | None, int]:
+def _one_class_axis(fn, logits, labels, where, axis, labels_have_classes):
   """optax accepts a tuple (or None) `axis`: those axes move last and are
   flattened into one class axis. A `where` of another rank than the logits is
   expanded over the class axes, as optax does."""
@@ -35,8 +25,7 @@ def _one_class_axis(
   if where is not None:
     where = jnp.asarray(where)
     if where.ndim != logits.ndim:
-      # (axis=None: every axis is a class axis; class_mask names the shapes)
-      where = jnp.expand_dims(where, () if axis is None else axis)
+      where = jnp.expand_dims(where, axis)
     where = _checks.class_mask(fn, where, shape)
   if isinstance(axis, int):
     return logits, labels, where, axis
@@ -51,7 +40,7 @@ def _one_class_axis(
   batch_axes = tuple(a for a in range(logits.ndim) if a not in class_axes)
   lead = tuple(shape[a] for a in batch_axes)
 
-  def flat(x: jax.Array) -> jax.Array:
+  def flat(x):
     return jnp.transpose(x, batch_axes + class_axes).reshape((*lead, -1))
 
   if labels_have_classes:
@@ -59,12 +48,7 @@ def _one_class_axis(
   return flat(logits), labels, None if where is None else flat(where), -1
 
 
-def softmax_cross_entropy(
-    logits: ArrayLike,
-    labels: ArrayLike,
-    axis: int | tuple[int, ...] | None = -1,
-    where: ArrayLike | None = None,
-) -> jax.Array:
+def softmax_cross_entropy(logits, labels, axis=-1, where=None) -> jax.Array:
   r"""Drop-in for `optax.softmax_cross_entropy`: per-example
   :math:`-\sum_c t_c \log \mathrm{softmax}(x)_c`.
 
@@ -84,10 +68,7 @@ def softmax_cross_entropy(
 
 
 def softmax_cross_entropy_with_integer_labels(
-    logits: ArrayLike,
-    labels: ArrayLike,
-    axis: int | tuple[int, ...] = -1,
-    where: ArrayLike | None = None,
+    logits, labels, axis=-1, where=None
 ) -> jax.Array:
   r"""Drop-in for `optax.softmax_cross_entropy_with_integer_labels`:
   per-example :math:`-\log \mathrm{softmax}(x)_y`.
@@ -111,7 +92,7 @@ def softmax_cross_entropy_with_integer_labels(
       logits, labels, reduction="none", axis=axis, where=where, ignore_index=None)
 
 
-def sigmoid_binary_cross_entropy(logits: ArrayLike, labels: ArrayLike) -> jax.Array:
+def sigmoid_binary_cross_entropy(logits, labels) -> jax.Array:
   """Drop-in for `optax.sigmoid_binary_cross_entropy`: elementwise BCE.
 
   Args:

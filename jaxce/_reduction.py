@@ -7,15 +7,10 @@ These run as ordinary JAX code after the custom_vjp kernels of `_stats.py`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import jax
 import jax.numpy as jnp
 
 from jaxce._collective import ClassSlice, label_weight
-
-# (sum_c w_c x_c, sum_c w_c, number of classes) per position; see _stats.py.
-SmoothingSums = Sequence[jax.Array | None]
 
 
 def reduce(
@@ -23,7 +18,7 @@ def reduce(
     reduction: str,
     denominator: jax.Array | None = None,
     row_axes: tuple[str, ...] = (),
-) -> jax.Array:
+):
   """Applies `reduction`; "mean" divides by `denominator` (default: count).
 
   A zero denominator (every position ignored) gives 0.0 with zero gradient,
@@ -41,7 +36,7 @@ def reduce(
   return total / jnp.where(d == 0, 1.0, d)
 
 
-def _psum(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+def _psum(x, axes):
   return jax.lax.psum(x, axes) if axes else x
 
 
@@ -56,7 +51,7 @@ def integer_target_loss(
     reduction: str,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
-    smoothing_sums: SmoothingSums | None = None,
+    smoothing_sums: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     row_axes: tuple[str, ...] = (),
 ) -> jax.Array:
   """PyTorch's integer-target loss from per-position statistics.
@@ -95,17 +90,9 @@ def integer_target_loss(
   return reduce(loss, reduction, w_pos, row_axes)
 
 
-def _uniform_ce(
-    lse: jax.Array,
-    smoothing_sums: SmoothingSums | None,
-    keep: jax.Array,
-) -> jax.Array:
+def _uniform_ce(lse, smoothing_sums, keep):
   """-(1/K) sum_c w_c log p_c over the K active classes, from the sums."""
-  assert smoothing_sums is not None, "label smoothing needs the smoothing sums"
   weighted_sum, weight_sum, count = smoothing_sums
-  assert weighted_sum is not None
-  assert weight_sum is not None
-  assert count is not None
   weighted_sum = jnp.where(keep, weighted_sum, 0.0)
   return jnp.where(keep, weight_sum * lse - weighted_sum, 0.0) / jnp.maximum(count, 1.0)
 
@@ -118,7 +105,7 @@ def target_loss(
     reduction: str,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
-    smoothing_sums: SmoothingSums | None = None,
+    smoothing_sums: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     row_axes: tuple[str, ...] = (),
 ) -> jax.Array:
   """Probability-target loss -sum_c w_c q_c log p_c, q = (1 - eps) t + eps / K.

@@ -16,19 +16,17 @@ float32 copy of the logits and no one-hot matrix is saved.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.typing import DTypeLike
 
 from jaxce import _checks
 from jaxce._collective import match_vma
 from jaxce._log_softmax import logsumexp_near, masked, softmax_from_lse, stable_logsumexp
 
 
-def one_hot_at(labels: jax.Array, shape: Sequence[int], axis: int) -> jax.Array:
+def one_hot_at(labels: jax.Array, shape, axis: int) -> jax.Array:
   """Boolean mask of `shape`, true where the class index equals the label.
 
   Labels outside [0, C) match nothing. Used by the backward passes: an iota
@@ -52,25 +50,24 @@ def take_at(x: jax.Array, labels: jax.Array, axis: int) -> jax.Array:
   return jnp.where(inside, picked, jnp.zeros((), x.dtype))
 
 
-def _per_class_along(weight: jax.Array | None, axis: int, x: jax.Array) -> jax.Array:
+def _per_class_along(weight, axis, x):
   """Class weights shaped to broadcast against `x` along `axis`, in its dtype."""
   if weight is None:
     return jnp.ones((1,) * x.ndim, x.dtype)
   return _checks.expand_to_axis(weight.astype(x.dtype), axis, x.ndim)
 
 
-def _sum_to_class(x: jax.Array, axis: int) -> jax.Array:
+def _sum_to_class(x, axis):
   return jnp.sum(x, tuple(a for a in range(x.ndim) if a != axis))
 
 
-def _finite_part(x: jax.Array) -> jax.Array:
+def _finite_part(x):
   """x where it is above -inf, else 0: products with it stay finite, so a
   masked class adds no 0 * -inf = NaN to higher-order derivatives."""
   return jnp.where(x > -jnp.inf, x, 0.0)
 
 
-def _smoothing_sums(
-    x: jax.Array, w: jax.Array, axis: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _smoothing_sums(x, w, axis):
   """(sum_c w_c x_c, sum_c w_c, count) over the active classes (x > -inf)."""
   active = x > -jnp.inf
   return (
@@ -80,12 +77,8 @@ def _smoothing_sums(
   )
 
 
-def _smoothing_sums_bwd(
-    x: jax.Array, w: jax.Array, g: LabelStats | TargetStats, col: Callable[[jax.Array], jax.Array]
-) -> tuple[jax.Array, jax.Array]:
+def _smoothing_sums_bwd(x, w, g, col):
   """Cotangents of `_smoothing_sums` for x and (unreduced) for w."""
-  assert g.weighted_sum is not None
-  assert g.weight_sum is not None
   active = x > -jnp.inf
   dx = jnp.where(active, w * col(g.weighted_sum), 0.0)
   dw = jnp.where(active, _finite_part(x) * col(g.weighted_sum) + col(g.weight_sum), 0.0)
@@ -101,7 +94,7 @@ class LabelStats(NamedTuple):
   picked: jax.Array  # logit at the label; 0 for labels outside [0, C)
   weighted_sum: jax.Array | None  # sum_c w_c x_c over active classes
   weight_sum: jax.Array | None  # sum_c w_c over active classes
-  num_active: jax.Array | None  # number of active classes
+  count: jax.Array | None  # number of active classes
 
 
 class LabelResiduals(NamedTuple):
@@ -112,14 +105,7 @@ class LabelResiduals(NamedTuple):
   lse: jax.Array  # float32 per position, class axis kept
 
 
-def label_stats(
-    logits: jax.Array,
-    labels: jax.Array,
-    weight: jax.Array | None,
-    where: jax.Array | None,
-    axis: int,
-    smoothing: bool,
-) -> LabelStats:
+def label_stats(logits, labels, weight, where, axis: int, smoothing: bool):
   """Per-position statistics for integer-target losses.
 
   Active classes are those inside `where` with a logit above -inf. The three
@@ -130,25 +116,11 @@ def label_stats(
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _label_stats(
-    logits: jax.Array,
-    labels: jax.Array,
-    weight: jax.Array | None,
-    where: jax.Array | None,
-    axis: int,
-    smoothing: bool,
-) -> LabelStats:
+def _label_stats(logits, labels, weight, where, axis, smoothing):
   return _label_stats_fwd(logits, labels, weight, where, axis, smoothing)[0]
 
 
-def _label_stats_fwd(
-    logits: jax.Array,
-    labels: jax.Array,
-    weight: jax.Array | None,
-    where: jax.Array | None,
-    axis: int,
-    smoothing: bool,
-) -> tuple[LabelStats, LabelResiduals]:
+def _label_stats_fwd(logits, labels, weight, where, axis, smoothing):
   # Gathered from the input dtype: exact, and no upcast copy to gather from.
   picked = take_at(masked(logits, where), labels, axis)
   lse = logsumexp_near(masked(logits, where), jnp.expand_dims(picked, axis), axis)
@@ -159,13 +131,11 @@ def _label_stats_fwd(
   return stats, LabelResiduals(logits, labels, weight, where, lse)
 
 
-def _label_stats_bwd(
-    axis: int, smoothing: bool, res: LabelResiduals, g: LabelStats
-) -> tuple[jax.Array, None, jax.Array | None, None]:
+def _label_stats_bwd(axis, smoothing, res, g):
   ct = res.lse.dtype
   x = masked(res.logits.astype(ct), res.where)
   hot = one_hot_at(res.labels, x.shape, axis)
-  col: Callable[[jax.Array], jax.Array] = lambda v: jnp.expand_dims(v.astype(ct), axis)
+  col = lambda v: jnp.expand_dims(v.astype(ct), axis)
   dx = col(g.lse) * softmax_from_lse(x, res.lse) + jnp.where(hot, col(g.picked), 0.0)
   dweight = None
   if smoothing:
@@ -189,7 +159,7 @@ class TargetStats(NamedTuple):
   target_logits: jax.Array  # sum_c w_c t_c x_c (0 * -inf counts as 0)
   weighted_sum: jax.Array | None  # as in LabelStats (smoothing only)
   weight_sum: jax.Array | None
-  num_active: jax.Array | None
+  count: jax.Array | None
 
 
 class TargetResiduals(NamedTuple):
@@ -200,14 +170,7 @@ class TargetResiduals(NamedTuple):
   lse: jax.Array  # float32 per position, class axis kept
 
 
-def target_stats(
-    logits: jax.Array,
-    targets: jax.Array,
-    weight: jax.Array | None,
-    where: jax.Array | None,
-    axis: int,
-    smoothing: bool,
-) -> TargetStats:
+def target_stats(logits, targets, weight, where, axis: int, smoothing: bool):
   """Per-position statistics for probability-target losses.
 
   Classes outside `where` are left out of every sum. The smoothing sums run
@@ -218,11 +181,11 @@ def target_stats(
   return _target_stats(logits, targets, weight, where, axis, smoothing)
 
 
-def _in_mask(v: jax.Array, where: jax.Array | None) -> jax.Array:
+def _in_mask(v, where):
   return v if where is None else jnp.where(where, v, 0.0)
 
 
-def _logits_times_targets(x: jax.Array, t: jax.Array, where: jax.Array | None) -> jax.Array:
+def _logits_times_targets(x, t, where):
   """x where it meets target mass; 0 for classes outside `where` and where
   t == 0 meets x == -inf, so no 0 * -inf = NaN reaches any derivative."""
   drop = (t == 0) & (x == -jnp.inf)
@@ -232,25 +195,11 @@ def _logits_times_targets(x: jax.Array, t: jax.Array, where: jax.Array | None) -
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _target_stats(
-    logits: jax.Array,
-    targets: jax.Array,
-    weight: jax.Array | None,
-    where: jax.Array | None,
-    axis: int,
-    smoothing: bool,
-) -> TargetStats:
+def _target_stats(logits, targets, weight, where, axis, smoothing):
   return _target_stats_fwd(logits, targets, weight, where, axis, smoothing)[0]
 
 
-def _target_stats_fwd(
-    logits: jax.Array,
-    targets: jax.Array,
-    weight: jax.Array | None,
-    where: jax.Array | None,
-    axis: int,
-    smoothing: bool,
-) -> tuple[TargetStats, TargetResiduals]:
+def _target_stats_fwd(logits, targets, weight, where, axis, smoothing):
   lse = stable_logsumexp(masked(logits, where), axis)
   x = masked(logits.astype(lse.dtype), where)
   t = targets.astype(lse.dtype)
@@ -264,13 +213,11 @@ def _target_stats_fwd(
   return stats, TargetResiduals(logits, targets, weight, where, lse)
 
 
-def _target_stats_bwd(
-    axis: int, smoothing: bool, res: TargetResiduals, g: TargetStats
-) -> tuple[jax.Array, jax.Array, jax.Array | None, None]:
+def _target_stats_bwd(axis, smoothing, res, g):
   ct = res.lse.dtype
   x = masked(res.logits.astype(ct), res.where)
   t = res.targets.astype(ct)
-  col: Callable[[jax.Array], jax.Array] = lambda v: jnp.expand_dims(v.astype(ct), axis)
+  col = lambda v: jnp.expand_dims(v.astype(ct), axis)
   w = _per_class_along(res.weight, axis, x)
   xt = _logits_times_targets(x, t, res.where)
   dx = col(g.lse) * softmax_from_lse(x, res.lse) + _in_mask(w * t * col(g.target_logits), res.where)
@@ -297,28 +244,22 @@ class PickResiduals(NamedTuple):
   labels: jax.Array  # all the backward needs, besides static shape and dtype
 
 
-def pick(x: jax.Array, labels: jax.Array, axis: int) -> jax.Array:
+def pick(x, labels, axis: int):
   """x at the label along `axis` (0 for labels outside [0, C)), in float32+."""
   return _pick(x, labels, axis, x.shape, x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _pick(
-    x: jax.Array, labels: jax.Array, axis: int, shape: tuple[int, ...], dtype: DTypeLike
-) -> jax.Array:
+def _pick(x, labels, axis, shape, dtype):
   return _pick_fwd(x, labels, axis, shape, dtype)[0]
 
 
-def _pick_fwd(
-    x: jax.Array, labels: jax.Array, axis: int, shape: tuple[int, ...], dtype: DTypeLike
-) -> tuple[jax.Array, PickResiduals]:
+def _pick_fwd(x, labels, axis, shape, dtype):
   out = take_at(x, labels, axis).astype(_checks.compute_dtype(dtype))
   return out, PickResiduals(labels)
 
 
-def _pick_bwd(
-    axis: int, shape: tuple[int, ...], dtype: DTypeLike, res: PickResiduals, g: jax.Array
-) -> tuple[jax.Array, None]:
+def _pick_bwd(axis, shape, dtype, res, g):
   hot = one_hot_at(res.labels, shape, axis)
   return jnp.where(hot, jnp.expand_dims(g, axis), 0.0).astype(dtype), None
 

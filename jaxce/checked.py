@@ -17,23 +17,16 @@ Called under plain `jax.jit` without checkify, a check raises JAX's
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import Any, ParamSpec, TypeVar
 
-import jax
 import jax.numpy as jnp
 from jax.experimental import checkify
-from jax.typing import ArrayLike
 
 from jaxce import _cross_entropy
 
 __all__ = ["check_labels", "cross_entropy", "nll_loss", "raising"]
 
-P = ParamSpec("P")
-R = TypeVar("R")
 
-
-def check_labels(labels: ArrayLike, num_classes: int, ignore_index: int | None = -100) -> None:
+def check_labels(labels, num_classes: int, ignore_index: int | None = -100) -> None:
   """Adds a checkify check that every label is in [0, num_classes) or ignored.
 
   The error message names the first bad label value and its flat position.
@@ -52,12 +45,12 @@ def check_labels(labels: ArrayLike, num_classes: int, ignore_index: int | None =
   )
 
 
-def _num_classes(logits: ArrayLike, axis: int) -> int:
+def _num_classes(logits, axis: int) -> int:
   return jnp.shape(logits)[axis]
 
 
 @functools.wraps(_cross_entropy.cross_entropy)
-def cross_entropy(logits: ArrayLike, labels: ArrayLike, **kwargs: Any) -> jax.Array:
+def cross_entropy(logits, labels, **kwargs):
   labels = jnp.asarray(labels)
   if jnp.issubdtype(labels.dtype, jnp.integer):
     check_labels(labels, _num_classes(logits, kwargs.get("axis", -1)),
@@ -66,13 +59,13 @@ def cross_entropy(logits: ArrayLike, labels: ArrayLike, **kwargs: Any) -> jax.Ar
 
 
 @functools.wraps(_cross_entropy.nll_loss)
-def nll_loss(log_probs: ArrayLike, labels: ArrayLike, **kwargs: Any) -> jax.Array:
+def nll_loss(log_probs, labels, **kwargs):
   check_labels(labels, _num_classes(log_probs, kwargs.get("axis", -1)),
                kwargs.get("ignore_index", -100))
   return _cross_entropy.nll_loss(log_probs, labels, **kwargs)
 
 
-def raising(fn: Callable[P, R]) -> Callable[P, R]:
+def raising(fn):
   """Wraps `fn` (jitted or not) so that failed label checks raise.
 
   Returns a function with `fn`'s signature that runs it under
@@ -81,7 +74,7 @@ def raising(fn: Callable[P, R]) -> Callable[P, R]:
   """
 
   @functools.wraps(fn)
-  def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+  def wrapper(*args, **kwargs):
     err, out = checkify.checkify(fn)(*args, **kwargs)
     err.throw()
     return out
