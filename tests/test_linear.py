@@ -31,7 +31,7 @@ from golden import load, torch_version
 from residuals import saved_residuals
 
 import jaxce
-from jaxce import _linear
+from jaxce import _linear_stats
 
 F32 = jnp.float32
 F32_EPS = float(np.finfo(np.float32).eps)
@@ -460,7 +460,7 @@ def _scan_lengths(jaxpr_text):
      (80, None)])  # a single block of all 10 rows: no row loop
 def test_row_blocked_dx(monkeypatch, fresh_caches, block_elements, row_blocks):
   n, d = 10, 8
-  monkeypatch.setattr(_linear, "BLOCK_ELEMENTS", block_elements)
+  monkeypatch.setattr(_linear_stats, "BLOCK_ELEMENTS", block_elements)
   rng = np.random.default_rng(15)
   x = jnp.asarray(rng.normal(size=(n, d)), F32)
   kernel = jnp.asarray(rng.normal(size=(d, V)) * 0.5, F32)
@@ -508,24 +508,22 @@ def test_row_blocked_dx(monkeypatch, fresh_caches, block_elements, row_blocks):
         (1, 1, 1),
     ])
 def test_default_chunk_size(num_tokens, vocab, expected):
-  assert _linear.default_chunk_size(num_tokens, vocab) == expected
+  assert _linear_stats.default_chunk_size(num_tokens, vocab) == expected
 
 
 def test_default_chunk_size_rule():
   for n in (1, 3, 100, 1000, 4097, 50_000, 2**20):
     for v in (7, 128, 129, 1000, 32_000, 128_256):
-      c = _linear.default_chunk_size(n, v)
+      c = _linear_stats.default_chunk_size(n, v)
       assert 1 <= c <= v
       if c != v:
         assert c & (c - 1) == 0, (n, v, c)  # a power of two
         assert c >= 128, (n, v, c)
         if c > 128:  # the largest power of two with n * c <= BLOCK_ELEMENTS
-          assert n * c <= _linear.BLOCK_ELEMENTS < n * 2 * c, (n, v, c)
+          assert n * c <= _linear_stats.BLOCK_ELEMENTS < n * 2 * c, (n, v, c)
 
 
 def test_default_chunk_size_is_used(monkeypatch, fresh_caches):
-  # reduction="none": the vocabulary-chunk path (a reduced loss of a 32-bit
-  # kernel takes the token-block path instead, tested below).
   rng = np.random.default_rng(16)
   n, vocab = 8, 1000
   x = jnp.asarray(rng.normal(size=(n, 4)), F32)
@@ -537,47 +535,13 @@ def test_default_chunk_size_is_used(monkeypatch, fresh_caches):
   # unpatched: 2**22 / 8 columns wanted, so one chunk of all of V
   text = str(jax.make_jaxpr(lambda x, k: loss_fn(x, k))(x, kernel))
   assert _scan_lengths(text) == [1]
-  monkeypatch.setattr(_linear, "BLOCK_ELEMENTS", 2**12)
-  assert _linear.default_chunk_size(n, vocab) == 512
+  monkeypatch.setattr(_linear_stats, "BLOCK_ELEMENTS", 2**12)
+  assert _linear_stats.default_chunk_size(n, vocab) == 512
   text = str(jax.make_jaxpr(lambda x, k: loss_fn(x, k))(x, kernel))
   assert _scan_lengths(text) == [2]  # 1000 columns in chunks of 512
   loss, ref = _fast(lambda x, k: (loss_fn(x, k), _ref_loss(x, k, labels, reduction="none")))(
       x, kernel)
   _assert_close(loss, ref, rtol=1e-5, atol=1e-6, what="loss")
-
-
-def test_token_block_path_for_reduced_32bit_losses(monkeypatch, fresh_caches):
-  """A "mean"/"sum" loss of a 32-bit kernel with chunk_size=None computes its
-  gradients in the forward, over blocks of tokens (three matmuls); a shifted
-  last block counts its overlap rows once. bf16 kernels, "none" and an
-  explicit chunk_size keep the vocabulary chunks."""
-  from jaxce import _linear_grads
-  rng = np.random.default_rng(17)
-  n, d, vocab = 10, 4, 37
-  x = jnp.asarray(rng.normal(size=(n, d)), F32)
-  kernel = jnp.asarray(rng.normal(size=(d, vocab)), F32)
-  bias = jnp.asarray(rng.normal(size=(vocab,)), F32)
-  weight = jnp.asarray(rng.uniform(0.5, 2.0, size=(vocab,)), F32)
-  labels = jnp.asarray(rng.integers(0, vocab, size=(n,)), jnp.int32).at[3].set(-100)
-  monkeypatch.setattr(_linear_grads, "BLOCK_ELEMENTS", 3 * vocab)  # blocks of 3 rows
-  assert _linear_grads.block_rows(n, vocab) == 3
-  for reduction in ("mean", "sum"):
-    kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-3, softcap=2.0)
-
-    def ours(x, k, b, w, kw=kw):
-      return _lin_loss(x, k, labels, bias=b, weight=w, **kw)
-
-    def ref_fn(x, k, b, w, kw=kw):
-      return _ref_loss(x, k, labels, bias=b, weight=w, **kw)
-
-    args = (x, kernel, bias, weight)
-    text = str(jax.make_jaxpr(ours)(*args))
-    assert _scan_lengths(text) == [4], text  # ceil(10 / 3) token blocks
-    got = jax.value_and_grad(ours, (0, 1, 2, 3))(*args)
-    ref = jax.value_and_grad(ref_fn, (0, 1, 2, 3))(*args)
-    _assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6, what=f"{reduction} loss")
-    for name, a, b in zip(("x", "kernel", "bias", "weight"), got[1], ref[1], strict=True):
-      _assert_close(a, b, rtol=1e-4, atol=1e-6, what=f"{reduction} d{name}")
 
 
 # ---------------------------------------------------------------------------
@@ -600,6 +564,10 @@ RES_OPTIONS = {
     "default": {},
     "all": dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0, chunk_size=128),
     "chunk7_none": dict(chunk_size=7, reduction="none"),
+    # reverse mode through the transposed tangent keeps the same residuals
+    "forward_mode": dict(forward_mode=True),
+    "forward_mode_all": dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0, chunk_size=128,
+                             forward_mode=True),
 }
 
 
@@ -615,8 +583,6 @@ def test_saved_residuals_hold_no_logits(options, dtype):
 
   res = saved_residuals(loss, x, kernel, bias, weight)
   short = {"float32": "f32", "bfloat16": "bf16"}[dtype]
-  grads_path = dtype == "float32" and kw.get("reduction", "mean") != "none" and (
-      "chunk_size" not in kw)
   biggest = max(RES_N * RES_D, RES_D * RES_V)
   for dt, shape, origin in res:
     size = math.prod(shape)
@@ -627,14 +593,9 @@ def test_saved_residuals_hold_no_logits(options, dtype):
       if shape in ((RES_N, RES_D), (RES_D, RES_V)):
         assert dt == short, (dt, shape, origin)
     elif not origin.startswith(("from a constant", "from a literal")):
-      # computed residuals: per-token arrays only; or, where the forward
-      # computes the gradients (a reduced loss of a 32-bit kernel, default
-      # chunking), the gradients, shaped like the inputs
-      allowed = {(RES_N, RES_D), (RES_D, RES_V), (RES_V,)} if grads_path else set()
-      assert size <= RES_N or shape in allowed, (dt, shape, origin, res)
+      assert size <= RES_N, (dt, shape, origin, res)  # computed: per-token arrays only
   args = {o.split()[-1] for _, _, o in res if o.startswith("from the argument")}
-  if not grads_path:  # the backward recomputes the logits from x and kernel
-    assert {"x", "kernel"} <= args, res
+  assert {"x", "kernel"} <= args, res  # the backward recomputes the logits from them
 
 
 def test_saved_residuals_control():
