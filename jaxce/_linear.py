@@ -204,7 +204,7 @@ def linear_cross_entropy(
         total.picked,
         codes,
         classes=classes,
-        weight=weight,
+        weight=weight if vocab else None,  # V = 0: every label is ignored or NaN
         ignore_index=None if ignore_index is None else _IGNORED,
         reduction=reduction,
         label_smoothing=eps,

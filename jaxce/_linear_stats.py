@@ -326,9 +326,11 @@ def _add_rows_matmul(acc: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
   blocks of rows: a [N, D] float32 product beside the [N, D] float32
   accumulator would double the backward's largest buffer."""
   n, d = acc.shape
-  block = max(1, min(n, BLOCK_ELEMENTS // max(d, 1)))
   product = lambda rows: matmul(rows.astype(b.dtype), b, (1, 2), (1, 2))
-  if block >= n:  # also a batch whose size is symbolic (jax.export) or 0
+  if not isinstance(n, int):  # symbolic (jax.export): one block
+    return acc + product(a)
+  block = max(1, min(n, BLOCK_ELEMENTS // max(d, 1)))
+  if block >= n:
     return acc + product(a)
 
   def body(acc, j):
