@@ -26,7 +26,7 @@ from jaxce import _checks, _collective, _explicit, _linear_grads
 from jaxce._collective import match_vma, vary_like
 from jaxce._linear_grads import soft_cap
 from jaxce._reduction import integer_target_loss
-from jaxce._stats import LabelStats
+from jaxce._stats import LabelStats, SmoothingSums
 
 # Elements of one float32 block (16 MiB): sets the default vocabulary chunk
 # ([N, chunk] logits) and the row blocks of the dx accumulation ([rows, D]).
@@ -171,6 +171,7 @@ class LinearResiduals(NamedTuple):
   labels: jax.Array  # [N]
   weight: jax.Array | None  # [V], only with label smoothing
   lse: jax.Array  # [N] float32
+  shift: jax.Array  # [N] float32
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
@@ -192,7 +193,7 @@ def _fwd(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups):
     m, s, picked, sums = carry
     ch = _chunk_logits(x, kernel, bias, i, chunk, softcap, groups)
     z = jnp.where(ch.fresh, ch.z, -jnp.inf)  # count each class once
-    m_new = jnp.maximum(m, jnp.max(z, axis=axes))
+    m_new = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(z, axis=axes)))
     shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
     s = s * jnp.exp(m - shift) + jnp.sum(jnp.exp(z - shift[:, None, None]), axis=axes)
     hot = (ch.cols[None] == labels) & ch.fresh
@@ -211,13 +212,21 @@ def _fwd(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups):
   init = (jnp.full((n,), -jnp.inf, ct), zeros, zeros, (zeros,) * 3 if smoothing else ())
   init = vary_like(init, x, kernel, bias, labels, weight)
   m, s, picked, sums = _scan_chunks(step, init, kernel, chunk, kernel.shape[1] // groups)
-  lse = jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(s)
-  stats = LabelStats(lse, picked, *(sums if smoothing else (None,) * 3))
-  return stats, LinearResiduals(x, kernel, bias, labels[:, 0, 0], weight, lse)
+  shift = jnp.where(jnp.isfinite(m), m, 0.0)
+  lse = shift + jnp.log(s)
+  # (interim adapter to the shift-relative LabelStats; LINEAR rewrites this)
+  local = labels[:, 0, 0]
+  inside = (local >= 0) & (local < kernel.shape[1])
+  smooth = None
+  if smoothing:
+    smooth = SmoothingSums(sums[0] - shift * sums[1], sums[1], sums[2])
+  stats = LabelStats(jax.lax.stop_gradient(shift), jnp.log(s),
+                     jnp.where(inside, picked - shift, 0.0), smooth)
+  return stats, LinearResiduals(x, kernel, bias, local, weight, lse, shift)
 
 
 def _bwd(chunk, softcap, smoothing, groups, res, g):
-  x, kernel, bias, labels, weight, lse = res
+  x, kernel, bias, labels, weight, lse, shift = res
   ct = lse.dtype
   col = lambda v: v.astype(ct)[:, None, None]
   lse_col = col(jnp.where(lse == -jnp.inf, jnp.inf, lse))
@@ -233,14 +242,16 @@ def _bwd(chunk, softcap, smoothing, groups, res, g):
     ch = _chunk_logits(x, kernel, bias, i, chunk, softcap, groups)
     # dz of every column of the slice: the overlap columns' values equal the
     # previous chunk's, so writing them again is harmless; dx counts them once.
-    dz = col(g.lse) * jnp.exp(ch.z - lse_col)
+    dz = col(g.log_sum) * jnp.exp(ch.z - lse_col)
     dz = dz + jnp.where(ch.cols[None] == labels, col(g.picked), 0.0)
     if smoothing:
       active = ch.z > -jnp.inf
-      dz = dz + jnp.where(active, _class_weights(weight, ch) * col(g.weighted_sum), 0.0)
+      dz = dz + jnp.where(
+          active, _class_weights(weight, ch) * col(g.smoothing.weighted_sum), 0.0)
       if dweight is not None:
-        z_safe = jnp.where(active, ch.z, 0.0)
-        dw = jnp.where(active, z_safe * col(g.weighted_sum) + col(g.weight_sum), 0.0)
+        z_safe = jnp.where(active, ch.z - col(shift), 0.0)
+        gs = g.smoothing
+        dw = jnp.where(active, z_safe * col(gs.weighted_sum) + col(gs.weight_sum), 0.0)
         dweight = _write_cols(dweight, jnp.sum(dw, axis=0), ch.start, groups)
     if softcap is not None:
       dz = dz * (1.0 - ch.raw_tanh**2)
@@ -258,7 +269,7 @@ def _bwd(chunk, softcap, smoothing, groups, res, g):
       None if bias is None else jnp.zeros(bias.shape, ct),
       jnp.zeros(weight.shape, ct) if smoothing and weight is not None else None,
   )
-  init = vary_like(init, x, kernel, bias, labels, weight, *g)
+  init = vary_like(init, x, kernel, bias, labels, weight, *jax.tree.leaves(g))
   dx, dkernel, dbias, dweight = _scan_chunks(
       step, init, kernel, chunk, kernel.shape[1] // groups)
   # Inside shard_map, each device's partial dx / dkernel sums over the axes
@@ -389,10 +400,9 @@ def linear_cross_entropy(
     stats = linear_label_stats(
         x.reshape(n, d), kernel, bias, classes.local_labels,
         weight if eps else None, chunk, softcap, bool(eps), groups)
-    stats = _collective.combine(stats, class_axis_name)
+    stats = _collective.combine(stats, class_axis_name, classes.owned)
     loss = integer_target_loss(
-        stats.lse,
-        stats.picked,
+        stats,
         flat_labels,
         classes=classes,
         weight=weight,
@@ -400,7 +410,6 @@ def linear_cross_entropy(
         reduction=reduction,
         label_smoothing=eps,
         z_loss=z,
-        smoothing_sums=stats[2:] if eps else None,
         row_axes=row_axes,
     )
     return loss.reshape(lead) if reduction == "none" else loss
