@@ -10,7 +10,6 @@ as for `cross_entropy`.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,14 +18,9 @@ from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
 from jaxce import _checks, _collective, _explicit
-from jaxce._linear_stats import (
-    LabelStats,
-    SmoothingSums,
-    default_chunk_size,
-    linear_label_stats,
-    linear_label_stats_rev,
-)
+from jaxce._linear_stats import default_chunk_size, linear_label_stats, linear_label_stats_rev
 from jaxce._reduction import integer_target_loss
+from jaxce._stats import LabelStats, SmoothingSums
 
 # Internal label codes, after `_int32_labels`.
 _IGNORED = -1
@@ -60,27 +54,6 @@ def _int32_labels(labels: jax.Array, ignore_index, num_classes: int) -> jax.Arra
   if ignore_index is None:
     return codes
   return jnp.where(_equals(labels, ignore_index), _IGNORED, codes)
-
-
-def _absolute(stats: LabelStats, local_labels: jax.Array, num_local: int):
-  """(lse, picked, smoothing sums) with the shift added back, as
-  `_collective.combine` and `integer_target_loss` take them today."""
-  shift = stats.shift
-  inside = (local_labels >= 0) & (local_labels < num_local)
-  picked = jnp.where(inside, stats.picked + shift, 0.0)
-  sums = None
-  if stats.smoothing is not None:
-    s = stats.smoothing
-    sums = (s.weighted_sum + shift * s.weight_sum, s.weight_sum, s.count)
-  return shift + stats.log_sum, picked, sums
-
-
-class _Absolute(NamedTuple):  # the statistics as `_collective.combine` takes them
-  lse: jax.Array
-  picked: jax.Array
-  weighted_sum: jax.Array | None
-  weight_sum: jax.Array | None
-  count: jax.Array | None
 
 
 def _empty_vocabulary_stats(n, ct, smoothing: bool) -> LabelStats:
@@ -196,12 +169,9 @@ def linear_cross_entropy(
       chunk = min(max(1, chunk // groups), vocab // groups)
       stats = stats_fn(x.reshape(n, d), kernel, bias, classes.local_labels,
                        weight if eps else None, chunk, softcap, bool(eps), groups)
-    lse, picked, sums = _absolute(stats, classes.local_labels, vocab)
-    total = _collective.combine(_Absolute(lse, picked, *(sums or (None,) * 3)), class_axis_name)
-    sums = (total.weighted_sum, total.weight_sum, total.count) if eps else None
+    stats = _collective.combine(stats, class_axis_name, classes.owned)
     loss = integer_target_loss(
-        total.lse,
-        total.picked,
+        stats,
         codes,
         classes=classes,
         weight=weight if vocab else None,  # V = 0: every label is ignored or NaN
@@ -209,7 +179,6 @@ def linear_cross_entropy(
         reduction=reduction,
         label_smoothing=eps,
         z_loss=z,
-        smoothing_sums=sums,
         row_axes=row_axes,
     )
     return loss.reshape(lead) if reduction == "none" else loss

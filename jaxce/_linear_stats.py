@@ -27,6 +27,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from jaxce import _checks
 from jaxce._collective import match_vma, vary_like
+from jaxce._stats import LabelStats, SmoothingSums
 
 # Elements of one float32 block (16 MiB): sets the default vocabulary chunk
 # ([N, chunk] logits) and the row blocks of the dx accumulation ([rows, D]).
@@ -49,19 +50,6 @@ def default_chunk_size(num_tokens: int, vocab: int) -> int:
   target = BLOCK_ELEMENTS // max(int(num_tokens), 1)
   chunk = 1 << max(7, target.bit_length() - 1) if target >= 128 else 128
   return max(1, min(vocab, chunk))
-
-
-class SmoothingSums(NamedTuple):  # over the active classes (logit > -inf)
-  weighted_sum: jax.Array  # sum_c w_c (z_c - shift)
-  weight_sum: jax.Array  # sum_c w_c
-  count: jax.Array  # number of active classes
-
-
-class LabelStats(NamedTuple):
-  shift: jax.Array  # per token, no derivative, finite (0 where no finite logit)
-  log_sum: jax.Array  # log sum_c exp(z_c - shift) over active classes (-inf if none)
-  picked: jax.Array  # z_y - shift (0 for labels outside [0, V))
-  smoothing: SmoothingSums | None
 
 
 def soft_cap(z: jax.Array, cap: float) -> tuple[jax.Array, jax.Array]:
