@@ -188,11 +188,9 @@ def linear_cross_entropy(
     return impl(*args, class_axis_name)
   split = _explicit.linear_split(x, kernel, reduction)
   if split is not None:
-    vocab_spec = split.class_spec[0]
-    specs = (P(*split.row_spec, None), P(None, vocab_spec), split.row_spec, split.class_spec,
-             split.class_spec)
-    return _explicit.run(
-        lambda *a: impl(*a, split.class_axis_name, split.row_axes), args, specs, split.out_spec)
+    specs = (P(*split.row_spec, None), P(None, split.class_spec[0]), split.row_spec,
+             split.class_spec, split.class_spec)
+    return _explicit.run_split(impl, split, args, specs)
   # Under jit, a kernel that XLA's partitioner may have split over its
   # vocabulary axis: as many groups as possible up to one per device, so
   # that any mesh axis size dividing both V and the device count lines up.

@@ -947,32 +947,105 @@ def test_float64_inputs_give_a_float64_loss():
   _assert_close(loss, ref, rtol=1e-12, atol=0.0, what="float64 loss")
 
 
-def test_any_integer_label_dtype():
-  """cross_entropy takes any integer labels under strict dtype promotion;
-  linear_cross_entropy compares them with its int32 (int64 under x64) class
-  indices (`ch.cols == labels`) and raises a TypePromotionError instead."""
+LABEL_DTYPES = [(False, jnp.int8), (False, jnp.uint8), (False, jnp.int16), (False, jnp.uint16),
+                (False, jnp.uint32), (True, jnp.int64), (True, jnp.uint64)]
+
+
+@pytest.mark.parametrize(("x64", "dtype"), LABEL_DTYPES,
+                         ids=[f"{jnp.dtype(d).name}-x64={a}" for a, d in LABEL_DTYPES])
+def test_any_integer_label_dtype(x64, dtype):
+  """Labels are compared by value: every integer dtype gives the int32
+  result. V = 300 > 255: uint8 156 (= -100 mod 256) is a class, not
+  ignored; int8 labels near 127 are classes; the ignored and out-of-range
+  labels (where the dtype holds them) behave as for int32."""
+  vocab = 300
   rng = np.random.default_rng(19)
-  x = np.asarray(rng.normal(size=(4, D)), np.float32)
-  kernel = np.asarray(rng.normal(size=(D, V)), np.float32)
-  labels = np.asarray([0, 5, 36, 2])
-  failed, ok = [], []
-  for x64, dtype in [(False, jnp.int8), (False, jnp.uint8), (False, jnp.int16),
-                     (False, jnp.uint32), (True, jnp.int32)]:
-    name = f"{jnp.dtype(dtype).name} (x64={x64})"
-    with jax.enable_x64(x64):
-      y = jnp.asarray(labels, dtype)
-      jax.eval_shape(lambda x, k, y: _ref_loss(x, k, y), x, kernel, y)
-      try:
-        jax.eval_shape(lambda x, k, y: _lin_loss(x, k, y, chunk_size=7), x, kernel, y)
-        ok.append((name, y))
-      except Exception as e:
-        failed.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0]}")
-  if ok:  # values for the dtypes that trace (x64 off)
-    got = _fast(lambda ys: [(_lin_loss(x, kernel, y, chunk_size=7), _ref_loss(x, kernel, y))
-                            for y in ys])([y for n, y in ok if "x64=False" in n])
-    for loss, ref in got:
-      _assert_close(loss, ref, rtol=1e-5, atol=1e-6, what="labels dtype")
-  assert not failed, "\n".join(failed)
+  x = np.asarray(rng.normal(size=(6, D)), np.float32)
+  kernel = np.asarray(rng.normal(size=(D, vocab)) * 0.3, np.float32)
+  info = np.iinfo(jnp.dtype(dtype))
+  labels = np.asarray([min(156, info.max), 5, min(info.max, 299), 0, 100, 127])
+  ignored = -100 if info.min < 0 else 5  # ignore_index a value the dtype holds
+  with jax.enable_x64(x64):
+    fn = _fast(lambda x, k, y, y32: [
+        _lin_loss(x, k, yy, reduction="none", ignore_index=ii, chunk_size=64)
+        for yy in (y, y32) for ii in (-100, ignored)])
+    got = jax.device_get(fn(x, kernel, jnp.asarray(labels, dtype), jnp.asarray(labels, jnp.int32)))
+  for a, b in ((got[0], got[2]), (got[1], got[3])):
+    _assert_close(a, b, rtol=0, atol=0, what=f"{jnp.dtype(dtype).name} labels")
+  assert np.all(np.isfinite(got[0]))  # uint8 156 is not -100
+
+
+def test_uint16_token_ids_with_a_64k_vocabulary():
+  """uint16 token ids with V = 65536: the largest id is a class (no NaN)."""
+  vocab = 65536
+  rng = np.random.default_rng(23)
+  x = jnp.asarray(rng.normal(size=(3, 2)), F32)
+  kernel = jnp.asarray(rng.normal(size=(2, vocab)) * 0.1, F32)
+  labels = np.asarray([65535, 40000, 0])
+  fn = jax.jit(lambda y: _lin_loss(x, kernel, y, reduction="none"))
+  got, want = fn(jnp.asarray(labels, jnp.uint16)), fn(jnp.asarray(labels, jnp.int32))
+  assert np.all(np.isfinite(got)), got
+  _assert_close(got, want, rtol=0, atol=0, what="uint16 labels")
+
+
+@pytest.mark.parametrize("forward_mode", [False, True])
+def test_traced_ignore_index(forward_mode):
+  """ignore_index may be a traced integer scalar, on every path."""
+  rng = np.random.default_rng(24)
+  x = jnp.asarray(rng.normal(size=(5, D)), F32)
+  kernel = jnp.asarray(rng.normal(size=(D, V)), F32)
+  labels = jnp.asarray([3, 1, 3, 0, 7], jnp.int32)
+  kw = dict(forward_mode=forward_mode, chunk_size=7)
+
+  @jax.jit
+  def run(ii):
+    return [jax.value_and_grad(lambda k, r=r: _lin_loss(x, k, labels, ignore_index=ii,
+                                                         reduction=r, **kw))(kernel)
+            if r != "none" else _lin_loss(x, kernel, labels, ignore_index=ii, reduction=r, **kw)
+            for r in ("none", "mean")]
+
+  got = run(jnp.asarray(3, jnp.int32))
+  want = [jax.value_and_grad(lambda k: _lin_loss(x, k, labels, ignore_index=3, **kw))(kernel)]
+  assert np.all(np.asarray(got[0])[[0, 2]] == 0.0)
+  _assert_close(got[1][0], want[0][0], rtol=0, atol=0, what="mean")
+  _assert_close(got[1][1], want[0][1], rtol=0, atol=0, what="grad")
+
+
+def test_empty_vocabulary():
+  """V = 0: the loss cross_entropy's rules give (every label is out of range:
+  NaN, unless ignored: 0.0), zero gradients, no internal error."""
+  x = jnp.ones((4, D), F32)
+  kernel = jnp.ones((D, 0), F32)
+  labels = jnp.asarray([0, -100, 2, -100], jnp.int32)
+  f = jax.jit(lambda x, k, y, w: (
+      _lin_loss(x, k, y, reduction="none"), _lin_loss(x, k, y, weight=w, label_smoothing=0.1),
+      jax.grad(lambda x: _lin_loss(x, k, y, ignore_index=-100, z_loss=0.1))(x),
+      _lin_loss(x, k, jnp.full_like(y, -100))))
+  none, mean, dx, all_ignored = jax.device_get(f(x, kernel, labels, jnp.ones((0,), F32)))
+  assert np.isnan(none[[0, 2]]).all()
+  assert np.all(none[[1, 3]] == 0.0)
+  assert np.isnan(mean)
+  assert np.all(dx == 0.0)
+  assert float(all_ignored) == 0.0
+
+
+def test_export_with_symbolic_batch():
+  """jax.export with a symbolic token count on the default path (default
+  chunk, no chunk_size), value and gradients, reused at two batch sizes."""
+  from jax import export
+  b, = export.symbolic_shape("b")
+  rng = np.random.default_rng(25)
+  kernel = jnp.asarray(rng.normal(size=(D, V)), F32)
+  f = jax.jit(jax.value_and_grad(lambda x, k, y: _lin_loss(x, k, y), (0, 1)))
+  exp = export.export(f)(jax.ShapeDtypeStruct((b, D), F32), jax.ShapeDtypeStruct((D, V), F32),
+                         jax.ShapeDtypeStruct((b,), jnp.int32))
+  for n in (3, 8):
+    x = jnp.asarray(rng.normal(size=(n, D)), F32)
+    y = jnp.asarray(rng.integers(0, V, size=(n,)), jnp.int32)
+    got, want = exp.call(x, kernel, y), f(x, kernel, y)
+    _assert_close(got[0], want[0], rtol=1e-6, atol=1e-6, what="loss")
+    for a, w in zip(got[1], want[1], strict=True):
+      _assert_close(a, w, rtol=1e-5, atol=1e-6, what="grad")
 
 
 def test_empty_batch():
