@@ -1100,3 +1100,25 @@ def test_infinite_softcap():
   capped, plain = _fast(lambda x, k: (_lin_loss(x, k, labels, softcap=float("inf")),
                                       _lin_loss(x, k, labels)))(x, kernel)
   _assert_close(capped, plain, rtol=1e-6, atol=0.0, what="softcap=inf vs no cap")
+
+
+# ---------------------------------------------------------------------------
+# XLA:CPU workarounds apply only when lowering for CPU.
+
+
+@pytest.mark.parametrize("forward_mode", [False, True])
+def test_cpu_workarounds_only_on_cpu(forward_mode):
+  """The optimization barriers (on the bf16 kernel carried through the chunk
+  loops, on the transposed copy of x) are in the CPU lowering only; the
+  CUDA and TPU lowerings of the same function have none but the two of
+  jax.checkpoint's rematerialization in forward mode (prevent_cse)."""
+  from jax import export
+  f = jax.jit(jax.value_and_grad(lambda x, k, y: _lin_loss(
+      x, k, y, chunk_size=64, forward_mode=forward_mode), (0, 1)))
+  args = (jax.ShapeDtypeStruct((16, 8), jnp.bfloat16),
+          jax.ShapeDtypeStruct((8, 256), jnp.bfloat16), jax.ShapeDtypeStruct((16,), jnp.int32))
+  count = {p: export.export(f, platforms=(p,))(*args).mlir_module().count("optimization_barrier")
+           for p in ("cpu", "cuda", "tpu")}
+  remat = 2 if forward_mode else 0
+  assert count["cuda"] == count["tpu"] == remat, count
+  assert count["cpu"] >= remat + 2, count  # the kernel carries and x transposed
