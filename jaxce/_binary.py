@@ -2,33 +2,12 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from jaxce import _checks
-from jaxce._collective import match_vma
 from jaxce._reduction import reduce
-
-
-class BinaryResiduals(NamedTuple):
-  logits: jax.Array  # as given
-  targets: jax.Array  # as given
-  pos_weight: jax.Array | None  # in its own (unbroadcast) shape
-
-
-def _unbroadcast(d: jax.Array, shape) -> jax.Array:
-  """Sums a cotangent of a broadcast result back to the operand's `shape`."""
-  lead = d.ndim - len(shape)
-  axes = tuple(range(lead)) + tuple(
-      lead + i for i, n in enumerate(shape) if n == 1 and d.shape[lead + i] != 1)
-  return jnp.sum(d, axes, keepdims=True).reshape(shape)
-
-
-@jax.custom_vjp
-def _binary_terms(logits, targets, pos_weight):
-  return _binary_terms_fwd(logits, targets, pos_weight)[0]
 
 
 def _softplus_pair(x):
@@ -43,44 +22,45 @@ def _softplus_pair(x):
           jnp.where(pos, big, small), jnp.where(pos, small, big))
 
 
-def _pos_weight(pos_weight, x):
-  if pos_weight is None:
-    return jnp.ones((), x.dtype)
-  return jnp.broadcast_to(pos_weight.astype(x.dtype), x.shape)
+def _pos_weight(pos_weight, dtype):
+  return jnp.ones((), dtype) if pos_weight is None else pos_weight.astype(dtype)
 
 
-def _binary_terms_fwd(logits, targets, pos_weight):
+@jax.custom_jvp
+def _binary_terms(
+    logits: jax.Array, targets: jax.Array, pos_weight: jax.Array | None
+) -> jax.Array:
   # -[pw t log s(x) + (1 - t) log(1 - s(x))] = pw t sp(-x) + (1 - t) sp(x).
   ct = _checks.compute_dtype(logits.dtype)
   x, t = logits.astype(ct), targets.astype(ct)
   sp_x, sp_neg_x, _, _ = _softplus_pair(x)
-  loss = _pos_weight(pos_weight, x) * t * sp_neg_x + (1.0 - t) * sp_x
-  return loss, BinaryResiduals(logits, targets, pos_weight)
+  return _pos_weight(pos_weight, ct) * t * sp_neg_x + (1.0 - t) * sp_x
 
 
-def _binary_terms_bwd(res, g):
-  ct = g.dtype
-  x, t = res.logits.astype(ct), res.targets.astype(ct)
-  pw = _pos_weight(res.pos_weight, x)
+@jax.checkpoint  # reverse mode keeps the inputs only, not the sigmoids
+def _binary_tangent(logits, targets, pos_weight, tx, tt, tpw):
+  ct = _checks.compute_dtype(logits.dtype)
+  x, t = logits.astype(ct), targets.astype(ct)
+  pw = _pos_weight(pos_weight, ct)
   sp_x, sp_neg_x, s_x, s_neg_x = _softplus_pair(x)
-  dx = g * ((1.0 - t) * s_x - pw * t * s_neg_x)
-  dt = g * (pw * sp_neg_x - sp_x)
-  dpw = None
-  if res.pos_weight is not None:
-    dpw = _unbroadcast(g * t * jax.nn.softplus(-x), res.pos_weight.shape)
-    dpw = match_vma(dpw.astype(res.pos_weight.dtype), res.pos_weight)
-  return dx.astype(res.logits.dtype), dt.astype(res.targets.dtype), dpw
+  out = (tx.astype(ct) * ((1.0 - t) * s_x - pw * t * s_neg_x)
+         + tt.astype(ct) * (pw * sp_neg_x - sp_x))
+  if pos_weight is not None:
+    out = out + tpw.astype(ct) * t * sp_neg_x
+  return out
 
 
-_binary_terms.defvjp(_binary_terms_fwd, _binary_terms_bwd)
+@_binary_terms.defjvp
+def _binary_terms_jvp(primals, tangents):
+  return _binary_terms(*primals), _binary_tangent(*primals, *tangents)
 
 
 def binary_cross_entropy_with_logits(
-    logits,
-    targets,
+    logits: ArrayLike,
+    targets: ArrayLike,
     *,
-    weight=None,
-    pos_weight=None,
+    weight: ArrayLike | None = None,
+    pos_weight: ArrayLike | None = None,
     reduction: str = "mean",
 ) -> jax.Array:
   r"""Sigmoid binary cross-entropy on logits, as PyTorch's function of that name.
@@ -89,8 +69,8 @@ def binary_cross_entropy_with_logits(
     \ell = -w \left[ p_w\, t \log \sigma(x) + (1 - t) \log (1 - \sigma(x)) \right]
 
   computed as :math:`w\,[p_w t\,\mathrm{softplus}(-x) + (1-t)\,\mathrm{softplus}(x)]`,
-  finite for any finite logit. The gradient is a custom VJP that keeps only
-  the inputs.
+  finite for any finite logit. Differentiation: a `jax.custom_jvp` (forward
+  and reverse mode, any order); reverse mode keeps only the inputs.
 
   Args:
     logits: Floating logits of any shape.
@@ -123,7 +103,7 @@ def binary_cross_entropy_with_logits(
     targets = targets.astype(_checks.compute_dtype(logits.dtype))
   if pos_weight is not None:
     pos_weight = _checks.float_array(fn, "pos_weight", pos_weight)
-    _checks.broadcastable(fn, "pos_weight", pos_weight, logits.shape)
+    pos_weight = _checks.broadcastable(fn, "pos_weight", pos_weight, logits.shape)
   loss = _binary_terms(logits, targets, pos_weight)
   if weight is not None:
     weight = _checks.float_array(fn, "weight", weight)

@@ -137,3 +137,75 @@ def expand_to_axis(x: jax.Array, axis: int, ndim: int) -> jax.Array:
   shape = [1] * ndim
   shape[axis] = x.shape[0]
   return x.reshape(shape)
+
+
+# ---------------------------------------------------------------------------
+# linear_cross_entropy's own arguments.
+
+
+def linear_operands(fn: str, x: object, kernel: object) -> tuple[jax.Array, jax.Array]:
+  """`x` [..., D] and `kernel` [D, V], floating, of one dtype."""
+  x = float_array(fn, "x", x)
+  kernel = float_array(fn, "kernel", kernel)
+  if x.ndim < 1 or kernel.ndim != 2 or kernel.shape[0] != x.shape[-1]:
+    raise ValueError(
+        f"{fn}: `kernel` must have shape (D, V) with D = x.shape[-1]. Got x"
+        f" {x.shape} and kernel {kernel.shape}."
+    )
+  if x.dtype != kernel.dtype:
+    raise TypeError(
+        f"{fn}: `x` and `kernel` must have the same dtype. Got {x.dtype} and"
+        f" {kernel.dtype}."
+    )
+  return x, kernel
+
+
+def token_labels(fn: str, labels: object, lead: tuple[int, ...], x_shape) -> jax.Array:
+  """Integer labels of shape `lead` (x's shape without its last axis)."""
+  labels = int_array(fn, "labels", labels)
+  if labels.shape != lead:
+    raise ValueError(
+        f"{fn}: `labels` must have shape {lead} (x's shape {tuple(x_shape)} without"
+        f" the last axis). Got {labels.shape}."
+    )
+  return labels
+
+
+def linear_bias(fn: str, bias: object, vocab: int) -> jax.Array | None:
+  if bias is None:
+    return None
+  bias = float_array(fn, "bias", bias)
+  if bias.shape != (vocab,):
+    raise ValueError(f"{fn}: `bias` must have shape ({vocab},). Got {bias.shape}.")
+  return bias
+
+
+def softcap(fn: str, value: object) -> float | None:
+  """None, or a positive finite static float."""
+  if value is None:
+    return None
+  cap = static_float(fn, "softcap", value, 0.0, float("inf"))
+  if not 0.0 < cap < float("inf"):
+    raise ValueError(f"{fn}: `softcap` must be positive and finite. Got {cap}.")
+  return cap
+
+
+def chunk_size(fn: str, value: object) -> int | None:
+  """None, or a positive Python int."""
+  if value is None:
+    return None
+  if isinstance(value, bool):
+    raise TypeError(f"{fn}: `chunk_size` must be an int or None. Got {value!r}.")
+  try:
+    size = operator.index(value)  # type: ignore[arg-type]
+  except TypeError:
+    raise TypeError(f"{fn}: `chunk_size` must be an int or None. Got {value!r}.") from None
+  if size < 1:
+    raise ValueError(f"{fn}: `chunk_size` must be positive. Got {size}.")
+  return size
+
+
+def static_bool(fn: str, name: str, value: object) -> bool:
+  if not isinstance(value, bool | np.bool_):
+    raise TypeError(f"{fn}: `{name}` must be a Python bool. Got {value!r}.")
+  return bool(value)

@@ -1,7 +1,7 @@
 """Vocab parallelism inside `shard_map`: each device holds a slice of the
 classes, and per-position statistics are combined over the mesh axis.
 
-The custom_vjp kernels run on the local slice with labels shifted into local
+The custom_jvp kernels run on the local slice with labels shifted into local
 indices (a label another device owns matches nothing here); the combination
 below is ordinary JAX, so autodiff carries gradients back through
 psum/pmax to each device's slice.
@@ -9,54 +9,82 @@ psum/pmax to each device's slice.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
+
+from jaxce._stats import LabelStats, SmoothingSums, TargetStats
 
 
 class ClassSlice(NamedTuple):
   local_labels: jax.Array  # labels minus this device's first class
   num_classes: int  # over all devices
   axis_name: str | None
+  owned: jax.Array | None = None  # labels this device holds (None: all of them)
 
 
-def class_slice(labels, num_local: int, axis_name) -> ClassSlice:
+def class_slice(labels: jax.Array, num_local: int, axis_name: str | None) -> ClassSlice:
   """Where this device's classes sit among all of them."""
   if axis_name is None:
     return ClassSlice(labels, num_local, None)
   offset = jax.lax.axis_index(axis_name) * num_local
-  return ClassSlice(labels - offset.astype(labels.dtype), num_local * jax.lax.axis_size(axis_name),
-                    axis_name)
+  local = labels - offset.astype(labels.dtype)
+  owned = (local >= 0) & (local < num_local)
+  return ClassSlice(local, num_local * jax.lax.axis_size(axis_name), axis_name, owned)
 
 
-def label_weight(weight, where: ClassSlice):
+def label_weight(weight: jax.Array | None, where: ClassSlice) -> jax.Array | None:
   """w[y] per position (None without class weights). With a class axis,
   `weight` is this device's slice and the owner of each label supplies it."""
   if weight is None:
     return None
   num_local = weight.shape[0]
-  w = jnp.take(weight, jnp.clip(where.local_labels, 0, num_local - 1))
+  w = jnp.take(weight, jnp.clip(where.local_labels, 0, max(num_local - 1, 0)))
   if where.axis_name is None:
     return w
   owned = (where.local_labels >= 0) & (where.local_labels < num_local)
   return jax.lax.psum(jnp.where(owned, w, jnp.zeros((), w.dtype)), where.axis_name)
 
 
-def combine(stats, axis_name):
-  """Global statistics from each device's: logsumexp of the logsumexps,
-  sums of everything else (a label's logit comes from its owner alone)."""
+S = TypeVar("S", LabelStats, TargetStats)
+
+
+def combine(stats: S, axis_name: str | None, owned: jax.Array | None = None) -> S:
+  """Global statistics from each device's slice of the classes.
+
+  The global shift is the largest local one; each device's sums are moved
+  onto it (``x - shift_global = (x - shift_local) + (shift_local -
+  shift_global)``, both terms small or exact) before they are added up; the
+  label's logit comes from its owner alone (`owned`, required for
+  `LabelStats`). Ordinary JAX: autodiff transposes the collectives.
+  """
   if axis_name is None:
     return stats
-  lse = stats[0]
-  m = jax.lax.pmax(jax.lax.stop_gradient(lse), axis_name)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  s = jax.lax.psum(jnp.exp(lse - m), axis_name)
+  live = stats.log_sum > -jnp.inf
+  local_shift = jax.lax.stop_gradient(stats.shift)
+  shift = jax.lax.pmax(jax.lax.stop_gradient(jnp.where(live, local_shift, -jnp.inf)), axis_name)
+  shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+  delta = local_shift - shift
+  s = jax.lax.psum(jnp.exp(jnp.where(live, stats.log_sum + delta, -jnp.inf)), axis_name)
   # A position with no class left anywhere: -inf, with a zero (not NaN)
   # derivative, as on one device.
-  lse = jnp.where(s > 0, m + jnp.log(jnp.where(s > 0, s, 1.0)), -jnp.inf)
-  rest = (None if s is None else jax.lax.psum(s, axis_name) for s in stats[1:])
-  return type(stats)(lse, *rest)
+  log_sum = jnp.where(s == 0, -jnp.inf, jnp.log(jnp.where(s == 0, 1.0, s)))
+  smoothing = stats.smoothing
+  if smoothing is not None:
+    smoothing = SmoothingSums(
+        jax.lax.psum(smoothing.weighted_sum + smoothing.weight_sum * delta, axis_name),
+        jax.lax.psum(smoothing.weight_sum, axis_name),
+        jax.lax.psum(smoothing.count, axis_name),
+    )
+  if isinstance(stats, LabelStats):
+    if owned is None:
+      raise ValueError("combine: LabelStats over a class axis need `owned`.")
+    picked = jax.lax.psum(jnp.where(owned, stats.picked + delta, 0.0), axis_name)
+    return LabelStats(shift, log_sum, picked, smoothing)
+  return TargetStats(
+      shift, log_sum, jax.lax.psum(stats.target_mass, axis_name),
+      jax.lax.psum(stats.target_logits + stats.target_mass * delta, axis_name), smoothing)
 
 
 def match_vma(cotangent, primal):

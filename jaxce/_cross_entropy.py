@@ -113,17 +113,14 @@ def cross_entropy(
     if probabilities:
       stats = _stats.target_stats(logits, labels, weight, where, axis, bool(eps))
       stats = _collective.combine(stats, class_axis_name)
-      return target_loss(
-          stats.lse, stats.target_mass, stats.target_logits, reduction=reduction,
-          label_smoothing=eps, z_loss=z, smoothing_sums=stats[3:] if eps else None,
-          row_axes=row_axes)
+      return target_loss(stats, reduction=reduction, label_smoothing=eps, z_loss=z,
+                         row_axes=row_axes)
     classes = _collective.class_slice(labels, logits.shape[axis], class_axis_name)
     stats = _stats.label_stats(
-        logits, classes.local_labels, weight if eps else None, where, axis, smoothing=bool(eps))
-    stats = _collective.combine(stats, class_axis_name)
+        logits, classes.local_labels, weight if eps else None, where, axis, bool(eps))
+    stats = _collective.combine(stats, class_axis_name, classes.owned)
     return integer_target_loss(
-        stats.lse,
-        stats.picked,
+        stats,
         labels,
         classes=classes,
         weight=weight,
@@ -131,7 +128,6 @@ def cross_entropy(
         reduction=reduction,
         label_smoothing=eps,
         z_loss=z,
-        smoothing_sums=stats[2:] if eps else None,
         row_axes=row_axes,
     )
 
@@ -141,9 +137,8 @@ def cross_entropy(
     if split is not None:
       label_spec = split.spec if probabilities else split.row_spec
       where_spec = None if where is None else _explicit.spec_for_shape(split.spec, where.shape)
-      specs = (split.spec, label_spec, split.class_spec, where_spec)
-      return _explicit.run(
-          lambda *a: impl(*a, split.class_axis_name, split.row_axes), args, specs, split.out_spec)
+      return _explicit.run_split(
+          impl, split, args, (split.spec, label_spec, split.class_spec, where_spec))
   return impl(*args, class_axis_name)
 
 
@@ -206,9 +201,9 @@ def nll_loss(
     picked = _stats.pick(log_probs, classes.local_labels, axis)
     if class_axis_name is not None:
       picked = jax.lax.psum(picked, class_axis_name)
+    stats = _stats.LabelStats(jnp.zeros_like(picked), None, picked, None)
     return integer_target_loss(
-        None,
-        picked,
+        stats,
         labels,
         classes=classes,
         weight=weight,
@@ -221,8 +216,6 @@ def nll_loss(
   if class_axis_name is None:
     split = _explicit.class_split(log_probs, axis, reduction)
     if split is not None:
-      specs = (split.spec, split.row_spec, split.class_spec)
-      return _explicit.run(
-          lambda *a: impl(*a, split.class_axis_name, split.row_axes), args, specs, split.out_spec)
+      return _explicit.run_split(
+          impl, split, args, (split.spec, split.row_spec, split.class_spec))
   return impl(*args, class_axis_name)
-

@@ -11,6 +11,7 @@ the kernel. (Under `AxisType.Auto` XLA's partitioner does the same for
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -78,6 +79,23 @@ class Split(NamedTuple):
   out_spec: PartitionSpec
   class_axis_name: str | Names
   row_axes: Names
+
+
+def run_split(
+    impl: Callable[..., jax.Array],
+    split: Split,
+    args: Sequence,
+    specs: Sequence[PartitionSpec | None],
+) -> jax.Array:
+  """``impl(*local_args, split.class_axis_name, split.row_axes)`` on every
+  device of the Explicit mesh: the one dispatch of every class-sharded loss.
+  `specs` gives each argument's spec (None arguments pass through)."""
+  return run(functools.partial(_with_axes, impl, split.class_axis_name, split.row_axes),
+             args, specs, split.out_spec)
+
+
+def _with_axes(impl, class_axis_name, row_axes, *args):
+  return impl(*args, class_axis_name, row_axes)
 
 
 def class_split(x, class_dim: int, reduction: str, rows=None) -> Split | None:

@@ -1,19 +1,45 @@
-"""`log_softmax` and `logsumexp`, and the stable logsumexp every loss shares.
+"""`log_softmax` and `logsumexp`, and the shifted log-sum every loss shares.
 
-Both public functions are `jax.custom_vjp`s that save the input (which the
-caller holds anyway) and a per-row logsumexp in float32 (float64 for float64
-input); the backward recomputes the softmax from them.
+Every softmax here is computed from two per-row numbers: a `shift` (the row
+max, outside autodiff) and ``log_sum = log sum exp(x - shift)``, both in
+float32 (float64 for float64 input). Keeping them apart, rather than adding
+them into one logsumexp, keeps differences such as ``log p = (x - shift) -
+log_sum`` exact for logits far from 0.
+
+Both public functions are `jax.custom_jvp`s. Their tangent rules recompute
+the softmax from (x, shift, log_sum) inside
+``jax.checkpoint(policy=nothing_saveable)``, so reverse mode (JAX transposes
+the tangent rule) saves only the input and the two per-row numbers, and
+forward mode, reverse-over-forward and higher orders work as for any JAX
+function.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+import operator
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from jaxce import _checks
+
+Axes = tuple[int, ...]
+
+
+def remat(*static_argnums: int):
+  """`jax.checkpoint` of a tangent rule: reverse mode recomputes everything
+  it computes from its inputs (the softmax, the one-hot) instead of saving
+  it. Common subexpressions with the forward pass are kept apart by an
+  `optimization_barrier` on the per-row statistics inside each rule, not on
+  every input (`prevent_cse`): a barrier on the logits would force
+  half-precision logits that XLA computes on the fly (e.g. the converted
+  output of a float32 matmul) to be materialized."""
+  return functools.partial(
+      jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False,
+      static_argnums=static_argnums)
 
 
 def masked(x: jax.Array, where: jax.Array | None) -> jax.Array:
@@ -21,115 +47,152 @@ def masked(x: jax.Array, where: jax.Array | None) -> jax.Array:
   return x if where is None else jnp.where(where, x, -jnp.inf)
 
 
-def stable_logsumexp(x: jax.Array, axis: int) -> jax.Array:
-  """logsumexp over `axis` (kept) of an already masked array, in float32+.
+def row_shift(x: jax.Array, axes: Axes) -> jax.Array:
+  """The max over `axes` (kept) of a masked array, in float32+, outside
+  autodiff; 0 where it is not finite (no finite entry, or +inf / NaN).
 
-  A row of -inf gives -inf, never NaN. The max shift goes through
-  `stop_gradient`: it cancels mathematically, so derivatives taken through a
-  custom_vjp's forward (grad-of-grad, hessian) need not see it.
+  The conversion of half-precision input is fused into the reduction (no
+  float32 copy is made); `initial` makes empty axes give 0.
   """
   x = x.astype(_checks.compute_dtype(x.dtype))
-  return _shifted_logsumexp(x, jax.lax.stop_gradient(jnp.max(x, axis, keepdims=True)), axis)
+  m = jax.lax.stop_gradient(jnp.max(x, axes, keepdims=True, initial=-jnp.inf))
+  return jnp.where(jnp.isfinite(m), m, 0.0)
 
 
-def _shifted_logsumexp(x, shift, axis):
-  shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
-  return shift + jnp.log(jnp.sum(jnp.exp(x - shift), axis, keepdims=True))
+def log_sum(x: jax.Array, shift: jax.Array, axes: Axes) -> jax.Array:
+  """log sum exp(x - shift) over `axes` (kept), in `shift`'s dtype: -inf for
+  a row with no entry above -inf, with finite (zero) derivatives there."""
+  s = jnp.sum(jnp.exp(x.astype(shift.dtype) - shift), axes, keepdims=True)
+  return jnp.where(s == 0, -jnp.inf, jnp.log(jnp.where(s == 0, 1.0, s)))
 
 
-def logsumexp_near(x: jax.Array, guess: jax.Array, axis: int) -> jax.Array:
-  """`stable_logsumexp`, shifted by a per-row `guess` (axis kept) instead of
-  the row max: this saves the max's pass over x.
-
-  Any shift within ~80 of the max gives the same result, and the label's
-  logit nearly always is one. If the sum overflows, or falls below the
-  normal float range (a guess far above the max), anywhere, the batch is
-  redone with the max under a `lax.cond` that runs only then. (Under
-  `jax.vmap` a cond runs both branches, so the forward does one extra pass.)
-  """
-  x = x.astype(_checks.compute_dtype(x.dtype))
-  shift = jax.lax.stop_gradient(guess.astype(x.dtype))
-  shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
-  log_s = jnp.log(jnp.sum(jnp.exp(x - shift), axis, keepdims=True))
-  usable = jnp.all(jnp.isfinite(log_s) & (log_s > -80.0))
-  return jax.lax.cond(usable, lambda: shift + log_s, lambda: stable_logsumexp(x, axis))
+def probs(x: jax.Array, shift: jax.Array, log_sum: jax.Array) -> jax.Array:
+  """exp((x - shift) - log_sum) in `shift`'s dtype: the softmax, 0 (not NaN)
+  on rows whose log_sum is -inf."""
+  ls = jnp.where(log_sum == -jnp.inf, jnp.inf, log_sum)
+  return jnp.exp((x.astype(shift.dtype) - shift) - ls)
 
 
-def softmax_from_lse(x: jax.Array, lse: jax.Array) -> jax.Array:
-  """exp(x - lse), with 0 (not NaN) on rows whose lse is -inf."""
-  return jnp.exp(x - jnp.where(lse == -jnp.inf, jnp.inf, lse))
+def shifted_stats(x: jax.Array, axes: Axes) -> tuple[jax.Array, jax.Array]:
+  """(shift, log_sum) of a masked array, axes kept."""
+  shift = row_shift(x, axes)
+  return shift, log_sum(x, shift, axes)
 
 
-class Residuals(NamedTuple):
-  x: jax.Array  # the input, as given
-  where: jax.Array | None  # the class mask, if any
-  lse: jax.Array  # per row, float32 (float64 for float64 input), axis kept
+# ---------------------------------------------------------------------------
+# log_softmax
 
 
-def _forward(x, where, axis):
-  lse = stable_logsumexp(masked(x, where), axis)
-  return masked(x.astype(lse.dtype), where), lse
+def _log_softmax_out(xm, shift, ls):
+  out = (xm.astype(shift.dtype) - shift) - ls
+  return jnp.where(ls == -jnp.inf, -jnp.inf, out)  # a row with no class: -inf
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _logsumexp(x, where, axis):
-  return _logsumexp_fwd(x, where, axis)[0]
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _log_softmax(x: jax.Array, where: jax.Array | None, axes: Axes) -> jax.Array:
+  xm = masked(x, where)
+  shift, ls = shifted_stats(xm, axes)
+  return _log_softmax_out(xm, shift, ls).astype(x.dtype)
 
 
-def _logsumexp_fwd(x, where, axis):
-  _, lse = _forward(x, where, axis)
-  return jnp.squeeze(lse, axis).astype(x.dtype), Residuals(x, where, lse)
+@remat(5)
+def _log_softmax_tangent(x, where, shift, ls, tx, axes):
+  shift, ls = jax.lax.optimization_barrier((shift, ls))
+  # d(x_i - lse) = tx_i - sum_j p_j tx_j on the active classes; masked and
+  # -inf classes are constant -inf outputs (tangent 0, cotangent dropped).
+  xm = masked(x, where)
+  tx = jnp.where(xm > -jnp.inf, tx.astype(shift.dtype), 0.0)
+  p = probs(xm, shift, ls)
+  return (tx - jnp.sum(p * tx, axes, keepdims=True)).astype(x.dtype)
 
 
-def _logsumexp_bwd(axis, res, g):
-  x_ct = masked(res.x.astype(res.lse.dtype), res.where)
-  g = jnp.expand_dims(g.astype(res.lse.dtype), axis)
-  return (g * softmax_from_lse(x_ct, res.lse)).astype(res.x.dtype), None
+@_log_softmax.defjvp
+def _log_softmax_jvp(axes, primals, tangents):
+  x, where = primals
+  tx = tangents[0]
+  xm = masked(x, where)
+  shift, ls = shifted_stats(xm, axes)
+  out = _log_softmax_out(xm, shift, ls).astype(x.dtype)
+  return out, _log_softmax_tangent(x, where, shift, ls, tx, axes)
 
 
-_logsumexp.defvjp(_logsumexp_fwd, _logsumexp_bwd)
+# ---------------------------------------------------------------------------
+# logsumexp
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _log_softmax(x, where, axis):
-  return _log_softmax_fwd(x, where, axis)[0]
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _logsumexp(x: jax.Array, where: jax.Array | None, axes: Axes) -> jax.Array:
+  shift, ls = shifted_stats(masked(x, where), axes)
+  return jnp.squeeze(shift + ls, axes).astype(x.dtype)
 
 
-def _log_softmax_fwd(x, where, axis):
-  x_ct, lse = _forward(x, where, axis)
-  out = jnp.where(lse == -jnp.inf, -jnp.inf, x_ct - lse)  # a row with no class: -inf
-  return out.astype(x.dtype), Residuals(x, where, lse)
+@remat(5)
+def _logsumexp_tangent(x, where, shift, ls, tx, axes):
+  shift, ls = jax.lax.optimization_barrier((shift, ls))
+  p = probs(masked(x, where), shift, ls)
+  return jnp.sum(p * tx.astype(shift.dtype), axes).astype(x.dtype)
 
 
-def _log_softmax_bwd(axis, res, g):
-  # d/dx_j sum_i g_i (x_i - lse) = g_j - p_j * sum_i g_i, over unmasked classes.
-  # Masked and -inf classes are constant -inf outputs: their g is dropped.
-  x_ct = masked(res.x.astype(res.lse.dtype), res.where)
-  g = jnp.where(x_ct > -jnp.inf, g.astype(res.lse.dtype), 0.0)
-  p = softmax_from_lse(x_ct, res.lse)
-  dx = g - p * jnp.sum(g, axis, keepdims=True)
-  return dx.astype(res.x.dtype), None
+@_logsumexp.defjvp
+def _logsumexp_jvp(axes, primals, tangents):
+  x, where = primals
+  shift, ls = shifted_stats(masked(x, where), axes)
+  out = jnp.squeeze(shift + ls, axes).astype(x.dtype)
+  return out, _logsumexp_tangent(x, where, shift, ls, tangents[0], axes)
 
 
-_log_softmax.defvjp(_log_softmax_fwd, _log_softmax_bwd)
+# ---------------------------------------------------------------------------
+# Public functions
 
 
-def log_softmax(x, axis: int = -1, where=None) -> jax.Array:
-  r"""Log-softmax over a class axis, with an optional class mask.
+def _axes(fn: str, axis: int | Sequence[int] | None, ndim: int) -> Axes:
+  """`axis` as jax.nn takes it (an int, a sequence of ints, or None for all
+  axes) as sorted, distinct non-negative axes."""
+  if axis is None:
+    return tuple(range(ndim))
+  if isinstance(axis, bool):
+    raise TypeError(f"{fn}: `axis` must be an int, a tuple of ints or None. Got bool.")
+  try:
+    return (_checks.canonical_axis(fn, operator.index(axis), ndim),)
+  except TypeError:
+    pass
+  if not isinstance(axis, (tuple, list)) or any(isinstance(a, bool) for a in axis):
+    raise TypeError(
+        f"{fn}: `axis` must be an int, a tuple of ints or None. Got {type(axis).__name__}.")
+  axes = [_checks.canonical_axis(fn, a, ndim) for a in axis]
+  if len(set(axes)) != len(axes):
+    raise ValueError(f"{fn}: `axis` has repeated axes. Got {tuple(axis)}.")
+  return tuple(sorted(axes))
+
+
+def log_softmax(
+    x: ArrayLike,
+    axis: int | Sequence[int] | None = -1,
+    where: ArrayLike | None = None,
+) -> jax.Array:
+  r"""Log-softmax over one or more axes, with an optional mask.
 
   .. math::
     \mathrm{log\_softmax}(x)_i = x_i - \log \sum_{j \in \text{where}} e^{x_j}
 
-  Computed in float32 for half-precision inputs and returned in the input's
-  dtype, like :func:`jax.nn.log_softmax`. Its gradient is a custom VJP that
-  saves only `x` and a per-row logsumexp.
+  A drop-in for :func:`jax.nn.log_softmax`: the same arguments (`axis` an
+  int, a tuple of ints or None for all axes), defaults and output dtype;
+  computed in float32 for half-precision inputs. Outputs outside `where` are
+  -inf and carry no cotangent, as jax.nn's do (``torch.masked`` passes it
+  through); a slice with no entry left is all -inf. Differences of logits
+  stay exact however far the logits are from 0: the max shift is kept apart
+  from the log-sum.
+
+  Differentiation: a `jax.custom_jvp` whose tangent recomputes the softmax,
+  so `jax.jvp`, `jax.jacfwd`, `jax.linearize`, `jax.grad`, `jax.hessian` and
+  any nesting of them work; reverse mode saves only `x` and two float32
+  numbers per slice.
 
   Args:
     x: Logits, any floating dtype.
-    axis: The class axis.
-    where: Optional boolean mask broadcastable to `x`: the classes that take
-      part. Masked classes get -inf and zero gradient; a row with no class
-      left is all -inf.
+    axis: The axis or axes to normalize over; None for all of them.
+    where: Optional boolean mask broadcastable to `x`: the entries that take
+      part. Masked entries get -inf and zero gradient.
 
   Returns:
     An array of `x`'s shape and dtype.
@@ -138,23 +201,35 @@ def log_softmax(x, axis: int = -1, where=None) -> jax.Array:
     >>> import jax.numpy as jnp, jaxce
     >>> jaxce.log_softmax(jnp.array([0.0, 0.0])).tolist()
     [-0.6931471824645996, -0.6931471824645996]
+    >>> jaxce.log_softmax(jnp.zeros((2, 2)), axis=None).tolist()
+    [[-1.3862943649291992, -1.3862943649291992], [-1.3862943649291992, -1.3862943649291992]]
   """
   x = _checks.float_array("log_softmax", "x", x)
-  axis = _checks.canonical_axis("log_softmax", axis, x.ndim)
-  where = _checks.class_mask("log_softmax", where, x.shape)
-  return _log_softmax(x, where, axis)
+  axes = _axes("log_softmax", axis, x.ndim)
+  mask = _checks.class_mask("log_softmax", where, x.shape)
+  return _log_softmax(x, mask, axes)
 
 
-def logsumexp(x, axis: int = -1, where=None) -> jax.Array:
+def logsumexp(
+    x: ArrayLike,
+    axis: int | Sequence[int] | None = -1,
+    where: ArrayLike | None = None,
+) -> jax.Array:
   r"""Numerically stable :math:`\log \sum_{j \in \text{where}} e^{x_j}`.
 
-  Computed in float32 for half-precision inputs and returned in the input's
-  dtype, like :func:`jax.nn.logsumexp`. Rows whose entries are all -inf (or
-  all masked) give -inf, with zero gradient.
+  Like :func:`jax.nn.logsumexp` (`axis` an int, a tuple of ints or None for
+  all axes; the reduced axes are removed; the input's dtype is kept, with
+  float32 internal math for half precision), with two differences: the
+  default `axis` is -1 (jax.nn's is None, a full reduction), and there is no
+  `b`, `keepdims` or `return_sign`. Slices whose entries are all -inf (or
+  all masked), and empty slices, give -inf, with zero gradient.
+
+  Differentiation: a `jax.custom_jvp` (forward and reverse mode, any order);
+  reverse mode saves only `x` and two float32 numbers per slice.
 
   Args:
     x: Any floating array.
-    axis: The axis to reduce.
+    axis: The axis or axes to reduce; None for all of them.
     where: Optional boolean mask broadcastable to `x`: the entries that take
       part.
 
@@ -165,8 +240,10 @@ def logsumexp(x, axis: int = -1, where=None) -> jax.Array:
     >>> import jax.numpy as jnp, jaxce
     >>> float(jaxce.logsumexp(jnp.array([1000.0, 1000.0])))
     1000.6931762695312
+    >>> float(jaxce.logsumexp(jnp.zeros((2, 2)), axis=None))
+    1.3862943649291992
   """
   x = _checks.float_array("logsumexp", "x", x)
-  axis = _checks.canonical_axis("logsumexp", axis, x.ndim)
-  where = _checks.class_mask("logsumexp", where, x.shape)
-  return _logsumexp(x, where, axis)
+  axes = _axes("logsumexp", axis, x.ndim)
+  mask = _checks.class_mask("logsumexp", where, x.shape)
+  return _logsumexp(x, mask, axes)

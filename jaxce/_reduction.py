@@ -1,8 +1,11 @@
 """From per-position statistics to a loss: weights, ignore_index, smoothing,
 z-loss and the reduction, all on arrays without a class axis.
 
-These run as ordinary JAX code after the custom_vjp kernels of `_stats.py`
-(and of the fused linear loss), so their gradients come from autodiff.
+These run as ordinary JAX code after the custom_jvp kernels of `_stats.py`
+(and of the fused linear loss), so their derivatives come from autodiff.
+Every loss is formed from differences relative to the per-position shift
+(``log_sum - picked``, ``picked = x_y - shift <= 0``), never as the
+difference of two large logsumexp-sized numbers.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxce._collective import ClassSlice, label_weight
+from jaxce._stats import LabelStats, SmoothingSums, TargetStats
 
 
 def reduce(
@@ -18,12 +22,15 @@ def reduce(
     reduction: str,
     denominator: jax.Array | None = None,
     row_axes: tuple[str, ...] = (),
-):
+) -> jax.Array:
   """Applies `reduction`; "mean" divides by `denominator` (default: count).
 
-  A zero denominator (every position ignored) gives 0.0 with zero gradient,
-  not NaN: a padding-only batch must not poison training. `row_axes` are
-  mesh axes (inside shard_map) over which the positions are split.
+  "mean" divides by the sum of `denominator` even when it is zero (weights
+  that cancel give +-inf or NaN, as PyTorch does), except when every entry
+  of `denominator` is zero (every position ignored or of zero weight, or no
+  position at all): then 0.0 with zero gradient, so a padding-only batch
+  cannot poison training. `row_axes` are mesh axes (inside shard_map) over
+  which the positions are split.
   """
   if reduction == "none":
     return loss
@@ -31,9 +38,12 @@ def reduce(
   if reduction == "sum":
     return total
   if denominator is None:
-    denominator = jnp.ones(loss.shape, loss.dtype)
-  d = _psum(jnp.sum(denominator), row_axes)
-  return total / jnp.where(d == 0, 1.0, d)
+    d = _psum(jnp.sum(jnp.ones(loss.shape, loss.dtype)), row_axes)
+    nothing = d == 0
+  else:
+    d, live = _psum((jnp.sum(denominator), jnp.sum(denominator != 0)), row_axes)
+    nothing = live == 0
+  return jnp.where(nothing, 0.0, total / jnp.where(nothing, 1.0, d))
 
 
 def _psum(x, axes):
@@ -41,8 +51,7 @@ def _psum(x, axes):
 
 
 def integer_target_loss(
-    lse: jax.Array | None,
-    picked: jax.Array,
+    stats: LabelStats,
     labels: jax.Array,
     *,
     classes: ClassSlice,
@@ -51,18 +60,17 @@ def integer_target_loss(
     reduction: str,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
-    smoothing_sums: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     row_axes: tuple[str, ...] = (),
 ) -> jax.Array:
   """PyTorch's integer-target loss from per-position statistics.
 
-  With lse=None this is `nll_loss` (`picked` holds log-probabilities);
-  otherwise -log p[y] = lse - picked. `classes` says where this device's
-  classes sit (all of them, outside shard_map) and `weight` is their class
-  weights (None: 1). `smoothing_sums` is (sum_c w_c x_c, sum_c w_c, number of
-  classes) over each position's active classes, required when
+  -log p[y] = log_sum - picked. With ``stats.log_sum`` None this is
+  `nll_loss` (`picked` holds log-probabilities). `classes` says where this
+  device's classes sit (all of them, outside shard_map) and `weight` is their
+  class weights (None: 1). ``stats.smoothing`` is required when
   `label_smoothing` > 0.
   """
+  picked = stats.picked
   ct = picked.dtype
   valid = jnp.ones(labels.shape, bool) if ignore_index is None else labels != ignore_index
   w_pos = valid.astype(ct)
@@ -71,54 +79,56 @@ def integer_target_loss(
     w_pos = jnp.where(valid, w_y.astype(ct), 0.0)
   # Positions that are ignored, or whose classes are all masked, contribute 0;
   # zeroing the statistics first keeps their gradients 0 rather than NaN.
-  # (a NaN lse is kept: NaN inputs must give a NaN loss, not a silent 0)
-  keep = valid if lse is None else valid & (lse != -jnp.inf)
+  # (a NaN log_sum is kept: NaN inputs must give a NaN loss, not a silent 0)
+  keep = valid if stats.log_sum is None else valid & (stats.log_sum != -jnp.inf)
   picked = jnp.where(keep, picked, 0.0)
-  if lse is None:
+  if stats.log_sum is None:
     loss = -w_pos * picked
   else:
-    lse = jnp.where(keep, lse, 0.0)
-    loss = w_pos * (lse - picked)
+    log_sum = jnp.where(keep, stats.log_sum, 0.0)
+    loss = w_pos * (log_sum - picked)
     if label_smoothing:
+      assert stats.smoothing is not None
       loss = (1.0 - label_smoothing) * loss + label_smoothing * _uniform_ce(
-          lse, smoothing_sums, keep)
+          log_sum, stats.smoothing, keep)
     if z_loss:
-      loss = loss + z_loss * lse**2
+      loss = loss + z_loss * jnp.where(keep, stats.shift + log_sum, 0.0) ** 2
   # Labels outside [0, C) that are not ignored: NaN, never a plausible number.
   bad = valid & ((labels < 0) | (labels >= classes.num_classes))
   loss = loss * jnp.where(bad, jnp.nan, 1.0).astype(ct)
   return reduce(loss, reduction, w_pos, row_axes)
 
 
-def _uniform_ce(lse, smoothing_sums, keep):
-  """-(1/K) sum_c w_c log p_c over the K active classes, from the sums."""
-  weighted_sum, weight_sum, count = smoothing_sums
-  weighted_sum = jnp.where(keep, weighted_sum, 0.0)
-  return jnp.where(keep, weight_sum * lse - weighted_sum, 0.0) / jnp.maximum(count, 1.0)
+def _uniform_ce(log_sum: jax.Array, sums: SmoothingSums, keep: jax.Array) -> jax.Array:
+  """-(1/K) sum_c w_c log p_c over the K active classes, from the sums:
+  (sum_c w_c) log_sum - sum_c w_c (x_c - shift), two non-negative terms."""
+  weighted_sum = jnp.where(keep, sums.weighted_sum, 0.0)
+  return jnp.where(keep, sums.weight_sum * log_sum - weighted_sum, 0.0) / jnp.maximum(
+      sums.count, 1.0)
 
 
 def target_loss(
-    lse: jax.Array,
-    target_mass: jax.Array,
-    target_logits: jax.Array,
+    stats: TargetStats,
     *,
     reduction: str,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
-    smoothing_sums: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     row_axes: tuple[str, ...] = (),
 ) -> jax.Array:
   """Probability-target loss -sum_c w_c q_c log p_c, q = (1 - eps) t + eps / K.
 
-  That is (1 - eps) (target_mass * lse - target_logits) + eps * uniform CE.
-  "mean" divides by the number of positions, as PyTorch does.
+  That is (1 - eps) (target_mass * log_sum - target_logits) + eps * uniform
+  CE, two non-negative terms for non-negative targets. "mean" divides by the
+  number of positions, as PyTorch does.
   """
-  keep = lse != -jnp.inf
-  lse = jnp.where(keep, lse, 0.0)
-  loss = jnp.where(keep, target_mass * lse - jnp.where(keep, target_logits, 0.0), 0.0)
+  keep = stats.log_sum != -jnp.inf
+  log_sum = jnp.where(keep, stats.log_sum, 0.0)
+  target_logits = jnp.where(keep, stats.target_logits, 0.0)
+  loss = jnp.where(keep, stats.target_mass * log_sum - target_logits, 0.0)
   if label_smoothing:
+    assert stats.smoothing is not None
     loss = (1.0 - label_smoothing) * loss + label_smoothing * _uniform_ce(
-        lse, smoothing_sums, keep)
+        log_sum, stats.smoothing, keep)
   if z_loss:
-    loss = loss + z_loss * lse**2
+    loss = loss + z_loss * jnp.where(keep, stats.shift + log_sum, 0.0) ** 2
   return reduce(loss, reduction, None, row_axes)

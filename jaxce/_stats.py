@@ -1,16 +1,22 @@
-"""Per-position statistics of logits, each a lean `jax.custom_vjp`.
+"""Per-position statistics of logits, each a lean `jax.custom_jvp`.
 
 Every loss over a class axis is a cheap function of a few per-position numbers
-(the logsumexp, the logit at the label, a weighted sum of logits). These
-kernels compute those numbers in two reading passes over the logits (the max,
-then the sums) and differentiate them in one elementwise pass, so the losses
-built on them (see `_reduction.py`) get exact gradients for weights, label
-smoothing, z-loss and reductions from ordinary autodiff on arrays without a
-class axis.
+(the log-sum of exponentials, the logit at the label, weighted sums of
+logits). These kernels compute them in two reading passes over the logits
+(the max, then the sums), all relative to a per-position `shift` (the max,
+outside autodiff), so that no difference of two large numbers is ever
+formed: the losses built on them (see `_reduction.py`) take ``log_sum -
+picked`` with ``picked = x_y - shift <= 0``, exact for logits far from 0.
 
-What each backward keeps (`*Residuals` below): the inputs as given (the caller
-holds them anyway) and a per-position float32 logsumexp. No softmax, no
-float32 copy of the logits and no one-hot matrix is saved.
+Derivatives: each kernel is a `jax.custom_jvp` whose tangent recomputes the
+softmax from (logits, shift, log_sum) inside
+``jax.checkpoint(policy=nothing_saveable)`` and contracts it with the tangent
+in one elementwise-plus-reduction pass (an iota comparison, not a gather,
+for the label's entry). Forward mode, reverse mode (JAX transposes the
+tangent: one fused elementwise pass) and any nesting of them work. What
+reverse mode saves: the inputs as given (the caller holds them anyway) and
+float32 per-position statistics; no softmax, no float32 copy of the logits,
+no one-hot matrix.
 """
 
 from __future__ import annotations
@@ -22,246 +28,282 @@ import jax
 import jax.numpy as jnp
 
 from jaxce import _checks
-from jaxce._collective import match_vma
-from jaxce._log_softmax import logsumexp_near, masked, softmax_from_lse, stable_logsumexp
+from jaxce._log_softmax import masked, probs, remat, shifted_stats
 
 
-def one_hot_at(labels: jax.Array, shape, axis: int) -> jax.Array:
+class SmoothingSums(NamedTuple):
+  """Label-smoothing sums over each position's active classes (inside
+  `where`, logit above -inf)."""
+
+  weighted_sum: jax.Array  # sum_c w_c (x_c - shift)
+  weight_sum: jax.Array  # sum_c w_c
+  count: jax.Array  # number of active classes
+
+
+class LabelStats(NamedTuple):
+  """Per-position statistics of integer-label losses (float32+)."""
+
+  shift: jax.Array  # outside autodiff, finite (0 where no finite logit)
+  log_sum: jax.Array | None  # log sum_c exp(x_c - shift) over active classes
+  #                            (-inf if none); lse = shift + log_sum. None: NLL
+  picked: jax.Array  # x_y - shift (0 for labels outside [0, C))
+  smoothing: SmoothingSums | None
+
+
+class TargetStats(NamedTuple):
+  """Per-position statistics of probability-target losses (float32+)."""
+
+  shift: jax.Array
+  log_sum: jax.Array
+  target_mass: jax.Array  # sum_c w_c t_c over active classes
+  target_logits: jax.Array  # sum_c w_c t_c (x_c - shift); -inf if t_c > 0 at a
+  #                           -inf logit inside `where`
+  smoothing: SmoothingSums | None
+
+
+def one_hot_at(labels: jax.Array, shape: tuple[int, ...], axis: int) -> jax.Array:
   """Boolean mask of `shape`, true where the class index equals the label.
 
-  Labels outside [0, C) match nothing. Used by the backward passes: an iota
-  comparison (rather than a scatter) keeps them elementwise, one fused pass
+  Labels outside [0, C) match nothing. An iota comparison (rather than a
+  scatter) keeps tangents and their transposes elementwise, one fused pass
   that also works on logits sharded over the class axis.
   """
   iota = jax.lax.broadcasted_iota(jnp.int32, shape, axis)
-  return iota == jnp.expand_dims(labels.astype(jnp.int32), axis)
+  return iota == jnp.expand_dims(_int32(labels), axis)
+
+
+def _int32(labels: jax.Array) -> jax.Array:
+  # Narrow label dtypes compare in int32, so C or a label never wraps.
+  return labels.astype(jnp.int32) if labels.dtype.itemsize < 4 else labels
 
 
 def take_at(x: jax.Array, labels: jax.Array, axis: int) -> jax.Array:
-  """x at the label along `axis`; 0 for labels outside [0, C).
+  """x at the label along `axis` (0 for labels outside [0, C)), in x's dtype.
 
   A gather: on CPU a masked sum over the class axis is not fused into the
   reduction and would materialize an N x C temporary.
   """
   num_classes = x.shape[axis]
+  labels = _int32(labels)
+  if num_classes == 0:
+    return jnp.zeros(labels.shape, x.dtype)
   inside = (labels >= 0) & (labels < num_classes)
   idx = jnp.expand_dims(jnp.where(inside, labels, 0), axis)
   picked = jnp.squeeze(jnp.take_along_axis(x, idx, axis, mode="clip"), axis)
   return jnp.where(inside, picked, jnp.zeros((), x.dtype))
 
 
-def _per_class_along(weight, axis, x):
-  """Class weights shaped to broadcast against `x` along `axis`, in its dtype."""
+def _class_weights(weight: jax.Array | None, axis: int, ndim: int, dtype) -> jax.Array:
+  """Class weights shaped to broadcast along `axis`, in `dtype` (1 if None)."""
   if weight is None:
-    return jnp.ones((1,) * x.ndim, x.dtype)
-  return _checks.expand_to_axis(weight.astype(x.dtype), axis, x.ndim)
+    return jnp.ones((1,) * ndim, dtype)
+  return _checks.expand_to_axis(weight.astype(dtype), axis, ndim)
 
 
-def _sum_to_class(x, axis):
-  return jnp.sum(x, tuple(a for a in range(x.ndim) if a != axis))
+def _shifted(xm: jax.Array, shift: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(active, x - shift on active classes, else 0): finite, so products with
+  it add no 0 * -inf = NaN to any derivative."""
+  active = xm > -jnp.inf
+  return active, jnp.where(active, xm.astype(shift.dtype) - shift, 0.0)
 
 
-def _finite_part(x):
-  """x where it is above -inf, else 0: products with it stay finite, so a
-  masked class adds no 0 * -inf = NaN to higher-order derivatives."""
-  return jnp.where(x > -jnp.inf, x, 0.0)
-
-
-def _smoothing_sums(x, w, axis):
-  """(sum_c w_c x_c, sum_c w_c, count) over the active classes (x > -inf)."""
-  active = x > -jnp.inf
-  return (
-      jnp.sum(jnp.where(active, w * _finite_part(x), 0.0), axis),
+def _smoothing_sums(active, xs, w, axis) -> SmoothingSums:
+  return SmoothingSums(
+      jnp.sum(jnp.where(active, w * xs, 0.0), axis),
       jnp.sum(jnp.where(active, w, 0.0), axis),
-      jnp.sum(active, axis, dtype=x.dtype),
+      jnp.sum(active, axis, dtype=xs.dtype),
   )
 
 
-def _smoothing_sums_bwd(x, w, g, col):
-  """Cotangents of `_smoothing_sums` for x and (unreduced) for w."""
-  active = x > -jnp.inf
-  dx = jnp.where(active, w * col(g.weighted_sum), 0.0)
-  dw = jnp.where(active, _finite_part(x) * col(g.weighted_sum) + col(g.weight_sum), 0.0)
-  return dx, dw
+def _zero(v: jax.Array) -> jax.Array:
+  """A zero tangent for the finite array `v` that keeps its type, including
+  the `shard_map` axes it varies along (which `zeros_like` drops)."""
+  return v * 0
+
+
+def _smoothing_tangent(active, xs, w, txc, tw, axis, zero) -> SmoothingSums:
+  t_sum = jnp.where(active, w * txc, 0.0)
+  t_weight = zero
+  if tw is not None:
+    t_sum = t_sum + jnp.where(active, tw * xs, 0.0)
+    t_weight = jnp.sum(jnp.where(active, tw, 0.0), axis)
+  return SmoothingSums(jnp.sum(t_sum, axis), t_weight, zero)
+
+
+def _col(v: jax.Array, axis: int) -> jax.Array:
+  return jnp.expand_dims(v, axis)
 
 
 # ---------------------------------------------------------------------------
-# Integer labels: lse, logit at the label, and label-smoothing sums.
+# Integer labels: shift, log-sum, logit at the label, label-smoothing sums.
 
 
-class LabelStats(NamedTuple):
-  lse: jax.Array  # logsumexp over the active classes (-inf if none)
-  picked: jax.Array  # logit at the label; 0 for labels outside [0, C)
-  weighted_sum: jax.Array | None  # sum_c w_c x_c over active classes
-  weight_sum: jax.Array | None  # sum_c w_c over active classes
-  count: jax.Array | None  # number of active classes
+def _label_primal(logits, labels, weight, where, axis, smoothing) -> LabelStats:
+  xm = masked(logits, where)
+  shift, ls = shifted_stats(xm, (axis,))
+  labels = _int32(labels)
+  inside = (labels >= 0) & (labels < logits.shape[axis])
+  # Gathered from the input dtype: exact, and no upcast copy to gather from.
+  x_label = take_at(xm, labels, axis).astype(shift.dtype)
+  picked = jnp.where(inside, x_label - jnp.squeeze(shift, axis), 0.0)
+  sums = None
+  if smoothing:
+    active, xs = _shifted(xm, shift)
+    sums = _smoothing_sums(active, xs, _class_weights(weight, axis, xm.ndim, xs.dtype), axis)
+  return LabelStats(jnp.squeeze(shift, axis), jnp.squeeze(ls, axis), picked, sums)
 
 
-class LabelResiduals(NamedTuple):
-  logits: jax.Array
-  labels: jax.Array
-  weight: jax.Array | None  # only when smoothing
-  where: jax.Array | None
-  lse: jax.Array  # float32 per position, class axis kept
+@remat(7, 8)
+def _label_tangent(logits, labels, weight, where, stats, tx, tw, axis, smoothing):
+  stats = jax.lax.optimization_barrier(stats)
+  shift, ls = _col(stats.shift, axis), _col(stats.log_sum, axis)
+  xm = masked(logits, where)
+  hot = one_hot_at(labels, xm.shape, axis)
+  # p - 1 at the label as expm1(log p_y): exact where p_y is close to 1.
+  q_label = jnp.where(stats.log_sum == -jnp.inf, -1.0, jnp.expm1(stats.picked - stats.log_sum))
+  q = jnp.where(hot, _col(q_label, axis), probs(xm, shift, ls))
+  txc = tx.astype(shift.dtype)
+  # d log_sum = sum_c p_c dx_c = sum_c q_c dx_c + dx_y. The label's term is
+  # shared with d picked, so reverse mode adds the two cotangents (which
+  # cancel exactly in the plain loss) before scaling the one-hot by them.
+  t_label = jnp.sum(jnp.where(hot, txc, 0.0), axis)
+  t_log_sum = jnp.sum(q * txc, axis) + t_label
+  sums = None
+  if smoothing:
+    active, xs = _shifted(xm, shift)
+    w = _class_weights(weight, axis, xm.ndim, xs.dtype)
+    tw = None if tw is None else _class_weights(tw, axis, xm.ndim, xs.dtype)
+    sums = _smoothing_tangent(active, xs, w, txc, tw, axis, _zero(stats.shift))
+  return t_log_sum, t_label, sums
 
 
-def label_stats(logits, labels, weight, where, axis: int, smoothing: bool):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
+def label_stats(
+    logits: jax.Array,
+    labels: jax.Array,
+    weight: jax.Array | None,
+    where: jax.Array | None,
+    axis: int,
+    smoothing: bool,
+) -> LabelStats:
   """Per-position statistics for integer-target losses.
 
-  Active classes are those inside `where` with a logit above -inf. The three
-  smoothing sums are only computed (and only `weight` is only used) when
-  `smoothing` is true; otherwise they are None.
+  Active classes are those inside `where` with a logit above -inf. `weight`
+  (class weights) is used only by the smoothing sums, which are computed
+  only when `smoothing` is true (otherwise `smoothing` is None).
   """
-  return _label_stats(logits, labels, weight, where, axis, smoothing)
+  return _label_primal(logits, labels, weight, where, axis, smoothing)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _label_stats(logits, labels, weight, where, axis, smoothing):
-  return _label_stats_fwd(logits, labels, weight, where, axis, smoothing)[0]
-
-
-def _label_stats_fwd(logits, labels, weight, where, axis, smoothing):
-  # Gathered from the input dtype: exact, and no upcast copy to gather from.
-  picked = take_at(masked(logits, where), labels, axis)
-  lse = logsumexp_near(masked(logits, where), jnp.expand_dims(picked, axis), axis)
-  picked = picked.astype(lse.dtype)
-  x = masked(logits.astype(lse.dtype), where)
-  sums = _smoothing_sums(x, _per_class_along(weight, axis, x), axis) if smoothing else (None,) * 3
-  stats = LabelStats(jnp.squeeze(lse, axis), picked, *sums)
-  return stats, LabelResiduals(logits, labels, weight, where, lse)
-
-
-def _label_stats_bwd(axis, smoothing, res, g):
-  ct = res.lse.dtype
-  x = masked(res.logits.astype(ct), res.where)
-  hot = one_hot_at(res.labels, x.shape, axis)
-  col = lambda v: jnp.expand_dims(v.astype(ct), axis)
-  dx = col(g.lse) * softmax_from_lse(x, res.lse) + jnp.where(hot, col(g.picked), 0.0)
-  dweight = None
-  if smoothing:
-    dx_s, dw = _smoothing_sums_bwd(x, _per_class_along(res.weight, axis, x), g, col)
-    dx = dx + dx_s
-    if res.weight is not None:
-      dweight = match_vma(_sum_to_class(dw, axis).astype(res.weight.dtype), res.weight)
-  return dx.astype(res.logits.dtype), None, dweight, None
-
-
-_label_stats.defvjp(_label_stats_fwd, _label_stats_bwd)
+@label_stats.defjvp
+def _label_stats_jvp(axis, smoothing, primals, tangents):
+  logits, labels, weight, where = primals
+  tx, _, tw, _ = tangents
+  stats = _label_primal(logits, labels, weight, where, axis, smoothing)
+  t_log_sum, t_picked, t_sums = _label_tangent(
+      logits, labels, weight, where, stats._replace(smoothing=None), tx,
+      tw if weight is not None else None, axis, smoothing)
+  return stats, LabelStats(_zero(stats.shift), t_log_sum, t_picked, t_sums)
 
 
 # ---------------------------------------------------------------------------
-# Probability targets: lse, target-weighted sums, and label-smoothing sums.
+# Probability targets: shift, log-sum, target-weighted sums, smoothing sums.
 
 
-class TargetStats(NamedTuple):
-  lse: jax.Array  # logsumexp over the classes inside `where` (-inf if none)
-  target_mass: jax.Array  # sum_c w_c t_c over classes inside `where`
-  target_logits: jax.Array  # sum_c w_c t_c x_c (0 * -inf counts as 0)
-  weighted_sum: jax.Array | None  # as in LabelStats (smoothing only)
-  weight_sum: jax.Array | None
-  count: jax.Array | None
+def _target_primal(logits, targets, weight, where, axis, smoothing) -> TargetStats:
+  xm = masked(logits, where)
+  shift, ls = shifted_stats(xm, (axis,))
+  active, xs = _shifted(xm, shift)
+  t = targets.astype(xs.dtype)
+  w = _class_weights(weight, axis, xm.ndim, xs.dtype)
+  wt = w * t
+  # Target mass on a -inf logit (inside `where`): -inf, so the loss is +inf.
+  lost = (xm == -jnp.inf) & (t != 0)
+  if where is not None:
+    lost = lost & where
+  stats = TargetStats(
+      jnp.squeeze(shift, axis),
+      jnp.squeeze(ls, axis),
+      jnp.sum(jnp.where(active, wt, 0.0), axis),
+      jnp.sum(jnp.where(active, wt * xs, jnp.where(lost, -jnp.inf, 0.0)), axis),
+      _smoothing_sums(active, xs, w, axis) if smoothing else None,
+  )
+  return stats
 
 
-class TargetResiduals(NamedTuple):
-  logits: jax.Array
-  targets: jax.Array
-  weight: jax.Array | None
-  where: jax.Array | None
-  lse: jax.Array  # float32 per position, class axis kept
+@remat(8, 9)
+def _target_tangent(logits, targets, weight, where, stats, tx, tt, tw, axis, smoothing):
+  stats = jax.lax.optimization_barrier(stats)
+  shift, ls = _col(stats.shift, axis), _col(stats.log_sum, axis)
+  xm = masked(logits, where)
+  active, xs = _shifted(xm, shift)
+  t = targets.astype(xs.dtype)
+  w = _class_weights(weight, axis, xm.ndim, xs.dtype)
+  tw = None if tw is None else _class_weights(tw, axis, xm.ndim, xs.dtype)
+  txc = tx.astype(xs.dtype)
+  # A class with a -inf logit is treated as a masked one: the targets there
+  # get a zero gradient (not w * lse).
+  t_wt = w * tt.astype(xs.dtype) if tw is None else w * tt.astype(xs.dtype) + tw * t
+  t_mass = jnp.sum(jnp.where(active, t_wt, 0.0), axis)
+  t_logits = jnp.sum(jnp.where(active, w * t * txc + t_wt * xs, 0.0), axis)
+  t_log_sum = jnp.sum(probs(xm, shift, ls) * txc, axis)
+  sums = None
+  if smoothing:
+    sums = _smoothing_tangent(active, xs, w, txc, tw, axis, _zero(stats.shift))
+  return t_log_sum, t_mass, t_logits, sums
 
 
-def target_stats(logits, targets, weight, where, axis: int, smoothing: bool):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
+def target_stats(
+    logits: jax.Array,
+    targets: jax.Array,
+    weight: jax.Array | None,
+    where: jax.Array | None,
+    axis: int,
+    smoothing: bool,
+) -> TargetStats:
   """Per-position statistics for probability-target losses.
 
-  Classes outside `where` are left out of every sum. The smoothing sums run
-  over the active classes (inside `where`, logit above -inf), as in
-  `label_stats`. Target mass on a -inf logit makes `target_logits` -inf, so
-  the loss is +inf, as it should be.
+  Classes outside `where` are left out of every sum; so are classes whose
+  logit is -inf, except that target mass on one makes `target_logits` -inf
+  (the loss is +inf, as it should be). The smoothing sums run over the
+  active classes, as in `label_stats`.
   """
-  return _target_stats(logits, targets, weight, where, axis, smoothing)
+  return _target_primal(logits, targets, weight, where, axis, smoothing)
 
 
-def _in_mask(v, where):
-  return v if where is None else jnp.where(where, v, 0.0)
-
-
-def _logits_times_targets(x, t, where):
-  """x where it meets target mass; 0 for classes outside `where` and where
-  t == 0 meets x == -inf, so no 0 * -inf = NaN reaches any derivative."""
-  drop = (t == 0) & (x == -jnp.inf)
-  if where is not None:
-    drop = drop | ~where
-  return jnp.where(drop, 0.0, x)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _target_stats(logits, targets, weight, where, axis, smoothing):
-  return _target_stats_fwd(logits, targets, weight, where, axis, smoothing)[0]
-
-
-def _target_stats_fwd(logits, targets, weight, where, axis, smoothing):
-  lse = stable_logsumexp(masked(logits, where), axis)
-  x = masked(logits.astype(lse.dtype), where)
-  t = targets.astype(lse.dtype)
-  w = _per_class_along(weight, axis, x)
-  stats = TargetStats(
-      jnp.squeeze(lse, axis),
-      jnp.sum(_in_mask(w * t, where), axis),
-      jnp.sum(_in_mask(w * t * _logits_times_targets(x, t, where), where), axis),
-      *(_smoothing_sums(x, w, axis) if smoothing else (None,) * 3),
-  )
-  return stats, TargetResiduals(logits, targets, weight, where, lse)
-
-
-def _target_stats_bwd(axis, smoothing, res, g):
-  ct = res.lse.dtype
-  x = masked(res.logits.astype(ct), res.where)
-  t = res.targets.astype(ct)
-  col = lambda v: jnp.expand_dims(v.astype(ct), axis)
-  w = _per_class_along(res.weight, axis, x)
-  xt = _logits_times_targets(x, t, res.where)
-  dx = col(g.lse) * softmax_from_lse(x, res.lse) + _in_mask(w * t * col(g.target_logits), res.where)
-  # d/dt_c of (target_mass, target_logits) is w_c * (g_mass + g_logits * x_c).
-  dt = _in_mask(w * (col(g.target_mass) + col(g.target_logits) * xt), res.where)
-  dw = _in_mask(t * (col(g.target_mass) + col(g.target_logits) * xt), res.where)
-  if smoothing:
-    dx_s, dw_s = _smoothing_sums_bwd(x, w, g, col)
-    dx, dw = dx + dx_s, dw + dw_s
-  dweight = None
-  if res.weight is not None:
-    dweight = match_vma(_sum_to_class(dw, axis).astype(res.weight.dtype), res.weight)
-  return dx.astype(res.logits.dtype), dt.astype(res.targets.dtype), dweight, None
-
-
-_target_stats.defvjp(_target_stats_fwd, _target_stats_bwd)
+@target_stats.defjvp
+def _target_stats_jvp(axis, smoothing, primals, tangents):
+  logits, targets, weight, where = primals
+  tx, tt, tw, _ = tangents
+  stats = _target_primal(logits, targets, weight, where, axis, smoothing)
+  t_log_sum, t_mass, t_logits, t_sums = _target_tangent(
+      logits, targets, weight, where, stats._replace(smoothing=None), tx, tt,
+      tw if weight is not None else None, axis, smoothing)
+  return stats, TargetStats(_zero(stats.shift), t_log_sum, t_mass, t_logits, t_sums)
 
 
 # ---------------------------------------------------------------------------
 # Log-probabilities: the entry at the label (NLL).
 
 
-class PickResiduals(NamedTuple):
-  labels: jax.Array  # all the backward needs, besides static shape and dtype
+@remat(2, 3)
+def _pick_tangent(labels, tx, axis, dtype):
+  hot = one_hot_at(labels, tx.shape, axis)
+  return jnp.sum(jnp.where(hot, tx.astype(dtype), 0.0), axis)
 
 
-def pick(x, labels, axis: int):
-  """x at the label along `axis` (0 for labels outside [0, C)), in float32+."""
-  return _pick(x, labels, axis, x.shape, x.dtype)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def pick(x: jax.Array, labels: jax.Array, axis: int) -> jax.Array:
+  """x at the label along `axis` (0 for labels outside [0, C)), in float32+.
+
+  Reverse mode saves only the labels: the tangent is an iota comparison.
+  """
+  return take_at(x, labels, axis).astype(_checks.compute_dtype(x.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _pick(x, labels, axis, shape, dtype):
-  return _pick_fwd(x, labels, axis, shape, dtype)[0]
-
-
-def _pick_fwd(x, labels, axis, shape, dtype):
-  out = take_at(x, labels, axis).astype(_checks.compute_dtype(dtype))
-  return out, PickResiduals(labels)
-
-
-def _pick_bwd(axis, shape, dtype, res, g):
-  hot = one_hot_at(res.labels, shape, axis)
-  return jnp.where(hot, jnp.expand_dims(g, axis), 0.0).astype(dtype), None
-
-
-_pick.defvjp(_pick_fwd, _pick_bwd)
+@pick.defjvp
+def _pick_jvp(axis, primals, tangents):
+  x, labels = primals
+  ct = _checks.compute_dtype(x.dtype)
+  return take_at(x, labels, axis).astype(ct), _pick_tangent(labels, tangents[0], axis, ct)

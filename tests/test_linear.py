@@ -31,7 +31,7 @@ from golden import load, torch_version
 from residuals import saved_residuals
 
 import jaxce
-from jaxce import _linear
+from jaxce import _linear_stats
 
 F32 = jnp.float32
 F32_EPS = float(np.finfo(np.float32).eps)
@@ -439,6 +439,156 @@ def test_grad_of_grad_wrt_class_weight():
 
 
 # ---------------------------------------------------------------------------
+# Forward mode (forward_mode=True): jvp, linearize, jacfwd, hessian, in float64.
+
+
+def _plain_loss(x, kernel, labels, *, bias=None, weight=None, ignore_index=-100,
+                reduction="mean", label_smoothing=0.0, z_loss=0.0, softcap=None, **_):
+  """PyTorch's formula on materialized logits in plain JAX (so every
+  transform applies): -inf logits take no part, smoothing spreads over the
+  active classes, "mean" divides by the summed label weights."""
+  z = _ref_logits(x, kernel, bias, softcap)
+  lse = jax.nn.logsumexp(z, axis=-1)
+  active = z > -jnp.inf
+  logp = jnp.where(active, z - lse[..., None], 0.0)
+  w = jnp.ones(z.shape[-1], z.dtype) if weight is None else weight
+  valid = labels != ignore_index
+  y = jnp.where(valid, labels, 0)
+  w_y = jnp.where(valid, w[y], 0.0)
+  nll = -jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
+  count = jnp.sum(active, axis=-1, dtype=z.dtype)
+  uniform = -jnp.sum(jnp.where(active, w[None] * logp, 0.0), axis=-1) / count
+  eps = label_smoothing
+  loss = (1 - eps) * w_y * nll + eps * jnp.where(valid, uniform, 0.0)
+  loss = loss + z_loss * jnp.where(valid, lse, 0.0) ** 2
+  if reduction == "none":
+    return loss
+  total = jnp.sum(loss)
+  return total if reduction == "sum" else total / jnp.sum(w_y)
+
+
+# One case per option family; each differentiates x, kernel, bias and weight.
+FWD_CASES = {
+    "mean-chunk7": dict(chunk_size=7),
+    "weight-ignore_valid_class-sum-chunk1": dict(ignore_index=3, reduction="sum", chunk_size=1),
+    "smoothing-weight-chunkNone": dict(label_smoothing=0.2, chunk_size=None),
+    "z_loss-none-chunk7": dict(z_loss=1e-2, reduction="none", chunk_size=7),
+    "softcap-smoothing-chunk13": dict(softcap=1.5, label_smoothing=0.1, chunk_size=13),
+    "inf_bias-softcap-smoothing": dict(softcap=2.0, label_smoothing=0.1, chunk_size=7,
+                                       inf_bias=True),
+}
+
+
+def _fwd_inputs(seed, inf_bias, ignore_index=-100):
+  rng = np.random.default_rng(seed)
+  n = 5
+  params = {"x": rng.normal(size=(n, D)), "kernel": rng.normal(size=(D, V)) * 0.5,
+            "bias": rng.normal(size=(V,)) * 0.5, "weight": rng.uniform(0.5, 2.0, size=(V,))}
+  if inf_bias:
+    params["bias"][list(INF_COLS)] = -np.inf
+  labels = rng.integers(0, V, size=(n,))
+  labels[np.isin(labels, INF_COLS)] = 0
+  labels[[1, 4]] = ignore_index
+  u, v = ({k: rng.normal(size=a.shape) for k, a in params.items()} for _ in range(2))
+  cot = rng.normal(size=(n,))
+  return params, labels, u, v, cot
+
+
+SECOND_ORDER_ALL = "inf_bias-softcap-smoothing"  # every second-order transform here
+
+
+@functools.cache
+def _forward_mode_results(name):
+  """First and second directional derivatives of the fused loss by each
+  transform, of the plain reference, and central differences."""
+  h = 1e-4
+  kw = dict(FWD_CASES[name])
+  inf_bias = kw.pop("inf_bias", False)
+  with jax.enable_x64(True):
+    inputs = _fwd_inputs(30 + list(FWD_CASES).index(name), inf_bias,
+                         kw.get("ignore_index", -100))
+
+    def run(inputs):
+      params, labels, u, v, cot = inputs
+
+      def objective(fn, forward_mode):
+        def f(p):
+          loss = fn(p["x"], p["kernel"], labels, bias=p["bias"], weight=p["weight"],
+                    forward_mode=forward_mode, **kw)
+          return jnp.sum(loss * cot) if kw.get("reduction") == "none" else loss
+        return f
+
+      f, f_rev, ref = objective(_lin_loss, True), objective(_lin_loss, False), objective(
+          _plain_loss, None)
+      jvp = lambda g, p, t: jax.jvp(g, (p,), (t,))[1]
+      vjp = lambda g, p, t: _tree_vdot(jax.grad(g)(p), t)
+      shifted = lambda p, t, s: {k: p[k] + s * h * t[k] for k in p}
+      hvp_ref = jvp(lambda p: vjp(ref, p, u), params, v)
+      res = {
+          "value": (f(params), ref(params)),
+          "jvp": (jvp(f, params, u), jvp(ref, params, u)),
+          "linearize": (jax.linearize(f, params)[1](u), jvp(ref, params, u)),
+          "vjp": (vjp(f, params, u), vjp(f_rev, params, u)),
+          "fd1": ((f(shifted(params, u, 1)) - f(shifted(params, u, -1))) / (2 * h),
+                  jvp(f, params, u)),
+          "fwd_over_rev": (jvp(lambda p: vjp(f, p, u), params, v), hvp_ref),
+      }
+      if name == SECOND_ORDER_ALL:
+        res.update({
+            "fwd_over_fwd": (jvp(lambda p: jvp(f, p, u), params, v),
+                             jvp(lambda p: jvp(ref, p, u), params, v)),
+            "rev_over_fwd": (vjp(lambda p: jvp(f, p, u), params, v), hvp_ref),
+            "rev_over_rev": (vjp(lambda p: vjp(f, p, u), params, v), hvp_ref),
+            "rev_over_rev_default": (vjp(lambda p: vjp(f_rev, p, u), params, v), hvp_ref),
+            "fd2": ((jvp(f, shifted(params, v, 1), u) - jvp(f, shifted(params, v, -1), u))
+                    / (2 * h), jvp(lambda p: jvp(f, p, u), params, v)),
+        })
+      return res
+
+    return jax.device_get(_fast(run)(inputs))
+
+
+@pytest.mark.parametrize("name", list(FWD_CASES))
+def test_forward_mode_every_transform(name):
+  """jvp, linearize and fwd-over-rev (Hessian-vector products) of
+  forward_mode=True equal those of the plain float64 reference; its vjp
+  equals the default mode's; central differences agree (what
+  check_grads(order=2, modes=("fwd", "rev")) checks, in one compiled
+  program). One case also checks fwd-over-fwd, rev-over-fwd and
+  rev-over-rev of both modes. softcap and -inf bias entries included."""
+  for what, (got, want) in _forward_mode_results(name).items():
+    tol = 1e-6 if what.startswith("fd") else 1e-10
+    _assert_close(got, want, rtol=tol, atol=tol, what=f"{name}: {what}")
+
+
+def test_forward_mode_jacfwd_hessian_vmap():
+  """jax.jacfwd, jax.hessian and jax.vmap of a jvp, against the reference."""
+  with jax.enable_x64(True):
+    params, labels, u, _, _ = _fwd_inputs(40, False)
+    kw = dict(label_smoothing=0.1, z_loss=1e-3, softcap=3.0, chunk_size=7)
+    x, kernel = params["x"], params["kernel"]
+
+    def run(x, kernel, us):
+      out = []
+      for fn in (_lin_loss, _plain_loss):
+        f = lambda x, fn=fn: fn(x, kernel, labels, forward_mode=True, **kw)
+        out.append((jax.jacfwd(f)(x), jax.hessian(f)(x),
+                    jax.vmap(lambda t, f=f: jax.jvp(f, (x,), (t,))[1])(us)))
+      return out
+
+    us = np.stack([u["x"], -u["x"], 2 * u["x"]])
+    lin, ref = jax.device_get(_fast(run)(x, kernel, us))
+  for what, a, b in zip(("jacfwd", "hessian", "vmap jvp"), lin, ref, strict=True):
+    _assert_close(a, b, rtol=1e-10, atol=1e-10, what=what)
+
+
+def test_default_mode_refuses_jvp_clearly():
+  x, kernel = jnp.ones((2, D)), jnp.ones((D, V))
+  with pytest.raises(TypeError, match="forward-mode"):
+    jax.jvp(lambda k: _lin_loss(x, k, jnp.zeros(2, jnp.int32)), (kernel,), (kernel,))
+
+
+# ---------------------------------------------------------------------------
 # The row-blocked dx accumulation.
 
 
@@ -460,7 +610,7 @@ def _scan_lengths(jaxpr_text):
      (80, None)])  # a single block of all 10 rows: no row loop
 def test_row_blocked_dx(monkeypatch, fresh_caches, block_elements, row_blocks):
   n, d = 10, 8
-  monkeypatch.setattr(_linear, "BLOCK_ELEMENTS", block_elements)
+  monkeypatch.setattr(_linear_stats, "BLOCK_ELEMENTS", block_elements)
   rng = np.random.default_rng(15)
   x = jnp.asarray(rng.normal(size=(n, d)), F32)
   kernel = jnp.asarray(rng.normal(size=(d, V)) * 0.5, F32)
@@ -508,24 +658,22 @@ def test_row_blocked_dx(monkeypatch, fresh_caches, block_elements, row_blocks):
         (1, 1, 1),
     ])
 def test_default_chunk_size(num_tokens, vocab, expected):
-  assert _linear.default_chunk_size(num_tokens, vocab) == expected
+  assert _linear_stats.default_chunk_size(num_tokens, vocab) == expected
 
 
 def test_default_chunk_size_rule():
   for n in (1, 3, 100, 1000, 4097, 50_000, 2**20):
     for v in (7, 128, 129, 1000, 32_000, 128_256):
-      c = _linear.default_chunk_size(n, v)
+      c = _linear_stats.default_chunk_size(n, v)
       assert 1 <= c <= v
       if c != v:
         assert c & (c - 1) == 0, (n, v, c)  # a power of two
         assert c >= 128, (n, v, c)
         if c > 128:  # the largest power of two with n * c <= BLOCK_ELEMENTS
-          assert n * c <= _linear.BLOCK_ELEMENTS < n * 2 * c, (n, v, c)
+          assert n * c <= _linear_stats.BLOCK_ELEMENTS < n * 2 * c, (n, v, c)
 
 
 def test_default_chunk_size_is_used(monkeypatch, fresh_caches):
-  # reduction="none": the vocabulary-chunk path (a reduced loss of a 32-bit
-  # kernel takes the token-block path instead, tested below).
   rng = np.random.default_rng(16)
   n, vocab = 8, 1000
   x = jnp.asarray(rng.normal(size=(n, 4)), F32)
@@ -537,47 +685,13 @@ def test_default_chunk_size_is_used(monkeypatch, fresh_caches):
   # unpatched: 2**22 / 8 columns wanted, so one chunk of all of V
   text = str(jax.make_jaxpr(lambda x, k: loss_fn(x, k))(x, kernel))
   assert _scan_lengths(text) == [1]
-  monkeypatch.setattr(_linear, "BLOCK_ELEMENTS", 2**12)
-  assert _linear.default_chunk_size(n, vocab) == 512
+  monkeypatch.setattr(_linear_stats, "BLOCK_ELEMENTS", 2**12)
+  assert _linear_stats.default_chunk_size(n, vocab) == 512
   text = str(jax.make_jaxpr(lambda x, k: loss_fn(x, k))(x, kernel))
   assert _scan_lengths(text) == [2]  # 1000 columns in chunks of 512
   loss, ref = _fast(lambda x, k: (loss_fn(x, k), _ref_loss(x, k, labels, reduction="none")))(
       x, kernel)
   _assert_close(loss, ref, rtol=1e-5, atol=1e-6, what="loss")
-
-
-def test_token_block_path_for_reduced_32bit_losses(monkeypatch, fresh_caches):
-  """A "mean"/"sum" loss of a 32-bit kernel with chunk_size=None computes its
-  gradients in the forward, over blocks of tokens (three matmuls); a shifted
-  last block counts its overlap rows once. bf16 kernels, "none" and an
-  explicit chunk_size keep the vocabulary chunks."""
-  from jaxce import _linear_grads
-  rng = np.random.default_rng(17)
-  n, d, vocab = 10, 4, 37
-  x = jnp.asarray(rng.normal(size=(n, d)), F32)
-  kernel = jnp.asarray(rng.normal(size=(d, vocab)), F32)
-  bias = jnp.asarray(rng.normal(size=(vocab,)), F32)
-  weight = jnp.asarray(rng.uniform(0.5, 2.0, size=(vocab,)), F32)
-  labels = jnp.asarray(rng.integers(0, vocab, size=(n,)), jnp.int32).at[3].set(-100)
-  monkeypatch.setattr(_linear_grads, "BLOCK_ELEMENTS", 3 * vocab)  # blocks of 3 rows
-  assert _linear_grads.block_rows(n, vocab) == 3
-  for reduction in ("mean", "sum"):
-    kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-3, softcap=2.0)
-
-    def ours(x, k, b, w, kw=kw):
-      return _lin_loss(x, k, labels, bias=b, weight=w, **kw)
-
-    def ref_fn(x, k, b, w, kw=kw):
-      return _ref_loss(x, k, labels, bias=b, weight=w, **kw)
-
-    args = (x, kernel, bias, weight)
-    text = str(jax.make_jaxpr(ours)(*args))
-    assert _scan_lengths(text) == [4], text  # ceil(10 / 3) token blocks
-    got = jax.value_and_grad(ours, (0, 1, 2, 3))(*args)
-    ref = jax.value_and_grad(ref_fn, (0, 1, 2, 3))(*args)
-    _assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6, what=f"{reduction} loss")
-    for name, a, b in zip(("x", "kernel", "bias", "weight"), got[1], ref[1], strict=True):
-      _assert_close(a, b, rtol=1e-4, atol=1e-6, what=f"{reduction} d{name}")
 
 
 # ---------------------------------------------------------------------------
@@ -600,6 +714,10 @@ RES_OPTIONS = {
     "default": {},
     "all": dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0, chunk_size=128),
     "chunk7_none": dict(chunk_size=7, reduction="none"),
+    # reverse mode through the transposed tangent keeps the same residuals
+    "forward_mode": dict(forward_mode=True),
+    "forward_mode_all": dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0, chunk_size=128,
+                             forward_mode=True),
 }
 
 
@@ -615,8 +733,6 @@ def test_saved_residuals_hold_no_logits(options, dtype):
 
   res = saved_residuals(loss, x, kernel, bias, weight)
   short = {"float32": "f32", "bfloat16": "bf16"}[dtype]
-  grads_path = dtype == "float32" and kw.get("reduction", "mean") != "none" and (
-      "chunk_size" not in kw)
   biggest = max(RES_N * RES_D, RES_D * RES_V)
   for dt, shape, origin in res:
     size = math.prod(shape)
@@ -627,14 +743,9 @@ def test_saved_residuals_hold_no_logits(options, dtype):
       if shape in ((RES_N, RES_D), (RES_D, RES_V)):
         assert dt == short, (dt, shape, origin)
     elif not origin.startswith(("from a constant", "from a literal")):
-      # computed residuals: per-token arrays only; or, where the forward
-      # computes the gradients (a reduced loss of a 32-bit kernel, default
-      # chunking), the gradients, shaped like the inputs
-      allowed = {(RES_N, RES_D), (RES_D, RES_V), (RES_V,)} if grads_path else set()
-      assert size <= RES_N or shape in allowed, (dt, shape, origin, res)
+      assert size <= RES_N, (dt, shape, origin, res)  # computed: per-token arrays only
   args = {o.split()[-1] for _, _, o in res if o.startswith("from the argument")}
-  if not grads_path:  # the backward recomputes the logits from x and kernel
-    assert {"x", "kernel"} <= args, res
+  assert {"x", "kernel"} <= args, res  # the backward recomputes the logits from them
 
 
 def test_saved_residuals_control():
@@ -836,32 +947,105 @@ def test_float64_inputs_give_a_float64_loss():
   _assert_close(loss, ref, rtol=1e-12, atol=0.0, what="float64 loss")
 
 
-def test_any_integer_label_dtype():
-  """cross_entropy takes any integer labels under strict dtype promotion;
-  linear_cross_entropy compares them with its int32 (int64 under x64) class
-  indices (`ch.cols == labels`) and raises a TypePromotionError instead."""
+LABEL_DTYPES = [(False, jnp.int8), (False, jnp.uint8), (False, jnp.int16), (False, jnp.uint16),
+                (False, jnp.uint32), (True, jnp.int64), (True, jnp.uint64)]
+
+
+@pytest.mark.parametrize(("x64", "dtype"), LABEL_DTYPES,
+                         ids=[f"{jnp.dtype(d).name}-x64={a}" for a, d in LABEL_DTYPES])
+def test_any_integer_label_dtype(x64, dtype):
+  """Labels are compared by value: every integer dtype gives the int32
+  result. V = 300 > 255: uint8 156 (= -100 mod 256) is a class, not
+  ignored; int8 labels near 127 are classes; the ignored and out-of-range
+  labels (where the dtype holds them) behave as for int32."""
+  vocab = 300
   rng = np.random.default_rng(19)
-  x = np.asarray(rng.normal(size=(4, D)), np.float32)
-  kernel = np.asarray(rng.normal(size=(D, V)), np.float32)
-  labels = np.asarray([0, 5, 36, 2])
-  failed, ok = [], []
-  for x64, dtype in [(False, jnp.int8), (False, jnp.uint8), (False, jnp.int16),
-                     (False, jnp.uint32), (True, jnp.int32)]:
-    name = f"{jnp.dtype(dtype).name} (x64={x64})"
-    with jax.enable_x64(x64):
-      y = jnp.asarray(labels, dtype)
-      jax.eval_shape(lambda x, k, y: _ref_loss(x, k, y), x, kernel, y)
-      try:
-        jax.eval_shape(lambda x, k, y: _lin_loss(x, k, y, chunk_size=7), x, kernel, y)
-        ok.append((name, y))
-      except Exception as e:
-        failed.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0]}")
-  if ok:  # values for the dtypes that trace (x64 off)
-    got = _fast(lambda ys: [(_lin_loss(x, kernel, y, chunk_size=7), _ref_loss(x, kernel, y))
-                            for y in ys])([y for n, y in ok if "x64=False" in n])
-    for loss, ref in got:
-      _assert_close(loss, ref, rtol=1e-5, atol=1e-6, what="labels dtype")
-  assert not failed, "\n".join(failed)
+  x = np.asarray(rng.normal(size=(6, D)), np.float32)
+  kernel = np.asarray(rng.normal(size=(D, vocab)) * 0.3, np.float32)
+  info = np.iinfo(jnp.dtype(dtype))
+  labels = np.asarray([min(156, info.max), 5, min(info.max, 299), 0, 100, 127])
+  ignored = -100 if info.min < 0 else 5  # ignore_index a value the dtype holds
+  with jax.enable_x64(x64):
+    fn = _fast(lambda x, k, y, y32: [
+        _lin_loss(x, k, yy, reduction="none", ignore_index=ii, chunk_size=64)
+        for yy in (y, y32) for ii in (-100, ignored)])
+    got = jax.device_get(fn(x, kernel, jnp.asarray(labels, dtype), jnp.asarray(labels, jnp.int32)))
+  for a, b in ((got[0], got[2]), (got[1], got[3])):
+    _assert_close(a, b, rtol=0, atol=0, what=f"{jnp.dtype(dtype).name} labels")
+  assert np.all(np.isfinite(got[0]))  # uint8 156 is not -100
+
+
+def test_uint16_token_ids_with_a_64k_vocabulary():
+  """uint16 token ids with V = 65536: the largest id is a class (no NaN)."""
+  vocab = 65536
+  rng = np.random.default_rng(23)
+  x = jnp.asarray(rng.normal(size=(3, 2)), F32)
+  kernel = jnp.asarray(rng.normal(size=(2, vocab)) * 0.1, F32)
+  labels = np.asarray([65535, 40000, 0])
+  fn = jax.jit(lambda y: _lin_loss(x, kernel, y, reduction="none"))
+  got, want = fn(jnp.asarray(labels, jnp.uint16)), fn(jnp.asarray(labels, jnp.int32))
+  assert np.all(np.isfinite(got)), got
+  _assert_close(got, want, rtol=0, atol=0, what="uint16 labels")
+
+
+@pytest.mark.parametrize("forward_mode", [False, True])
+def test_traced_ignore_index(forward_mode):
+  """ignore_index may be a traced integer scalar, on every path."""
+  rng = np.random.default_rng(24)
+  x = jnp.asarray(rng.normal(size=(5, D)), F32)
+  kernel = jnp.asarray(rng.normal(size=(D, V)), F32)
+  labels = jnp.asarray([3, 1, 3, 0, 7], jnp.int32)
+  kw = dict(forward_mode=forward_mode, chunk_size=7)
+
+  @jax.jit
+  def run(ii):
+    return [jax.value_and_grad(lambda k, r=r: _lin_loss(x, k, labels, ignore_index=ii,
+                                                         reduction=r, **kw))(kernel)
+            if r != "none" else _lin_loss(x, kernel, labels, ignore_index=ii, reduction=r, **kw)
+            for r in ("none", "mean")]
+
+  got = run(jnp.asarray(3, jnp.int32))
+  want = [jax.value_and_grad(lambda k: _lin_loss(x, k, labels, ignore_index=3, **kw))(kernel)]
+  assert np.all(np.asarray(got[0])[[0, 2]] == 0.0)
+  _assert_close(got[1][0], want[0][0], rtol=0, atol=0, what="mean")
+  _assert_close(got[1][1], want[0][1], rtol=0, atol=0, what="grad")
+
+
+def test_empty_vocabulary():
+  """V = 0: the loss cross_entropy's rules give (every label is out of range:
+  NaN, unless ignored: 0.0), zero gradients, no internal error."""
+  x = jnp.ones((4, D), F32)
+  kernel = jnp.ones((D, 0), F32)
+  labels = jnp.asarray([0, -100, 2, -100], jnp.int32)
+  f = jax.jit(lambda x, k, y, w: (
+      _lin_loss(x, k, y, reduction="none"), _lin_loss(x, k, y, weight=w, label_smoothing=0.1),
+      jax.grad(lambda x: _lin_loss(x, k, y, ignore_index=-100, z_loss=0.1))(x),
+      _lin_loss(x, k, jnp.full_like(y, -100))))
+  none, mean, dx, all_ignored = jax.device_get(f(x, kernel, labels, jnp.ones((0,), F32)))
+  assert np.isnan(none[[0, 2]]).all()
+  assert np.all(none[[1, 3]] == 0.0)
+  assert np.isnan(mean)
+  assert np.all(dx == 0.0)
+  assert float(all_ignored) == 0.0
+
+
+def test_export_with_symbolic_batch():
+  """jax.export with a symbolic token count on the default path (default
+  chunk, no chunk_size), value and gradients, reused at two batch sizes."""
+  from jax import export
+  b, = export.symbolic_shape("b")
+  rng = np.random.default_rng(25)
+  kernel = jnp.asarray(rng.normal(size=(D, V)), F32)
+  f = jax.jit(jax.value_and_grad(lambda x, k, y: _lin_loss(x, k, y), (0, 1)))
+  exp = export.export(f)(jax.ShapeDtypeStruct((b, D), F32), jax.ShapeDtypeStruct((D, V), F32),
+                         jax.ShapeDtypeStruct((b,), jnp.int32))
+  for n in (3, 8):
+    x = jnp.asarray(rng.normal(size=(n, D)), F32)
+    y = jnp.asarray(rng.integers(0, V, size=(n,)), jnp.int32)
+    got, want = exp.call(x, kernel, y), f(x, kernel, y)
+    _assert_close(got[0], want[0], rtol=1e-6, atol=1e-6, what="loss")
+    for a, w in zip(got[1], want[1], strict=True):
+      _assert_close(a, w, rtol=1e-5, atol=1e-6, what="grad")
 
 
 def test_empty_batch():
@@ -916,3 +1100,25 @@ def test_infinite_softcap():
   capped, plain = _fast(lambda x, k: (_lin_loss(x, k, labels, softcap=float("inf")),
                                       _lin_loss(x, k, labels)))(x, kernel)
   _assert_close(capped, plain, rtol=1e-6, atol=0.0, what="softcap=inf vs no cap")
+
+
+# ---------------------------------------------------------------------------
+# XLA:CPU workarounds apply only when lowering for CPU.
+
+
+@pytest.mark.parametrize("forward_mode", [False, True])
+def test_cpu_workarounds_only_on_cpu(forward_mode):
+  """The optimization barriers (on the bf16 kernel carried through the chunk
+  loops, on the transposed copy of x) are in the CPU lowering only; the
+  CUDA and TPU lowerings of the same function have none but the two of
+  jax.checkpoint's rematerialization in forward mode (prevent_cse)."""
+  from jax import export
+  f = jax.jit(jax.value_and_grad(lambda x, k, y: _lin_loss(
+      x, k, y, chunk_size=64, forward_mode=forward_mode), (0, 1)))
+  args = (jax.ShapeDtypeStruct((16, 8), jnp.bfloat16),
+          jax.ShapeDtypeStruct((8, 256), jnp.bfloat16), jax.ShapeDtypeStruct((16,), jnp.int32))
+  count = {p: export.export(f, platforms=(p,))(*args).mlir_module().count("optimization_barrier")
+           for p in ("cpu", "cuda", "tpu")}
+  remat = 2 if forward_mode else 0
+  assert count["cuda"] == count["tpu"] == remat, count
+  assert count["cpu"] >= remat + 2, count  # the kernel carries and x transposed

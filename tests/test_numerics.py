@@ -442,10 +442,6 @@ def test_large_logits_probability_targets():
   _close(g, ref_g, rtol=4e-3, atol=1e-3 * np.max(np.abs(ref_g)))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "doubt, not a clear bug: lse is rounded to float32 before x - lse, so near 3e4"
-    " the loss and probabilities carry ~1e-3 absolute error (optax shares it; "
-    "jax.nn.log_softmax and PyTorch do not)"))
 @pytest.mark.parametrize("opts", [{}, {"label_smoothing": 0.1}], ids=["plain", "smoothing"])
 def test_large_logits_precision(opts):
   """Float32 logits are exact inputs: -log p and p depend only on differences

@@ -247,7 +247,8 @@ def _nll_fn(labels="labels", weighted=False, **kw):
   return fn
 
 
-def _lin_fn(labels="labels", materialized=False, chunk_size=None, softcap=None, **kw):
+def _lin_fn(labels="labels", materialized=False, chunk_size=None, softcap=None,
+            forward_mode=False, **kw):
   """linear_cross_entropy with bias and weight; materialized=True: its
   reference, cross_entropy of the logits x @ kernel + bias (soft-capped)."""
   def fn(a, class_axis_name=None, **kw2):
@@ -259,7 +260,8 @@ def _lin_fn(labels="labels", materialized=False, chunk_size=None, softcap=None, 
       return jaxce.cross_entropy(z, a[labels], weight=a["weight"], **kw, **kw2)
     return jaxce.linear_cross_entropy(
         a["x"], a["kernel"], a[labels], bias=a["bias"], weight=a["weight"], softcap=softcap,
-        chunk_size=chunk_size, class_axis_name=class_axis_name, **kw, **kw2)
+        chunk_size=chunk_size, class_axis_name=class_axis_name, forward_mode=forward_mode,
+        **kw, **kw2)
   return fn
 
 
@@ -276,6 +278,8 @@ _LINEAR_CASES = {
         chunk_size=16, reduction="sum", labels="labels_alt", ignore_index=5),
     "chunk40-none-smoothing": dict(chunk_size=40, reduction="none", label_smoothing=0.2),
     "default_chunk-mean": dict(),
+    "forward_mode-chunk8-mean-smoothing": dict(chunk_size=8, label_smoothing=0.1,
+                                               forward_mode=True),
 }
 
 # name: (arrays, shardings, differentiated, cases, reference cases or None,
@@ -510,8 +514,44 @@ def test_shard_map_linear_cross_entropy():
       "chunk16-none-smoothing-softcap": _linear_case(
           "none", chunk_size=16, label_smoothing=0.2, softcap=3.0),
       "default_chunk-sum-z_loss": _linear_case("sum", z_loss=0.01),
+      "forward_mode-chunk7-none-smoothing-softcap": _linear_case(
+          "none", chunk_size=7, label_smoothing=0.1, softcap=3.0, forward_mode=True),
   }
   _check_cases(cases, LINEAR_ARRAYS, ("x", "kernel", "bias", "weight"))
+
+
+@pytest.mark.parametrize("where", ["shard_map", "Explicit"])
+def test_linear_forward_mode_jvp_sharded(where):
+  """jax.jvp of linear_cross_entropy(forward_mode=True) with the vocabulary
+  split over "model" (inside shard_map with class_axis_name, or on an
+  Explicit mesh) equals the single-device jvp."""
+  a = LINEAR_ARRAYS
+  kw = dict(chunk_size=7, label_smoothing=0.1, z_loss=0.01, softcap=3.0, forward_mode=True)
+  tangents = {k: jnp.asarray(_normal(a[k].shape, 40 + i, 1.0))
+              for i, k in enumerate(("x", "kernel", "bias"))}
+
+  def loss(x, kernel, bias, weight, labels, class_axis_name=None):
+    return jaxce.linear_cross_entropy(x, kernel, labels, bias=bias, weight=weight,
+                                      class_axis_name=class_axis_name, **kw)
+
+  def jvp(f, x, kernel, bias, weight, labels):
+    return jax.jvp(lambda x, k, b: f(x, k, b, weight, labels), (x, kernel, bias),
+                   (tangents["x"], tangents["kernel"], tangents["bias"]))
+
+  args = (a["x"], a["kernel"], a["bias"], a["weight"], a["labels"])
+  expected = jax.device_get(_run(functools.partial(jvp, loss), *args)[0])
+  if where == "shard_map":
+    mapped = jax.shard_map(functools.partial(loss, class_axis_name="model"), mesh=_mesh("Auto"),
+                           in_specs=(P(), P(None, "model"), P("model"), P("model"), P()),
+                           out_specs=P())
+    out = _run(functools.partial(jvp, mapped), *args)[0]
+  else:
+    mesh = _mesh("Explicit")
+    specs = (P("data", None), P(None, "model"), P("model"), P("model"), P("data"))
+    args = [jax.device_put(v, NamedSharding(mesh, s)) for v, s in zip(args, specs, strict=True)]
+    with jax.set_mesh(mesh):
+      out = _run(functools.partial(jvp, loss), *args)[0]
+  _assert_same(jax.device_get(out), expected)
 
 
 def test_shard_map_label_smoothing_uses_global_class_count():

@@ -1,0 +1,398 @@
+"""Per-token statistics of `x @ kernel + bias` streamed over vocabulary
+chunks, never materializing the [N, V] logits: the kernel of
+`linear_cross_entropy`.
+
+`linear_label_stats` is a `jax.custom_jvp`. Its primal streams the chunks
+with an online logsumexp (float32) and returns the same statistics as
+`_stats.label_stats` (`LabelStats`: a stop-gradient shift, the log-sum
+relative to it, the label's logit relative to it, and the label-smoothing
+sums). Its tangent streams the chunks again: each chunk's logits are
+recomputed, their softmax comes from the saved (shift, log_sum), and it is
+contracted with the chunk's tangent logits `dx @ W_c + x @ dW_c + db_c`.
+The tangent's loop body is rematerialized (`jax.checkpoint` saving
+nothing), so reverse mode, which JAX obtains by transposing that tangent,
+keeps only the inputs and the per-token float32 statistics, and its
+largest temporary is one float32 [N, chunk] block.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.custom_derivatives import SymbolicZero
+
+from jaxce import _checks
+from jaxce._collective import match_vma, vary_like
+from jaxce._stats import LabelStats, SmoothingSums
+
+# Elements of one float32 block (16 MiB): sets the default vocabulary chunk
+# ([N, chunk] logits) and the row blocks of the dx accumulation ([rows, D]).
+BLOCK_ELEMENTS = 2**22
+
+# The chunk when the number of tokens is symbolic (`jax.export`): the
+# block-size rule below needs a number.
+SYMBOLIC_CHUNK = 1024
+
+
+def default_chunk_size(num_tokens: int, vocab: int) -> int:
+  """The vocabulary chunk used when `chunk_size=None`.
+
+  The power of two that makes one float32 [N, chunk] block about 16 MiB
+  (`BLOCK_ELEMENTS` = 2**22 elements), at least 128 (a TPU lane multiple)
+  and at most V. A symbolic N (`jax.export`) gets `SYMBOLIC_CHUNK` columns.
+  """
+  if not isinstance(num_tokens, int | np.integer):
+    return max(1, min(vocab, SYMBOLIC_CHUNK))
+  target = BLOCK_ELEMENTS // max(int(num_tokens), 1)
+  chunk = 1 << max(7, target.bit_length() - 1) if target >= 128 else 128
+  return max(1, min(vocab, chunk))
+
+
+def soft_cap(z: jax.Array, cap: float) -> tuple[jax.Array, jax.Array]:
+  """(cap * tanh(z / cap), tanh(z / cap)); a -inf logit (from a -inf bias)
+  stays -inf, so that class still takes no part."""
+  t = jnp.tanh(z / cap)
+  return jnp.where(z == -jnp.inf, -jnp.inf, cap * t), t
+
+
+# The vocabulary is viewed as [G, V / G] groups (a free reshape) and each step
+# handles one chunk of every group: on G devices with the kernel split over
+# its vocabulary axis, XLA's partitioner then keeps every group where it lives
+# instead of gathering the kernel. G is 1 on one device.
+
+
+class Chunk(NamedTuple):
+  z: jax.Array  # [N, G, c] float32 logits (soft-capped if asked)
+  raw_tanh: jax.Array | None  # tanh(raw / softcap), for the softcap derivative
+  cols: jax.Array  # [G, c] global class index of each column
+  fresh: jax.Array  # [1, 1, c] columns first seen in this chunk (not the overlap)
+  start: jax.Array  # first column of the slice within each group
+
+
+def _grouped(v: jax.Array, groups: int) -> jax.Array:
+  """[..., V] viewed as [..., G, V / G] (a free reshape)."""
+  return v.reshape(*v.shape[:-1], groups, v.shape[-1] // groups)
+
+
+def group_cols(v: jax.Array, start: jax.Array, size: int, groups: int) -> jax.Array:
+  """[..., G, size]: columns start:start+size of each of the G equal slices
+  of v's last axis. With one group no view is taken (see `_single_group`)."""
+  if groups == 1:
+    return jnp.expand_dims(jax.lax.dynamic_slice_in_dim(v, start, size, axis=v.ndim - 1), -2)
+  g = _grouped(v, groups)
+  return jax.lax.dynamic_slice_in_dim(g, start, size, axis=g.ndim - 1)
+
+
+def matmul(a: jax.Array, b: jax.Array, contract_a, contract_b) -> jax.Array:
+  """a . b over the given axes, in the inputs' dtype, accumulated in float32
+  (float64 for float64 inputs)."""
+  dims = ((tuple(contract_a), tuple(contract_b)), ((), ()))
+  return jax.lax.dot_general(a, b, dims, preferred_element_type=_checks.compute_dtype(a.dtype))
+
+
+def chunk_logits(x, kernel, bias, i, chunk: int, softcap, groups: int) -> Chunk:
+  """Logits of chunk i of every group. The last chunk is shifted left to stay
+  in bounds (no padded copy of the kernel); the columns it shares with the
+  previous chunk are marked not `fresh`."""
+  per_group = kernel.shape[-1] // groups
+  start = jnp.minimum(i * chunk, per_group - chunk)
+  z = matmul(x, group_cols(kernel, start, chunk, groups), (1,), (0,))
+  if bias is not None:
+    z = z + group_cols(bias, start, chunk, groups).astype(z.dtype)[None]
+  t = None
+  if softcap is not None:
+    z, t = soft_cap(z, softcap)
+  offsets = jnp.arange(groups, dtype=jnp.int32)[:, None] * per_group
+  cols = offsets + start + jnp.arange(chunk, dtype=jnp.int32)[None, :]
+  fresh = (start + jnp.arange(chunk, dtype=jnp.int32) >= i * chunk)[None, None, :]
+  return Chunk(z, t, cols, fresh, start)
+
+
+def class_weights(weight, ch: Chunk) -> jax.Array:
+  if weight is None:
+    return jnp.ones((1, *ch.cols.shape), ch.z.dtype)
+  groups, size = ch.cols.shape
+  return group_cols(weight, ch.start, size, groups).astype(ch.z.dtype)[None]
+
+
+def _cpu_barrier(kernel: jax.Array) -> jax.Array:
+  """An optimization barrier on a 16-bit kernel carried through a chunk
+  loop, on CPU only: XLA:CPU widens a bf16 dynamic-slice to float32 by
+  converting its whole operand, and would hoist that [D, V] float32 copy out
+  of a loop in which the kernel is invariant. Other backends slice in place
+  and need no barrier."""
+  if kernel.dtype.itemsize >= 4:
+    return kernel
+  return jax.lax.platform_dependent(
+      kernel, cpu=jax.lax.optimization_barrier, default=lambda k: k)
+
+
+def _scan_chunks(step, carry, kernel, chunk: int, per_group: int):
+  """carry after step(carry, kernel, i) over the chunks i; the kernel rides
+  in the loop carry (see `_cpu_barrier`)."""
+
+  def body(state, i):
+    carry, kernel = state
+    kernel = _cpu_barrier(kernel)
+    return (step(carry, kernel, i), kernel), None
+
+  n = -(-per_group // chunk)
+  (carry, _), _ = jax.lax.scan(body, (carry, kernel), jnp.arange(n, dtype=jnp.int32))
+  return carry
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7, 8))
+def linear_label_stats(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups):
+  """`LabelStats` of `x @ kernel + bias` ([N, D] x [D, V]; soft-capped if
+  asked), streamed over chunks of `chunk` columns of each of `groups` equal
+  slices of the vocabulary. `labels` are int32 [N]; `weight` ([V] or None)
+  only enters the smoothing sums, computed when `smoothing` is true."""
+  return _primal(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups)
+
+
+def _finite(m: jax.Array) -> jax.Array:
+  return jnp.where(jnp.isfinite(m), m, 0.0)
+
+
+def _primal(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups) -> LabelStats:
+  ct = _checks.compute_dtype(x.dtype)
+  n = x.shape[0]
+  zeros = jnp.zeros((n,), ct)
+  axes = (1, 2)
+  cols_labels = labels[:, None, None]
+
+  def step(carry, kernel, i):
+    m, s, picked, sums = carry  # m: running max (-inf until a class is active)
+    ch = chunk_logits(x, kernel, bias, i, chunk, softcap, groups)
+    z = jnp.where(ch.fresh, ch.z, -jnp.inf)  # count each class once
+    m_new = jnp.maximum(m, jnp.max(z, axis=axes))
+    shift = _finite(m_new)
+    col = shift[:, None, None]
+    s = s * jnp.exp(m - shift) + jnp.sum(jnp.exp(z - col), axis=axes)
+    hot = (ch.cols[None] == cols_labels) & ch.fresh
+    picked = picked + jnp.sum(jnp.where(hot, z, 0.0), axis=axes)  # one term: exact
+    if smoothing:
+      active = z > -jnp.inf
+      w = class_weights(weight, ch)
+      ws, wsum, count = sums
+      # re-based on the new shift, so no sum ever holds a large logit
+      ws = ws + wsum * (_finite(m) - shift) + jnp.sum(
+          jnp.where(active, w * jnp.where(active, z - col, 0.0), 0.0), axis=axes)
+      wsum = wsum + jnp.sum(jnp.where(active, w, 0.0), axis=axes)
+      count = count + jnp.sum(active, axis=axes, dtype=ct)
+      sums = (ws, wsum, count)
+    return m_new, s, picked, sums
+
+  init = (jnp.full((n,), -jnp.inf, ct), zeros, zeros, (zeros,) * 3 if smoothing else ())
+  init = vary_like(init, x, kernel, bias, labels, weight)
+  m, s, picked, sums = _scan_chunks(step, init, kernel, chunk, kernel.shape[1] // groups)
+  shift = _finite(m)
+  inside = (labels >= 0) & (labels < kernel.shape[1])
+  picked = jnp.where(inside, picked - shift, 0.0)
+  return LabelStats(shift, jnp.log(s), picked, SmoothingSums(*sums) if smoothing else None)
+
+
+def _cpu_transposed(x: jax.Array) -> jax.Array:
+  """x.T, materialized on CPU only: XLA:CPU has no native bf16 matmul that
+  contracts both operands' first axes (it would upcast all of x, per chunk),
+  and the barrier keeps XLA from folding the transpose back into the
+  matmul. Elsewhere a plain transpose, which XLA folds into the matmul."""
+  return jax.lax.platform_dependent(
+      x, cpu=lambda x: jax.lax.optimization_barrier(x.T), default=lambda x: x.T)
+
+
+def _zero(t) -> bool:
+  return t is None or isinstance(t, SymbolicZero)
+
+
+def _tangent(x, kernel, bias, labels, weight, shift, log_sum, dx, dkernel, dbias, dweight,
+             chunk, softcap, smoothing, groups):
+  """Tangents of (log_sum, picked, weighted_sum, weight_sum) along
+  (dx, dkernel, dbias, dweight) (None: zero), one chunk at a time."""
+  ct = _checks.compute_dtype(x.dtype)
+  n = x.shape[0]
+  axes = (1, 2)
+  cols_labels = labels[:, None, None]
+  col = lambda v: v[:, None, None]
+  # rows with no active class: p = exp(-inf - inf) = 0 rather than NaN
+  base = col(shift + jnp.where(log_sum == -jnp.inf, jnp.inf, log_sum))
+  dx = None if dx is None else dx.astype(ct)  # dx's cotangent accumulates in float32
+  x_t = None if dkernel is None else _cpu_transposed(x)
+
+  # (prevent_cse: its barrier also keeps XLA:CPU from hoisting a float32
+  # copy of a bf16 kernel out of the transposed loop: 424 vs 2412 MiB)
+  @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
+  def step(carry, i):
+    ch = chunk_logits(x, _cpu_barrier(kernel), bias, i, chunk, softcap, groups)
+    dz = jnp.zeros((), ct)
+    if dx is not None:
+      dz = dz + matmul(dx, group_cols(kernel, ch.start, chunk, groups), (1,), (0,))
+    if dkernel is not None:
+      # contracted against x transposed: reverse mode's transpose of this
+      # product is then x_t @ dz, a plain matmul
+      dz = dz + matmul(x_t, group_cols(dkernel, ch.start, chunk, groups), (0,), (0,))
+    if dbias is not None:
+      dz = dz + group_cols(dbias, ch.start, chunk, groups).astype(ct)[None]
+    if softcap is not None:
+      dz = dz * (1.0 - ch.raw_tanh**2)
+    dz = jnp.where(ch.fresh, dz, 0.0)  # the overlap columns count once
+    d_log_sum, d_picked, d_ws, d_wsum = carry
+    d_log_sum = d_log_sum + jnp.sum(jnp.exp(ch.z - base) * dz, axis=axes)
+    hot = ch.cols[None] == cols_labels
+    d_picked = d_picked + jnp.sum(jnp.where(hot, dz, 0.0), axis=axes)
+    if smoothing:
+      active = ch.z > -jnp.inf
+      d_ws = d_ws + jnp.sum(jnp.where(active, class_weights(weight, ch) * dz, 0.0), axis=axes)
+      if dweight is not None:
+        dw = jnp.where(active & ch.fresh, group_cols(dweight, ch.start, chunk, groups)
+                       .astype(ct)[None], 0.0)
+        d_ws = d_ws + jnp.sum(dw * jnp.where(active, ch.z - col(shift), 0.0),
+                              axis=axes)
+        d_wsum = d_wsum + jnp.sum(dw, axis=axes)
+    return (d_log_sum, d_picked, d_ws, d_wsum), None
+
+  zeros = jnp.zeros((n,), ct)
+  init = vary_like((zeros,) * 4, x, kernel, bias, labels, weight, shift, log_sum, dx, dkernel,
+                   dbias, dweight)
+  steps = -(-(kernel.shape[1] // groups) // chunk)
+  return jax.lax.scan(step, init, jnp.arange(steps, dtype=jnp.int32))[0]
+
+
+# The whole tangent recomputes in reverse mode (x's transpose included):
+# what the linearized program keeps is then the tangent's primal inputs.
+_remat_tangent = jax.checkpoint(_tangent, policy=jax.checkpoint_policies.nothing_saveable,
+                                static_argnums=(11, 12, 13, 14))
+
+
+def _jvp(chunk, softcap, smoothing, groups, primals, tangents):
+  x, kernel, bias, labels, weight = primals
+  stats = _primal(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups)
+  dx, dkernel, dbias, _, dweight = (None if _zero(t) else t for t in tangents)
+  zeros = jnp.zeros_like(stats.shift)
+  if dx is None and dkernel is None and dbias is None and (dweight is None or not smoothing):
+    d = (zeros,) * 4
+  else:
+    d = _remat_tangent(x, kernel, bias, labels, weight, stats.shift, stats.log_sum, dx, dkernel,
+                       dbias, dweight if smoothing else None, chunk, softcap, smoothing, groups)
+  sums = SmoothingSums(d[2], d[3], zeros) if smoothing else None
+  return stats, LabelStats(zeros, d[0], d[1], sums)
+
+
+linear_label_stats.defjvp(_jvp, symbolic_zeros=True)
+
+
+# ---------------------------------------------------------------------------
+# Reverse mode only (the default): a custom_vjp whose backward writes each
+# chunk's dkernel columns in place and accumulates dx in float32.
+
+
+class LinearResiduals(NamedTuple):
+  x: jax.Array  # [N, D]
+  kernel: jax.Array  # [D, V]
+  bias: jax.Array | None  # [V]
+  labels: jax.Array  # [N] int32
+  weight: jax.Array | None  # [V], only with label smoothing
+  shift: jax.Array  # [N] float32
+  log_sum: jax.Array  # [N] float32
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def linear_label_stats_rev(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups):
+  """`linear_label_stats` for reverse mode only, with a hand-written backward."""
+  return _primal(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups)
+
+
+def _rev_fwd(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups):
+  stats = _primal(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups)
+  return stats, LinearResiduals(x, kernel, bias, labels, weight, stats.shift, stats.log_sum)
+
+
+def _add_rows_matmul(acc: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+  """acc + a . b over their last two axes (a float32, cast to b's dtype), in
+  blocks of rows: a [N, D] float32 product beside the [N, D] float32
+  accumulator would double the backward's largest buffer."""
+  n, d = acc.shape
+  product = lambda rows: matmul(rows.astype(b.dtype), b, (1, 2), (1, 2))
+  if not isinstance(n, int):  # symbolic (jax.export): one block
+    return acc + product(a)
+  block = max(1, min(n, BLOCK_ELEMENTS // max(d, 1)))
+  if block >= n:
+    return acc + product(a)
+
+  def body(acc, j):
+    start = jnp.minimum(j * block, n - block)  # last block shifted in bounds
+    rows = jax.lax.dynamic_slice_in_dim(a, start, block, axis=0)
+    fresh = start + jnp.arange(block) >= j * block
+    rows = jnp.where(fresh[:, None, None], rows, 0.0)
+    old = jax.lax.dynamic_slice_in_dim(acc, start, block, axis=0)
+    return jax.lax.dynamic_update_slice_in_dim(acc, old + product(rows), start, axis=0), None
+
+  return jax.lax.scan(body, acc, jnp.arange(-(-n // block)))[0]
+
+
+def _write_cols(acc: jax.Array, update: jax.Array, start: jax.Array, groups: int) -> jax.Array:
+  """acc[..., g * V / G + start + j] = update[..., g, j]. Every column's
+  gradient is complete within a chunk, so the overlap columns are rewritten
+  with equal values. With one group no view is taken: XLA:CPU would copy a
+  whole bf16 [D, V] array to update it through one (and a view is free
+  elsewhere only when it is not needed)."""
+  update = update.astype(acc.dtype)
+  if groups == 1:
+    return jax.lax.dynamic_update_slice_in_dim(acc, update[..., 0, :], start, acc.ndim - 1)
+  grouped = jax.lax.dynamic_update_slice_in_dim(_grouped(acc, groups), update, start, acc.ndim)
+  return grouped.reshape(acc.shape)
+
+
+def _rev_bwd(chunk, softcap, smoothing, groups, res: LinearResiduals, g: LabelStats):
+  x, kernel, bias, labels, weight, shift, log_sum = res
+  ct = shift.dtype
+  col = lambda v: v.astype(ct)[:, None, None]
+  # rows with no active class: p = exp(-inf - inf) = 0 rather than NaN
+  base = col(shift + jnp.where(log_sum == -jnp.inf, jnp.inf, log_sum))
+  cols_labels = labels[:, None, None]
+  x_t = _cpu_transposed(x)
+
+  def step(carry, kernel, i):
+    dx, dkernel, dbias, dweight = carry
+    ch = chunk_logits(x, kernel, bias, i, chunk, softcap, groups)
+    # dz of every column of the slice: the overlap columns' values equal the
+    # previous chunk's, so writing them again is harmless; dx counts them once.
+    dz = col(g.log_sum) * jnp.exp(ch.z - base)
+    dz = dz + jnp.where(ch.cols[None] == cols_labels, col(g.picked), 0.0)
+    if smoothing:
+      active = ch.z > -jnp.inf
+      dz = dz + jnp.where(active, class_weights(weight, ch) * col(g.smoothing.weighted_sum), 0.0)
+      if dweight is not None:
+        rel = jnp.where(active, ch.z - col(shift), 0.0)
+        dw = jnp.where(active, rel * col(g.smoothing.weighted_sum) + col(g.smoothing.weight_sum),
+                       0.0)
+        dweight = _write_cols(dweight, jnp.sum(dw, axis=0), ch.start, groups)
+    if softcap is not None:
+      dz = dz * (1.0 - ch.raw_tanh**2)
+    w_chunk = group_cols(kernel, ch.start, chunk, groups)
+    dx = _add_rows_matmul(dx, jnp.where(ch.fresh, dz, 0.0), w_chunk)
+    dk = matmul(x_t, dz.astype(x.dtype), (1,), (0,))
+    dkernel = _write_cols(dkernel, dk, ch.start, groups)
+    if dbias is not None:
+      dbias = _write_cols(dbias, jnp.sum(dz, axis=0), ch.start, groups)
+    return dx, dkernel, dbias, dweight
+
+  init = (
+      jnp.zeros(x.shape, ct),
+      jnp.zeros(kernel.shape, kernel.dtype),
+      None if bias is None else jnp.zeros(bias.shape, ct),
+      jnp.zeros(weight.shape, ct) if smoothing and weight is not None else None,
+  )
+  init = vary_like(init, x, kernel, bias, labels, weight, shift, log_sum, *jax.tree.leaves(g))
+  dx, dkernel, dbias, dweight = _scan_chunks(step, init, kernel, chunk, kernel.shape[1] // groups)
+  # Inside shard_map, each device's partial dx / dkernel sums over the axes
+  # it does not share with its primal (the Megatron all-reduce of dx).
+  cast = lambda v, like: None if like is None else match_vma(v.astype(like.dtype), like)
+  return cast(dx, x), cast(dkernel, kernel), cast(dbias, bias), None, cast(dweight, weight)
+
+
+linear_label_stats_rev.defvjp(_rev_fwd, _rev_bwd)
