@@ -97,8 +97,9 @@ def cross_entropy(
   z = _checks.static_float(fn, "z_loss", z_loss, 0.0, float("inf"))
   num_classes = logits.shape[axis]
   weight = _checks.class_weight(fn, weight, num_classes)
-  where = _checks.class_mask(fn, where, logits.shape)
-  labels = jnp.asarray(labels)
+  where = _checks.class_mask(fn, where, logits.shape, axis)
+  ignore_index = _checks.ignore_value(fn, ignore_index)
+  labels = _checks.as_labels(labels)
   probabilities = jnp.issubdtype(labels.dtype, jnp.floating)
   if probabilities and labels.shape != logits.shape:
     raise TypeError(
@@ -107,7 +108,9 @@ def cross_entropy(
         " indices, pass an integer array."
     )
   if not probabilities:
-    labels = _checks.integer_labels(fn, labels, logits.shape, axis)
+    labels, ignore_index = _checks.integer_labels(
+        fn, labels, logits.shape, axis, _checks.global_classes(num_classes, class_axis_name),
+        ignore_index)
 
   def impl(logits, labels, weight, where, class_axis_name, row_axes=()):
     if probabilities:
@@ -195,11 +198,13 @@ def nll_loss(
         f"{fn}: `log_probs` must have a floating dtype (log-probabilities)."
         f" Got {log_probs.dtype}."
     )
-  axis = _checks.canonical_axis(fn, axis, log_probs.ndim)
+  axis = _checks.canonical_axis(fn, axis, log_probs.ndim, "log_probs")
   reduction = _checks.reduction(fn, reduction)
   num_classes = log_probs.shape[axis]
   weight = _checks.class_weight(fn, weight, num_classes)
-  labels = _checks.integer_labels(fn, labels, log_probs.shape, axis)
+  labels, ignore_index = _checks.integer_labels(
+      fn, labels, log_probs.shape, axis, _checks.global_classes(num_classes, class_axis_name),
+      ignore_index)
 
   def impl(log_probs, labels, weight, class_axis_name, row_axes=()):
     classes = _collective.class_slice(labels, log_probs.shape[axis], class_axis_name)

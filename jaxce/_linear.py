@@ -357,12 +357,16 @@ def linear_cross_entropy(
     if not 0.0 < softcap < math.inf:
       raise ValueError(f"{fn}: `softcap` must be positive and finite. Got {softcap}.")
   lead, vocab = x.shape[:-1], kernel.shape[1]
-  labels = _checks.int_array(fn, "labels", labels)
+  labels = _checks.as_labels(labels)
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise TypeError(f"{fn}: `labels` must have an integer dtype. Got {labels.dtype}.")
   if labels.shape != lead:
     raise ValueError(
         f"{fn}: `labels` must have shape {lead} (x's shape {x.shape} without"
         f" the last axis). Got {labels.shape}."
     )
+  labels, ignore_index = _checks.class_labels(
+      fn, labels, _checks.global_classes(vocab, class_axis_name), ignore_index)
   weight = _checks.class_weight(fn, weight, vocab)
   if bias is not None:
     bias = _checks.float_array(fn, "bias", bias)
