@@ -60,18 +60,28 @@ def cross_entropy(
   Args:
     logits: Unnormalized scores, float16, bfloat16, float32 or float64, with
       the classes on `axis`.
-    labels: Either integer class indices with `logits`' shape without `axis`,
-      or floating class probabilities with `logits`' shape.
+    labels: Either integer class indices with `logits`' shape without `axis`
+      (any integer dtype, signed or unsigned, 8 to 64 bits: values are
+      compared as integers, so uint16 token ids with 65536 classes work), or
+      floating class probabilities with `logits`' shape.
     weight: Optional per-class weights, shape ``[C]``.
     ignore_index: Integer targets equal to this contribute nothing and are left
-      out of the "mean" denominator. Not used with probability targets.
+      out of the "mean" denominator. Any Python int, an integer scalar array
+      (traced values too), or None to ignore nothing. A label is ignored only
+      if its value equals `ignore_index` as an integer, never through a
+      wrap-around of the labels' dtype (a uint8 label 156 is not -100); a
+      value the labels' dtype cannot hold ignores nothing. Not used with
+      probability targets.
     reduction: "none", "mean" or "sum".
     label_smoothing: :math:`\varepsilon \in [0, 1]`, a static float.
     z_loss: :math:`\lambda_z \ge 0`, weight of the squared logsumexp (the
       PaLM / t5x auxiliary loss), reduced with the same denominator.
     axis: The class axis. -1 is JAX's layout; 1 is PyTorch's ``(N, C, ...)``.
-    where: Optional boolean mask broadcastable to `logits`: the classes that
-      take part in the softmax.
+    where: Optional boolean mask broadcastable to `logits` (NumPy's rules,
+      aligned at the last axis): the classes that take part in the softmax.
+      With `axis` not the last axis, a 1-D `where` is refused as ambiguous
+      (a 1-D `weight` applies to `axis`); give it the logits' rank, e.g.
+      ``where[:, None, None]`` for ``(N, C, H, W)`` logits and ``axis=1``.
     class_axis_name: Inside `shard_map`, the mesh axis over which the classes
       are split: each device passes its slice of `logits` (and of `weight`
       and `where`) and the global labels, and gets the loss over all classes.
@@ -173,9 +183,12 @@ def nll_loss(
   Args:
     log_probs: Log-probabilities (e.g. from :func:`log_softmax`), floating,
       with the classes on `axis`.
-    labels: Integer class indices with `log_probs`' shape without `axis`.
+    labels: Integer class indices with `log_probs`' shape without `axis`, of
+      any integer dtype (compared as integers, as in :func:`cross_entropy`).
     weight: Optional per-class weights, shape ``[C]``.
-    ignore_index: Labels equal to this contribute nothing.
+    ignore_index: Labels equal to this contribute nothing: any Python int, an
+      integer scalar array (traced too) or None, compared without wrap-around
+      as in :func:`cross_entropy`.
     reduction: "none", "mean" or "sum".
     axis: The class axis (1 for PyTorch's layout).
     class_axis_name: Inside `shard_map`, the mesh axis over which the classes

@@ -1,9 +1,21 @@
 """Drop-ins for optax 0.2's classification losses: same signatures, same
 per-example outputs, on jaxce's kernels.
 
-Differences: half-precision logits give float32 losses (optax keeps the input
-dtype), and -inf logits on classes with zero target mass give finite losses
-(optax's `softmax_cross_entropy` gives NaN there).
+Differences from optax 0.2.8:
+
+* Half-precision logits give float32 losses (optax keeps the input dtype).
+* -inf logits on classes with zero target mass give finite losses (optax's
+  `softmax_cross_entropy` gives NaN there).
+* An integer label on a class outside `where` gives +inf (that class has
+  probability 0); optax returns the masked logsumexp minus the masked class's
+  logit, a finite number.
+* Integer labels outside [0, C) give NaN; optax returns a finite number from
+  a clamped gather. Labels of any integer dtype are compared as integers.
+* `axis=True` is refused (optax reads it as axis 1); a repeated axis in a
+  tuple raises as in optax (TypeError for integer labels, ValueError for
+  probabilities), with a message naming `axis`.
+* A `where` that broadcasts to the logits is accepted with a tuple `axis`
+  too (optax needs the logits' shape or the batch shape there).
 """
 
 from __future__ import annotations

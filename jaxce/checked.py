@@ -20,6 +20,11 @@ whatever their dtype (a uint8 156 is never ``ignore_index=-100``), and, inside
 The error names the first bad label and its flat (row-major) position; under
 `jax.vmap` the position counts over the whole batched labels, mapped axes
 first.
+
+`jax.eval_shape` traces like `jax.jit`, so it needs the wrapper too (or the
+plain losses). With x64 disabled, `jax.jit` itself truncates host (numpy)
+int64 / uint64 arguments to 32 bits before jaxce sees them; eager calls map
+them exactly.
 """
 
 from __future__ import annotations
@@ -99,16 +104,20 @@ def _check(ok: jax.Array, message: str, fn: str, **values: Any) -> None:
   checkify.check(ok, message, **values)
 
 
-# Traces that only compute shapes: a check inside them is never lowered.
-_SHAPE_ONLY = frozenset({"eval_shape", "make_jaxpr"})
+# Staging traces known to keep a link to the trace they run under. Others
+# (shard_map, custom_vjp, ...) start a fresh chain: above them, checkify may
+# or may not be, so the check is left to JAX.
+_LINKED = frozenset({"jit", "scan", "cond", "switch", "while_body", "while_cond", "fori_loop",
+                     "checkpoint / remat"})
 
 
 def _staged_without_checkify() -> bool:
-  """Whether the current trace stages out code (jit, scan, shard_map, ...)
-  with no checkify around it, where JAX would later fail to lower the check
+  """Whether the current trace stages out code (jit, scan, ...) that surely
+  has no checkify around it, where JAX would later fail to lower the check
   with "Cannot abstractly evaluate a checkify.check which was not
-  functionalized". This reads JAX's trace chain, which is not public API: if
-  that changes, it answers False and JAX's own error stays."""
+  functionalized". This reads JAX's trace chain, which is not public API:
+  when unsure, or if that changes, it answers False and JAX's own error
+  stays."""
   try:
     from jax._src import core
 
@@ -118,7 +127,9 @@ def _staged_without_checkify() -> bool:
       traced_for = getattr(debug_info, "traced_for", None)
       if traced_for == "checkify":
         return False
-      if debug_info is not None and traced_for not in _SHAPE_ONLY:
+      if debug_info is not None:
+        if traced_for not in _LINKED:
+          return False
         staged = True
       trace = getattr(trace, "parent_trace", None)
     return staged
