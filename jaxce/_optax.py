@@ -9,8 +9,9 @@ Differences from optax 0.2.8:
 * An integer label on a class outside `where` gives +inf (that class has
   probability 0); optax returns the masked logsumexp minus the masked class's
   logit, a finite number.
-* Integer labels outside [0, C) give NaN; optax returns a finite number from
-  a clamped gather. Labels of any integer dtype are compared as integers.
+* Integer labels outside [0, C) give NaN. optax gives NaN for labels >= C
+  but reads negative labels from the end (-1 is the last class). Labels of
+  any integer dtype are compared as integers.
 * `axis=True` is refused (optax reads it as axis 1); a repeated axis in a
   tuple raises as in optax (TypeError for integer labels, ValueError for
   probabilities), with a message naming `axis`.
