@@ -3,6 +3,7 @@ stable custom-VJP gradients."""
 
 from jaxce import checked
 from jaxce._binary import binary_cross_entropy_with_logits
+from jaxce._binary_probs import binary_cross_entropy
 from jaxce._cross_entropy import cross_entropy, nll_loss
 from jaxce._linear import linear_cross_entropy
 from jaxce._log_softmax import log_softmax, logsumexp
@@ -15,6 +16,7 @@ from jaxce._optax import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "binary_cross_entropy",
     "binary_cross_entropy_with_logits",
     "checked",
     "cross_entropy",

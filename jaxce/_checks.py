@@ -42,13 +42,21 @@ def compute_dtype(dtype) -> np.dtype:
   return dtype if dtype.itemsize > 4 else np.dtype(np.float32)
 
 
-def canonical_axis(fn: str, axis, ndim: int) -> int:
+def canonical_axis(fn: str, axis, ndim: int, name: str = "logits") -> int:
+  """`axis` as an index in [0, ndim); bools are refused (True is not axis 1)."""
   try:
+    if isinstance(axis, (bool, np.bool_)):
+      raise TypeError
     axis = operator.index(axis)
   except TypeError:
     raise TypeError(
         f"{fn}: `axis` must be an int. Got {type(axis).__name__}."
     ) from None
+  if ndim == 0:
+    raise ValueError(
+        f"{fn}: `{name}` must have at least one axis (the class axis). Got a 0-d"
+        " array (rank 0)."
+    )
   if not -ndim <= axis < ndim:
     raise ValueError(
         f"{fn}: `axis` must be in [{-ndim}, {ndim}) for logits of rank {ndim}."
@@ -82,16 +90,142 @@ def positions_shape(shape: Sequence[int], axis: int) -> tuple[int, ...]:
   return tuple(shape[:axis]) + tuple(shape[axis + 1:])
 
 
-def integer_labels(fn: str, labels, logits_shape, axis: int) -> jax.Array:
-  """Integer class indices with the logits' shape without the class axis."""
-  labels = int_array(fn, "labels", labels)
+def as_labels(labels):
+  """`labels` as an array, except host arrays of a 64-bit dtype that JAX
+  would truncate (x64 disabled): those stay numpy for `class_labels`."""
+  if (isinstance(labels, (np.ndarray, np.generic))
+      and jax.dtypes.canonicalize_dtype(labels.dtype) != labels.dtype):
+    return np.asarray(labels)
+  return jnp.asarray(labels)
+
+
+def integer_labels(
+    fn: str, labels, logits_shape, axis: int, num_classes: int, ignore_index=None
+):
+  """Integer class indices with the logits' shape without the class axis, as
+  `class_labels` returns them: ``(int32 labels, ignore_index to pass on)``."""
+  labels = as_labels(labels)
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise TypeError(f"{fn}: `labels` must have an integer dtype. Got {labels.dtype}.")
   want = positions_shape(logits_shape, axis)
   if labels.shape != want:
+    hint = ""
+    if axis != 1 and len(logits_shape) > 2 and labels.shape == positions_shape(logits_shape, 1):
+      hint = (" They match the logits' shape without axis 1: for PyTorch's (N, C, ...)"
+              " layout, pass axis=1.")
     raise ValueError(
         f"{fn}: `labels` must have shape {want} (the logits' shape"
-        f" {tuple(logits_shape)} without axis {axis}). Got {labels.shape}."
+        f" {tuple(logits_shape)} without axis {axis}). Got {labels.shape}.{hint}"
     )
-  return labels
+  return class_labels(fn, labels, num_classes, ignore_index)
+
+
+def global_classes(num_local: int, class_axis_name) -> int:
+  """The number of classes over all devices of `class_axis_name` (inside
+  shard_map), or `num_local` without one."""
+  if class_axis_name is None:
+    return num_local
+  return num_local * int(jax.lax.axis_size(class_axis_name))
+
+
+# After `class_labels`, the label values that stand for "ignored" and for
+# "outside [0, C)": both negative, so no valid class (nor, in shard_map, any
+# device's local class) can equal them.
+IGNORED = -1
+OUT_OF_RANGE = -2
+
+
+def ignore_value(fn: str, ignore_index) -> int | jax.Array | None:
+  """`ignore_index` as None, a Python int of any size, or an integer scalar
+  array (traced values allowed)."""
+  if ignore_index is None:
+    return None
+  if isinstance(ignore_index, (bool, np.bool_)):
+    raise TypeError(f"{fn}: `ignore_index` must be an int or None. Got {ignore_index!r}.")
+  if isinstance(ignore_index, (int, np.integer)):
+    return int(ignore_index)
+  value = jnp.asarray(ignore_index) if not isinstance(ignore_index, jax.Array) else ignore_index
+  if not jnp.issubdtype(value.dtype, jnp.integer) or value.shape != ():
+    raise TypeError(
+        f"{fn}: `ignore_index` must be an int, an integer scalar array or None. Got"
+        f" {value.dtype} of shape {value.shape}."
+    )
+  return value
+
+
+def class_labels(fn: str, labels, num_classes: int, ignore_index=None):
+  """Integer labels of any dtype as int32 values compared without wrap-around.
+
+  Returns ``(labels, ignore_index)`` to pass on: a label whose value equals
+  `ignore_index` (as integers, whatever the two dtypes) becomes `IGNORED`,
+  and the returned ignore_index is `IGNORED` (None if `ignore_index` is None);
+  a label outside [0, num_classes) that is not ignored becomes `OUT_OF_RANGE`;
+  a valid class keeps its value. So uint8 156 is never ignore_index=-100, and
+  uint32 4294967196 never becomes -100. Host (numpy) labels of a 64-bit dtype
+  that JAX would truncate to 32 bits (x64 disabled) are mapped on the host.
+  """
+  ignore = ignore_value(fn, ignore_index)
+  host = isinstance(labels, (np.ndarray, np.generic))
+  if host and jax.dtypes.canonicalize_dtype(labels.dtype) != labels.dtype:
+    labels = np.asarray(labels)
+    if not np.issubdtype(labels.dtype, np.integer):
+      raise TypeError(f"{fn}: `labels` must have an integer dtype. Got {labels.dtype}.")
+    if not isinstance(ignore, jax.Array):
+      return _host_class_labels(labels, num_classes, ignore), _passed_on(ignore)
+    # A traced ignore_index has at most 32 bits here (x64 is off): compare
+    # the values that int32 holds, and those only uint32 holds, separately.
+    i32, u32 = np.iinfo(np.int32), np.iinfo(np.uint32)
+    low = (labels >= i32.min) & (labels <= i32.max)
+    high = ~low & (labels >= 0) & (labels <= u32.max)
+    out, passed_on = class_labels(fn, np.where(low, labels, 0).astype(np.int32), num_classes,
+                                  ignore)
+    out = jnp.where(low, out, OUT_OF_RANGE)
+    high_ignored = _equals(jnp.asarray(np.where(high, labels, 0).astype(np.uint32)), ignore)
+    return jnp.where(high & high_ignored, IGNORED, out), passed_on
+  labels = int_array(fn, "labels", labels)
+  if num_classes > np.iinfo(np.int32).max and not jax.config.jax_enable_x64:
+    raise ValueError(
+        f"{fn}: {num_classes} classes need 64-bit labels; enable jax_enable_x64.")
+  out_dtype = jnp.int32 if num_classes <= np.iinfo(np.int32).max else jnp.int64
+  info = np.iinfo(labels.dtype)
+  valid = labels >= 0
+  if num_classes <= info.max:
+    valid = valid & (labels < np.asarray(num_classes, labels.dtype))
+  out = jnp.where(valid, labels.astype(out_dtype), OUT_OF_RANGE)
+  ignored = _equals(labels, ignore)
+  if ignored is not None:
+    out = jnp.where(ignored, IGNORED, out)
+  return out, _passed_on(ignore)
+
+
+def _passed_on(ignore) -> int | None:
+  return None if ignore is None else IGNORED
+
+
+def _equals(labels: jax.Array, ignore) -> jax.Array | None:
+  """labels == ignore as integers: never true through a wrap-around."""
+  if ignore is None:
+    return None
+  info = np.iinfo(labels.dtype)
+  if not isinstance(ignore, jax.Array):
+    if not info.min <= ignore <= info.max:
+      return jnp.zeros(labels.shape, bool)
+    return labels == np.asarray(ignore, labels.dtype)
+  # Traced: ignore is a value of labels' dtype iff the cast round-trips and
+  # keeps its sign.
+  cast = ignore.astype(labels.dtype)
+  fits = (cast.astype(ignore.dtype) == ignore) & ((cast < 0) == (ignore < 0))
+  return fits & (labels == cast)
+
+
+def _host_class_labels(labels: np.ndarray, num_classes: int, ignore: int | None) -> np.ndarray:
+  info = np.iinfo(labels.dtype)
+  valid = (labels >= 0) & (labels < num_classes) if num_classes <= info.max else labels >= 0
+  out = np.where(valid, labels, 0).astype(np.int32)
+  out = np.where(valid, out, np.int32(OUT_OF_RANGE))
+  if ignore is not None and info.min <= ignore <= info.max:
+    out = np.where(labels == np.asarray(ignore, labels.dtype), np.int32(IGNORED), out)
+  return out
 
 
 def class_weight(fn: str, weight, num_classes: int) -> jax.Array | None:
@@ -123,12 +257,24 @@ def broadcastable(fn: str, name: str, x, shape) -> jax.Array:
   return x.reshape((1,) * (len(shape) - x.ndim) + x.shape)
 
 
-def class_mask(fn: str, where, shape) -> jax.Array | None:
+def class_mask(fn: str, where, shape, axis: int | None = None) -> jax.Array | None:
+  """A boolean `where` broadcastable to `shape` (NumPy's rules: aligned at the
+  last axis). With a class `axis` other than the last, a 1-D `where` is
+  refused: it would silently apply to the last axis, while a 1-D `weight`
+  applies to the class axis."""
   if where is None:
     return None
   where = jnp.asarray(where)
   if where.dtype != jnp.bool_:
     raise TypeError(f"{fn}: `where` must be boolean. Got {where.dtype}.")
+  if axis is not None and where.ndim == 1 and len(shape) > 1 and axis != len(shape) - 1:
+    hint = (len(shape) - 1 - axis) * ", None"
+    raise ValueError(
+        f"{fn}: a 1-D `where` of shape {where.shape} would broadcast along the"
+        f" logits' last axis, not the class axis {axis} (logits of shape"
+        f" {tuple(shape)}). For a mask over the classes pass `where[:{hint}]`;"
+        " otherwise give `where` the logits' rank."
+    )
   return broadcastable(fn, "where", where, shape)
 
 

@@ -60,18 +60,28 @@ def cross_entropy(
   Args:
     logits: Unnormalized scores, float16, bfloat16, float32 or float64, with
       the classes on `axis`.
-    labels: Either integer class indices with `logits`' shape without `axis`,
-      or floating class probabilities with `logits`' shape.
+    labels: Either integer class indices with `logits`' shape without `axis`
+      (any integer dtype, signed or unsigned, 8 to 64 bits: values are
+      compared as integers, so uint16 token ids with 65536 classes work), or
+      floating class probabilities with `logits`' shape.
     weight: Optional per-class weights, shape ``[C]``.
     ignore_index: Integer targets equal to this contribute nothing and are left
-      out of the "mean" denominator. Not used with probability targets.
+      out of the "mean" denominator. Any Python int, an integer scalar array
+      (traced values too), or None to ignore nothing. A label is ignored only
+      if its value equals `ignore_index` as an integer, never through a
+      wrap-around of the labels' dtype (a uint8 label 156 is not -100); a
+      value the labels' dtype cannot hold ignores nothing. Not used with
+      probability targets.
     reduction: "none", "mean" or "sum".
     label_smoothing: :math:`\varepsilon \in [0, 1]`, a static float.
     z_loss: :math:`\lambda_z \ge 0`, weight of the squared logsumexp (the
       PaLM / t5x auxiliary loss), reduced with the same denominator.
     axis: The class axis. -1 is JAX's layout; 1 is PyTorch's ``(N, C, ...)``.
-    where: Optional boolean mask broadcastable to `logits`: the classes that
-      take part in the softmax.
+    where: Optional boolean mask broadcastable to `logits` (NumPy's rules,
+      aligned at the last axis): the classes that take part in the softmax.
+      With `axis` not the last axis, a 1-D `where` is refused as ambiguous
+      (a 1-D `weight` applies to `axis`); give it the logits' rank, e.g.
+      ``where[:, None, None]`` for ``(N, C, H, W)`` logits and ``axis=1``.
     class_axis_name: Inside `shard_map`, the mesh axis over which the classes
       are split: each device passes its slice of `logits` (and of `weight`
       and `where`) and the global labels, and gets the loss over all classes.
@@ -97,8 +107,9 @@ def cross_entropy(
   z = _checks.static_float(fn, "z_loss", z_loss, 0.0, float("inf"))
   num_classes = logits.shape[axis]
   weight = _checks.class_weight(fn, weight, num_classes)
-  where = _checks.class_mask(fn, where, logits.shape)
-  labels = jnp.asarray(labels)
+  where = _checks.class_mask(fn, where, logits.shape, axis)
+  ignore_index = _checks.ignore_value(fn, ignore_index)
+  labels = _checks.as_labels(labels)
   probabilities = jnp.issubdtype(labels.dtype, jnp.floating)
   if probabilities and labels.shape != logits.shape:
     raise TypeError(
@@ -107,7 +118,9 @@ def cross_entropy(
         " indices, pass an integer array."
     )
   if not probabilities:
-    labels = _checks.integer_labels(fn, labels, logits.shape, axis)
+    labels, ignore_index = _checks.integer_labels(
+        fn, labels, logits.shape, axis, _checks.global_classes(num_classes, class_axis_name),
+        ignore_index)
 
   def impl(logits, labels, weight, where, class_axis_name, row_axes=()):
     if probabilities:
@@ -165,9 +178,12 @@ def nll_loss(
   Args:
     log_probs: Log-probabilities (e.g. from :func:`log_softmax`), floating,
       with the classes on `axis`.
-    labels: Integer class indices with `log_probs`' shape without `axis`.
+    labels: Integer class indices with `log_probs`' shape without `axis`, of
+      any integer dtype (compared as integers, as in :func:`cross_entropy`).
     weight: Optional per-class weights, shape ``[C]``.
-    ignore_index: Labels equal to this contribute nothing.
+    ignore_index: Labels equal to this contribute nothing: any Python int, an
+      integer scalar array (traced too) or None, compared without wrap-around
+      as in :func:`cross_entropy`.
     reduction: "none", "mean" or "sum".
     axis: The class axis (1 for PyTorch's layout).
     class_axis_name: Inside `shard_map`, the mesh axis over which the classes
@@ -190,11 +206,13 @@ def nll_loss(
         f"{fn}: `log_probs` must have a floating dtype (log-probabilities)."
         f" Got {log_probs.dtype}."
     )
-  axis = _checks.canonical_axis(fn, axis, log_probs.ndim)
+  axis = _checks.canonical_axis(fn, axis, log_probs.ndim, "log_probs")
   reduction = _checks.reduction(fn, reduction)
   num_classes = log_probs.shape[axis]
   weight = _checks.class_weight(fn, weight, num_classes)
-  labels = _checks.integer_labels(fn, labels, log_probs.shape, axis)
+  labels, ignore_index = _checks.integer_labels(
+      fn, labels, log_probs.shape, axis, _checks.global_classes(num_classes, class_axis_name),
+      ignore_index)
 
   def impl(log_probs, labels, weight, class_axis_name, row_axes=()):
     classes = _collective.class_slice(labels, log_probs.shape[axis], class_axis_name)

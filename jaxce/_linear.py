@@ -22,40 +22,6 @@ from jaxce._linear_stats import default_chunk_size, linear_label_stats, linear_l
 from jaxce._reduction import integer_target_loss
 from jaxce._stats import LabelStats, SmoothingSums
 
-# Internal label codes, after `_int32_labels`.
-_IGNORED = -1
-_OUT_OF_RANGE = np.iinfo(np.int32).max
-
-
-def _equals(labels: jax.Array, value: int | jax.Array) -> jax.Array:
-  """labels == value by value, never through wrap-around (uint8 156 is not
-  -100), for a Python int or a traced integer scalar."""
-  info = np.iinfo(labels.dtype)
-  if isinstance(value, int | np.integer):
-    if not info.min <= int(value) <= info.max:
-      return jnp.zeros(labels.shape, bool)
-    return labels == jnp.asarray(value, labels.dtype)
-  value = jnp.asarray(value)
-  vinfo = np.iinfo(value.dtype)
-  lo, hi = max(info.min, vinfo.min), min(info.max, vinfo.max)  # in both dtypes
-  fits = (value >= jnp.asarray(lo, value.dtype)) & (value <= jnp.asarray(hi, value.dtype))
-  return fits & (labels == value.astype(labels.dtype))
-
-
-def _int32_labels(labels: jax.Array, ignore_index, num_classes: int) -> jax.Array:
-  """Labels of any integer dtype as int32 codes: the class for labels in
-  [0, num_classes), `_IGNORED` for labels equal to `ignore_index`,
-  `_OUT_OF_RANGE` for the rest (which make the loss NaN)."""
-  info = np.iinfo(labels.dtype)
-  inside = labels >= 0 if info.min < 0 else jnp.ones(labels.shape, bool)
-  if num_classes <= info.max:
-    inside = inside & (labels < jnp.asarray(num_classes, labels.dtype))
-  codes = jnp.where(inside, labels.astype(jnp.int32), _OUT_OF_RANGE)
-  if ignore_index is None:
-    return codes
-  return jnp.where(_equals(labels, ignore_index), _IGNORED, codes)
-
-
 def _empty_vocabulary_stats(n, ct, smoothing: bool) -> LabelStats:
   zeros = jnp.zeros((n,), ct)
   sums = SmoothingSums(zeros, zeros, zeros) if smoothing else None
@@ -150,7 +116,16 @@ def linear_cross_entropy(
   chunk_size = _checks.chunk_size(fn, chunk_size)
   forward_mode = _checks.static_bool(fn, "forward_mode", forward_mode)
   lead, vocab = x.shape[:-1], kernel.shape[1]
-  labels = _checks.token_labels(fn, labels, lead, x.shape)
+  labels = _checks.as_labels(labels)
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise TypeError(f"{fn}: `labels` must have an integer dtype. Got {labels.dtype}.")
+  if labels.shape != lead:
+    raise ValueError(
+        f"{fn}: `labels` must have shape {lead} (x's shape {x.shape} without"
+        f" the last axis). Got {labels.shape}."
+    )
+  labels, ignore_index = _checks.class_labels(
+      fn, labels, _checks.global_classes(vocab, class_axis_name), ignore_index)
   weight = _checks.class_weight(fn, weight, vocab)
   bias = _checks.linear_bias(fn, bias, vocab)
   stats_fn = linear_label_stats if forward_mode else linear_label_stats_rev
@@ -158,8 +133,7 @@ def linear_cross_entropy(
   def impl(x, kernel, labels, bias, weight, class_axis_name, row_axes=(), groups=1):
     lead, (d, vocab) = x.shape[:-1], kernel.shape  # this device's share
     n = math.prod(lead)
-    num_classes = vocab * (1 if class_axis_name is None else jax.lax.axis_size(class_axis_name))
-    codes = _int32_labels(labels.reshape(n), ignore_index, num_classes)
+    codes = labels.reshape(n)
     classes = _collective.class_slice(codes, vocab, class_axis_name)
     ct = _checks.compute_dtype(x.dtype)
     if vocab == 0:  # what cross_entropy gives for C = 0
@@ -175,7 +149,7 @@ def linear_cross_entropy(
         codes,
         classes=classes,
         weight=weight if vocab else None,  # V = 0: every label is ignored or NaN
-        ignore_index=None if ignore_index is None else _IGNORED,
+        ignore_index=ignore_index,
         reduction=reduction,
         label_smoothing=eps,
         z_loss=z,

@@ -1,51 +1,99 @@
 """Drop-ins for optax 0.2's classification losses: same signatures, same
 per-example outputs, on jaxce's kernels.
 
-Differences: half-precision logits give float32 losses (optax keeps the input
-dtype), and -inf logits on classes with zero target mass give finite losses
-(optax's `softmax_cross_entropy` gives NaN there).
+Differences from optax 0.2.8:
+
+* Half-precision logits give float32 losses (optax keeps the input dtype).
+* -inf logits on classes with zero target mass give finite losses (optax's
+  `softmax_cross_entropy` gives NaN there).
+* An integer label on a class outside `where` gives +inf (that class has
+  probability 0); optax returns the masked logsumexp minus the masked class's
+  logit, a finite number.
+* Integer labels outside [0, C) give NaN. optax gives NaN for labels >= C
+  but reads negative labels from the end (-1 is the last class). Labels of
+  any integer dtype are compared as integers.
+* `axis=True` is refused (optax reads it as axis 1); a repeated axis in a
+  tuple raises as in optax (TypeError for integer labels, ValueError for
+  probabilities), with a message naming `axis`.
+* A `where` that broadcasts to the logits is accepted with a tuple `axis`
+  too (optax needs the logits' shape or the batch shape there).
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxce import _checks
 from jaxce._binary import binary_cross_entropy_with_logits
 from jaxce._cross_entropy import cross_entropy
 
 
-def _one_class_axis(fn, logits, labels, where, axis, labels_have_classes):
-  """optax accepts a tuple (or None) `axis`: those axes move last and are
-  flattened into one class axis. A `where` of another rank than the logits is
-  expanded over the class axes, as optax does."""
-  logits = _checks.float_array(fn, "logits", logits)
+def _class_axes(fn, axis, ndim: int, duplicate_error: type[Exception]) -> tuple[int, ...] | int:
+  """optax's `axis`: an int, or a tuple (None: all axes) kept in the order
+  given, since a tuple's order sets the flat class index. Repeated axes raise
+  (`duplicate_error`: optax raises TypeError for integer labels, ValueError
+  for probabilities)."""
+  if axis is None:
+    return tuple(range(ndim))
+  if isinstance(axis, tuple):
+    axes = tuple(_checks.canonical_axis(fn, a, ndim) for a in axis)
+    if len(set(axes)) != len(axes):
+      raise duplicate_error(f"{fn}: `axis` repeats an axis. Got {axis}.")
+    return axes
+  if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
+    raise TypeError(
+        f"{fn}: `axis` must be an int, a tuple of ints or None. Got {type(axis).__name__}.")
+  return _checks.canonical_axis(fn, axis, ndim)
+
+
+def _one_class_axis(fn, logits, where, axis, axes):
+  """Moves `axes` (in their order) last and flattens them into one class
+  axis, as optax does; a `where` of another rank than the logits is one per
+  position, expanded over the class axes. Errors show the caller's shapes."""
   shape = logits.shape
+  class_axes = (axes,) if isinstance(axes, int) else axes
+  batch_axes = tuple(a for a in range(logits.ndim) if a not in class_axes)
+  batch_shape = tuple(shape[a] for a in batch_axes)
   if where is not None:
     where = jnp.asarray(where)
-    if where.ndim != logits.ndim:
-      where = jnp.expand_dims(where, axis)
-    where = _checks.class_mask(fn, where, shape)
-  if isinstance(axis, int):
-    return logits, labels, where, axis
-  if axis is None:
-    axis = tuple(range(logits.ndim))
-  if not isinstance(axis, tuple):
-    raise TypeError(
-        f"{fn}: `axis` must be an int, a tuple of ints or None. Got"
-        f" {type(axis).__name__}."
-    )
-  class_axes = tuple(sorted({_checks.canonical_axis(fn, a, logits.ndim) for a in axis}))
-  batch_axes = tuple(a for a in range(logits.ndim) if a not in class_axes)
-  lead = tuple(shape[a] for a in batch_axes)
+    if where.dtype != jnp.bool_:
+      raise TypeError(f"{fn}: `where` must be boolean. Got {where.dtype}.")
+    expanded = where.shape if where.ndim == logits.ndim else _expanded(where.shape, axis)
+    try:
+      ok = expanded is not None and jnp.broadcast_shapes(expanded, shape) == shape
+    except ValueError:
+      ok = False
+    if not ok:
+      raise ValueError(
+          f"{fn}: `where` must be broadcastable to the logits' shape {shape}, or have"
+          f" the positions' shape {batch_shape} (the logits' shape without axis"
+          f" {axis}). Got {where.shape}."
+      )
+    where = where.reshape((1,) * (len(shape) - len(expanded)) + expanded)
+  if isinstance(axes, int):
+    return logits, where, axes
 
-  def flat(x):
-    return jnp.transpose(x, batch_axes + class_axes).reshape((*lead, -1))
+  def flat(v):
+    # A `where` with 1s on every class axis stays one per position.
+    if v is where and any(v.shape[a] != 1 for a in class_axes):
+      v = jnp.broadcast_to(v, tuple(
+          shape[a] if a in class_axes else v.shape[a] for a in range(len(shape))))
+    v = jnp.transpose(v, batch_axes + class_axes)
+    return v.reshape((*v.shape[:len(batch_axes)], -1))
 
-  if labels_have_classes:
-    labels = flat(jnp.asarray(labels))
-  return flat(logits), labels, None if where is None else flat(where), -1
+  return flat(logits), None if where is None else flat(where), -1
+
+
+def _expanded(where_shape, axis):
+  """The shape of optax's ``jnp.expand_dims(where, axis)``, or None."""
+  try:
+    return np.expand_dims(np.broadcast_to(False, where_shape), axis).shape
+  except (ValueError, TypeError, np.exceptions.AxisError):
+    return None
 
 
 def softmax_cross_entropy(logits, labels, axis=-1, where=None) -> jax.Array:
@@ -62,9 +110,20 @@ def softmax_cross_entropy(logits, labels, axis=-1, where=None) -> jax.Array:
     The loss per example: `logits`' shape without `axis`.
   """
   fn = "softmax_cross_entropy"
+  logits = _checks.float_array(fn, "logits", logits)
   labels = _checks.float_array(fn, "labels", labels)
-  logits, labels, where, axis = _one_class_axis(fn, logits, labels, where, axis, True)
-  return cross_entropy(logits, labels, reduction="none", axis=axis, where=where)
+  if labels.shape != logits.shape:
+    raise ValueError(
+        f"{fn}: `labels` are class probabilities and must have the logits' shape"
+        f" {logits.shape}. Got {labels.shape}."
+    )
+  axes = _class_axes(fn, axis, logits.ndim, ValueError)
+  logits, where, class_axis = _one_class_axis(fn, logits, where, axis, axes)
+  if not isinstance(axes, int):
+    labels = jnp.transpose(
+        labels, tuple(a for a in range(labels.ndim) if a not in axes) + axes
+    ).reshape(logits.shape)
+  return cross_entropy(logits, labels, reduction="none", axis=class_axis, where=where)
 
 
 def softmax_cross_entropy_with_integer_labels(
@@ -86,10 +145,23 @@ def softmax_cross_entropy_with_integer_labels(
     The loss per example: `labels`' shape.
   """
   fn = "softmax_cross_entropy_with_integer_labels"
-  labels = _checks.int_array(fn, "labels", labels)
-  logits, labels, where, axis = _one_class_axis(fn, logits, labels, where, axis, False)
+  logits = _checks.float_array(fn, "logits", logits)
+  axes = _class_axes(fn, axis, logits.ndim, TypeError)
+  class_axes = (axes,) if isinstance(axes, int) else axes
+  num_classes = math.prod(logits.shape[a] for a in class_axes)
+  labels = _checks.as_labels(labels)
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise TypeError(f"{fn}: `labels` must have an integer dtype. Got {labels.dtype}.")
+  want = tuple(n for a, n in enumerate(logits.shape) if a not in class_axes)
+  if labels.shape != want:
+    raise ValueError(
+        f"{fn}: `labels` must have shape {want} (the logits' shape {logits.shape}"
+        f" without axis {axis}). Got {labels.shape}."
+    )
+  labels, _ = _checks.class_labels(fn, labels, num_classes, None)
+  logits, where, class_axis = _one_class_axis(fn, logits, where, axis, axes)
   return cross_entropy(
-      logits, labels, reduction="none", axis=axis, where=where, ignore_index=None)
+      logits, labels, reduction="none", axis=class_axis, where=where, ignore_index=None)
 
 
 def sigmoid_binary_cross_entropy(logits, labels) -> jax.Array:

@@ -10,74 +10,232 @@ and raises::
     step = jaxce.checked.raising(jax.jit(train_step))  # train_step calls
     step(params, batch)                  # jaxce.checked.cross_entropy(...)
 
-Called under plain `jax.jit` without checkify, a check raises JAX's
-"Cannot abstractly evaluate a checkify.check which was not functionalized".
+Called eagerly (no `jax.jit`), a failed check raises at once. Called under
+`jax.jit` (or another staging transformation) without checkify, they raise a
+``ValueError`` that says to wrap the function with :func:`raising`.
+
+Labels are compared with the same rule as the plain losses: as integers,
+whatever their dtype (a uint8 156 is never ``ignore_index=-100``), and, inside
+`shard_map` with `class_axis_name`, against the global number of classes.
+The error names the first bad label and its flat (row-major) position; under
+`jax.vmap` the position counts over the whole batched labels, mapped axes
+first.
+
+`jax.eval_shape` traces like `jax.jit`, so it needs the wrapper too (or the
+plain losses). With x64 disabled, `jax.jit` itself truncates host (numpy)
+int64 / uint64 arguments to 32 bits before jaxce sees them; eager calls map
+them exactly.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import checkify
 
-from jaxce import _cross_entropy
+from jaxce import _checks, _cross_entropy, _linear, _optax
 
-__all__ = ["check_labels", "cross_entropy", "nll_loss", "raising"]
+__all__ = [
+    "check_labels",
+    "cross_entropy",
+    "linear_cross_entropy",
+    "nll_loss",
+    "raising",
+    "softmax_cross_entropy_with_integer_labels",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def check_labels(labels, num_classes: int, ignore_index: int | None = -100) -> None:
-  """Adds a checkify check that every label is in [0, num_classes) or ignored.
+def check_labels(
+    labels: jax.typing.ArrayLike,
+    num_classes: int,
+    ignore_index: int | jax.typing.ArrayLike | None = -100,
+    *,
+    fn: str = "check_labels",
+) -> None:
+  """Adds a checkify check that every label is in [0, num_classes) or equals
+  `ignore_index` (compared as integers, without wrap-around).
 
-  The error message names the first bad label value and its flat position.
+  The error message names the first bad label value and its flat position
+  (under `jax.vmap`: its position in the whole batched labels, mapped axes
+  first).
+
+  Args:
+    labels: Integer labels of any shape and integer dtype.
+    num_classes: The number of classes (over all devices in `shard_map`).
+    ignore_index: The label value that is skipped, or None.
+    fn: The function named in the error message.
   """
-  labels = jnp.asarray(labels)
-  bad = (labels < 0) | (labels >= num_classes)
-  if ignore_index is not None:
-    bad = bad & (labels != ignore_index)
-  first = jnp.argmax(bad.ravel()) if labels.size else 0
-  checkify.check(
-      ~jnp.any(bad),
-      "jaxce: label {value} at flat position {position} is outside [0, "
-      f"{num_classes}) and is not ignore_index={ignore_index}.",
-      value=labels.ravel()[first] if labels.size else 0,
-      position=first,
-  )
+  safe, _ = _checks.class_labels(fn, labels, num_classes, ignore_index)
+  bad = safe == _checks.OUT_OF_RANGE
+  ignored = "" if ignore_index is None else " and is not ignore_index"
+  if isinstance(ignore_index, (int, np.integer)):
+    ignored += f"={int(ignore_index)}"
+  message = f"jaxce.checked.{fn}: label {{value}} at flat position {{position}}"
+  message += f" is outside [0, {num_classes}){ignored}."
+  if isinstance(labels, np.ndarray) and jax.dtypes.canonicalize_dtype(labels.dtype) != labels.dtype:
+    # Host labels JAX would truncate: report the value from the host copy.
+    flat_bad = np.asarray(bad).ravel()
+    position = int(np.argmax(flat_bad)) if flat_bad.size else 0
+    value = labels.ravel()[position] if flat_bad.size else 0
+    _check(~jnp.any(bad), message.format(value=value, position=position), fn)
+    return
+  position, value = _first_bad(bad, jnp.asarray(labels))
+  _check(~jnp.any(bad), message, fn, value=value, position=position)
 
 
-def _num_classes(logits, axis: int) -> int:
-  return jnp.shape(logits)[axis]
+def _check(ok: jax.Array, message: str, fn: str, **values: Any) -> None:
+  if _staged_without_checkify():
+    raise ValueError(
+        f"jaxce.checked.{fn} checks its labels with jax.experimental.checkify, and is"
+        " being traced by jax.jit (or another staging transformation) that checkify"
+        " does not wrap, so the check could not run. Wrap the jitted function:"
+        " `jaxce.checked.raising(jax.jit(f))(...)` raises on bad labels, and"
+        " `jax.experimental.checkify.checkify(jax.jit(f))(...)` returns the error as"
+        " a value; or call the unchecked `jaxce` loss, which gives NaN at bad labels."
+    )
+  checkify.check(ok, message, **values)
 
 
-@functools.wraps(_cross_entropy.cross_entropy)
-def cross_entropy(logits, labels, **kwargs):
-  labels = jnp.asarray(labels)
-  if jnp.issubdtype(labels.dtype, jnp.integer):
-    check_labels(labels, _num_classes(logits, kwargs.get("axis", -1)),
-                 kwargs.get("ignore_index", -100))
-  return _cross_entropy.cross_entropy(logits, labels, **kwargs)
+# Staging traces known to keep a link to the trace they run under. Others
+# (shard_map, custom_vjp, ...) start a fresh chain: above them, checkify may
+# or may not be, so the check is left to JAX.
+_LINKED = frozenset({"jit", "scan", "cond", "switch", "while_body", "while_cond", "fori_loop",
+                     "checkpoint / remat"})
 
 
-@functools.wraps(_cross_entropy.nll_loss)
-def nll_loss(log_probs, labels, **kwargs):
-  check_labels(labels, _num_classes(log_probs, kwargs.get("axis", -1)),
-               kwargs.get("ignore_index", -100))
-  return _cross_entropy.nll_loss(log_probs, labels, **kwargs)
+def _staged_without_checkify() -> bool:
+  """Whether the current trace stages out code (jit, scan, ...) that surely
+  has no checkify around it, where JAX would later fail to lower the check
+  with "Cannot abstractly evaluate a checkify.check which was not
+  functionalized". This reads JAX's trace chain, which is not public API:
+  when unsure, or if that changes, it answers False and JAX's own error
+  stays."""
+  try:
+    from jax._src import core
+
+    trace, staged = core.trace_ctx.trace, False
+    while trace is not None:
+      debug_info = getattr(getattr(trace, "frame", None), "debug_info", None)
+      traced_for = getattr(debug_info, "traced_for", None)
+      if traced_for == "checkify":
+        return False
+      if debug_info is not None:
+        if traced_for not in _LINKED:
+          return False
+        staged = True
+      trace = getattr(trace, "parent_trace", None)
+    return staged
+  except Exception:
+    return False
 
 
-def raising(fn):
+@jax.custom_batching.custom_vmap
+def _first_bad(bad: jax.Array, values: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(flat position, value) of the first true entry of `bad` (0s if none).
+
+  Under `jax.vmap` the batched arrays are searched whole, mapped axes first,
+  so the position is not the one within a single example."""
+  flat = bad.ravel()
+  if not flat.size:
+    return jnp.zeros((), jnp.int32), jnp.zeros((), values.dtype)
+  position = jnp.argmax(flat).astype(jnp.int32)
+  return position, values.ravel()[position]
+
+
+@_first_bad.def_vmap
+def _first_bad_vmap(axis_size, in_batched, bad, values):
+  bad, values = (
+      x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+      for x, batched in zip((bad, values), in_batched, strict=True))
+  return _first_bad(bad, values), (False, False)
+
+
+def _forward(loss: F) -> Callable[[F], F]:
+  """functools.wraps, keeping the wrapper's own __module__ for doctest."""
+
+  def wrap(wrapper: F) -> F:
+    wrapped = functools.wraps(loss)(wrapper)
+    wrapped.__module__ = __name__
+    return wrapped
+
+  return wrap
+
+
+@_forward(_cross_entropy.cross_entropy)
+def cross_entropy(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
+                  **kwargs: Any) -> jax.Array:
+  loss = _cross_entropy.cross_entropy(logits, labels, **kwargs)
+  labels_dtype = labels.dtype if hasattr(labels, "dtype") else jnp.asarray(labels).dtype
+  if jnp.issubdtype(labels_dtype, jnp.integer):
+    axis = kwargs.get("axis", -1)
+    num_classes = _checks.global_classes(
+        jnp.shape(logits)[axis], kwargs.get("class_axis_name"))
+    check_labels(labels, num_classes, kwargs.get("ignore_index", -100), fn="cross_entropy")
+  return loss
+
+
+@_forward(_cross_entropy.nll_loss)
+def nll_loss(log_probs: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
+             **kwargs: Any) -> jax.Array:
+  loss = _cross_entropy.nll_loss(log_probs, labels, **kwargs)
+  num_classes = _checks.global_classes(
+      jnp.shape(log_probs)[kwargs.get("axis", -1)], kwargs.get("class_axis_name"))
+  check_labels(labels, num_classes, kwargs.get("ignore_index", -100), fn="nll_loss")
+  return loss
+
+
+@_forward(_linear.linear_cross_entropy)
+def linear_cross_entropy(x: jax.typing.ArrayLike, kernel: jax.typing.ArrayLike,
+                         labels: jax.typing.ArrayLike, **kwargs: Any) -> jax.Array:
+  loss = _linear.linear_cross_entropy(x, kernel, labels, **kwargs)
+  num_classes = _checks.global_classes(jnp.shape(kernel)[1], kwargs.get("class_axis_name"))
+  check_labels(labels, num_classes, kwargs.get("ignore_index", -100),
+               fn="linear_cross_entropy")
+  return loss
+
+
+@_forward(_optax.softmax_cross_entropy_with_integer_labels)
+def softmax_cross_entropy_with_integer_labels(
+    logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
+    axis: int | tuple[int, ...] = -1, where: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
+  loss = _optax.softmax_cross_entropy_with_integer_labels(logits, labels, axis, where)
+  axes = axis if isinstance(axis, tuple) else (axis,)
+  num_classes = math.prod(jnp.shape(logits)[a] for a in axes)
+  check_labels(labels, num_classes, None, fn="softmax_cross_entropy_with_integer_labels")
+  return loss
+
+
+def raising(fn: F) -> F:
   """Wraps `fn` (jitted or not) so that failed label checks raise.
 
   Returns a function with `fn`'s signature that runs it under
   :func:`checkify.checkify` and raises ``JaxRuntimeError`` naming the bad label
   if a check failed.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jaxce
+    >>> loss = jaxce.checked.raising(jax.jit(jaxce.checked.cross_entropy))
+    >>> print(loss(jnp.zeros((2, 3)), jnp.array([0, -100])))
+    1.0986123
+    >>> loss(jnp.zeros((2, 3)), jnp.array([0, 3]))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    jax...JaxRuntimeError: jaxce.checked.cross_entropy: label 3 at flat position 1 is outside...
   """
 
   @functools.wraps(fn)
-  def wrapper(*args, **kwargs):
+  def wrapper(*args: Any, **kwargs: Any) -> Any:
     err, out = checkify.checkify(fn)(*args, **kwargs)
     err.throw()
     return out
 
-  return wrapper
-
+  return wrapper  # type: ignore[return-value]

@@ -191,7 +191,33 @@ CASES = {
     "logsumexp_axis": (
         lambda x: jaxce.logsumexp(x, axis=-5), (_x(),), ValueError, ["axis", "-5"]),
     "ce_scalar_logits": (
-        lambda x, y: CE(x, y), (jnp.float32(1.0), jnp.int32(0)), ValueError, ["axis"]),
+        lambda x, y: CE(x, y), (jnp.float32(1.0), jnp.int32(0)), ValueError,
+        ["logits", "0-d", "rank 0"]),
+    "nll_scalar_log_probs": (
+        lambda x, y: NLL(x, y), (jnp.float32(1.0), jnp.int32(0)), ValueError,
+        ["log_probs", "rank 0"]),
+    "ce_axis_bool": (
+        lambda x, y: CE(x, y, axis=True), (_x(), _y()), TypeError, ["axis", "bool"]),
+    "nll_axis_bool": (
+        lambda x, y: NLL(x, y, axis=False), (_x(), _y()), TypeError, ["axis", "bool"]),
+    "drop_in_axis_bool": (
+        lambda x, y: jaxce.softmax_cross_entropy_with_integer_labels(x, y, axis=True),
+        (_x(), _y()), TypeError, ["axis", "bool"]),
+    # a 1-D where with the classes on axis 1 (weight's rule would differ)
+    "ce_where_1d_axis1": (
+        lambda x, m: CE(x, _y((2, C)), axis=1, where=m), (_x((2, C, C)), jnp.ones(C, bool)),
+        ValueError, ["where", "(5,)", "class axis 1", "where[:, None]"]),
+    "ce_probs_where_1d_axis0": (
+        lambda x, m: CE(x, jnp.full((C, N), 0.2), axis=0, where=m), (_x((C, N)),
+                                                                     jnp.ones(N, bool)),
+        ValueError, ["where", "(4,)", "class axis 0", "where[:, None]"]),
+    # PyTorch's (N, C, H, W) layout without axis=1: the message suggests it
+    "ce_torch_layout_hint": (
+        lambda x, y: CE(x, y), (_x((2, C, 3, 4)), _y((2, 3, 4))), ValueError,
+        ["labels", "(2, 5, 3)", "(2, 3, 4)", "axis=1"]),
+    "nll_torch_layout_hint": (
+        lambda x, y: NLL(x, y), (_x((2, C, 3)), _y((2, 3))), ValueError,
+        ["labels", "(2, 5)", "(2, 3)", "axis=1"]),
 }
 
 
@@ -337,9 +363,14 @@ def test_checked_eager_raises_and_plain_jit_refuses():
   x, bad = _x(), jnp.asarray([0, 1, 7, 2], jnp.int32)
   with pytest.raises(checkify.JaxRuntimeError, match="label 7"):
     jaxce.checked.cross_entropy(x, bad)
-  # Documented: without checkify, a staged check is refused.
-  with pytest.raises(ValueError, match="not functionalized"):
-    jax.jit(jaxce.checked.cross_entropy)(x, bad)
+  # Without checkify, a staged check is refused at trace time, saying what to
+  # do instead (not JAX's "not functionalized" at lowering).
+  for f in (jax.jit(jaxce.checked.cross_entropy),
+            jax.jit(lambda x, y: jax.lax.map(lambda y: jaxce.checked.cross_entropy(x, y),
+                                             y[None]))):
+    with pytest.raises(ValueError, match=r"jaxce.checked.raising\(jax.jit\(f\)\)") as info:
+      f(x, bad)
+    assert "not functionalized" not in str(info.value)
 
 
 def test_check_labels_under_checkify():
@@ -351,3 +382,87 @@ def test_check_labels_under_checkify():
   assert err.get() is None
   err, _ = checkify.checkify(jax.jit(f))(jnp.asarray([[0, 2], [-100, 1]], jnp.int32))
   assert "label -100 at flat position 2" in err.get()
+
+
+def test_checked_empty_batch():
+  f = jaxce.checked.raising(jax.jit(jaxce.checked.cross_entropy))
+  assert float(f(jnp.zeros((0, C), jnp.float32), jnp.zeros((0,), jnp.int32))) == 0.0
+  g = jaxce.checked.raising(jaxce.checked.nll_loss)
+  assert g(jnp.zeros((0, C), jnp.float32), jnp.zeros((0,), jnp.uint8), reduction="none").shape \
+      == (0,)
+
+
+def test_checked_position_under_vmap_counts_over_the_batch():
+  """Under vmap the flat position is over the whole batched labels (mapped
+  axes first), so it names the example too; nested vmaps as well."""
+  f = jaxce.checked.raising(jax.jit(jax.vmap(jaxce.checked.cross_entropy)))
+  x = jnp.zeros((3, 4, C), jnp.float32)
+  y = jnp.zeros((3, 4), jnp.int32).at[2, 1].set(9)
+  with pytest.raises(checkify.JaxRuntimeError, match=r"label 9 at flat position 9 "):
+    f(x, y)
+  g = jaxce.checked.raising(jax.vmap(jax.vmap(jaxce.checked.cross_entropy)))
+  with pytest.raises(checkify.JaxRuntimeError, match=r"label 9 at flat position 9 "):
+    g(x.reshape(3, 1, 4, C), y.reshape(3, 1, 4))
+  # in_axes=1: the mapped axis counts first, so y.T[1, 2] is 2 * 4 + 1 again
+  h = jaxce.checked.raising(jax.vmap(jaxce.checked.cross_entropy, in_axes=(0, 1)))
+  with pytest.raises(checkify.JaxRuntimeError, match=r"label 9 at flat position 9 "):
+    h(x, y.T)
+
+
+def test_checked_linear_and_drop_in():
+  x, k = jnp.ones((3, 2), jnp.float32), jnp.ones((2, 7), jnp.float32)
+  lin = jaxce.checked.raising(jax.jit(jaxce.checked.linear_cross_entropy))
+  np.testing.assert_allclose(lin(x, k, jnp.asarray([0, 6, -100])), np.log(7), rtol=1e-6)
+  with pytest.raises(checkify.JaxRuntimeError, match=r"linear_cross_entropy: label 7 at flat"):
+    lin(x, k, jnp.asarray([0, 7, 1], jnp.int8))
+  drop = jaxce.checked.raising(
+      jax.jit(jaxce.checked.softmax_cross_entropy_with_integer_labels, static_argnums=2))
+  logits = jnp.zeros((2, 3, 4), jnp.float32)
+  np.testing.assert_allclose(drop(logits, jnp.asarray([11, 0]), (2, 1)), [np.log(12)] * 2,
+                             rtol=1e-6)
+  # no ignore_index in optax's loss: -100 is out of range
+  with pytest.raises(checkify.JaxRuntimeError, match=r"label -100 at flat position 1 is"
+                     r" outside \[0, 12\)\."):
+    drop(logits, jnp.asarray([11, -100]), (2, 1))
+
+
+def test_checked_shard_map_uses_the_global_class_count():
+  from jax.sharding import PartitionSpec as P
+
+  mesh = jax.make_mesh((4,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+  logits = jnp.asarray(np.random.default_rng(0).normal(size=(3, 8)), jnp.float32)
+
+  @jax.jit
+  def loss(x, y):
+    return jax.shard_map(
+        lambda x, y: jaxce.checked.cross_entropy(x, y, class_axis_name="model"),
+        mesh=mesh, in_specs=(P(None, "model"), P()), out_specs=P())(x, y)
+
+  f = jaxce.checked.raising(loss)
+  y = jnp.asarray([7, 0, 5], jnp.int32)  # global classes: device 3 holds 6 and 7
+  np.testing.assert_allclose(f(logits, y), CE(logits, y), rtol=1e-6)
+  with pytest.raises(checkify.JaxRuntimeError, match=r"label 8 at flat position 0 is outside"
+                     r" \[0, 8\)"):
+    f(logits, y.at[0].set(8))
+
+
+def test_checked_narrow_dtypes_and_wrap_values():
+  f = jaxce.checked.raising(jax.jit(jaxce.checked.cross_entropy))
+  x = jnp.zeros((2, 300), jnp.float32)
+  np.testing.assert_allclose(f(x, jnp.asarray([156, 255], jnp.uint8)), np.log(300), rtol=1e-6)
+  with pytest.raises(checkify.JaxRuntimeError, match="label 4294967196 at flat position 1"):
+    f(x, jnp.asarray([1, 4294967196], jnp.uint32))
+
+
+def test_no_axis1_hint_when_it_would_not_help():
+  with pytest.raises(ValueError, match="labels") as info:
+    CE(_x((2, C, 3)), _y((2, 4)))
+  assert "axis=1" not in str(info.value)
+
+
+def test_where_1d_on_the_last_axis_still_broadcasts():
+  """The 1-D where rule only refuses the ambiguous case."""
+  x = _x((2, 3, C))
+  m = jnp.asarray([True, False, True, True, False])
+  np.testing.assert_allclose(CE(x, _y((2, 3)), where=m),
+                             CE(x, _y((2, 3)), where=jnp.broadcast_to(m, x.shape)), rtol=1e-6)

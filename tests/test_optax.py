@@ -125,6 +125,14 @@ CASES = [
          lambda r: (_normal(r, (N, 3, 4)), r.integers(0, 12, N).astype(np.int32)),
          lambda x, y: jaxce.softmax_cross_entropy_with_integer_labels(x, y, axis=(1, 2)),
          lambda x, y: optax.softmax_cross_entropy_with_integer_labels(x, y, axis=(1, 2))),
+    Case("sce-int-tuple-axis-reversed",
+         lambda r: (_normal(r, (N, 3, 4)), r.integers(0, 12, N).astype(np.int32)),
+         lambda x, y: jaxce.softmax_cross_entropy_with_integer_labels(x, y, axis=(2, 1)),
+         lambda x, y: optax.softmax_cross_entropy_with_integer_labels(x, y, axis=(2, 1))),
+    Case("sce-int-tuple-axis-negative",
+         lambda r: (_normal(r, (3, N, 4)), r.integers(0, 12, N).astype(np.int32)),
+         lambda x, y: jaxce.softmax_cross_entropy_with_integer_labels(x, y, axis=(-1, 0)),
+         lambda x, y: optax.softmax_cross_entropy_with_integer_labels(x, y, axis=(-1, 0))),
     Case("sce-int-where-classes", _int_where_make, _sce_int_where(jaxce),
          _sce_int_where(optax)),
     Case("sce-int-where-batch",
@@ -402,3 +410,48 @@ def test_neg_inf_logits_with_zero_target_are_finite():
   assert np.isnan(float(theirs_inf))
   assert np.isfinite(float(ours[0]))
   chex.assert_trees_all_close(ours, masked, **TOL)
+
+
+def test_tuple_axis_keeps_optax_order():
+  """A tuple axis sets the flat class index in the order given (issue 10.3):
+  optax's own numbers for arange(24).reshape(1, 2, 3, 4) / 7."""
+  x = jnp.arange(24.0, dtype=jnp.float32).reshape(1, 2, 3, 4) / 7
+  y = jnp.asarray([[1, 5]], jnp.int32)
+  for axis, want in (((3, 2), [2.8179, 2.1036]), ((-1, -2), [2.8179, 2.1036]),
+                     ((2, 3), [3.2465, 2.6751])):
+    got = jaxce.softmax_cross_entropy_with_integer_labels(x, y, axis=axis)
+    np.testing.assert_allclose(got, [want], atol=1e-4)
+    np.testing.assert_allclose(
+        got, optax.softmax_cross_entropy_with_integer_labels(x, y, axis=axis), rtol=1e-6)
+    # a per-position where expands over the class axes, as in optax
+    w = jnp.asarray([[True, False]])
+    np.testing.assert_allclose(
+        jaxce.softmax_cross_entropy_with_integer_labels(x, y, axis=axis, where=w),
+        optax.softmax_cross_entropy_with_integer_labels(x, y, axis=axis, where=w), rtol=1e-6)
+
+
+@pytest.mark.parametrize("axis", [(2, 2), (3, -1), (2, 3, 2)])
+def test_repeated_axes_raise_like_optax(axis):
+  """optax raises TypeError (integer labels: a transpose with a repeated axis)
+  and ValueError (probabilities: "duplicate value in 'axis'"); so do the
+  drop-ins, naming the argument."""
+  x = jnp.arange(24.0, dtype=jnp.float32).reshape(1, 2, 3, 4)
+  y = jnp.zeros((1, 2), jnp.int32)
+  t = jnp.full(x.shape, 1 / 12, jnp.float32)
+  for module in (optax, jaxce):
+    with pytest.raises(TypeError):
+      module.softmax_cross_entropy_with_integer_labels(x, y, axis=axis)
+    with pytest.raises(ValueError):  # noqa: PT011 -- optax's message is its own
+      module.softmax_cross_entropy(x, t, axis=axis)
+  with pytest.raises(TypeError, match="`axis` repeats an axis"):
+    jaxce.softmax_cross_entropy_with_integer_labels(x, y, axis=axis)
+
+
+def test_where_errors_show_the_callers_shapes():
+  x = jnp.zeros((10, 5), jnp.float32)
+  y = jnp.zeros((10,), jnp.int32)
+  for f, labels in ((jaxce.softmax_cross_entropy_with_integer_labels, y),
+                    (jaxce.softmax_cross_entropy, x)):
+    with pytest.raises(ValueError, match=r"\(10, 5\).*\(10,\).*Got \(9,\)") as info:
+      f(x, labels, where=jnp.ones((9,), bool))
+    assert "(10, 1)" not in str(info.value)
