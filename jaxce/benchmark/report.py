@@ -116,7 +116,7 @@ def _header(meta) -> list[str]:
 
 
 def markdown(rows, meta) -> str:
-  from benchmarks.cases import CASES
+  from jaxce.benchmark.cases import CASES
 
   lines = _header(meta)
   for (case, dtype), group in _grouped(rows).items():
