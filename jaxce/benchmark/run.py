@@ -1,12 +1,14 @@
-"""Benchmark jaxce against optax and naive JAX baselines.
+"""Benchmark jaxce against optax, jax.nn and naive JAX.
 
-    python benchmarks/run.py             # default sweep (4-8 min on 2 shared CPU cores)
-    python benchmarks/run.py --quick     # smoke run (under 2 min on 2 CPU cores)
-    python benchmarks/run.py --help
+    python -m jaxce.benchmark --quick    # smoke run first (see the README for its time)
+    python -m jaxce.benchmark            # the default sweep
+    python -m jaxce.benchmark --help
 
-Runs on whatever backend JAX finds (CPU, GPU, TPU) with no code change.
+(`jaxce-benchmark` and, in the repository, `python benchmarks/run.py` are the
+same.) Runs on whatever backend JAX finds (CPU, GPU, TPU) with no code change.
 Writes a markdown table to stdout, and results.json, results.md and PNG plots
-under --out. See benchmarks/README.md for what every column means.
+under --out. Every ratio is jaxce / peer: below 1, jaxce is faster (or uses
+less memory). See benchmarks/README.md for what every column means.
 """
 
 from __future__ import annotations
@@ -27,17 +29,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxce.benchmark import measure, report
-from jaxce.benchmark.cases import BYTES_MODEL, CASES, IMPL_NOTES, Case, Shape
+from jaxce.benchmark.cases import BYTES_MODEL, CASES, IMPL_NOTES, SWEEPS, Case, Shape
 
 REF_ROWS = 64  # rows (and dkernel columns) of the float64 gradient reference
 
+# The LM vocabularies users run (Llama 2, GPT-2, Llama 3, Qwen 2, Gemma) and
+# the powers of two of the earlier grid.
+LM_VOCABS = "32000,50257,128256,151936,256000"
 DEFAULTS = {
-    "cases": ",".join(CASES),
+    "cases": None,  # every case (each in the sweeps it belongs to)
     "dtypes": "float32,bfloat16",
-    "classes": "1024,4096,16384,65536,262144",
-    "tokens": "64,256,1024",
+    "classes": "1024,4096,16384,32000,50257,65536,128256,151936,256000,262144",
+    "tokens": "64,256,1024,4096,16384",
+    "image_shapes": "65536x10,65536x100,16384x1000",
     "fixed_tokens": 64,
-    "fixed_classes": 16384,
+    "fixed_classes": 1024,
     "hidden": 128,
     "max_elements": 2**24,
     "ref_max_elements": 2**25,
@@ -45,10 +51,10 @@ DEFAULTS = {
     "warmup": 1,
 }
 QUICK = {
-    "classes": "1024,8192",
-    "tokens": "64",  # the class sweep's N: no extra shape (compiles dominate --quick)
-    "fixed_tokens": 64,
-    "fixed_classes": 8192,
+    "classes": "1024,32000",
+    "tokens": "64",  # the class sweep's first point: no extra shape (compiles dominate)
+    "image_shapes": "4096x10",
+    "fixed_classes": 1024,
     "hidden": 64,
     "repeats": 3,
     "warmup": 0,
@@ -56,65 +62,80 @@ QUICK = {
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def _default(key: str) -> str:
+  """ "(default: x)" or "(default: x; --quick: y)" for a flag's help."""
+  d = DEFAULTS[key]
+  if key in ("max_elements", "ref_max_elements"):
+    d = f"2^{int(d).bit_length() - 1}"
+  q = f"; --quick: {QUICK[key]}" if key in QUICK and QUICK[key] != DEFAULTS[key] else ""
+  return f"(default: {d}{q})"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(
+      prog="python -m jaxce.benchmark",
       description=(
-          "Benchmark jaxce's losses against optax and naive JAX: median forward and"
-          " forward+backward (jax.value_and_grad) time over interleaved repeats,"
-          " compiled temp memory, achieved bytes/s against a copy measured in the same"
-          " run, and max abs error against a float64 NumPy reference. Two sweeps: the"
-          " class counts of --classes at --fixed-tokens tokens, and the token counts of"
-          " --tokens at --fixed-classes classes."
+          "Benchmark jaxce's losses against optax, jax.nn and naive JAX: median forward and"
+          " forward+backward (jax.value_and_grad) time over interleaved rounds, the"
+          " same-round ratio jaxce/peer (< 1: jaxce is faster) with its spread, compiled"
+          " temp memory, achieved bytes/s against a copy measured in the same run, and max"
+          " abs error against a float64 NumPy reference. Three sweeps: the class counts of"
+          " --classes at --fixed-tokens tokens, the token counts of --tokens at"
+          " --fixed-classes classes, and the N x C pairs of --image-shapes (where the"
+          " (N, C, H, W) layout with axis=1 is also measured)."
       ),
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
-  d = DEFAULTS
   p.add_argument("--cases", default=None,
                  help=f"comma list of cases, from: {', '.join(CASES)} (default: all)")
   p.add_argument("--dtypes", default=None,
                  help=f"comma list of logits dtypes, from: {', '.join(DTYPES)}"
-                      f" (default: {d['dtypes']})")
+                      f" {_default('dtypes')}")
   p.add_argument("--classes", default=None,
-                 help=f"comma list of class counts C (vocabulary V for linear_ce) of the"
-                      f" class sweep (default: {d['classes']}; --quick: {QUICK['classes']})")
+                 help="comma list of class counts C (vocabulary V for linear_ce) of the"
+                      f" class sweep; LM vocabularies: {LM_VOCABS} {_default('classes')}")
   p.add_argument("--tokens", default=None,
-                 help=f"comma list of token counts N of the token sweep (default:"
-                      f" {d['tokens']}; --quick: {QUICK['tokens']})")
+                 help=f"comma list of token counts N of the token sweep {_default('tokens')}")
+  p.add_argument("--image-shapes", default=None,
+                 help="comma list of NxC pairs of the image sweep (N examples, or positions"
+                      " of the (N/256, C, 16, 16) layout); '' for none"
+                      f" {_default('image_shapes')}")
   p.add_argument("--fixed-tokens", type=int, default=None,
-                 help=f"N used by the class sweep (default: {d['fixed_tokens']})")
+                 help=f"N used by the class sweep {_default('fixed_tokens')}")
   p.add_argument("--fixed-classes", type=int, default=None,
-                 help=f"C used by the token sweep (default: {d['fixed_classes']};"
-                      f" --quick: {QUICK['fixed_classes']})")
+                 help=f"C used by the token sweep {_default('fixed_classes')}")
   p.add_argument("--hidden", type=int, default=None,
-                 help=f"hidden size D of linear_ce's x [N, D] and kernel [D, V] (default:"
-                      f" {d['hidden']}; --quick: {QUICK['hidden']})")
+                 help="hidden size D of linear_ce's x [N, D] and kernel [D, V]"
+                      f" {_default('hidden')}")
   p.add_argument("--max-elements", type=int, default=None,
-                 help=f"cap on N*C (N*V for linear_ce): a point above it runs with N"
-                      f" lowered to cap // C (default: {d['max_elements']}, i.e. 64 MiB of"
-                      f" float32 logits)")
+                 help="cap on N*C (N*V for linear_ce): a point above it runs with N lowered"
+                      f" to cap // C {_default('max_elements')}, i.e. 64 MiB of float32"
+                      " logits")
   p.add_argument("--ref-max-elements", type=int, default=None,
-                 help=f"largest N*C (linear_ce: N*V*D/128) whose errors are checked on the"
-                      f" full inputs; above it the implementations are run once more on the"
+                 help="largest N*C (linear_ce: N*V*D/128) whose errors are checked on the"
+                      " full inputs; above it the implementations are run once more on the"
                       f" first {REF_ROWS} rows and checked there, to bound the host float64"
-                      f" reference's time (default: {d['ref_max_elements']})")
+                      f" reference's time {_default('ref_max_elements')}")
   p.add_argument("--repeats", type=int, default=None,
-                 help=f"timed rounds; each round runs every implementation once, in"
-                      f" rotating order (default: {d['repeats']}; --quick: {QUICK['repeats']})")
+                 help="timed rounds; each round runs every implementation once, in rotating"
+                      f" order {_default('repeats')}")
   p.add_argument("--warmup", type=int, default=None,
-                 help=f"untimed rounds before the timed ones, after one untimed checked call"
-                      f" of each (default: {d['warmup']}; --quick: {QUICK['warmup']})")
+                 help="untimed rounds before the timed ones, after one untimed checked call"
+                      f" of each {_default('warmup')}")
   p.add_argument("--out", default="bench-results",
-                 help="output folder for results.json, results.md and the PNG plots")
+                 help="output folder for results.json, results.md and the PNG plots"
+                      " (default: bench-results)")
   p.add_argument("--quick", action="store_true",
-                 help="small sizes and few repeats (under 2 minutes on 2 CPU cores); flags"
-                      " given explicitly still win")
+                 help="few small shapes and repeats, a smoke run; flags given explicitly"
+                      " still win")
   p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-  p.add_argument("--seed", type=int, default=0, help="PRNG seed of the inputs")
+  p.add_argument("--seed", type=int, default=0, help="PRNG seed of the inputs (default: 0)")
   args = p.parse_args(argv)
   preset = {**DEFAULTS, **(QUICK if args.quick else {})}
   for key, value in preset.items():
     if getattr(args, key) is None:
       setattr(args, key, value)
+  if args.cases is None:
+    args.cases = ",".join(CASES)
   if args.repeats < 1 or args.warmup < 0:
     p.error("--repeats must be >= 1 and --warmup >= 0")
   for flag in ("fixed_tokens", "fixed_classes", "hidden", "max_elements", "ref_max_elements"):
@@ -133,8 +154,23 @@ def _int_list(text: str, flag: str) -> list[int]:
   return values
 
 
+def _pairs(text: str, flag: str) -> list[tuple[int, int]]:
+  out = []
+  for item in (v.strip() for v in text.split(",")):
+    if not item:
+      continue
+    try:
+      n, c = (int(v) for v in item.lower().split("x"))
+    except ValueError:
+      sys.exit(f"{flag}: expected a comma list of NxC pairs such as 65536x10, got {text!r}")
+    if min(n, c) < 1:
+      sys.exit(f"{flag}: expected positive N and C, got {item!r}")
+    out.append((n, c))
+  return out
+
+
 def plan(args) -> tuple[list[tuple[Case, str, Shape, tuple[str, ...]]], list[str]]:
-  """Every (case, dtype, shape, sweeps) to run, and notes on capped shapes."""
+  """Every (case, dtype, shape, sweeps) to run, and notes on adjusted shapes."""
   names = [c.strip() for c in args.cases.split(",") if c.strip()]
   unknown = [c for c in names if c not in CASES]
   if unknown:
@@ -143,28 +179,35 @@ def plan(args) -> tuple[list[tuple[Case, str, Shape, tuple[str, ...]]], list[str
   bad = [t for t in dtypes if t not in DTYPES]
   if bad:
     sys.exit(f"--dtypes: unknown {bad}; choose from {list(DTYPES)}")
-  classes = _int_list(args.classes, "--classes")
-  tokens = _int_list(args.tokens, "--tokens")
+  wanted = {
+      "classes": [(args.fixed_tokens, c) for c in _int_list(args.classes, "--classes")],
+      "tokens": [(n, args.fixed_classes) for n in _int_list(args.tokens, "--tokens")],
+      "image": _pairs(args.image_shapes, "--image-shapes"),
+  }
   notes: list[str] = []
 
-  def capped(n, c, sweep):
-    if n * c > args.max_elements:
+  def adjusted(case: Case, n: int, c: int, sweep: str) -> int:
+    n2 = n
+    if n2 * c > args.max_elements:
       n2 = max(1, args.max_elements // c)
       notes.append(f"{sweep} sweep: N={n} C={c} exceeds --max-elements"
                    f" {args.max_elements}; runs with N={n2}")
-      return n2
-    return n
+    per = case.positions_per_row
+    if n2 % per:
+      n3 = max(per, n2 // per * per)
+      notes.append(f"{case.name}: N={n2} is not a multiple of {per} positions per image;"
+                   f" runs with N={n3}")
+      n2 = n3
+    return n2
 
-  points: dict[tuple[int, int], set[str]] = {}
-  for c in classes:
-    points.setdefault((capped(args.fixed_tokens, c, "class"), c), set()).add("classes")
-  for n in tokens:
-    c = args.fixed_classes
-    points.setdefault((capped(n, c, "token"), c), set()).add("tokens")
-  ordered = sorted(points.items(), key=lambda kv: (kv[0][0] * kv[0][1], kv[0]))
   configs = []
   for name in names:
     case = CASES[name]
+    points: dict[tuple[int, int], set[str]] = {}
+    for sweep in case.sweeps:
+      for n, c in wanted[sweep]:
+        points.setdefault((adjusted(case, n, c, sweep), c), set()).add(sweep)
+    ordered = sorted(points.items(), key=lambda kv: (kv[0][0] * kv[0][1], kv[0]))
     for dt in dtypes:
       for (n, c), sweeps in ordered:
         d = args.hidden if name == "linear_ce" else None
@@ -284,14 +327,24 @@ def run_config(case: Case, dtype_name: str, shape: Shape, sweeps, args, copies, 
             "bytes_model": model[mode],
             "gbps": model[mode] / med / 1e9,
             "copy_fraction": None if copy is None else (model[mode] / med / 1e9) / copy["gbps"],
-            "ratio_vs_jaxce": None if base_ts is None else measure.paired_ratio(ts, base_ts),
-            "ratio_of_medians_vs_jaxce":
-                None if base_ts is None else med / measure.median(base_ts),
+            # jaxce / this implementation, same-round ratios (< 1: jaxce faster);
+            # None on jaxce's own row.
+            "jaxce_over": None if base_ts is None or impl.name == base
+            else measure.ratio_stats(base_ts, ts),
+            "jaxce_over_medians": None if base_ts is None or impl.name == base
+            else measure.median(base_ts) / med,
             "flops": fl,
             "gflops": None if fl is None else fl / med / 1e9,
         }
         row[mode] = m
     out_rows.append(row)
+  jaxce_row = out_rows[0]
+  for row in out_rows[1:]:  # compiled temp memory, jaxce / peer
+    for mode in ("fwd", "fwd_bwd"):
+      if mode in row and mode in jaxce_row:
+        mine, theirs = jaxce_row[mode]["temp_bytes"], row[mode]["temp_bytes"]
+        row[mode]["temp_jaxce_over"] = (
+            None if mine is None or not theirs else mine / theirs)
   return out_rows
 
 
@@ -314,6 +367,14 @@ def _git_commit() -> str | None:
     return None
 
 
+def _loadavg() -> list[float] | None:
+  """The 1, 5 and 15 minute load averages (None where the OS has none)."""
+  try:
+    return [round(v, 2) for v in os.getloadavg()]
+  except (AttributeError, OSError):
+    return None
+
+
 def environment(args, configs, notes) -> dict:
   dev = jax.devices()[0]
   return {
@@ -330,10 +391,13 @@ def environment(args, configs, notes) -> dict:
       "python_version": platform.python_version(),
       "platform": platform.platform(),
       "cpu_count": os.cpu_count(),
+      "loadavg_before": _loadavg(),
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "argv": sys.argv,
       "flags": {k: v for k, v in vars(args).items()},
       "shapes": sorted({(s.n, s.c) for _, _, s, _ in configs}),
+      "sweeps": {sweep: sorted({(s.n, s.c) for _, _, s, sw in configs if sweep in sw})
+                 for sweep in SWEEPS},
       "shape_notes": notes,
       "bytes_model": BYTES_MODEL,
       "impl_notes": IMPL_NOTES,
@@ -343,7 +407,9 @@ def environment(args, configs, notes) -> dict:
           f" then {args.warmup} untimed and {args.repeats} timed rounds, each running every"
           " implementation (fwd and fwd+bwd) and both copies once, in rotating order, each"
           " call followed by block_until_ready. median_s: median over the timed rounds;"
-          " ratio_vs_jaxce: median over rounds of t_impl / t_jaxce (same round)."
+          " jaxce_over (on each peer's row): the same-round ratios t_jaxce / t_peer, their"
+          " median, min, max and quartiles (< 1: jaxce is faster); temp_jaxce_over: compiled"
+          " temp bytes, jaxce / peer."
       ),
       "reference": (
           "float64 NumPy from the same rounded inputs. loss_abs_err: |loss - ref| with the"
@@ -372,8 +438,8 @@ def main(argv=None) -> int:
   meta = environment(args, configs, notes)
   for note in notes:
     print(f"note: {note}", file=sys.stderr)
-  print(f"jaxce benchmarks on {meta['backend']} ({meta['device_kind']} x"
-        f" {meta['device_count']}): {len(configs)} configurations", file=sys.stderr)
+  print(f"jaxce benchmarks on {report.device_label(meta)}: {len(configs)} configurations; load"
+        f" average {meta['loadavg_before']} on {meta['cpu_count']} cores", file=sys.stderr)
 
   from tqdm import tqdm  # the bench extra; imported only when the benchmark runs
 
@@ -389,6 +455,7 @@ def main(argv=None) -> int:
       rows.extend(run_config(case, dt, shape, sweeps, args, copies, phase))
       bar.update(1)
   meta["total_wall_s"] = time.perf_counter() - t_start
+  meta["loadavg_after"] = _loadavg()
 
   out = Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
