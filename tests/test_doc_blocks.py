@@ -47,8 +47,6 @@ KNOWN_FAILING = {
         "uses `jax`, `jaxce`, `x`, `kernel` and `labels` without defining them",
     ("README.md", "def local_loss(logits_slice, labels, weight_slice):"):
         "uses `jax`, `jaxce`, `logits`, `labels` and `weight` without defining them",
-    ("examples/README.md", "jaxce.linear_cross_entropy(h, kernel, labels, ignore_index=-100,"):
-        "fragment: `jaxce`, `h`, `kernel` and `labels` are never defined",
 }
 
 
