@@ -121,3 +121,26 @@ def test_help_prints_each_default_once(capsys):
                                          "fixed_tokens", "fixed_classes", "hidden",
                                          "max_elements", "ref_max_elements", "repeats",
                                          "warmup", "cases", "out", "seed"})
+
+
+@pytest.mark.slow
+def test_quick_run_as_a_user_runs_it(tmp_path):
+  """`python -m jaxce.benchmark --quick` in a fresh process: every case, both
+  dtypes, the plots; the table states the ratio convention."""
+  import os
+  import pathlib
+  import subprocess
+  import sys
+
+  pytest.importorskip("matplotlib")
+  root = pathlib.Path(__file__).resolve().parent.parent
+  env = {**os.environ, "PYTHONPATH": str(root), "XLA_FLAGS": ""}
+  proc = subprocess.run([sys.executable, "-m", "jaxce.benchmark", "--quick", "--out",
+                         str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path,
+                        timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "jaxce / peer" in proc.stdout
+  data = json.loads((tmp_path / "results.json").read_text())
+  assert not [r["error"] for r in data["results"] if r["error"]]
+  assert {r["case"] for r in data["results"]} == set(run.CASES)
+  assert (tmp_path / "ratio_bfloat16.png").stat().st_size > 0
