@@ -1,5 +1,5 @@
 """The repository's entry point of the acceptance figures; the code is
-`jaxce.benchmark.targets` (`python -m jaxce.benchmark.targets` does the same).
+`jaxce.benchmark.acceptance` (`python -m jaxce.benchmark.acceptance` does the same).
 `python benchmarks/targets.py --help`."""
 
 import pathlib
@@ -7,7 +7,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # this checkout's jaxce
 
-from jaxce.benchmark.targets import main
+from jaxce.benchmark.acceptance import main
 
 if __name__ == "__main__":
   main()

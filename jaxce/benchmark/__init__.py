@@ -1,7 +1,8 @@
-"""jaxce's benchmark, installed with the package: `python -m jaxce.benchmark --help`
-(or `jaxce-benchmark --help`) after `pip install "jaxce[bench]"`.
+"""jaxce's benchmarks, installed with the package (`pip install "jaxce[bench]"`).
 
-Modules: `run` (the sweep: times, compiled memory, errors), `targets` (the
-issues' acceptance figures), `cases`, `measure`, `report`. Nothing here is
-imported by `import jaxce`.
+- `python -m jaxce.benchmark` (or `jaxce-benchmark`): the sweep of `run`:
+  times, compiled memory and errors against optax / jax.nn / naive JAX.
+- `python -m jaxce.benchmark.acceptance`: the issues' acceptance figures.
+
+Nothing here is imported by `import jaxce`.
 """

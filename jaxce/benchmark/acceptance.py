@@ -1,6 +1,8 @@
 """The acceptance figures of the core and fused-linear issues, in one run.
 
-    python -m jaxce.benchmark.targets [--repeats 9] [--skip-speed] [--out FILE.json]
+    python -m jaxce.benchmark.acceptance [--repeats 9] [--skip-speed] [--out FILE.json]
+
+(in a clone, `python benchmarks/targets.py` is the same program).
 
 1. `jax.value_and_grad` of the mean integer-target `cross_entropy` on
    [4096, 32000] logits vs `optax.softmax_cross_entropy_with_integer_labels(...)
