@@ -356,8 +356,12 @@ def _version(pkg: str) -> str | None:
 
 
 def _git_commit() -> str | None:
+  """The commit of the checkout this jaxce comes from; None for an installed
+  wheel (its folder is no jaxce checkout, whatever repository holds it)."""
+  root = Path(__file__).resolve().parent.parent.parent
+  if not (root / "pyproject.toml").is_file() or not (root / "benchmarks").is_dir():
+    return None
   try:
-    root = Path(__file__).resolve().parent.parent
     commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
                             text=True, timeout=10, check=True).stdout.strip()
     dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "jaxce"],
