@@ -75,10 +75,25 @@ class Case:
   row_args: tuple[int, ...] = (0, 1)  # arguments with the N rows first (sliced for checks)
   # Host float64 work of the full reference, in units of logits elements.
   ref_work: Callable[[Shape], int] = lambda s: s.n * s.c
+  # The sweeps this case runs in (SWEEPS); linear_ce has no image shapes and
+  # the (N, C, H, W) layout no LM shapes.
+  sweeps: tuple[str, ...] = ("classes", "tokens", "image")
+  # Positions per image of the (N, C, H, W) layout: N must be a multiple.
+  positions_per_row: int = 1
+  head_fn: Callable[[tuple, int], tuple] | None = None
 
   def head(self, inputs: tuple, rows: int) -> tuple:
-    """The inputs restricted to their first `rows` rows."""
+    """The inputs restricted to (at least) their first `rows` rows."""
+    if self.head_fn is not None:
+      return self.head_fn(inputs, rows)
     return tuple(a[:rows] if i in self.row_args else a for i, a in enumerate(inputs))
+
+
+# The sweeps: "classes" (class counts at a fixed token count; LM vocabularies),
+# "tokens" (token counts at a fixed class count), "image" (N x C pairs of
+# image classification: few classes, many examples).
+SWEEPS = ("classes", "tokens", "image")
+IMAGE_HW = (16, 16)  # spatial size of the (N, C, H, W) case: N = batch * 16 * 16
 
 
 # Bytes model, stated in the output. S = N*C*itemsize (one logits-sized array),
@@ -88,6 +103,8 @@ class Case:
 BYTES_MODEL = {
     "ce_int": {"fwd": "S + L (read logits, labels)",
                "fwd_bwd": "2S + L (read logits and labels, write dlogits)"},
+    "ce_nchw": {"fwd": "S + L (read logits, labels)",
+                "fwd_bwd": "2S + L (read logits and labels, write dlogits)"},
     "ce_prob": {"fwd": "2S (read logits, targets)",
                 "fwd_bwd": "3S (read logits and targets, write dlogits)"},
     "nll": {"fwd": "L + N*itemsize (read labels and the N picked log-probs)",
@@ -145,6 +162,21 @@ def _x_cotangent(s: Shape, dtype, key):
   return _normal(k1, (s.n, s.c), dtype, 2.0), _normal(k2, (s.n, s.c), dtype)
 
 
+def _nchw_inputs(s: Shape, dtype, key):
+  """[B, C, H, W] logits and [B, H, W] labels with B * H * W = N positions."""
+  k1, k2 = jax.random.split(key)
+  b = s.n // (IMAGE_HW[0] * IMAGE_HW[1])
+  x = _normal(k1, (b, s.c, *IMAGE_HW), dtype, 2.0)
+  y = jax.random.randint(k2, (b, *IMAGE_HW), 0, s.c, jnp.int32)
+  return x, y
+
+
+def _nchw_head(inputs, rows):
+  x, y = inputs
+  b = -(-rows // (IMAGE_HW[0] * IMAGE_HW[1]))
+  return x[:b], y[:b]
+
+
 def _linear_inputs(s: Shape, dtype, key):
   k1, k2, k3 = jax.random.split(key, 3)
   x = _normal(k1, (s.n, s.d), dtype)
@@ -159,6 +191,11 @@ def _linear_inputs(s: Shape, dtype, key):
 def _naive_ce(logits, labels):
   log_probs = jax.nn.log_softmax(logits.astype(F32), axis=-1)
   return -jnp.take_along_axis(log_probs, labels[:, None], -1).mean()
+
+
+def _naive_ce_nchw(logits, labels):
+  log_probs = jax.nn.log_softmax(logits.astype(F32), axis=1)
+  return -jnp.take_along_axis(log_probs, labels[:, None], 1).mean()
 
 
 def _naive_nll(log_probs, labels):
@@ -217,6 +254,16 @@ def _ref_ce_int(inputs, rows):
   z = _f64(x[:rows])
   grad = (_softmax(z) - _one_hot(y[:rows], c)) / n
   return np.float64(total / n), (grad,)
+
+
+def _channels_last(x: np.ndarray) -> np.ndarray:
+  """[B, C, H, W] -> [B * H * W, C]: the positions as rows."""
+  return np.moveaxis(np.asarray(x), 1, -1).reshape(-1, x.shape[1])
+
+
+def _ref_ce_nchw(inputs, rows):
+  x, y = inputs
+  return _ref_ce_int((_channels_last(x), np.asarray(y).reshape(-1)), rows)
 
 
 def _ref_ce_prob(inputs, rows):
@@ -294,6 +341,10 @@ def _grad_rows_view(grads, rows):
   return (_f64(grads[:rows]),)
 
 
+def _nchw_grad_view(grads, rows):
+  return (_f64(_channels_last(np.asarray(grads))[:rows]),)
+
+
 def _linear_grad_view(grads, rows):
   dx, dk = grads
   return _f64(dx[:rows]), _f64(dk[:, :rows])
@@ -331,6 +382,26 @@ CASES: dict[str, Case] = {
         reference=_ref_ce_int,
         out_view=_scalar_view,
         grad_view=_grad_rows_view,
+    ),
+    "ce_nchw": Case(
+        name="ce_nchw",
+        title="cross_entropy, integer labels, (N, C, H, W) logits, axis=1",
+        argnums=0,
+        make_inputs=_nchw_inputs,
+        impls=(
+            _impl("jaxce", lambda x, y: jaxce.cross_entropy(x, y, axis=1)),
+            _impl("optax", lambda x, y: optax.softmax_cross_entropy_with_integer_labels(
+                x, y, axis=1).mean()),
+            _impl("naive", _naive_ce_nchw),
+        ),
+        fwd_bytes=lambda s, b: _bytes_s(s, b) + _labels_b(s),
+        fwd_bwd_bytes=lambda s, b: 2 * _bytes_s(s, b) + _labels_b(s),
+        reference=_ref_ce_nchw,
+        out_view=_scalar_view,
+        grad_view=_nchw_grad_view,
+        sweeps=("image",),
+        positions_per_row=IMAGE_HW[0] * IMAGE_HW[1],
+        head_fn=_nchw_head,
     ),
     "ce_prob": Case(
         name="ce_prob",
@@ -414,12 +485,17 @@ CASES: dict[str, Case] = {
         # A float64 matmul costs far less per element than the softmax chain:
         # count N*V*D / 128 (N*V at the default D).
         ref_work=lambda s: s.n * s.c * s.d // 128,
+        sweeps=("classes", "tokens"),
     ),
 }
 
 IMPL_NOTES = {
     "ce_int": "optax: softmax_cross_entropy_with_integer_labels(...).mean();"
               " naive: -take_along_axis(log_softmax(logits.astype(f32)), labels).mean()",
+    "ce_nchw": "logits [N/256, C, 16, 16], labels [N/256, 16, 16] (N = positions);"
+               " optax: softmax_cross_entropy_with_integer_labels(..., axis=1).mean();"
+               " naive: -take_along_axis(log_softmax(logits.astype(f32), axis=1), labels,"
+               " 1).mean()",
     "ce_prob": "optax: softmax_cross_entropy(...).mean()",
     "nll": "naive: -take_along_axis(log_probs, labels).astype(f32).mean()",
     "bce": "optax: sigmoid_binary_cross_entropy(...).mean()",

@@ -132,6 +132,19 @@ def paired_ratio(num: Sequence[float], den: Sequence[float]) -> float | None:
   return statistics.median(pairs) if pairs else None
 
 
+def ratio_stats(num: Sequence[float], den: Sequence[float]) -> dict[str, float] | None:
+  """The spread of the same-round ratios num[r] / den[r]: median, min, max and
+  the quartiles (statistics.quantiles' "inclusive" method: the min and max
+  are the 0th and 100th percentiles, so it is defined from 2 rounds)."""
+  pairs = sorted(a / b for a, b in zip(num, den, strict=False) if b > 0)
+  if not pairs:
+    return None
+  q1, _, q3 = statistics.quantiles(pairs, n=4, method="inclusive") if len(pairs) > 1 else (
+      pairs[0], pairs[0], pairs[0])
+  return {"median": statistics.median(pairs), "min": pairs[0], "max": pairs[-1], "q1": q1,
+          "q3": q3, "rounds": len(pairs)}
+
+
 def max_abs_err(got, ref) -> float:
   return float(np.max(np.abs(np.asarray(got, np.float64) - np.asarray(ref, np.float64))))
 

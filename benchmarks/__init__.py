@@ -1,1 +1,0 @@
-"""Benchmark suite for jaxce: `python benchmarks/run.py --help`."""

@@ -1,0 +1,146 @@
+"""The installed benchmark (`python -m jaxce.benchmark`) end to end at tiny
+shapes, and its output conventions: ratios are jaxce / peer from the same
+round, units follow the value, each default is printed once in --help."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import jax
+import pytest
+
+pytest.importorskip("optax")
+pytest.importorskip("tqdm")
+
+from jaxce.benchmark import measure, report, run
+
+TINY = ["--dtypes", "float32", "--classes", "16", "--fixed-tokens", "8", "--tokens", "8",
+        "--fixed-classes", "16", "--image-shapes", "256x3", "--repeats", "3", "--warmup", "0",
+        "--hidden", "8"]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+  """One run of one case (3 implementations) at one shape: the compiles
+  dominate, so the sweep logic is tested through `plan` alone."""
+  out = tmp_path_factory.mktemp("bench")
+  argv = ["--cases", "ce_nchw", *TINY, "--out", str(out)]
+  try:
+    import matplotlib  # noqa: F401
+  except ImportError:
+    argv.append("--no-plots")
+  # The benchmark runs as a user's program: default promotion rules.
+  with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+    assert run.main(argv) == 0
+  return out, json.loads((out / "results.json").read_text())
+
+
+def test_plan_puts_each_case_in_its_sweeps():
+  configs, notes = run.plan(run.parse_args(
+      ["--cases", "ce_int,ce_nchw,linear_ce", *TINY, "--image-shapes", "256x3,100x7"]))
+  shapes = {(case.name, s.n, s.c, sweeps) for case, _, s, sweeps in configs}
+  # ce_int: the shared class/token point and the image points; the (N, C, H, W)
+  # layout only at image points, with N rounded to whole 16 x 16 images;
+  # linear_ce never at image shapes.
+  assert shapes == {("ce_int", 8, 16, ("classes", "tokens")), ("ce_int", 256, 3, ("image",)),
+                    ("ce_int", 100, 7, ("image",)), ("ce_nchw", 256, 3, ("image",)),
+                    ("ce_nchw", 256, 7, ("image",)), ("linear_ce", 8, 16, ("classes", "tokens"))}
+  assert notes == ["ce_nchw: N=100 is not a multiple of 256 positions per image; runs with N=256"]
+  configs, notes = run.plan(run.parse_args(["--cases", "ce_int", *TINY, "--classes", "4096",
+                                            "--max-elements", "8192"]))
+  assert {(s.n, s.c) for _, _, s, _ in configs} == {(2, 4096), (8, 16), (256, 3)}
+  assert notes == ["classes sweep: N=8 C=4096 exceeds --max-elements 8192; runs with N=2"]
+
+
+def test_run_records_rows_and_load(results):
+  _, data = results
+  rows = data["results"]
+  assert {(r["case"], r["impl"], r["n"], r["c"]) for r in rows} == {
+      ("ce_nchw", impl, 256, 3) for impl in ("jaxce", "optax", "naive")}
+  assert all(r["error"] is None for r in rows), [r["error"] for r in rows]
+  assert max(r["grad_rel_err"] for r in rows) < 1e-5
+  meta = data["meta"]
+  assert len(meta["loadavg_before"]) == 3
+  assert len(meta["loadavg_after"]) == 3
+  assert meta["sweeps"]["image"] == [[256, 3]]
+
+
+def test_ratios_are_jaxce_over_peer_from_the_same_round(results):
+  _, data = results
+  for r in data["results"]:
+    for mode in ("fwd", "fwd_bwd"):
+      if r["impl"] == "jaxce":
+        assert r[mode]["jaxce_over"] is None
+        continue
+      mine = next(j for j in data["results"] if j["impl"] == "jaxce" and j["case"] == r["case"]
+                  and (j["n"], j["c"]) == (r["n"], r["c"]))
+      per_round = [a / b for a, b in zip(mine[mode]["times_s"], r[mode]["times_s"], strict=True)]
+      st = r[mode]["jaxce_over"]
+      assert st["median"] == pytest.approx(statistics.median(per_round))
+      assert (st["min"], st["max"]) == pytest.approx((min(per_round), max(per_round)))
+      assert st["min"] <= st["q1"] <= st["median"] <= st["q3"] <= st["max"]
+      assert r[mode]["temp_jaxce_over"] == pytest.approx(
+          mine[mode]["temp_bytes"] / r[mode]["temp_bytes"])
+
+
+def test_markdown_and_plots(results):
+  out, data = results
+  text = (out / "results.md").read_text()
+  assert "< 1 means jaxce is faster" in text
+  assert "x jaxce" not in text
+  assert "load average" in text
+  assert str(data["meta"]["loadavg_after"]) in text
+  assert "cpu (cpu)" not in text
+  assert "| ce_nchw | float32 | optax | 1 |" in text
+  pngs = sorted(p.name for p in out.glob("*.png"))
+  if pngs:  # matplotlib installed
+    assert "ratio_float32.png" in pngs
+    assert "time_vs_image_float32.png" in pngs
+
+
+def test_units_follow_the_value():
+  assert report._time(52.6e-6) == "52.6 us"
+  assert report._time(3.79e-3) == "3.79 ms"
+  assert report._time(12.5) == "12.5 s"
+  assert report._bytes(264) == "264 B"
+  assert report._bytes(1536) == "1.5 KiB"
+  assert report._bytes(3 * 2**30) == "3 GiB"
+  assert report._unit([2e-4, 5e-4], report.TIME_UNITS) == ("us", 1e-6)
+  assert report._unit([3.0 * 2**20], report.BYTE_UNITS) == ("MiB", 2.0**20)
+  st = measure.ratio_stats([1.0, 2.0, 3.0], [2.0, 2.0, 2.0])
+  assert report._spread(st) == "1.00 [0.50, 1.50]"
+
+
+def test_help_prints_each_default_once(capsys):
+  with pytest.raises(SystemExit):
+    run.parse_args(["--help"])
+  text = capsys.readouterr().out
+  assert "(default: None)" not in text
+  assert text.count("(default:") == len({"dtypes", "classes", "tokens", "image_shapes",
+                                         "fixed_tokens", "fixed_classes", "hidden",
+                                         "max_elements", "ref_max_elements", "repeats",
+                                         "warmup", "cases", "out", "seed"})
+
+
+@pytest.mark.slow
+def test_quick_run_as_a_user_runs_it(tmp_path):
+  """`python -m jaxce.benchmark --quick` in a fresh process: every case, both
+  dtypes, the plots; the table states the ratio convention."""
+  import os
+  import pathlib
+  import subprocess
+  import sys
+
+  pytest.importorskip("matplotlib")
+  root = pathlib.Path(__file__).resolve().parent.parent
+  env = {**os.environ, "PYTHONPATH": str(root), "XLA_FLAGS": ""}
+  proc = subprocess.run([sys.executable, "-m", "jaxce.benchmark", "--quick", "--out",
+                         str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path,
+                        timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "jaxce / peer" in proc.stdout
+  data = json.loads((tmp_path / "results.json").read_text())
+  assert not [r["error"] for r in data["results"] if r["error"]]
+  assert {r["case"] for r in data["results"]} == set(run.CASES)
+  assert (tmp_path / "ratio_bfloat16.png").stat().st_size > 0
