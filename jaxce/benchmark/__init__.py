@@ -1,0 +1,1 @@
+"""jaxce's benchmarks, shipped with the package (``python -m jaxce.benchmark.aot``)."""
