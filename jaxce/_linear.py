@@ -13,7 +13,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
@@ -21,6 +20,7 @@ from jaxce import _checks, _collective, _explicit
 from jaxce._linear_stats import default_chunk_size, linear_label_stats, linear_label_stats_rev
 from jaxce._reduction import integer_target_loss
 from jaxce._stats import LabelStats, SmoothingSums
+
 
 def _empty_vocabulary_stats(n, ct, smoothing: bool) -> LabelStats:
   zeros = jnp.zeros((n,), ct)
