@@ -13,9 +13,10 @@ from jaxce import _checks
 from jaxce._reduction import reduce
 
 # PyTorch's clamp of both log terms (so p = 0 or 1 gives a finite loss) and
-# the floor of p (1 - p) in its backward.
+# the floor of p (1 - p) in its backward: a float constant, 1e-12 rounded to
+# float32, in float64 too (as torch's CPU kernel gives).
 LOG_FLOOR = -100.0
-EPSILON = 1e-12
+EPSILON = float(np.float32(1e-12))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
