@@ -91,7 +91,8 @@ def test_edges_are_finite_like_pytorch():
   t = jnp.asarray([1.0, 0.0, 0.0, 1.0])
   np.testing.assert_array_equal(BCE(p, t, reduction="none"), [100.0, 100.0, 0.0, 0.0])
   g = jax.grad(BCE)(p, t)
-  np.testing.assert_allclose(g, np.array([-1e12, 1e12, 0.0, 0.0]) / 4, rtol=1e-6)  # 1 / float32(1e-12)
+  # 1 / float32(1e-12), to 1e-6
+  np.testing.assert_allclose(g, np.array([-1e12, 1e12, 0.0, 0.0]) / 4, rtol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
