@@ -138,6 +138,30 @@ linear_cross_entropy.npz  (16 cases)
     kernel, labels, bias=bias, weight=weight, ignore_index=...,
     reduction=..., label_smoothing=..., softcap=...)``.
 
+bce_probs.npz  (24 cases; torch 2.14.1)
+    ``torch.nn.functional.binary_cross_entropy(probs, targets, weight=weight,
+    reduction=reduction)`` on [4, C]: kind {random, edges (0, 1, 1e-30,
+    2**-40, 1 - 2**-24: the -100 log clamp and the backward's 1e-12 floor
+    act)} x weight {none, [C], [4, 1], [4, C]} x reduction.  Arrays: probs,
+    targets, [weight], loss, grad_probs, grad_targets, [cot].  Meta: kind,
+    shape, weight, weight_shape, reduction.  Observed: the backward's floor is
+    1e-12 rounded to float32 (9.99999996e-13) in float64 too, and the target
+    gradient is -logit(p), +-inf at p = 0, 1.
+
+opinfo.npz  (256 cases; torch 2.14.1, needs ``expecttest``)
+    PyTorch's own OpInfo sample inputs (``torch.testing._internal.
+    common_methods_invocations.op_db``, CPU, float64 and float32) of
+    cross_entropy, nll_loss, binary_cross_entropy,
+    binary_cross_entropy_with_logits and log_softmax (and its with_dtype
+    variant), with torch's output and the gradients torch's samples ask for
+    (``grad_input``, ``grad_target``; a VJP with ``cot`` for non-scalar
+    outputs).  Arrays: input, [target], [weight], [pos_weight], loss,
+    grad_*, [cot].  Meta: fn (the jaxce function), op, variant, dtype,
+    sample (its index in op.sample_inputs), kwargs (the jaxce keyword
+    arguments: torch's non-tensor kwargs, plus ``axis`` = 1 for inputs of
+    rank >= 2 and 0 for unbatched ones), shapes, torch_call.  Samples with no
+    jaxce call are listed with the reason in ``opinfo_unmapped.json``.
+
 Observed torch behaviour (checked against an independent float64 JAX
 reference when these files were generated; all 144 cases agree to rtol 1e-10)
 ---------------------------------------------------------------------------
