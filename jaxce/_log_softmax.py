@@ -129,7 +129,9 @@ def log_softmax(x, axis: int = -1, where=None) -> jax.Array:
     axis: The class axis.
     where: Optional boolean mask broadcastable to `x`: the classes that take
       part. Masked classes get -inf and zero gradient; a row with no class
-      left is all -inf.
+      left is all -inf. The cotangent at masked outputs is dropped, as in
+      :func:`jax.nn.log_softmax` (`torch.masked`'s log_softmax differs: it
+      propagates it).
 
   Returns:
     An array of `x`'s shape and dtype.
