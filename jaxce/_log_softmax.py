@@ -130,8 +130,9 @@ def log_softmax(x, axis: int = -1, where=None) -> jax.Array:
     where: Optional boolean mask broadcastable to `x`: the classes that take
       part. Masked classes get -inf and zero gradient; a row with no class
       left is all -inf. The cotangent at masked outputs is dropped, as in
-      :func:`jax.nn.log_softmax` (`torch.masked`'s log_softmax differs: it
-      propagates it).
+      :func:`jax.nn.log_softmax`; `torch.masked.log_softmax` differs: it
+      adds it into the unmasked inputs' gradient (:math:`g_j - p_j \sum_i
+      g_i` over all outputs, masked ones included).
 
   Returns:
     An array of `x`'s shape and dtype.
