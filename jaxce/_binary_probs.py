@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,9 @@ def _terms(probs: jax.Array, targets: jax.Array, ct: np.dtype) -> jax.Array:
   return (t - 1.0) * log_not_p - t * log_p
 
 
-def _terms_jvp(ct, primals, tangents):
+def _terms_jvp(
+    ct: np.dtype, primals: tuple[jax.Array, jax.Array], tangents: tuple[Any, Any]
+) -> tuple[jax.Array, jax.Array]:
   # PyTorch's derivatives, not those of the clamped forward: d/dp is
   # (p - t) / max(p (1 - p), 1e-12) and d/dt is -logit(p) (both unclamped).
   # They are ordinary JAX, so higher derivatives come from differentiating
@@ -49,7 +52,10 @@ _terms.defjvp(_terms_jvp, symbolic_zeros=True)
 
 
 @functools.partial(jax.checkpoint, static_argnums=(4,))
-def _tangent(probs, targets, d_probs, d_targets, ct):
+def _tangent(
+    probs: jax.Array, targets: jax.Array, d_probs: jax.Array | None,
+    d_targets: jax.Array | None, ct: np.dtype,
+) -> jax.Array:
   """Reverse mode saves the inputs and recomputes these coefficients."""
   p, t = probs.astype(ct), targets.astype(ct)
   out = jnp.zeros(p.shape, ct)
@@ -134,4 +140,5 @@ def binary_cross_entropy(
   if weight is not None:
     weight = _checks.float_array(fn, "weight", weight)
     loss = _checks.broadcastable(fn, "weight", weight, probs.shape).astype(ct) * loss
-  return reduce(loss, reduction)
+  out: jax.Array = reduce(loss, reduction)
+  return out

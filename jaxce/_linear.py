@@ -277,7 +277,7 @@ def linear_cross_entropy(
     *,
     bias=None,
     weight=None,
-    ignore_index: int = -100,
+    ignore_index: int | jax.typing.ArrayLike | None = -100,
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
@@ -310,10 +310,13 @@ def linear_cross_entropy(
     x: Activations ``[..., D]``, any leading batch dims.
     kernel: ``[D, V]``, Flax `Dense` layout, same dtype as `x`. For tied
       ``[V, D]`` embeddings pass ``emb.T``.
-    labels: Integer ``[...]``, `x`'s leading dims.
+    labels: Integer ``[...]``, `x`'s leading dims, of any integer dtype
+      (uint16 token ids with a 64K vocabulary work).
     bias: Optional ``[V]``. A -inf entry removes that class.
     weight: Optional per-class weights ``[V]``.
-    ignore_index: Labels equal to this contribute nothing.
+    ignore_index: Labels equal to this contribute nothing: any Python int,
+      an integer scalar array (traced too) or None, compared with the labels
+      as integers, never through a wrap-around (as in :func:`cross_entropy`).
     reduction: "none" (per token, `x`'s leading shape), "mean" or "sum".
     label_smoothing: In [0, 1].
     z_loss: Weight of the squared logsumexp, >= 0.
