@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +14,10 @@ from jaxce import _checks
 from jaxce._reduction import reduce
 
 # PyTorch's clamp of both log terms (so p = 0 or 1 gives a finite loss) and
-# the floor of p (1 - p) in its backward.
+# the floor of p (1 - p) in its backward: a float constant, 1e-12 rounded to
+# float32, in float64 too (as torch's CPU kernel gives).
 LOG_FLOOR = -100.0
-EPSILON = 1e-12
+EPSILON = float(np.float32(1e-12))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
@@ -29,7 +31,9 @@ def _terms(probs: jax.Array, targets: jax.Array, ct: np.dtype) -> jax.Array:
   return (t - 1.0) * log_not_p - t * log_p
 
 
-def _terms_jvp(ct, primals, tangents):
+def _terms_jvp(
+    ct: np.dtype, primals: tuple[jax.Array, jax.Array], tangents: tuple[Any, Any]
+) -> tuple[jax.Array, jax.Array]:
   # PyTorch's derivatives, not those of the clamped forward: d/dp is
   # (p - t) / max(p (1 - p), 1e-12) and d/dt is -logit(p) (both unclamped).
   # They are ordinary JAX, so higher derivatives come from differentiating
@@ -48,7 +52,10 @@ _terms.defjvp(_terms_jvp, symbolic_zeros=True)
 
 
 @functools.partial(jax.checkpoint, static_argnums=(4,))
-def _tangent(probs, targets, d_probs, d_targets, ct):
+def _tangent(
+    probs: jax.Array, targets: jax.Array, d_probs: jax.Array | None,
+    d_targets: jax.Array | None, ct: np.dtype,
+) -> jax.Array:
   """Reverse mode saves the inputs and recomputes these coefficients."""
   p, t = probs.astype(ct), targets.astype(ct)
   out = jnp.zeros(p.shape, ct)
@@ -133,4 +140,5 @@ def binary_cross_entropy(
   if weight is not None:
     weight = _checks.float_array(fn, "weight", weight)
     loss = _checks.broadcastable(fn, "weight", weight, probs.shape).astype(ct) * loss
-  return reduce(loss, reduction)
+  out: jax.Array = reduce(loss, reduction)
+  return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +43,7 @@ def compute_dtype(dtype) -> np.dtype:
   return dtype if dtype.itemsize > 4 else np.dtype(np.float32)
 
 
-def canonical_axis(fn: str, axis, ndim: int, name: str = "logits") -> int:
+def canonical_axis(fn: str, axis: Any, ndim: int, name: str = "logits") -> int:
   """`axis` as an index in [0, ndim); bools are refused (True is not axis 1)."""
   try:
     if isinstance(axis, (bool, np.bool_)):
@@ -90,7 +91,7 @@ def positions_shape(shape: Sequence[int], axis: int) -> tuple[int, ...]:
   return tuple(shape[:axis]) + tuple(shape[axis + 1:])
 
 
-def as_labels(labels):
+def as_labels(labels: Any) -> jax.Array | np.ndarray:
   """`labels` as an array, except host arrays of a 64-bit dtype that JAX
   would truncate (x64 disabled): those stay numpy for `class_labels`."""
   if (isinstance(labels, (np.ndarray, np.generic))
@@ -100,8 +101,9 @@ def as_labels(labels):
 
 
 def integer_labels(
-    fn: str, labels, logits_shape, axis: int, num_classes: int, ignore_index=None
-):
+    fn: str, labels: Any, logits_shape: Sequence[int], axis: int, num_classes: int,
+    ignore_index: Any = None,
+) -> tuple[jax.Array, int | None]:
   """Integer class indices with the logits' shape without the class axis, as
   `class_labels` returns them: ``(int32 labels, ignore_index to pass on)``."""
   labels = as_labels(labels)
@@ -120,7 +122,7 @@ def integer_labels(
   return class_labels(fn, labels, num_classes, ignore_index)
 
 
-def global_classes(num_local: int, class_axis_name) -> int:
+def global_classes(num_local: int, class_axis_name: str | None) -> int:
   """The number of classes over all devices of `class_axis_name` (inside
   shard_map), or `num_local` without one."""
   if class_axis_name is None:
@@ -135,7 +137,7 @@ IGNORED = -1
 OUT_OF_RANGE = -2
 
 
-def ignore_value(fn: str, ignore_index) -> int | jax.Array | None:
+def ignore_value(fn: str, ignore_index: Any) -> int | jax.Array | None:
   """`ignore_index` as None, a Python int of any size, or an integer scalar
   array (traced values allowed)."""
   if ignore_index is None:
@@ -153,7 +155,9 @@ def ignore_value(fn: str, ignore_index) -> int | jax.Array | None:
   return value
 
 
-def class_labels(fn: str, labels, num_classes: int, ignore_index=None):
+def class_labels(
+    fn: str, labels: Any, num_classes: int, ignore_index: Any = None
+) -> tuple[jax.Array, int | None]:
   """Integer labels of any dtype as int32 values compared without wrap-around.
 
   Returns ``(labels, ignore_index)`` to pass on: a label whose value equals
@@ -171,7 +175,7 @@ def class_labels(fn: str, labels, num_classes: int, ignore_index=None):
     if not np.issubdtype(labels.dtype, np.integer):
       raise TypeError(f"{fn}: `labels` must have an integer dtype. Got {labels.dtype}.")
     if not isinstance(ignore, jax.Array):
-      return _host_class_labels(labels, num_classes, ignore), _passed_on(ignore)
+      return jnp.asarray(_host_class_labels(labels, num_classes, ignore)), _passed_on(ignore)
     # A traced ignore_index has at most 32 bits here (x64 is off): compare
     # the values that int32 holds, and those only uint32 holds, separately.
     i32, u32 = np.iinfo(np.int32), np.iinfo(np.uint32)
@@ -183,7 +187,8 @@ def class_labels(fn: str, labels, num_classes: int, ignore_index=None):
     high_ignored = _equals(jnp.asarray(np.where(high, labels, 0).astype(np.uint32)), ignore)
     return jnp.where(high & high_ignored, IGNORED, out), passed_on
   labels = int_array(fn, "labels", labels)
-  if num_classes > np.iinfo(np.int32).max and not jax.config.jax_enable_x64:
+  x64 = jax.dtypes.canonicalize_dtype(np.int64) == np.int64
+  if num_classes > np.iinfo(np.int32).max and not x64:
     raise ValueError(
         f"{fn}: {num_classes} classes need 64-bit labels; enable jax_enable_x64.")
   out_dtype = jnp.int32 if num_classes <= np.iinfo(np.int32).max else jnp.int64
@@ -198,11 +203,11 @@ def class_labels(fn: str, labels, num_classes: int, ignore_index=None):
   return out, _passed_on(ignore)
 
 
-def _passed_on(ignore) -> int | None:
+def _passed_on(ignore: int | jax.Array | None) -> int | None:
   return None if ignore is None else IGNORED
 
 
-def _equals(labels: jax.Array, ignore) -> jax.Array | None:
+def _equals(labels: jax.Array, ignore: int | jax.Array | None) -> jax.Array | None:
   """labels == ignore as integers: never true through a wrap-around."""
   if ignore is None:
     return None
@@ -257,7 +262,9 @@ def broadcastable(fn: str, name: str, x, shape) -> jax.Array:
   return x.reshape((1,) * (len(shape) - x.ndim) + x.shape)
 
 
-def class_mask(fn: str, where, shape, axis: int | None = None) -> jax.Array | None:
+def class_mask(
+    fn: str, where: Any, shape: Sequence[int], axis: int | None = None
+) -> jax.Array | None:
   """A boolean `where` broadcastable to `shape` (NumPy's rules: aligned at the
   last axis). With a class `axis` other than the last, a 1-D `where` is
   refused: it would silently apply to the last axis, while a 1-D `weight`

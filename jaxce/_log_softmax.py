@@ -192,7 +192,11 @@ def log_softmax(
     x: Logits, any floating dtype.
     axis: The axis or axes to normalize over; None for all of them.
     where: Optional boolean mask broadcastable to `x`: the entries that take
-      part. Masked entries get -inf and zero gradient.
+      part. Masked entries get -inf and zero gradient. The cotangent at masked
+      outputs is dropped, as in :func:`jax.nn.log_softmax`;
+      `torch.masked.log_softmax` differs: it adds it into the unmasked inputs'
+      gradient (:math:`g_j - p_j \sum_i g_i` over all outputs, masked ones
+      included).
 
   Returns:
     An array of `x`'s shape and dtype.

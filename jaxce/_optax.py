@@ -22,6 +22,7 @@ Differences from optax 0.2.8:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,9 @@ from jaxce._binary import binary_cross_entropy_with_logits
 from jaxce._cross_entropy import cross_entropy
 
 
-def _class_axes(fn, axis, ndim: int, duplicate_error: type[Exception]) -> tuple[int, ...] | int:
+def _class_axes(
+    fn: str, axis: Any, ndim: int, duplicate_error: type[Exception]
+) -> tuple[int, ...] | int:
   """optax's `axis`: an int, or a tuple (None: all axes) kept in the order
   given, since a tuple's order sets the flat class index. Repeated axes raise
   (`duplicate_error`: optax raises TypeError for integer labels, ValueError
@@ -50,7 +53,9 @@ def _class_axes(fn, axis, ndim: int, duplicate_error: type[Exception]) -> tuple[
   return _checks.canonical_axis(fn, axis, ndim)
 
 
-def _one_class_axis(fn, logits, where, axis, axes):
+def _one_class_axis(
+    fn: str, logits: jax.Array, where: Any, axis: Any, axes: tuple[int, ...] | int
+) -> tuple[jax.Array, jax.Array | None, int]:
   """Moves `axes` (in their order) last and flattens them into one class
   axis, as optax does; a `where` of another rank than the logits is one per
   position, expanded over the class axes. Errors show the caller's shapes."""
@@ -67,7 +72,7 @@ def _one_class_axis(fn, logits, where, axis, axes):
       ok = expanded is not None and jnp.broadcast_shapes(expanded, shape) == shape
     except ValueError:
       ok = False
-    if not ok:
+    if not ok or expanded is None:
       raise ValueError(
           f"{fn}: `where` must be broadcastable to the logits' shape {shape}, or have"
           f" the positions' shape {batch_shape} (the logits' shape without axis"
@@ -77,7 +82,7 @@ def _one_class_axis(fn, logits, where, axis, axes):
   if isinstance(axes, int):
     return logits, where, axes
 
-  def flat(v):
+  def flat(v: jax.Array) -> jax.Array:
     # A `where` with 1s on every class axis stays one per position.
     if v is where and any(v.shape[a] != 1 for a in class_axes):
       v = jnp.broadcast_to(v, tuple(
@@ -88,7 +93,7 @@ def _one_class_axis(fn, logits, where, axis, axes):
   return flat(logits), None if where is None else flat(where), -1
 
 
-def _expanded(where_shape, axis):
+def _expanded(where_shape: tuple[int, ...], axis: Any) -> tuple[int, ...] | None:
   """The shape of optax's ``jnp.expand_dims(where, axis)``, or None."""
   try:
     return np.expand_dims(np.broadcast_to(False, where_shape), axis).shape
@@ -96,7 +101,12 @@ def _expanded(where_shape, axis):
     return None
 
 
-def softmax_cross_entropy(logits, labels, axis=-1, where=None) -> jax.Array:
+def softmax_cross_entropy(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    axis: int | tuple[int, ...] | None = -1,
+    where: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
   r"""Drop-in for `optax.softmax_cross_entropy`: per-example
   :math:`-\sum_c t_c \log \mathrm{softmax}(x)_c`.
 
@@ -110,24 +120,26 @@ def softmax_cross_entropy(logits, labels, axis=-1, where=None) -> jax.Array:
     The loss per example: `logits`' shape without `axis`.
   """
   fn = "softmax_cross_entropy"
-  logits = _checks.float_array(fn, "logits", logits)
-  labels = _checks.float_array(fn, "labels", labels)
-  if labels.shape != logits.shape:
+  x = _checks.float_array(fn, "logits", logits)
+  t = _checks.float_array(fn, "labels", labels)
+  if t.shape != x.shape:
     raise ValueError(
         f"{fn}: `labels` are class probabilities and must have the logits' shape"
-        f" {logits.shape}. Got {labels.shape}."
+        f" {x.shape}. Got {t.shape}."
     )
-  axes = _class_axes(fn, axis, logits.ndim, ValueError)
-  logits, where, class_axis = _one_class_axis(fn, logits, where, axis, axes)
+  axes = _class_axes(fn, axis, x.ndim, ValueError)
+  flat_x, mask, class_axis = _one_class_axis(fn, x, where, axis, axes)
   if not isinstance(axes, int):
-    labels = jnp.transpose(
-        labels, tuple(a for a in range(labels.ndim) if a not in axes) + axes
-    ).reshape(logits.shape)
-  return cross_entropy(logits, labels, reduction="none", axis=class_axis, where=where)
+    t = jnp.transpose(t, tuple(a for a in range(t.ndim) if a not in axes) + axes)
+    t = t.reshape(flat_x.shape)
+  return cross_entropy(flat_x, t, reduction="none", axis=class_axis, where=mask)
 
 
 def softmax_cross_entropy_with_integer_labels(
-    logits, labels, axis=-1, where=None
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    axis: int | tuple[int, ...] = -1,
+    where: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
   r"""Drop-in for `optax.softmax_cross_entropy_with_integer_labels`:
   per-example :math:`-\log \mathrm{softmax}(x)_y`.
@@ -145,26 +157,28 @@ def softmax_cross_entropy_with_integer_labels(
     The loss per example: `labels`' shape.
   """
   fn = "softmax_cross_entropy_with_integer_labels"
-  logits = _checks.float_array(fn, "logits", logits)
-  axes = _class_axes(fn, axis, logits.ndim, TypeError)
+  x = _checks.float_array(fn, "logits", logits)
+  axes = _class_axes(fn, axis, x.ndim, TypeError)
   class_axes = (axes,) if isinstance(axes, int) else axes
-  num_classes = math.prod(logits.shape[a] for a in class_axes)
-  labels = _checks.as_labels(labels)
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise TypeError(f"{fn}: `labels` must have an integer dtype. Got {labels.dtype}.")
-  want = tuple(n for a, n in enumerate(logits.shape) if a not in class_axes)
-  if labels.shape != want:
+  num_classes = math.prod(x.shape[a] for a in class_axes)
+  y = _checks.as_labels(labels)
+  if not jnp.issubdtype(y.dtype, jnp.integer):
+    raise TypeError(f"{fn}: `labels` must have an integer dtype. Got {y.dtype}.")
+  want = tuple(n for a, n in enumerate(x.shape) if a not in class_axes)
+  if y.shape != want:
     raise ValueError(
-        f"{fn}: `labels` must have shape {want} (the logits' shape {logits.shape}"
-        f" without axis {axis}). Got {labels.shape}."
+        f"{fn}: `labels` must have shape {want} (the logits' shape {x.shape}"
+        f" without axis {axis}). Got {y.shape}."
     )
-  labels, _ = _checks.class_labels(fn, labels, num_classes, None)
-  logits, where, class_axis = _one_class_axis(fn, logits, where, axis, axes)
+  y, _ = _checks.class_labels(fn, y, num_classes, None)
+  flat_x, mask, class_axis = _one_class_axis(fn, x, where, axis, axes)
   return cross_entropy(
-      logits, labels, reduction="none", axis=class_axis, where=where, ignore_index=None)
+      flat_x, y, reduction="none", axis=class_axis, where=mask, ignore_index=None)
 
 
-def sigmoid_binary_cross_entropy(logits, labels) -> jax.Array:
+def sigmoid_binary_cross_entropy(
+    logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike
+) -> jax.Array:
   """Drop-in for `optax.sigmoid_binary_cross_entropy`: elementwise BCE.
 
   Args:
@@ -174,8 +188,9 @@ def sigmoid_binary_cross_entropy(logits, labels) -> jax.Array:
   Returns:
     The elementwise loss, of the broadcast shape of both.
   """
-  logits = _checks.float_array("sigmoid_binary_cross_entropy", "logits", logits)
-  labels = jnp.asarray(labels)
-  shape = jnp.broadcast_shapes(logits.shape, labels.shape)
-  return binary_cross_entropy_with_logits(
-      jnp.broadcast_to(logits, shape), jnp.broadcast_to(labels, shape), reduction="none")
+  x = _checks.float_array("sigmoid_binary_cross_entropy", "logits", logits)
+  t = jnp.asarray(labels)
+  shape = jnp.broadcast_shapes(x.shape, t.shape)
+  out: jax.Array = binary_cross_entropy_with_logits(
+      jnp.broadcast_to(x, shape), jnp.broadcast_to(t, shape), reduction="none")
+  return out

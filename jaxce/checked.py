@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -151,7 +151,9 @@ def _first_bad(bad: jax.Array, values: jax.Array) -> tuple[jax.Array, jax.Array]
 
 
 @_first_bad.def_vmap
-def _first_bad_vmap(axis_size, in_batched, bad, values):
+def _first_bad_vmap(
+    axis_size: int, in_batched: tuple[bool, bool], bad: jax.Array, values: jax.Array
+) -> tuple[tuple[jax.Array, jax.Array], tuple[bool, bool]]:
   bad, values = (
       x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
       for x, batched in zip((bad, values), in_batched, strict=True))
@@ -164,7 +166,7 @@ def _forward(loss: F) -> Callable[[F], F]:
   def wrap(wrapper: F) -> F:
     wrapped = functools.wraps(loss)(wrapper)
     wrapped.__module__ = __name__
-    return wrapped
+    return cast(F, wrapped)
 
   return wrap
 
@@ -235,7 +237,7 @@ def raising(fn: F) -> F:
   @functools.wraps(fn)
   def wrapper(*args: Any, **kwargs: Any) -> Any:
     err, out = checkify.checkify(fn)(*args, **kwargs)
-    err.throw()
+    err.throw()  # type: ignore[no-untyped-call]
     return out
 
   return wrapper  # type: ignore[return-value]

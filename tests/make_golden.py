@@ -138,6 +138,30 @@ linear_cross_entropy.npz  (16 cases)
     kernel, labels, bias=bias, weight=weight, ignore_index=...,
     reduction=..., label_smoothing=..., softcap=...)``.
 
+bce_probs.npz  (24 cases; torch 2.14.1)
+    ``torch.nn.functional.binary_cross_entropy(probs, targets, weight=weight,
+    reduction=reduction)`` on [4, C]: kind {random, edges (0, 1, 1e-30,
+    2**-40, 1 - 2**-24: the -100 log clamp and the backward's 1e-12 floor
+    act)} x weight {none, [C], [4, 1], [4, C]} x reduction.  Arrays: probs,
+    targets, [weight], loss, grad_probs, grad_targets, [cot].  Meta: kind,
+    shape, weight, weight_shape, reduction.  Observed: the backward's floor is
+    1e-12 rounded to float32 (9.99999996e-13) in float64 too, and the target
+    gradient is -logit(p), +-inf at p = 0, 1.
+
+opinfo.npz  (256 cases; torch 2.14.1, needs ``expecttest``)
+    PyTorch's own OpInfo sample inputs (``torch.testing._internal.
+    common_methods_invocations.op_db``, CPU, float64 and float32) of
+    cross_entropy, nll_loss, binary_cross_entropy,
+    binary_cross_entropy_with_logits and log_softmax (and its with_dtype
+    variant), with torch's output and the gradients torch's samples ask for
+    (``grad_input``, ``grad_target``; a VJP with ``cot`` for non-scalar
+    outputs).  Arrays: input, [target], [weight], [pos_weight], loss,
+    grad_*, [cot].  Meta: fn (the jaxce function), op, variant, dtype,
+    sample (its index in op.sample_inputs), kwargs (the jaxce keyword
+    arguments: torch's non-tensor kwargs, plus ``axis`` = 1 for inputs of
+    rank >= 2 and 0 for unbatched ones), shapes, torch_call.  Samples with no
+    jaxce call are listed with the reason in ``opinfo_unmapped.json``.
+
 Observed torch behaviour (checked against an independent float64 JAX
 reference when these files were generated; all 144 cases agree to rtol 1e-10)
 ---------------------------------------------------------------------------
@@ -191,6 +215,8 @@ def _rng(tag: str) -> np.random.Generator:
         "log_softmax": 5,
         "extreme": 6,
         "linear_cross_entropy": 7,
+        "bce_probs": 8,
+        "opinfo": 9,
     }
     return np.random.default_rng([SEED, offsets[tag]])
 
@@ -671,6 +697,155 @@ def make_linear_cross_entropy():
     return cases
 
 
+# ----------------------------------------------------------------------------
+# binary_cross_entropy (probabilities)
+# ----------------------------------------------------------------------------
+def _bce_probs_case(rng, probs, targets, weight, reduction, kind):
+    p = _t(probs, grad=True)
+    y = _t(targets, grad=True)
+    loss = F.binary_cross_entropy(p, y, weight=None if weight is None else _t(weight),
+                                  reduction=reduction)
+    cot = _backward(loss, reduction, rng)
+    meta = {
+        "fn": "binary_cross_entropy",
+        "torch_call": (
+            "torch.nn.functional.binary_cross_entropy(probs, targets, "
+            f"weight={'weight' if weight is not None else None}, reduction={reduction!r})"),
+        "kind": kind,
+        "shape": list(probs.shape),
+        "weight": weight is not None,
+        "weight_shape": None if weight is None else list(weight.shape),
+        "reduction": reduction,
+    }
+    return {"meta": meta, "arrays": {
+        "probs": probs, "targets": targets, "weight": weight, "loss": _np(loss),
+        "grad_probs": _np(p.grad), "grad_targets": _np(y.grad), "cot": cot}}
+
+
+def make_bce_probs():
+    """binary_cross_entropy on probabilities: random and edge probabilities
+    (0, 1, 1e-30, 2**-40, 1 - 2**-24: the -100 clamp and the 1e-12 floor act) x
+    weight {none, per-last-axis, per-row, full} x reduction.  Gradients with
+    respect to the probabilities and the targets (torch's
+    binary_cross_entropy_backward and _target_backward; at p = 0 or 1 the
+    target gradient is +-inf)."""
+    rng = _rng("bce_probs")
+    cases = []
+    shape = (4, C)
+    weights = {"none": None, "class": (C,), "row": (4, 1), "full": shape}
+    for kind in ("random", "edges"):
+        for wname, wshape in weights.items():
+            for reduction in REDUCTIONS:
+                probs = rng.uniform(0.0, 1.0, size=shape)
+                if kind == "edges":
+                    flat = probs.reshape(-1)
+                    # exactly representable in float32 too (the float32
+                    # tests round the inputs), except 1e-30 (relative error
+                    # 2e-8 there)
+                    flat[:6] = [0.0, 1.0, 1e-30, 1.0 - 2.0**-24, 2.0**-40, 0.5]
+                targets = _bce_targets(rng, shape)
+                weight = None if wshape is None else rng.uniform(0.2, 2.0, size=wshape)
+                cases.append(_bce_probs_case(rng, probs, targets, weight, reduction,
+                                             f"{kind}-{wname}"))
+    return cases
+
+
+# ----------------------------------------------------------------------------
+# PyTorch's own OpInfo sample inputs
+# ----------------------------------------------------------------------------
+OPINFO_OPS = ("nn.functional.cross_entropy", "nn.functional.nll_loss",
+              "nn.functional.binary_cross_entropy",
+              "nn.functional.binary_cross_entropy_with_logits", "log_softmax")
+
+
+def _opinfo_mapping(op, sample):
+    """(jaxce function name, keyword arguments) for one OpInfo sample, or
+    (None, reason) where jaxce has no equivalent call."""
+    kwargs = {k: v for k, v in sample.kwargs.items() if not isinstance(v, torch.Tensor)}
+    x = sample.input
+    if op.name == "log_softmax":
+        if x.ndim == 0:
+            return None, "0-d input: jaxce needs a class axis (torch treats it as one element)"
+        dtype = kwargs.pop("dtype", None)
+        if dtype is not None and dtype != x.dtype:
+            return None, f"dtype={dtype} casts the result; jaxce keeps the input dtype"
+        return "log_softmax", {"axis": int(sample.args[0])}
+    name = op.name.removeprefix("nn.functional.")
+    if name in ("cross_entropy", "nll_loss"):
+        for key in ("size_average", "reduce"):
+            if key in kwargs:
+                return None, f"deprecated {key}"
+        kwargs["axis"] = 1 if x.ndim >= 2 else 0
+    return name, kwargs
+
+
+def _opinfo_cases(op, dtype, rng):
+    cases, unmapped = [], []
+    ttype = {"float64": torch.float64, "float32": torch.float32}[dtype]
+    for i, sample in enumerate(op.sample_inputs("cpu", ttype, requires_grad=True)):
+        fn, kwargs = _opinfo_mapping(op, sample)
+        tensors = {"input": sample.input}
+        for j, a in enumerate(sample.args):
+            if isinstance(a, torch.Tensor):
+                tensors["target" if j == 0 else f"arg{j}"] = a
+        tensors.update({k: v for k, v in sample.kwargs.items() if isinstance(v, torch.Tensor)})
+        described = {k: list(v.shape) for k, v in tensors.items()}
+        if fn is None:
+            unmapped.append({"op": op.name, "variant": op.variant_test_name, "dtype": dtype,
+                             "sample": i, "shapes": described, "reason": kwargs})
+            continue
+        out = op(sample.input, *sample.args, **sample.kwargs)
+        diff = {k: v for k, v in tensors.items() if v.requires_grad}
+        cot = None
+        if out.ndim:
+            cot = rng.normal(size=tuple(out.shape))
+            scalar = (out * torch.from_numpy(cot).to(out.dtype)).sum()
+        else:
+            scalar = out
+        grads = {}
+        if diff and out.numel():
+            got = torch.autograd.grad(scalar, list(diff.values()), allow_unused=True)
+            grads = {f"grad_{k}": g for k, g in zip(diff, got, strict=True) if g is not None}
+        arrays = {k: v.detach().numpy() for k, v in tensors.items()}
+        arrays.update({k: g.numpy() for k, g in grads.items()})
+        arrays["loss"] = out.detach().numpy()
+        arrays["cot"] = cot
+        meta = {"fn": fn, "op": op.name, "variant": op.variant_test_name, "dtype": dtype,
+                "sample": i, "kwargs": kwargs, "shapes": described,
+                "torch_call": f"{op.name}(input, *args, **{sample.kwargs!r})"}
+        cases.append({"meta": meta, "arrays": arrays})
+    return cases, unmapped
+
+
+OPINFO_UNMAPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden",
+                               "opinfo_unmapped.json")
+
+
+def make_opinfo():
+    """PyTorch's own sample inputs (torch.testing._internal's op_db OpInfos)
+    for the ops in OPINFO_OPS, CPU float64 and float32, with torch's outputs
+    and gradients (a VJP with a stored random cotangent for non-scalar
+    outputs).  Samples with no jaxce equivalent are listed, with the reason,
+    in golden/opinfo_unmapped.json.  Needs `expecttest` besides torch."""
+    from torch.testing._internal.common_methods_invocations import op_db
+
+    rng = _rng("opinfo")
+    cases, unmapped = [], []
+    for op in op_db:
+        if op.name not in OPINFO_OPS:
+            continue
+        for dtype in ("float64", "float32"):
+            torch.manual_seed(0)
+            got, skipped = _opinfo_cases(op, dtype, rng)
+            cases += got
+            unmapped += skipped
+    with open(OPINFO_UNMAPPED, "w") as f:
+        json.dump({"torch": torch.__version__, "mapped": len(cases), "unmapped": unmapped}, f,
+                  indent=1, sort_keys=True)
+        f.write("\n")
+    return cases
+
+
 MAKERS = {
     "cross_entropy_int": make_cross_entropy_int,
     "cross_entropy_prob": make_cross_entropy_prob,
@@ -679,6 +854,8 @@ MAKERS = {
     "log_softmax": make_log_softmax,
     "extreme": make_extreme,
     "linear_cross_entropy": make_linear_cross_entropy,
+    "bce_probs": make_bce_probs,
+    "opinfo": make_opinfo,
 }
 
 
