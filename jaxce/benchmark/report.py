@@ -303,9 +303,9 @@ def _unit(values, units):
 
 
 def _short(v) -> str:
-  """1024 -> 1k, 262144 -> 256k, 50257 -> 50257."""
+  """1024 -> 1k, 262144 -> 256k (powers of two only), 50257 -> 50257, 256000 -> 256000."""
   v = round(v)
-  if v >= 1024 and v % 1024 == 0:
+  if v >= 1024 and v & (v - 1) == 0:
     return f"{v // 1024}k"
   return f"{v}"
 
@@ -381,8 +381,15 @@ def _draw_lines(ax, points, x_of, series, labels, scale, style="o-", suffix=""):
       ax.plot(xs, ys, style, label=labels[impl] + suffix, **_style(impl))
   ax.set_xscale("log", base=2)
   xs = sorted({x_of(p) for p in points})
+  # A tick label per point, except where two points nearly coincide on the log
+  # axis (256000 and 262144): the later one keeps a tick without a label.
+  labelled, last = set(), None
+  for x in xs:
+    if last is None or np.log2(x / last) > 0.2:
+      labelled.add(x)
+      last = x
   ax.set_xticks(xs)
-  ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _short(v)))
+  ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _short(v) if v in labelled else ""))
   ax.xaxis.set_minor_formatter(NullFormatter())
   if len(xs) > 6:
     ax.tick_params(axis="x", labelrotation=45, labelsize=7)
