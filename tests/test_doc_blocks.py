@@ -38,16 +38,7 @@ DIRECTIVE = re.compile(r"^\s*<!--\s*doc-test:\s*(?P<body>.*?)\s*-->\s*$")
 # Blocks of today's README that do not run as written, matched by a piece of a
 # line of their code; each is xfail(strict=True), so fixing the block makes the test
 # ask for the entry's removal. The README is being rewritten (issue 12, item 1).
-KNOWN_FAILING = {
-    ("README.md", "step = jaxce.checked.raising(jax.jit(loss_fn))"):
-        "fragment: `jaxce`, `jax` and `loss_fn` are never defined",
-    ("README.md", 'mesh = jax.make_mesh((8,), ("data",))'):
-        "uses `jax`, `jaxce`, `logits` and `labels` without defining them",
-    ("README.md", 'mesh = jax.make_mesh((2, 4), ("data", "model"))          # Explicit axes'):
-        "uses `jax`, `jaxce`, `x`, `kernel` and `labels` without defining them",
-    ("README.md", "def local_loss(logits_slice, labels, weight_slice):"):
-        "uses `jax`, `jaxce`, `logits`, `labels` and `weight` without defining them",
-}
+KNOWN_FAILING: dict[tuple[str, str], str] = {}  # (path, a line of the block): reason
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +126,7 @@ def doc_block_runs(request):
   """Starts every selected block at once on a pool of min(2, cores) workers;
   each test then waits for its own."""
   wanted = [item.callspec.params["block"] for item in request.session.items
-            if item.originalname == "test_doc_block" and hasattr(item, "callspec")]
+            if getattr(item, "originalname", None) == "test_doc_block" and hasattr(item, "callspec")]
   wanted = [b for b in wanted if b.skip is None]
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1)))
   futures = {b.id: pool.submit(run_block, b) for b in wanted}
