@@ -126,7 +126,8 @@ def doc_block_runs(request):
   """Starts every selected block at once on a pool of min(2, cores) workers;
   each test then waits for its own."""
   wanted = [item.callspec.params["block"] for item in request.session.items
-            if getattr(item, "originalname", None) == "test_doc_block" and hasattr(item, "callspec")]
+            if getattr(item, "originalname", None) == "test_doc_block"
+            and hasattr(item, "callspec")]
   wanted = [b for b in wanted if b.skip is None]
   pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1)))
   futures = {b.id: pool.submit(run_block, b) for b in wanted}
