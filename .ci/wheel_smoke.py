@@ -64,6 +64,9 @@ close("softmax_cross_entropy", jaxce.softmax_cross_entropy(x, t), -(t * logp).su
 close("softmax_cross_entropy_with_integer_labels",
       jaxce.softmax_cross_entropy_with_integer_labels(x, y), picked)
 close("sigmoid_binary_cross_entropy", jaxce.sigmoid_binary_cross_entropy(x, b), bce)
+p = 1.0 / (1.0 + np.exp(-x64))
+close("binary_cross_entropy", jaxce.binary_cross_entropy(p.astype(np.float32), b),
+      -(b * np.log(p) + (1 - b) * np.log1p(-p)).mean())
 
 h = rng.normal(size=(6, 3)).astype(np.float32)
 w = rng.normal(size=(3, 7)).astype(np.float32)
@@ -88,6 +91,10 @@ except Exception as err:  # JaxRuntimeError
     raise AssertionError(f"checked.cross_entropy: unexpected error {err!r}") from err
 else:
   raise AssertionError("checked.cross_entropy accepted label 9 of 5 classes")
+lin = jaxce.checked.raising(lambda a, k, l: jaxce.checked.linear_cross_entropy(a, k, l))
+close("checked.linear_cross_entropy", lin(h, w, labels), (z_lse - z[np.arange(6), labels]).mean())
+drop_in = jaxce.checked.raising(jaxce.checked.softmax_cross_entropy_with_integer_labels)
+close("checked.softmax_cross_entropy_with_integer_labels", drop_in(x, y), picked)
 checked.update({"checked.raising", "checked.check_labels"})  # raising calls check_labels
 
 public = {n for n in jaxce.__all__ if n != "checked"}
@@ -98,7 +105,15 @@ assert not missing, f"no smoke test for {sorted(missing)}"
 if importlib.util.find_spec("jaxce.benchmark") is not None:
   subprocess.run([sys.executable, "-m", "jaxce.benchmark", "--help"], check=True,
                  stdout=subprocess.DEVNULL)
-  checked.add("python -m jaxce.benchmark --help")
+  # A short real run of the installed benchmark: table, results.json and a plot.
+  out = pathlib.Path("bench-out")
+  table = subprocess.run(
+      [sys.executable, "-m", "jaxce.benchmark", "--quick", "--cases", "nll,ce_nchw",
+       "--dtypes", "float32", "--out", str(out)],
+      check=True, capture_output=True, text=True).stdout
+  assert "jaxce / peer" in table, table
+  assert (out / "results.json").stat().st_size and (out / "ratio_float32.png").stat().st_size
+  checked.add("python -m jaxce.benchmark --quick")
 
 print(f"wheel smoke test passed: jaxce {jaxce.__version__} from {where.parent},"
       f" {len(checked)} checks")
