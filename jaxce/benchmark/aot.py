@@ -52,6 +52,10 @@ from jax.sharding import PartitionSpec as P
 
 import jaxce
 
+# libtpu takes a lock file so that one process owns the TPU; compiling needs no TPU,
+# and without this a second compiling process (a test run beside a benchmark) fails.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
 MiB = 2**20
 TARGET_DIR = Path(__file__).resolve().parent / "targets"
 AXIS = "x"
@@ -569,10 +573,11 @@ def violations(case: Case, shape: Shape, dtype: str, target: Target,
                jx: dict[str, Any], peer: dict[str, Any] | None) -> list[str]:
   """The acceptance figures that (case, shape, dtype, target) violates."""
   bad = []
-  if peer is not None and jx["temp_bytes"] > peer["temp_bytes"]:
+  # Slack for per-row vectors (N float32 statistics): 1% of the logits' bytes.
+  slack = 0.01 * jx["logits_bytes"]
+  if peer is not None and jx["temp_bytes"] > peer["temp_bytes"] + slack:
     bad.append(f"temp {jx['temp_bytes'] / MiB:.0f} MiB > peer {peer['temp_bytes'] / MiB:.0f}")
-  # 1.0x the logits, up to the per-row vectors (under 1% of the logits at C >= 128).
-  if case.name == "ce_int" and jx["temp_bytes"] > 1.01 * jx["logits_bytes"]:
+  if case.name == "ce_int" and jx["temp_bytes"] > jx["logits_bytes"] + slack:
     bad.append(f"temp {jx['temp_bytes'] / jx['logits_bytes']:.2f}x logits > 1.0x")
   if case.fused and shape == LLAMA3 and dtype == "bfloat16" and jx["temp_bytes"] > LINEAR_CAP:
     bad.append(f"temp {jx['temp_bytes'] / MiB:.0f} MiB > 160 MiB")
@@ -688,6 +693,7 @@ def markdown(rows: list[dict[str, Any]], targets: list[str]) -> str:
                    + " |" * 10)
         continue
       j, p = r["jaxce"], r.get("peer")
+      perr = "error" if "peer_error" in r else "-"
       ratio = (f"{j['temp_bytes'] / p['temp_bytes']:.2f}" if p and p["temp_bytes"]
                else "-")
       hbm = "-" if j["hbm_bytes_accessed"] is None else (
@@ -700,10 +706,15 @@ def markdown(rows: list[dict[str, Any]], targets: list[str]) -> str:
                                     f" ({p['matmul_nc_reads']}+{p['matmul_nc_writes']})")
       out.append(
           f"| {r['loss']} | {r['dtype']} | {r['shape']} | {_mib(j['temp_bytes'])} |"
-          f" {_mib(p['temp_bytes']) if p else '-'} | {ratio} |"
+          f" {_mib(p['temp_bytes']) if p else perr} | {ratio} |"
           f" {j['temp_bytes'] / j['logits_bytes']:.2f} | {_mib(j['argument_bytes'])} |"
           f" {_mib(j['output_bytes'])} | {hbm} | {traffic} | {ptraffic} |"
           f" {'; '.join(r['violations']) or 'ok'} |")
+    errors = [r for r in mine if "peer_error" in r]
+    if errors:
+      out.append("")
+    out.extend(f"- peer compile error, {r['loss']} {r['dtype']} {r['shape']}: {r['peer_error']}"
+               for r in errors)
   return "\n".join(out)
 
 
@@ -763,17 +774,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       row["skipped"] = why
       rows.append(row)
       continue
-    try:
-      for impl in ("jaxce", "peer"):
+    for impl in ("jaxce", "peer"):
+      try:
         row[impl] = compile_one(case, impl, shape, DTYPES[dtype], target, args.hlo)
-        if args.hlo:
-          stem = f"{target.name}-{case.name}-{dtype}-{shape.c}-{impl}".replace(":", "_")
-          (out_dir / f"{stem}.hlo.txt").write_text(row[impl].pop("hlo"))
-    except Exception as e:
-      row["skipped"] = f"compile error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-      rows.append(row)
-      continue
-    row["violations"] = violations(case, shape, dtype, target, row["jaxce"], row.get("peer"))
+      except Exception as e:  # a compiler error is a result: report it, go on
+        row[f"{impl}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        continue
+      if args.hlo:
+        stem = f"{target.name}-{case.name}-{dtype}-{shape.c}-{impl}".replace(":", "_")
+        (out_dir / f"{stem}.hlo.txt").write_text(row[impl].pop("hlo"))
+    if "jaxce" in row:
+      row["violations"] = violations(case, shape, dtype, target, row["jaxce"], row.get("peer"))
+    else:
+      row["skipped"] = f"jaxce: compile error: {row['jaxce_error']}"
     rows.append(row)
   targets = list(dict.fromkeys(r["target"] for r in rows))
   table = markdown(rows, targets)
