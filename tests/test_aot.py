@@ -38,7 +38,16 @@ KNOWN: dict[tuple[str, ...], str] = {
     ("peer", "ce_int", "v5e", "bfloat16"): F32_COPY,
     ("logits", "ce_int", "v5e", "bfloat16"): F32_COPY,
     ("f32", "ce_int", "v5e"): F32_COPY,
+    ("peer", "optax_int", "v5e", "bfloat16"): F32_COPY,  # the drop-in shares the kernel
 }
+LINEAR_GPU = ("XLA:GPU keeps the backward scan's float32 [N, D] dx accumulator (128 MiB at"
+              " N=8192, D=4096), a transposed bfloat16 copy of x [D, N] (64 MiB) and float32"
+              " [N, chunk] chunk logits live together: 169 MiB; XLA:TPU 129 MiB")
+LINEAR_AUTO = ("on an Auto mesh the chunk loop dynamic-slices the vocabulary-sharded kernel"
+               " (_linear.py _slice_cols in _scan_chunks), so the partitioner all-gathers the"
+               " whole kernel on every device, forward and backward")
+KNOWN_LINEAR = {"h100": LINEAR_GPU}
+KNOWN_GATHER = {("linear_ce", "vocab"): LINEAR_AUTO}
 
 
 def _param(*key: str) -> object:
@@ -47,17 +56,37 @@ def _param(*key: str) -> object:
   return pytest.param(*key[1:], marks=marks, id="-".join(key[1:]))
 
 
-def _need(target: aot.Target) -> None:
-  why = aot.compiler_missing(target.platform)
-  if why:
-    pytest.skip(f"{target.name}: {why}")
+# Every program the tests compile, in one worker process (see
+# aot.compile_jobs_subprocess: XLA_FLAGS, which conftest sets for the CPU sharding
+# tests, would change XLA:TPU's figures; JAX_PLATFORMS=cpu lets the CUDA plugin register).
+def _jobs() -> list[tuple[str, str, str, str, aot.Shape]]:
+  jobs = []
+  for c in ("ce_int", "ce_prob", "log_softmax", "optax_int"):
+    for t in ("v5e", "h100"):
+      jobs += [(c, i, t, "bfloat16", SMALL) for i in ("jaxce", "peer")]
+  for t in ("v5e", "h100"):
+    jobs += [("ce_int", i, t, "float32", SMALL) for i in ("jaxce", "peer")]
+    jobs += [("bce", "jaxce", t, "bfloat16", SMALL)]
+    jobs += [("linear_ce", "jaxce", t, "bfloat16", s)
+             for s in (LLAMA3, aot.Shape(LLAMA3.n, LLAMA3.d, 32768))]
+  for layout in ("vocab", "vocab-explicit", "vocab-shard_map"):
+    jobs += [(c, "jaxce", f"v5e-4:{layout}", "bfloat16", SMALL) for c in ("ce_int", "linear_ce")]
+  return [j for j in jobs if not aot.compiler_missing(aot.TARGETS[j[2]].platform, probe=False)]
 
 
 @functools.cache
+def _all_compiled() -> dict[tuple[str, str, str, str, aot.Shape], object]:
+  jobs = _jobs()
+  return dict(zip(jobs, aot.compile_jobs_subprocess(jobs) if jobs else [], strict=True))
+
+
 def compiled(case: str, impl: str, target: str, dtype: str, shape: aot.Shape) -> dict:
-  t = aot.TARGETS[target]
-  _need(t)
-  return aot.compile_one(aot.CASES[case], impl, shape, DTYPES[dtype], t)
+  why = aot.compiler_missing(aot.TARGETS[target].platform, probe=False)
+  if why:
+    pytest.skip(f"{target}: {why}")
+  got = _all_compiled()[(case, impl, target, dtype, shape)]
+  assert isinstance(got, dict), got  # a compile error's text
+  return got
 
 
 @pytest.mark.parametrize(("case", "target", "dtype"), [
@@ -93,7 +122,9 @@ def test_no_float32_logits_in_bfloat16_programs(case, target):
   assert not mine["f32_nc"], mine["f32_nc"]
 
 
-@pytest.mark.parametrize("target", ["v5e", "h100"])
+@pytest.mark.parametrize("target", [
+    pytest.param(t, marks=[pytest.mark.xfail(strict=True, reason=KNOWN_LINEAR[t])]
+                 if t in KNOWN_LINEAR else []) for t in ("v5e", "h100")])
 def test_linear_cross_entropy_llama3_head(target):
   full = compiled("linear_ce", "jaxce", target, "bfloat16", LLAMA3)
   quarter = compiled("linear_ce", "jaxce", target, "bfloat16",
@@ -106,12 +137,14 @@ def test_linear_cross_entropy_llama3_head(target):
   assert full["nc_writes"] == 0, full  # no [N, V] array is ever written
 
 
-@pytest.mark.parametrize("layout", ["vocab", "vocab-explicit", "vocab-shard_map"])
-@pytest.mark.parametrize("case", ["ce_int", "linear_ce"])
+@pytest.mark.parametrize(("case", "layout"), [
+    pytest.param(c, lay, id=f"{c}-{lay}",
+                 marks=[pytest.mark.xfail(strict=True, reason=KNOWN_GATHER[c, lay])]
+                 if (c, lay) in KNOWN_GATHER else [])
+    for c in ("ce_int", "linear_ce") for lay in ("vocab", "vocab-explicit", "vocab-shard_map")])
 def test_vocab_sharding_gathers_nothing_large(case, layout):
   target = f"v5e-4:{layout}"
-  shape = SMALL if case == "ce_int" else aot.Shape(2048, 512, 32768)
-  mine = compiled(case, "jaxce", target, "bfloat16", shape)
+  mine = compiled(case, "jaxce", target, "bfloat16", SMALL)
   assert not mine["big_collectives"], mine["big_collectives"]
 
 

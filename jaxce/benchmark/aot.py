@@ -92,8 +92,9 @@ TARGETS: dict[str, Target] = {
 }
 
 
-def compiler_missing(platform_name: str) -> str | None:
-  """Why `platform_name`'s compiler cannot be used here, or None if it can."""
+def compiler_missing(platform_name: str, probe: bool = True) -> str | None:
+  """Why `platform_name`'s compiler cannot be used here, or None if it can
+  (`probe=False`: only whether its packages are installed)."""
   if platform_name == "tpu":
     try:
       importlib.metadata.version("libtpu")
@@ -562,6 +563,38 @@ def compile_one(case: Case, impl: str, shape: Shape, dtype: Any, target: Target,
   return out
 
 
+def compile_jobs_subprocess(jobs: list[tuple[str, str, str, str, Shape]]) -> list[Any]:
+  """`compile_one` for each (case, impl, target, dtype, shape) in a fresh Python
+  process with JAX_PLATFORMS=cpu and no XLA_FLAGS; a dict, or the error's text.
+
+  XLA_FLAGS is read once per process and, when set at all (even to a CPU-only flag
+  such as --xla_force_host_platform_device_count), changes what XLA:TPU compiles:
+  linear_cross_entropy at the Llama-3 head on v5e goes from 129 to 1131 MiB of temp.
+  A test session that sets it for its CPU sharding tests needs this isolation.
+  """
+  import subprocess
+
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["JAX_PLATFORMS"] = "cpu"
+  code = ("import json, sys; from jaxce.benchmark import aot;"
+          " print(json.dumps(aot._compile_jobs(json.load(sys.stdin))))")
+  done = subprocess.run([sys.executable, "-c", code], input=json.dumps(jobs), env=env,
+                        capture_output=True, text=True, check=False)
+  if done.returncode != 0:
+    raise RuntimeError(f"compile worker failed:\n{done.stderr[-3000:]}")
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _compile_jobs(jobs: list[list[Any]]) -> list[Any]:
+  out: list[Any] = []
+  for case, impl, target, dtype, shape in jobs:
+    try:
+      out.append(compile_one(CASES[case], impl, Shape(*shape), DTYPES[dtype], TARGETS[target]))
+    except Exception as e:
+      out.append(f"{type(e).__name__}: {e}")
+  return out
+
+
 # ---------------------------------------------------------------------------
 # Acceptance figures (issue 8, item 2).
 
@@ -806,7 +839,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "host": platform.node(), "cpus": os.cpu_count(), "versions": _versions(),
       "elapsed_s": elapsed, "load_before": load_before, "load_after": os.getloadavg(),
-      "notes": notes, "rows": rows,
+      "xla_flags": os.environ.get("XLA_FLAGS"), "notes": notes, "rows": rows,
   }
   (out_dir / "results.json").write_text(json.dumps(result, indent=1))
   (out_dir / "results.md").write_text(header + "\n" + table + "\n")
