@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxce import _checks
-from jaxce._log_softmax import masked, probs, remat, shifted_stats
+from jaxce._log_softmax import masked, probs, remat, shifted_stats, shifted_stats_near
 
 
 class SmoothingSums(NamedTuple):
@@ -140,12 +140,12 @@ def _col(v: jax.Array, axis: int) -> jax.Array:
 
 def _label_primal(logits, labels, weight, where, axis, smoothing) -> LabelStats:
   xm = masked(logits, where)
-  shift, ls = shifted_stats(xm, (axis,))
   labels = _int32(labels)
   inside = (labels >= 0) & (labels < logits.shape[axis])
   # Gathered from the input dtype: exact, and no upcast copy to gather from.
-  x_label = take_at(xm, labels, axis).astype(shift.dtype)
-  picked = jnp.where(inside, x_label - jnp.squeeze(shift, axis), 0.0)
+  x_label = take_at(xm, labels, axis)
+  shift, ls = shifted_stats_near(xm, _col(x_label, axis), axis)
+  picked = jnp.where(inside, x_label.astype(shift.dtype) - jnp.squeeze(shift, axis), 0.0)
   sums = None
   if smoothing:
     active, xs = _shifted(xm, shift)
