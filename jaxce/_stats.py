@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from jaxce import _checks
-from jaxce._log_softmax import masked, probs, remat, shifted_stats, shifted_stats_near
+from jaxce._log_softmax import masked, probs, remat, row_shift, shifted_stats
 
 
 class SmoothingSums(NamedTuple):
@@ -151,16 +151,85 @@ def _col(v: jax.Array, axis: int) -> jax.Array:
 def _label_primal(logits, labels, weight, where, axis, smoothing) -> LabelStats:
   xm = masked(logits, where)
   labels = _int32(labels)
-  inside = (labels >= 0) & (labels < logits.shape[axis])
   # Gathered from the input dtype: exact, and no upcast copy to gather from.
   x_label = take_at(xm, labels, axis)
-  shift, ls = shifted_stats_near(xm, _col(x_label, axis), axis)
-  picked = jnp.where(inside, x_label.astype(shift.dtype) - jnp.squeeze(shift, axis), 0.0)
+  shift, ls, picked = _label_shift(xm, labels, x_label, axis)
   sums = None
   if smoothing:
-    active, xs = _shifted(xm, shift)
+    active, xs = _shifted(xm, _col(shift, axis))
     sums = _smoothing_sums(active, xs, _class_weights(weight, axis, xm.ndim, xs.dtype), axis)
-  return LabelStats(jnp.squeeze(shift, axis), jnp.squeeze(ls, axis), picked, sums)
+  return LabelStats(shift, ls, picked, sums)
+
+
+def _label_log_sum(xm, labels, shift, x_label, axis, exclude):
+  """(log_sum, picked) for a given shift (axis dropped).
+
+  With `exclude`, the label's own term is left out of the sum and added back
+  as expm1(picked): log_sum = log1p(others + expm1(picked)). When the label
+  dominates (p_y close to 1, picked = 0) this keeps log_sum, and so the loss
+  log_sum - picked, accurate to its own magnitude, where the log of a
+  rounded 1 + tiny is off by up to half a float32 ulp of 1 (6e-8, as in
+  PyTorch and optax). XLA:CPU's reductions do not fuse the one-hot select
+  (it would materialize an N x C array and triple the time of the sum), so
+  the CPU path sums every term.
+  """
+  ct = shift.dtype
+  inside = (labels >= 0) & (labels < xm.shape[axis])
+  picked = jnp.where(inside, x_label.astype(ct) - shift, 0.0)
+  z = jnp.exp(xm.astype(ct) - _col(shift, axis))
+  if exclude:
+    others = jnp.sum(jnp.where(one_hot_at(labels, xm.shape, axis), 0.0, z), axis)
+    s_minus_1 = others + jnp.where(inside, jnp.expm1(picked), -1.0)
+    none = s_minus_1 == -1.0  # no class left: -inf, with finite derivatives
+    return jnp.where(none, -jnp.inf, jnp.log1p(jnp.where(none, 0.0, s_minus_1))), picked
+  s = jnp.sum(z, axis)
+  return jnp.where(s == 0, -jnp.inf, jnp.log(jnp.where(s == 0, 1.0, s))), picked
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _label_shift(xm, labels, x_label, axis):
+  """(shift, log_sum, picked) of integer-label stats, axis dropped.
+
+  On CPU the shift is the label's logit, which saves the max's pass over
+  the logits: any shift within ~80 of the max gives the same result, and
+  the label's logit nearly always is one. If the sum overflows, or falls
+  below the normal float range (a label far below the max, or none),
+  anywhere, the batch is redone with the max under a `lax.cond` that runs
+  only then (under `jax.vmap`, always). Other platforms always take the
+  max: on TPU a cond whose operand is the logits makes XLA build a float32
+  copy of half-precision logits. The branch functions are cached per axis
+  and the whole is one `jax.jit` (inlined under an outer jit), so eager
+  calls, differentiated or not, reuse one executable.
+  """
+  near, at_max = _shift_branches(axis)
+  return jax.lax.platform_dependent(xm, labels, x_label, cpu=near, default=at_max)
+
+
+@functools.cache
+def _shift_branches(axis: int):
+  def at_max(xm, labels, x_label, exclude=True):
+    shift = jnp.squeeze(row_shift(xm, (axis,)), axis)
+    return (shift, *_label_log_sum(xm, labels, shift, x_label, axis, exclude))
+
+  def near(xm, labels, x_label):
+    # Converted first: XLA:CPU computes the logits of a bf16 matmul in
+    # float32 anyway, and a bf16 operand of the cond would be one more copy.
+    xm = xm.astype(_checks.compute_dtype(xm.dtype))
+    shift = jax.lax.stop_gradient(x_label.astype(xm.dtype))
+    shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+    ls, picked = _label_log_sum(xm, labels, shift, x_label, axis, False)
+    usable = jnp.all(jnp.isfinite(ls) & (ls > -60.0))
+    return jax.lax.cond(usable, accept, fallback, xm, labels, x_label, shift, ls, picked)
+
+  def accept(xm, labels, x_label, shift, ls, picked):
+    del xm, labels, x_label
+    return shift, ls, picked
+
+  def fallback(xm, labels, x_label, shift, ls, picked):
+    del shift, ls, picked
+    return at_max(xm, labels, x_label, False)
+
+  return near, at_max
 
 
 @remat(7, 8)
@@ -233,7 +302,7 @@ def _target_primal(logits, targets, weight, where, axis, smoothing) -> TargetSta
   # be. The shift goes through a barrier so that XLA:CPU does not share (and
   # materialize) one N x C broadcast or difference between two reductions.
   apart = jax.lax.optimization_barrier(shift)
-  target_logits = jnp.where(t == 0, 0.0, wt * (xm.astype(ct) - apart))
+  target_logits = wt * jnp.where(t == 0, 0.0, xm.astype(ct) - apart)
   sums = None
   if smoothing:
     active, xs = _shifted(xm, shift)
