@@ -762,7 +762,8 @@ def plot(rows: list[dict[str, Any]], tname: str, path: Path) -> None:
   mine = [r for r in rows if r["target"] == tname and "jaxce" in r]
   if not mine:
     return
-  labels = [f"{r['loss']}\n{r['dtype'][:4]}"
+  short = {"bfloat16": "bf16", "float32": "f32"}
+  labels = [f"{r['loss']}\n{short.get(r['dtype'], r['dtype'])}"
             + (f"\nV={r['shape'].split('C=')[1]}" if r["loss"] == "linear_ce" else "")
             for r in mine]
   jx = [r["jaxce"]["temp_bytes"] / MiB for r in mine]
@@ -770,10 +771,11 @@ def plot(rows: list[dict[str, Any]], tname: str, path: Path) -> None:
   x = np.arange(len(mine))
   fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(mine)), 4.5))
   ax.bar(x - 0.2, jx, 0.4, label="jaxce")
-  ax.bar(x + 0.2, peer, 0.4, label="peer (optax / jax.nn / materialized logits)")
+  ax.bar(x + 0.2, peer, 0.4, label="peer (optax / jax.nn / materialized logits;"
+                                    " missing: peer did not compile)")
   ax.set_yscale("log")
   ax.set_ylabel("compiled temp memory per device (MiB, log)")
-  ax.set_xticks(x, labels, fontsize=7)
+  ax.set_xticks(x, labels, fontsize=7, rotation=45, ha="right")
   t = TARGETS[tname]
   ax.set_title(f"value_and_grad temp memory, compiler figures: {tname} ({t.chip},"
                f" {t.devices} chip{'s' * (t.devices > 1)}, {t.layout})", fontsize=9)
