@@ -91,7 +91,7 @@ except Exception as err:  # JaxRuntimeError
     raise AssertionError(f"checked.cross_entropy: unexpected error {err!r}") from err
 else:
   raise AssertionError("checked.cross_entropy accepted label 9 of 5 classes")
-lin = jaxce.checked.raising(lambda a, k, l: jaxce.checked.linear_cross_entropy(a, k, l))
+lin = jaxce.checked.raising(jaxce.checked.linear_cross_entropy)
 close("checked.linear_cross_entropy", lin(h, w, labels), (z_lse - z[np.arange(6), labels]).mean())
 drop_in = jaxce.checked.raising(jaxce.checked.softmax_cross_entropy_with_integer_labels)
 close("checked.softmax_cross_entropy_with_integer_labels", drop_in(x, y), picked)
@@ -112,7 +112,8 @@ if importlib.util.find_spec("jaxce.benchmark") is not None:
        "--dtypes", "float32", "--out", str(out)],
       check=True, capture_output=True, text=True).stdout
   assert "jaxce / peer" in table, table
-  assert (out / "results.json").stat().st_size and (out / "ratio_float32.png").stat().st_size
+  assert (out / "results.json").stat().st_size, "empty results.json"
+  assert (out / "ratio_float32.png").stat().st_size, "empty plot"
   checked.add("python -m jaxce.benchmark --quick")
 
 print(f"wheel smoke test passed: jaxce {jaxce.__version__} from {where.parent},"
