@@ -31,15 +31,7 @@ DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 # What today's code fails, with the cause found in the optimized HLO. A fix flips the
 # case to XPASS, which fails (strict): then delete its entry here.
-F32_COPY = ("logsumexp_near (_log_softmax.py) casts the logits to float32 before its"
-            " lax.cond; XLA:TPU materializes that float32 [N, C] copy as an extra output of"
-            " the logits matmul fusion and passes it to the conditional")
-KNOWN: dict[tuple[str, ...], str] = {
-    ("peer", "ce_int", "v5e", "bfloat16"): F32_COPY,
-    ("logits", "ce_int", "v5e", "bfloat16"): F32_COPY,
-    ("f32", "ce_int", "v5e"): F32_COPY,
-    ("peer", "optax_int", "v5e", "bfloat16"): F32_COPY,  # the drop-in shares the kernel
-}
+KNOWN: dict[tuple[str, ...], str] = {}  # (check, case, target[, dtype]) -> why it fails
 LINEAR_GPU = ("XLA:GPU keeps the backward scan's float32 [N, D] dx accumulator (128 MiB at"
               " N=8192, D=4096), a transposed bfloat16 copy of x [D, N] (64 MiB) and float32"
               " [N, chunk] chunk logits live together: 169 MiB; XLA:TPU 129 MiB")
