@@ -10,13 +10,14 @@ as for `cross_entropy`.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from jaxce import _checks, _collective, _explicit
+from jaxce import _checks, _collective, _explicit, _linear_precompute
 from jaxce._linear_stats import default_chunk_size, linear_label_stats, linear_label_stats_rev
 from jaxce._reduction import integer_target_loss
 from jaxce._stats import LabelStats, SmoothingSums
@@ -43,6 +44,7 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
     forward_mode: bool = False,
     class_axis_name: str | None = None,
+    backward: Literal["auto", "recompute", "precompute"] = "auto",
 ) -> jax.Array:
   r"""`cross_entropy(x @ kernel + bias, labels, ...)` without the [N, V] logits.
 
@@ -115,6 +117,9 @@ def linear_cross_entropy(
   softcap = _checks.softcap(fn, softcap)
   chunk_size = _checks.chunk_size(fn, chunk_size)
   forward_mode = _checks.static_bool(fn, "forward_mode", forward_mode)
+  backward = _checks.backward(fn, backward, kernel_dtype=kernel.dtype, reduction=reduction,
+                              forward_mode=forward_mode, chunk_size=chunk_size,
+                              class_axis_name=class_axis_name)
   lead, vocab = x.shape[:-1], kernel.shape[1]
   labels = _checks.as_labels(labels)
   if not jnp.issubdtype(labels.dtype, jnp.integer):
@@ -162,11 +167,30 @@ def linear_cross_entropy(
     return impl(*args, class_axis_name)
   split = _explicit.linear_split(x, kernel, reduction)
   if split is not None:
+    if backward == "precompute":
+      raise ValueError(
+          f'{fn}: `backward="precompute"` cannot run on arrays sharded on an Explicit mesh'
+          f" (x {jax.typeof(x).sharding.spec}, kernel {jax.typeof(kernel).sharding.spec});"
+          ' use backward="recompute" or "auto".')
     specs = (P(*split.row_spec, None), P(None, split.class_spec[0]), split.row_spec,
              split.class_spec, split.class_spec)
     return _explicit.run_split(impl, split, args, specs)
   # Under jit, a kernel that XLA's partitioner may have split over its
   # vocabulary axis: as many groups as possible up to one per device, so
   # that any mesh axis size dividing both V and the device count lines up.
-  return impl(*args, None, groups=max(1, math.gcd(vocab, jax.device_count())))
+  groups = max(1, math.gcd(vocab, jax.device_count()))
+  n = math.prod(lead)
+  if backward == "auto":
+    backward = _linear_precompute.auto_backward(
+        kernel.dtype, n, vocab, reduction=reduction, forward_mode=forward_mode,
+        chunk_size=chunk_size, class_sharded=False, groups=groups)
+  if backward == "precompute" and vocab > 0:  # (V = 0: no logits, nothing to precompute)
+    if not isinstance(n, int):
+      raise ValueError(
+          f'{fn}: `backward="precompute"` needs a concrete number of tokens. Got x of shape'
+          f' {x.shape}; use backward="recompute" or "auto" under jax.export.')
+    options = _linear_precompute.Options(ignore_index, reduction, eps, z, softcap)
+    return _linear_precompute.precomputed_loss(
+        x.reshape(n, x.shape[-1]), kernel, bias, labels.reshape(n), weight, options)
+  return impl(*args, None, groups=groups)
 
