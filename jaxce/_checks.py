@@ -389,6 +389,6 @@ def backward(
     clash = f"class_axis_name={class_axis_name!r} (a vocabulary split over devices)"
   if clash is not None:
     raise ValueError(
-        f'{fn}: `backward="precompute"` cannot be combined with {clash}; use'
+        f'{fn}: `backward`="precompute" cannot be combined with {clash}; use'
         ' backward="recompute" or "auto".')
   return value

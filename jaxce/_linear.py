@@ -56,12 +56,26 @@ def linear_cross_entropy(
     z_{n} = s \tanh\big((x_n W + b) / s\big), \qquad
     \ell_n = \mathrm{CE}(z_n, y_n).
 
-  Memory: the forward streams vocabulary chunks with an online logsumexp; the
-  derivative recomputes each chunk's logits. What is kept for the backward is
-  `x`, `kernel`, `bias`, `labels` (the class weight with label smoothing)
-  and two float32 numbers per token (a shift and the log-sum-exp above it);
-  the largest temporaries are a few float32 [N, chunk] blocks and a float32
-  dx accumulator of `x`'s size. Nothing grows with V.
+  Two backward passes, one loss (both end in the same reduction code):
+
+  * ``backward="recompute"``: the forward streams vocabulary chunks with an
+    online logsumexp; the derivative recomputes each chunk's logits (four
+    matmuls in all). What is kept for the backward is `x`, `kernel`, `bias`,
+    `labels` (the class weight with label smoothing) and two float32
+    numbers per token (a shift and the log-sum-exp above it); the largest
+    temporaries are a few float32 [N, chunk] blocks and a float32 dx
+    accumulator of `x`'s size. Nothing grows with V.
+  * ``backward="precompute"``: the forward streams blocks of tokens, computes
+    each block's full-vocabulary logits once (a float32 [rows, V] block of
+    about 64 MiB) and the gradients with them (three matmuls in all, as on
+    materialized logits). What is kept for the backward is the gradients:
+    dx, dbias, dweight and **a dkernel as large as the kernel**, from the
+    forward until the backward (also computed when only the loss's value is
+    used under `jax.grad`); each block rereads and rewrites that dkernel.
+  * ``backward="auto"`` (default) picks precompute for 32-bit kernels with
+    "mean" or "sum", without `forward_mode`, `chunk_size` or a vocabulary
+    split over devices, when V <= 65536 (a block then holds at least 256
+    rows), and recompute otherwise; see `backward` below.
 
   Args:
     x: Activations ``[..., D]``, any leading batch dims.
@@ -96,6 +110,17 @@ def linear_cross_entropy(
       vocabulary is split: each device passes its [D, V / n] slice of
       `kernel` (and of `bias` and `weight`) and gets the loss over the whole
       vocabulary.
+    backward: "recompute", "precompute" or "auto" (see above). "precompute"
+      needs a 32-bit kernel, reduction "mean" or "sum", a concrete number of
+      tokens, and no `forward_mode`, `chunk_size`, `class_axis_name` or
+      Explicit-mesh sharding (ValueError otherwise); it keeps a gradient of
+      the kernel's size (plus x's, bias's and weight's) from the forward to
+      the backward. "auto" decides at trace time from static shapes and
+      dtypes: precompute when all of those hold, no device count shares a
+      factor with V (a kernel XLA may have split over its vocabulary axis),
+      and ``V <= 2**24 / 256``; recompute otherwise (bfloat16 kernels
+      always: a float32 dkernel accumulator would double the kernel's
+      memory).
 
   Returns:
     float32 (float64 for float64 inputs) loss.
@@ -169,7 +194,7 @@ def linear_cross_entropy(
   if split is not None:
     if backward == "precompute":
       raise ValueError(
-          f'{fn}: `backward="precompute"` cannot run on arrays sharded on an Explicit mesh'
+          f'{fn}: `backward`="precompute" cannot run on arrays sharded on an Explicit mesh'
           f" (x {jax.typeof(x).sharding.spec}, kernel {jax.typeof(kernel).sharding.spec});"
           ' use backward="recompute" or "auto".')
     specs = (P(*split.row_spec, None), P(None, split.class_spec[0]), split.row_spec,
@@ -187,7 +212,7 @@ def linear_cross_entropy(
   if backward == "precompute" and vocab > 0:  # (V = 0: no logits, nothing to precompute)
     if not isinstance(n, int):
       raise ValueError(
-          f'{fn}: `backward="precompute"` needs a concrete number of tokens. Got x of shape'
+          f'{fn}: `backward`="precompute" needs a concrete number of tokens. Got x of shape'
           f' {x.shape}; use backward="recompute" or "auto" under jax.export.')
     options = _linear_precompute.Options(ignore_index, reduction, eps, z, softcap)
     return _linear_precompute.precomputed_loss(

@@ -164,9 +164,10 @@ def _run(x, kernel, bias, labels, weight, options: Options, grads: bool):
     acc = (jnp.zeros(x.shape, x.dtype), jnp.zeros(kernel.shape, kernel.dtype),
            None if bias is None else jnp.zeros(bias.shape, ct),
            None if weight is None else jnp.zeros(weight.shape, ct))
-  num_blocks = -(-n // rows)
-  (all_stats, acc), _ = jax.lax.scan(step, (init_stats, acc),
-                                     jnp.arange(num_blocks, dtype=jnp.int32))
+  all_stats = init_stats
+  if n:  # (no tokens: no block to slice)
+    (all_stats, acc), _ = jax.lax.scan(step, (init_stats, acc),
+                                       jnp.arange(-(-n // rows), dtype=jnp.int32))
   if not grads:
     return loss_of(all_stats, weight), None
   dx, dkernel, dbias, dweight = acc
