@@ -873,30 +873,33 @@ def test_golden_file():
   assert {c["meta"]["fn"] for c in GOLDEN} == {"linear_cross_entropy"}
 
 
-def _golden_run(meta, a):
+def _golden_run(meta, a, backward):
   kw = dict(ignore_index=meta["ignore_index"], reduction=meta["reduction"],
             label_smoothing=meta["label_smoothing"], softcap=meta["softcap"],
             chunk_size=GOLDEN_CHUNK)
+  if backward == "precompute" and meta["reduction"] != "none":
+    kw.update(chunk_size=None, backward="precompute")
   params = {k: a[k] for k in ("x", "kernel", "bias", "weight") if k in a}
   return _value_and_grads(_lin_loss, params, a["labels"], a.get("cot", 1.0), kw)
 
 
 @functools.cache
-def _golden_results(dtype, group):
+def _golden_results(dtype, group, backward="recompute"):
   cases = GOLDEN[group * GROUP:(group + 1) * GROUP]
   metas = [c["meta"] for c in cases]
   with jax.enable_x64(dtype == "float64"):
     inputs = [{**{k: jnp.asarray(c[k], dtype) for k in GOLDEN_INPUTS if k in c},
                "labels": jnp.asarray(c["labels"])} for c in cases]
-    run = _fast(lambda inputs: [_golden_run(m, a) for m, a in zip(metas, inputs, strict=True)])
+    run = _fast(lambda inputs: [_golden_run(m, a, backward)
+                                for m, a in zip(metas, inputs, strict=True)])
     return jax.device_get(run(inputs))
 
 
-def _golden_mismatches(index, dtype):
+def _golden_mismatches(index, dtype, backward="recompute"):
   """Every way case `index` differs from torch in `dtype`, as messages."""
   case = GOLDEN[index]
   meta = case["meta"]
-  loss, grads = _golden_results(dtype, index // GROUP)[index % GROUP]
+  loss, grads = _golden_results(dtype, index // GROUP, backward)[index % GROUP]
   if dtype == "float64":
     tol = dict(rtol=1e-10, atol=1e-12)
   else:
@@ -934,6 +937,14 @@ def test_golden_float32(index):
 def test_golden_float64():
   """All cases at float64 tolerance (one test: one cause fails them all)."""
   bad = [m for i in range(len(GOLDEN)) for m in _golden_mismatches(i, "float64")]
+  assert not bad, f"{len(bad)} mismatches:\n" + "\n".join(bad)
+
+
+def test_golden_float64_precompute():
+  """backward="precompute" on the "mean" and "sum" cases, at float64 tolerance."""
+  cases = [i for i, c in enumerate(GOLDEN) if c["meta"]["reduction"] != "none"]
+  assert len(cases) >= 8
+  bad = [m for i in cases for m in _golden_mismatches(i, "float64", "precompute")]
   assert not bad, f"{len(bad)} mismatches:\n" + "\n".join(bad)
 
 
