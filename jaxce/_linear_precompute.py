@@ -36,8 +36,12 @@ from jaxce._stats import LabelStats, SmoothingSums, label_stats
 ROW_BLOCK_ELEMENTS = 4 * BLOCK_ELEMENTS
 
 # backward="auto" precomputes only when a block holds at least this many
-# rows, i.e. V <= ROW_BLOCK_ELEMENTS / MIN_ROWS (measurements: README).
-MIN_ROWS = 256
+# rows, i.e. V <= ROW_BLOCK_ELEMENTS / MIN_ROWS = 52428. Measured on CPU
+# (benchmarks/linear_backward.py, float32 value_and_grad, precompute /
+# recompute time): 0.85-0.89 with 512-524 rows (V = 32000, 32768), about
+# 0.86 with 333 (V = 50257), 0.86-1.41 with 256 (V = 65536), 1.18-1.49 with
+# 128 (V = 131072) and 2.5-4.3 with 16 (V = 2**20).
+MIN_ROWS = 320
 
 
 class Options(NamedTuple):  # static: everything but the arrays
@@ -85,7 +89,7 @@ def auto_backward(
   Explicit-mesh split, and no device count sharing a factor with V, under
   which XLA may have split the kernel: `groups` == 1), the number of tokens
   is concrete, V > 0, and a row block holds at least `MIN_ROWS` rows
-  (``V <= ROW_BLOCK_ELEMENTS / MIN_ROWS`` = 65536): with fewer, rereading
+  (``V <= ROW_BLOCK_ELEMENTS / MIN_ROWS`` = 52428): with fewer, rereading
   and rewriting the [D, V] dkernel accumulator per block costs more than the
   matmul it saves. Decided from static shapes and dtypes only.
   """

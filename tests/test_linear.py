@@ -1291,12 +1291,12 @@ def test_auto_backward_rule():
   base = dict(reduction="mean", forward_mode=False, chunk_size=None, class_sharded=False,
               groups=1)
   limit = _linear_precompute.ROW_BLOCK_ELEMENTS // _linear_precompute.MIN_ROWS
-  assert limit == 65536
+  assert limit == 52428
   for vocab in (1, 1000, 32000, 32768, 50257, limit):
     assert rule(F32, 2048, vocab, **base) == "precompute", vocab
     assert rule(jnp.float64, 2048, vocab, **base) == "precompute", vocab
     assert rule(F32, 2048, vocab, **{**base, "reduction": "sum"}) == "precompute", vocab
-  for vocab in (limit + 1, 131072, 2**20):
+  for vocab in (limit + 1, 65536, 131072, 2**20):
     assert rule(F32, 2048, vocab, **base) == "recompute", vocab
   for change in (dict(reduction="none"), dict(forward_mode=True), dict(chunk_size=1024),
                  dict(class_sharded=True), dict(groups=2)):
@@ -1317,7 +1317,7 @@ def test_auto_backward_rule():
     (dict(chunk_size=7), "recompute"),
     (dict(forward_mode=True), "recompute"),
     (dict(vocab=40), "recompute"),  # gcd(40, 8) = 8: a kernel XLA may have split
-    (dict(vocab=65537), "recompute"),  # a block would hold fewer than MIN_ROWS rows
+    (dict(vocab=52429), "recompute"),  # a block would hold fewer than MIN_ROWS rows
     (dict(backward="recompute"), "recompute"),
     (dict(backward="precompute", vocab=40), "precompute"),
 ])
