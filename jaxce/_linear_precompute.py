@@ -148,7 +148,8 @@ def _run(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Ar
     all_stats = put(all_stats, block, start)
     # The loss depends on a row's statistics through that row's term alone
     # (the "mean" denominator needs no logits), so the cotangent of this
-    # block's rows is exact whatever the rows of later blocks hold yet.
+    # block's rows is exact whatever the rows of later blocks hold yet. (An
+    # elementwise pass over N per block, against the block's matmuls.)
     _, loss_vjp = jax.vjp(lambda s: loss_of(put(all_stats, s, start), weight), block)
     (g,) = loss_vjp(jnp.ones((), ct))
     # Rows shared with the previous block (the last block's overlap) count once.
@@ -185,6 +186,7 @@ def _run(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Ar
   else:  # the class weight's own terms: the label's weight and the denominator
     loss, loss_vjp = jax.vjp(lambda w: loss_of(all_stats, w), weight)
     dweight = dweight + loss_vjp(jnp.ones((), loss.dtype))[0].astype(ct)
+
   def cast(v: jax.Array, like: jax.Array | None) -> jax.Array | None:
     return None if like is None else v.astype(like.dtype)
 
