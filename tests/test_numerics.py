@@ -3,6 +3,7 @@
 against a float64 NumPy reference written here."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -351,6 +352,39 @@ def test_bfloat16_bce_accuracy():
   _grad_close(gx, ref_gx, "grad logits")
   _grad_close(gt, (pwf * np_softplus(-xf) - np_softplus(xf)) / x.size, "grad targets")
   _grad_close(gpw, np.sum(tf * np_softplus(-xf), 0) / x.size, "grad pos_weight")
+
+
+_BCE_FORMS = {
+    "mean": lambda x, t: jaxce.binary_cross_entropy_with_logits(x, t),
+    "sum_pos_weight": lambda x, t: jaxce.binary_cross_entropy_with_logits(
+        x, t, pos_weight=jnp.linspace(0.5, 2.0, x.shape[-1]), reduction="sum"),
+    "weight": lambda x, t: jaxce.binary_cross_entropy_with_logits(
+        x, t, weight=jnp.arange(x.shape[-1], dtype=jnp.float32) % 3),
+    "optax_dropin": lambda x, t: jaxce.sigmoid_binary_cross_entropy(x, t).mean(),
+}
+
+
+@pytest.mark.parametrize("platform", ["cpu", "tpu", "cuda"])
+@pytest.mark.parametrize("form", sorted(_BCE_FORMS))
+def test_bfloat16_bce_backward_fuses_its_cotangent(form, platform):
+  # value_and_grad through h @ W, lowered (not compiled) for each platform: an
+  # optimization_barrier that takes a float32 logits-sized value (the mean's
+  # cotangent, broadcast) makes XLA materialize it (TPU v5e, N=2048,
+  # C=32768: 512 MiB temp instead of 128). On TPU no logits-sized value may
+  # go through a barrier at all: XLA fuses the whole loss into the matmuls.
+  n, d, c = 8, 4, 16
+  loss = _BCE_FORMS[form]
+  f = jax.value_and_grad(lambda h, w, t: loss(h @ w, t), (0, 1))
+  args = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((n, d), (d, c), (n, c))]
+  text = jax.export.export(jax.jit(f), platforms=[platform])(*args).mlir_module()
+  barriers = [line.rsplit(" : ", 1)[1] for line in text.splitlines()
+              if "= stablehlo.optimization_barrier" in line]
+  operands = [t for types in barriers for t in re.findall(r"tensor<[^>]*>", types)]
+  assert f"tensor<{n}x{c}xf32>" not in operands, barriers
+  if platform == "tpu":
+    assert not [t for t in operands if t.startswith(f"tensor<{n}x{c}x")], barriers
+  else:  # CPU: keeps the recomputed exponentials apart from the forward's
+    assert f"tensor<{n}x{c}xbf16>" in operands, barriers
 
 
 def test_bfloat16_nll_log_softmax_logsumexp_accuracy():
