@@ -30,6 +30,10 @@ import textwrap
 
 import pytest
 
+# Each block starts a fresh Python process: opt-in (`pytest -m slow`, which .ci/run runs)
+# to keep the default suite within its 5-minute budget on 2 cores.
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TIMEOUT_S = 300
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w+-]*)\s*$")

@@ -21,6 +21,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+# Trains real models: opt-in (`pytest -m slow`, which .ci/run runs) to keep the default
+# suite within its 5-minute budget on 2 cores.
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("optax")
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"

@@ -238,6 +238,7 @@ def test_forward_mode_explicit_mesh():
 # optax's own gradient checks (check_grads in both modes) on the drop-ins.
 
 
+@pytest.mark.slow  # eager check_grads to order 2 in both modes: `pytest -m slow` (.ci/run) runs it
 def test_optax_dropins_check_grads_both_modes():
   rng = _rng(10)
   logits = jnp.asarray(rng.normal(size=(3, 4)), F64)

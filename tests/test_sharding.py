@@ -711,6 +711,7 @@ def test_row_with_no_class_left_has_zero_gradient(path):
 # examples/sharding.py
 
 
+@pytest.mark.slow  # runs examples/sharding.py in a subprocess: `pytest -m slow` (.ci/run) runs it
 def test_sharding_example():
   """examples/sharding.py, sections 1-3 (section 4 needs several processes)."""
   spec = importlib.util.spec_from_file_location("jaxce_example_sharding",
