@@ -71,6 +71,7 @@ INT_OPTIONS = {
 }
 
 
+@pytest.mark.slow  # a sweep: `pytest -m slow` (.ci/run) runs it
 @pytest.mark.parametrize("opts", INT_OPTIONS.values(), ids=INT_OPTIONS.keys())
 def test_check_grads_cross_entropy_int(opts):
   x = _logits((N, C))

@@ -550,6 +550,7 @@ def _forward_mode_results(name):
     return jax.device_get(_fast(run)(inputs))
 
 
+@pytest.mark.slow  # a sweep: `pytest -m slow` (.ci/run) runs it
 @pytest.mark.parametrize("name", list(FWD_CASES))
 def test_forward_mode_every_transform(name):
   """jvp, linearize and fwd-over-rev (Hessian-vector products) of

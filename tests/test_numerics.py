@@ -955,6 +955,7 @@ def test_zero_classes_and_empty_batch_cross_entropy():
   assert float(jaxce.cross_entropy(x, jnp.zeros((0, 4)))) == 0.0
 
 
+@pytest.mark.slow  # a sweep: `pytest -m slow` (.ci/run) runs it
 @pytest.mark.parametrize("axis", [None, 0, -1, (0, 2), (2, 0), (1,), (0, 1, 2)])
 def test_axis_forms_like_jax_nn(axis):
   x = jnp.asarray(_rng(24).normal(size=(2, 3, 4)) * 3, jnp.float32)

@@ -76,6 +76,7 @@ def test_where_equals_dropping_the_masked_entries(size):
   assert float(jaxce.softmax_cross_entropy(preds, targets, where=none)) == 0.0
 
 
+@pytest.mark.slow  # a sweep: `pytest -m slow` (.ci/run) runs it
 @pytest.mark.parametrize("axis", [0, 1, 2])
 def test_axis_equals_moving_the_axis_last(axis):
   rng = np.random.default_rng(axis)

@@ -15,6 +15,10 @@ from hypothesis.extra.numpy import arrays
 
 import jaxce
 
+# Hypothesis properties: opt-in (`pytest -m slow`, which .ci/run runs) to keep the default
+# suite within its 5-minute budget on 2 cores.
+pytestmark = pytest.mark.slow
+
 N, C = 6, 5
 SETTINGS = settings(max_examples=25, deadline=None)
 
