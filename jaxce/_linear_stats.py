@@ -131,6 +131,16 @@ def _cpu_barrier(kernel: jax.Array) -> jax.Array:
       kernel, cpu=jax.lax.optimization_barrier, default=lambda k: k)
 
 
+def _cpu_loop_barrier(operands):
+  """`_cpu_barrier` for a loop-invariant kernel that is not in the carry:
+  behind one barrier with the loop index, the kernel reads as loop-variant,
+  so XLA:CPU cannot hoist a float32 copy of it out of the loop."""
+  if all(a is None or a.dtype.itemsize >= 4 for a in operands[:-1]):
+    return operands
+  return jax.lax.platform_dependent(
+      operands, cpu=jax.lax.optimization_barrier, default=lambda ops: ops)
+
+
 def _scan_chunks(step, carry, kernel, chunk: int, per_group: int):
   """carry after step(carry, kernel, i) over the chunks i; the kernel rides
   in the loop carry (see `_cpu_barrier`)."""
@@ -227,14 +237,16 @@ def _tangent(x, kernel, bias, labels, weight, shift, log_sum, dx, dkernel, dbias
   # copy of a bf16 kernel out of the transposed loop: 424 vs 2412 MiB)
   @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
   def step(carry, i):
-    ch = chunk_logits(x, _cpu_barrier(kernel), bias, i, chunk, softcap, groups)
+    k, i = _cpu_loop_barrier((kernel, i))
+    dk = None if dkernel is None else _cpu_loop_barrier((dkernel, i))[0]
+    ch = chunk_logits(x, k, bias, i, chunk, softcap, groups)
     dz = jnp.zeros((), ct)
     if dx is not None:
-      dz = dz + matmul(dx, group_cols(kernel, ch.start, chunk, groups), (1,), (0,))
+      dz = dz + matmul(dx, group_cols(k, ch.start, chunk, groups), (1,), (0,))
     if dkernel is not None:
       # contracted against x transposed: reverse mode's transpose of this
       # product is then x_t @ dz, a plain matmul
-      dz = dz + matmul(x_t, group_cols(dkernel, ch.start, chunk, groups), (0,), (0,))
+      dz = dz + matmul(x_t, group_cols(dk, ch.start, chunk, groups), (0,), (0,))
     if dbias is not None:
       dz = dz + group_cols(dbias, ch.start, chunk, groups).astype(ct)[None]
     if softcap is not None:
