@@ -141,8 +141,9 @@ def linear_cross_entropy(
     >>> print(jaxce.linear_cross_entropy(x, kernel, labels))
     1.609438
     >>> loss = lambda k: jaxce.linear_cross_entropy(x, k, labels, forward_mode=True)
-    >>> print(jax.jvp(loss, (kernel,), (jnp.ones((3, 5)),))[1])
-    0.0
+    >>> tangent = jnp.zeros((3, 5)).at[:, 0].set(1.0)  # raise class 0's logits
+    >>> print(f"{jax.jvp(loss, (kernel,), (tangent,))[1]:.4f}")
+    -0.9000
   """
   fn = "linear_cross_entropy"
   x, kernel = _checks.linear_operands(fn, x, kernel)
