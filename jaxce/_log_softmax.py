@@ -79,6 +79,55 @@ def shifted_stats(x: jax.Array, axes: Axes) -> tuple[jax.Array, jax.Array]:
   return shift, log_sum(x, shift, axes)
 
 
+@functools.partial(jax.jit, static_argnums=(2,))
+def shifted_stats_near(x: jax.Array, guess: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+  """`shifted_stats` over one axis, shifted on CPU by a per-row `guess`
+  (axis kept; the label's logit) instead of the row max, which saves the
+  max's pass over x there.
+
+  Any shift within ~80 of the max gives the same result, and the label's
+  logit nearly always is one. If the sum overflows, or falls below the
+  normal float range (a guess far above the max), anywhere, the batch is
+  redone with the max under a `lax.cond` that runs only then. Other
+  platforms always take the max: on TPU a cond whose operand is the logits
+  makes XLA build a float32 copy of half-precision logits. The branch
+  functions are cached per axis and the whole is one `jax.jit` (inlined
+  under an outer jit), so eager calls, differentiated or not, reuse one
+  executable instead of recompiling the cond.
+  """
+  return jax.lax.platform_dependent(x, guess, cpu=_near_branches(axis)[0],
+                                    default=_near_branches(axis)[1])
+
+
+@functools.cache
+def _near_branches(axis: int):
+  axes = (axis,)
+
+  def at_max(x, guess):
+    del guess
+    return shifted_stats(x, axes)
+
+  def near(x, guess):
+    # Converted first, as XLA:CPU computes the logits of a bf16 matmul in float32
+    # anyway: a bf16 operand of the cond would be one more copy.
+    x = x.astype(_checks.compute_dtype(x.dtype))
+    shift = jax.lax.stop_gradient(guess.astype(x.dtype))
+    shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+    s = jnp.sum(jnp.exp(x - shift), axes, keepdims=True)
+    usable = jnp.all(jnp.isfinite(s) & (s > 1e-30))
+    return jax.lax.cond(usable, accept, fallback, x, shift, s)
+
+  def accept(x, shift, s):
+    del x
+    return shift, jnp.log(s)
+
+  def fallback(x, shift, s):
+    del shift, s
+    return shifted_stats(x, axes)
+
+  return near, at_max
+
+
 # ---------------------------------------------------------------------------
 # log_softmax
 

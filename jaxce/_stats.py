@@ -26,9 +26,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from jaxce import _checks
-from jaxce._log_softmax import masked, probs, remat, shifted_stats
+from jaxce._log_softmax import masked, probs, remat, shifted_stats, shifted_stats_near
 
 
 class SmoothingSums(NamedTuple):
@@ -55,7 +56,7 @@ class TargetStats(NamedTuple):
 
   shift: jax.Array
   log_sum: jax.Array
-  target_mass: jax.Array  # sum_c w_c t_c over active classes
+  target_mass: jax.Array  # sum_c w_c t_c over classes inside `where`
   target_logits: jax.Array  # sum_c w_c t_c (x_c - shift); -inf if t_c > 0 at a
   #                           -inf logit inside `where`
   smoothing: SmoothingSums | None
@@ -130,6 +131,15 @@ def _smoothing_tangent(active, xs, w, txc, tw, axis, zero) -> SmoothingSums:
   return SmoothingSums(jnp.sum(t_sum, axis), t_weight, zero)
 
 
+def given(t, like: jax.Array | None = None):
+  """A tangent from a `symbolic_zeros` rule: None for an input that is not
+  differentiated (so its terms are left out, not computed on zeros), or
+  zeros like `like` where the rule needs an array."""
+  if not isinstance(t, SymbolicZero):
+    return t
+  return None if like is None else jnp.zeros(like.shape, like.dtype)
+
+
 def _col(v: jax.Array, axis: int) -> jax.Array:
   return jnp.expand_dims(v, axis)
 
@@ -140,12 +150,12 @@ def _col(v: jax.Array, axis: int) -> jax.Array:
 
 def _label_primal(logits, labels, weight, where, axis, smoothing) -> LabelStats:
   xm = masked(logits, where)
-  shift, ls = shifted_stats(xm, (axis,))
   labels = _int32(labels)
   inside = (labels >= 0) & (labels < logits.shape[axis])
   # Gathered from the input dtype: exact, and no upcast copy to gather from.
-  x_label = take_at(xm, labels, axis).astype(shift.dtype)
-  picked = jnp.where(inside, x_label - jnp.squeeze(shift, axis), 0.0)
+  x_label = take_at(xm, labels, axis)
+  shift, ls = shifted_stats_near(xm, _col(x_label, axis), axis)
+  picked = jnp.where(inside, x_label.astype(shift.dtype) - jnp.squeeze(shift, axis), 0.0)
   sums = None
   if smoothing:
     active, xs = _shifted(xm, shift)
@@ -195,10 +205,10 @@ def label_stats(
   return _label_primal(logits, labels, weight, where, axis, smoothing)
 
 
-@label_stats.defjvp
+@functools.partial(label_stats.defjvp, symbolic_zeros=True)
 def _label_stats_jvp(axis, smoothing, primals, tangents):
   logits, labels, weight, where = primals
-  tx, _, tw, _ = tangents
+  tx, tw = given(tangents[0], logits), given(tangents[2])
   stats = _label_primal(logits, labels, weight, where, axis, smoothing)
   t_log_sum, t_picked, t_sums = _label_tangent(
       logits, labels, weight, where, stats._replace(smoothing=None), tx,
@@ -213,22 +223,23 @@ def _label_stats_jvp(axis, smoothing, primals, tangents):
 def _target_primal(logits, targets, weight, where, axis, smoothing) -> TargetStats:
   xm = masked(logits, where)
   shift, ls = shifted_stats(xm, (axis,))
-  active, xs = _shifted(xm, shift)
-  t = targets.astype(xs.dtype)
-  w = _class_weights(weight, axis, xm.ndim, xs.dtype)
-  wt = w * t
-  # Target mass on a -inf logit (inside `where`): -inf, so the loss is +inf.
-  lost = (xm == -jnp.inf) & (t != 0)
+  ct = shift.dtype
+  t = targets.astype(ct)
   if where is not None:
-    lost = lost & where
-  stats = TargetStats(
-      jnp.squeeze(shift, axis),
-      jnp.squeeze(ls, axis),
-      jnp.sum(jnp.where(active, wt, 0.0), axis),
-      jnp.sum(jnp.where(active, wt * xs, jnp.where(lost, -jnp.inf, 0.0)), axis),
-      _smoothing_sums(active, xs, w, axis) if smoothing else None,
-  )
-  return stats
+    t = jnp.where(where, t, 0.0)
+  wt = _class_weights(weight, axis, xm.ndim, ct) * t
+  # x - shift where target mass meets it: 0 where t == 0 (no 0 * -inf =
+  # NaN); mass on a -inf logit gives -inf, so the loss is +inf, as it should
+  # be. The shift goes through a barrier so that XLA:CPU does not share (and
+  # materialize) one N x C broadcast or difference between two reductions.
+  apart = jax.lax.optimization_barrier(shift)
+  target_logits = jnp.where(t == 0, 0.0, wt * (xm.astype(ct) - apart))
+  sums = None
+  if smoothing:
+    active, xs = _shifted(xm, shift)
+    sums = _smoothing_sums(active, xs, _class_weights(weight, axis, xm.ndim, ct), axis)
+  return TargetStats(jnp.squeeze(shift, axis), jnp.squeeze(ls, axis), jnp.sum(wt, axis),
+                     jnp.sum(target_logits, axis), sums)
 
 
 @remat(8, 9)
@@ -241,11 +252,18 @@ def _target_tangent(logits, targets, weight, where, stats, tx, tt, tw, axis, smo
   w = _class_weights(weight, axis, xm.ndim, xs.dtype)
   tw = None if tw is None else _class_weights(tw, axis, xm.ndim, xs.dtype)
   txc = tx.astype(xs.dtype)
+  # d(w t): terms of inputs that are not differentiated (None) are left out.
   # A class with a -inf logit is treated as a masked one: the targets there
   # get a zero gradient (not w * lse).
-  t_wt = w * tt.astype(xs.dtype) if tw is None else w * tt.astype(xs.dtype) + tw * t
-  t_mass = jnp.sum(jnp.where(active, t_wt, 0.0), axis)
-  t_logits = jnp.sum(jnp.where(active, w * t * txc + t_wt * xs, 0.0), axis)
+  t_wt = None if tt is None else w * tt.astype(xs.dtype)
+  if tw is not None:
+    t_wt = tw * t if t_wt is None else t_wt + tw * t
+  t_logits = jnp.where(active, w * t * txc, 0.0)
+  t_mass = _zero(stats.shift)
+  if t_wt is not None:
+    t_logits = t_logits + jnp.where(active, t_wt * xs, 0.0)
+    t_mass = jnp.sum(jnp.where(active, t_wt, 0.0), axis)
+  t_logits = jnp.sum(t_logits, axis)
   t_log_sum = jnp.sum(probs(xm, shift, ls) * txc, axis)
   sums = None
   if smoothing:
@@ -272,10 +290,10 @@ def target_stats(
   return _target_primal(logits, targets, weight, where, axis, smoothing)
 
 
-@target_stats.defjvp
+@functools.partial(target_stats.defjvp, symbolic_zeros=True)
 def _target_stats_jvp(axis, smoothing, primals, tangents):
   logits, targets, weight, where = primals
-  tx, tt, tw, _ = tangents
+  tx, tt, tw = given(tangents[0], logits), given(tangents[1]), given(tangents[2])
   stats = _target_primal(logits, targets, weight, where, axis, smoothing)
   t_log_sum, t_mass, t_logits, t_sums = _target_tangent(
       logits, targets, weight, where, stats._replace(smoothing=None), tx, tt,
@@ -302,8 +320,9 @@ def pick(x: jax.Array, labels: jax.Array, axis: int) -> jax.Array:
   return take_at(x, labels, axis).astype(_checks.compute_dtype(x.dtype))
 
 
-@pick.defjvp
+@functools.partial(pick.defjvp, symbolic_zeros=True)
 def _pick_jvp(axis, primals, tangents):
   x, labels = primals
   ct = _checks.compute_dtype(x.dtype)
-  return take_at(x, labels, axis).astype(ct), _pick_tangent(labels, tangents[0], axis, ct)
+  tx = given(tangents[0], x)
+  return take_at(x, labels, axis).astype(ct), _pick_tangent(labels, tx, axis, ct)
