@@ -1,18 +1,26 @@
 """Per-token statistics of `x @ kernel + bias` streamed over vocabulary
-chunks, never materializing the [N, V] logits: the kernel of
+chunks, never materializing the [N, V] logits: the kernels of
 `linear_cross_entropy`.
 
-`linear_label_stats` is a `jax.custom_jvp`. Its primal streams the chunks
-with an online logsumexp (float32) and returns the same statistics as
-`_stats.label_stats` (`LabelStats`: a stop-gradient shift, the log-sum
-relative to it, the label's logit relative to it, and the label-smoothing
-sums). Its tangent streams the chunks again: each chunk's logits are
-recomputed, their softmax comes from the saved (shift, log_sum), and it is
-contracted with the chunk's tangent logits `dx @ W_c + x @ dW_c + db_c`.
-The tangent's loop body is rematerialized (`jax.checkpoint` saving
-nothing), so reverse mode, which JAX obtains by transposing that tangent,
-keeps only the inputs and the per-token float32 statistics, and its
-largest temporary is one float32 [N, chunk] block.
+Both kernels share one primal: it streams the chunks with an online
+logsumexp (float32) and returns `_stats.LabelStats` (a stop-gradient shift,
+the log-sum above it, the label's logit relative to it, the label-smoothing
+sums), which `_collective.combine` and `_reduction.integer_target_loss`
+turn into the loss as for every other loss. They differ in the derivative:
+
+* `linear_label_stats_rev` (default): a `jax.custom_vjp` whose backward
+  recomputes each chunk's logits, accumulates dx in float32 (in row blocks)
+  and writes each chunk's dkernel / dbias columns in place. Reverse mode
+  only.
+* `linear_label_stats` (`forward_mode=True`): a `jax.custom_jvp` whose
+  tangent recomputes each chunk's logits, takes their softmax from the
+  saved (shift, log_sum) and contracts it with the chunk's tangent logits
+  `dx @ W_c + x @ dW_c + db_c` (times the soft-cap's derivative). The
+  tangent is rematerialized (`jax.checkpoint` saving nothing), so reverse
+  mode, which JAX gets by transposing it, keeps the same residuals.
+
+Residuals in both: x, kernel, bias, int32 labels, the class weight (label
+smoothing only) and two float32 numbers per token (shift, log_sum).
 """
 
 from __future__ import annotations
