@@ -42,7 +42,8 @@ def _equals(labels: jax.Array, value: int | jax.Array) -> jax.Array:
   return fits & (labels == value.astype(labels.dtype))
 
 
-def _int32_labels(labels: jax.Array, ignore_index, num_classes: int) -> jax.Array:
+def _int32_labels(labels: jax.Array, ignore_index: int | jax.Array | None,
+                  num_classes: int) -> jax.Array:
   """Labels of any integer dtype as int32 codes: the class for labels in
   [0, num_classes), `_IGNORED` for labels equal to `ignore_index`,
   `_OUT_OF_RANGE` for the rest (which make the loss NaN)."""
@@ -56,7 +57,7 @@ def _int32_labels(labels: jax.Array, ignore_index, num_classes: int) -> jax.Arra
   return jnp.where(_equals(labels, ignore_index), _IGNORED, codes)
 
 
-def _empty_vocabulary_stats(n, ct, smoothing: bool) -> LabelStats:
+def _empty_vocabulary_stats(n: int, ct: np.dtype, smoothing: bool) -> LabelStats:
   zeros = jnp.zeros((n,), ct)
   sums = SmoothingSums(zeros, zeros, zeros) if smoothing else None
   return LabelStats(zeros, jnp.full((n,), -jnp.inf, ct), zeros, sums)
@@ -159,7 +160,9 @@ def linear_cross_entropy(
   bias = _checks.linear_bias(fn, bias, vocab)
   stats_fn = linear_label_stats if forward_mode else linear_label_stats_rev
 
-  def impl(x, kernel, labels, bias, weight, class_axis_name, row_axes=(), groups=1):
+  def impl(x: jax.Array, kernel: jax.Array, labels: jax.Array, bias: jax.Array | None,
+           weight: jax.Array | None, class_axis_name: str | None,
+           row_axes: tuple[str, ...] = (), groups: int = 1) -> jax.Array:
     lead, (d, vocab) = x.shape[:-1], kernel.shape  # this device's share
     n = math.prod(lead)
     num_classes = vocab * (1 if class_axis_name is None else jax.lax.axis_size(class_axis_name))
