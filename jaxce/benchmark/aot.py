@@ -52,6 +52,10 @@ from jax.sharding import PartitionSpec as P
 
 import jaxce
 
+# libtpu takes a lock file so that one process owns the TPU; compiling needs no TPU,
+# and without this a second compiling process (a test run beside a benchmark) fails.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
 MiB = 2**20
 TARGET_DIR = Path(__file__).resolve().parent / "targets"
 AXIS = "x"
@@ -88,8 +92,9 @@ TARGETS: dict[str, Target] = {
 }
 
 
-def compiler_missing(platform_name: str) -> str | None:
-  """Why `platform_name`'s compiler cannot be used here, or None if it can."""
+def compiler_missing(platform_name: str, probe: bool = True) -> str | None:
+  """Why `platform_name`'s compiler cannot be used here, or None if it can
+  (`probe=False`: only whether its packages are installed)."""
   if platform_name == "tpu":
     try:
       importlib.metadata.version("libtpu")
@@ -558,6 +563,38 @@ def compile_one(case: Case, impl: str, shape: Shape, dtype: Any, target: Target,
   return out
 
 
+def compile_jobs_subprocess(jobs: list[tuple[str, str, str, str, Shape]]) -> list[Any]:
+  """`compile_one` for each (case, impl, target, dtype, shape) in a fresh Python
+  process with JAX_PLATFORMS=cpu and no XLA_FLAGS; a dict, or the error's text.
+
+  XLA_FLAGS is read once per process and, when set at all (even to a CPU-only flag
+  such as --xla_force_host_platform_device_count), changes what XLA:TPU compiles:
+  linear_cross_entropy at the Llama-3 head on v5e goes from 129 to 1131 MiB of temp.
+  A test session that sets it for its CPU sharding tests needs this isolation.
+  """
+  import subprocess
+
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["JAX_PLATFORMS"] = "cpu"
+  code = ("import json, sys; from jaxce.benchmark import aot;"
+          " print(json.dumps(aot._compile_jobs(json.load(sys.stdin))))")
+  done = subprocess.run([sys.executable, "-c", code], input=json.dumps(jobs), env=env,
+                        capture_output=True, text=True, check=False)
+  if done.returncode != 0:
+    raise RuntimeError(f"compile worker failed:\n{done.stderr[-3000:]}")
+  return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _compile_jobs(jobs: list[list[Any]]) -> list[Any]:
+  out: list[Any] = []
+  for case, impl, target, dtype, shape in jobs:
+    try:
+      out.append(compile_one(CASES[case], impl, Shape(*shape), DTYPES[dtype], TARGETS[target]))
+    except Exception as e:
+      out.append(f"{type(e).__name__}: {e}")
+  return out
+
+
 # ---------------------------------------------------------------------------
 # Acceptance figures (issue 8, item 2).
 
@@ -569,10 +606,11 @@ def violations(case: Case, shape: Shape, dtype: str, target: Target,
                jx: dict[str, Any], peer: dict[str, Any] | None) -> list[str]:
   """The acceptance figures that (case, shape, dtype, target) violates."""
   bad = []
-  if peer is not None and jx["temp_bytes"] > peer["temp_bytes"]:
+  # Slack for per-row vectors (N float32 statistics): 1% of the logits' bytes.
+  slack = 0.01 * jx["logits_bytes"]
+  if peer is not None and jx["temp_bytes"] > peer["temp_bytes"] + slack:
     bad.append(f"temp {jx['temp_bytes'] / MiB:.0f} MiB > peer {peer['temp_bytes'] / MiB:.0f}")
-  # 1.0x the logits, up to the per-row vectors (under 1% of the logits at C >= 128).
-  if case.name == "ce_int" and jx["temp_bytes"] > 1.01 * jx["logits_bytes"]:
+  if case.name == "ce_int" and jx["temp_bytes"] > jx["logits_bytes"] + slack:
     bad.append(f"temp {jx['temp_bytes'] / jx['logits_bytes']:.2f}x logits > 1.0x")
   if case.fused and shape == LLAMA3 and dtype == "bfloat16" and jx["temp_bytes"] > LINEAR_CAP:
     bad.append(f"temp {jx['temp_bytes'] / MiB:.0f} MiB > 160 MiB")
@@ -626,6 +664,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                  " results.md and one PNG per target [default: aot-results]")
   p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
   p.add_argument("--hlo", action="store_true", help="also write each optimized HLO module")
+  p.add_argument("--from-json", nargs="+", metavar="RESULTS_JSON",
+                 help="compile nothing: merge these results.json files (a later file's row"
+                      " replaces an earlier one for the same target, loss, dtype and shape) and"
+                      " write the tables and plots to --out")
   args = p.parse_args(argv)
   preset = {**DEFAULTS, **(QUICK if args.quick else {})}
   for key, value in preset.items():
@@ -688,6 +730,7 @@ def markdown(rows: list[dict[str, Any]], targets: list[str]) -> str:
                    + " |" * 10)
         continue
       j, p = r["jaxce"], r.get("peer")
+      perr = "error" if "peer_error" in r else "-"
       ratio = (f"{j['temp_bytes'] / p['temp_bytes']:.2f}" if p and p["temp_bytes"]
                else "-")
       hbm = "-" if j["hbm_bytes_accessed"] is None else (
@@ -700,10 +743,15 @@ def markdown(rows: list[dict[str, Any]], targets: list[str]) -> str:
                                     f" ({p['matmul_nc_reads']}+{p['matmul_nc_writes']})")
       out.append(
           f"| {r['loss']} | {r['dtype']} | {r['shape']} | {_mib(j['temp_bytes'])} |"
-          f" {_mib(p['temp_bytes']) if p else '-'} | {ratio} |"
+          f" {_mib(p['temp_bytes']) if p else perr} | {ratio} |"
           f" {j['temp_bytes'] / j['logits_bytes']:.2f} | {_mib(j['argument_bytes'])} |"
           f" {_mib(j['output_bytes'])} | {hbm} | {traffic} | {ptraffic} |"
           f" {'; '.join(r['violations']) or 'ok'} |")
+    errors = [r for r in mine if "peer_error" in r]
+    if errors:
+      out.append("")
+    out.extend(f"- peer compile error, {r['loss']} {r['dtype']} {r['shape']}: {r['peer_error']}"
+               for r in errors)
   return "\n".join(out)
 
 
@@ -714,7 +762,8 @@ def plot(rows: list[dict[str, Any]], tname: str, path: Path) -> None:
   mine = [r for r in rows if r["target"] == tname and "jaxce" in r]
   if not mine:
     return
-  labels = [f"{r['loss']}\n{r['dtype'][:4]}"
+  short = {"bfloat16": "bf16", "float32": "f32"}
+  labels = [f"{r['loss']}\n{short.get(r['dtype'], r['dtype'])}"
             + (f"\nV={r['shape'].split('C=')[1]}" if r["loss"] == "linear_ce" else "")
             for r in mine]
   jx = [r["jaxce"]["temp_bytes"] / MiB for r in mine]
@@ -722,10 +771,11 @@ def plot(rows: list[dict[str, Any]], tname: str, path: Path) -> None:
   x = np.arange(len(mine))
   fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(mine)), 4.5))
   ax.bar(x - 0.2, jx, 0.4, label="jaxce")
-  ax.bar(x + 0.2, peer, 0.4, label="peer (optax / jax.nn / materialized logits)")
+  ax.bar(x + 0.2, peer, 0.4, label="peer (optax / jax.nn / materialized logits;"
+                                    " missing: peer did not compile)")
   ax.set_yscale("log")
   ax.set_ylabel("compiled temp memory per device (MiB, log)")
-  ax.set_xticks(x, labels, fontsize=7)
+  ax.set_xticks(x, labels, fontsize=7, rotation=45, ha="right")
   t = TARGETS[tname]
   ax.set_title(f"value_and_grad temp memory, compiler figures: {tname} ({t.chip},"
                f" {t.devices} chip{'s' * (t.devices > 1)}, {t.layout})", fontsize=9)
@@ -763,17 +813,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       row["skipped"] = why
       rows.append(row)
       continue
-    try:
-      for impl in ("jaxce", "peer"):
+    for impl in ("jaxce", "peer"):
+      try:
         row[impl] = compile_one(case, impl, shape, DTYPES[dtype], target, args.hlo)
-        if args.hlo:
-          stem = f"{target.name}-{case.name}-{dtype}-{shape.c}-{impl}".replace(":", "_")
-          (out_dir / f"{stem}.hlo.txt").write_text(row[impl].pop("hlo"))
-    except Exception as e:
-      row["skipped"] = f"compile error: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-      rows.append(row)
-      continue
-    row["violations"] = violations(case, shape, dtype, target, row["jaxce"], row.get("peer"))
+      except Exception as e:  # a compiler error is a result: report it, go on
+        row[f"{impl}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        continue
+      if args.hlo:
+        stem = f"{target.name}-{case.name}-{dtype}-{shape.c}-{impl}".replace(":", "_")
+        (out_dir / f"{stem}.hlo.txt").write_text(row[impl].pop("hlo"))
+    if "jaxce" in row:
+      row["violations"] = violations(case, shape, dtype, target, row["jaxce"], row.get("peer"))
+    else:
+      row["skipped"] = f"jaxce: compile error: {row['jaxce_error']}"
     rows.append(row)
   targets = list(dict.fromkeys(r["target"] for r in rows))
   table = markdown(rows, targets)
@@ -793,7 +845,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "host": platform.node(), "cpus": os.cpu_count(), "versions": _versions(),
       "elapsed_s": elapsed, "load_before": load_before, "load_after": os.getloadavg(),
-      "notes": notes, "rows": rows,
+      "xla_flags": os.environ.get("XLA_FLAGS"), "notes": notes, "rows": rows,
   }
   (out_dir / "results.json").write_text(json.dumps(result, indent=1))
   (out_dir / "results.md").write_text(header + "\n" + table + "\n")
@@ -805,10 +857,46 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   return result
 
 
+def merge(args: argparse.Namespace) -> None:
+  """Re-render results.json files as one report."""
+  rows: dict[tuple[str, ...], dict[str, Any]] = {}
+  runs = []
+  for path in args.from_json:
+    run_ = json.loads(Path(path).read_text())
+    runs.append({k: v for k, v in run_.items() if k != "rows"})
+    for row in run_["rows"]:
+      if "jaxce" in row:  # re-judged with today's figures
+        shape = Shape(*(int(f.split("=")[1]) for f in row["shape"].split()))
+        row["violations"] = violations(CASES[row["loss"]], shape, row["dtype"],
+                                       TARGETS[row["target"]], row["jaxce"], row.get("peer"))
+      rows[row["target"], row["loss"], row["dtype"], row["shape"]] = row
+  order = {t: i for i, t in enumerate(TARGETS)}
+  merged = sorted(rows.values(), key=lambda r: order.get(r["target"], len(order)))
+  targets = list(dict.fromkeys(r["target"] for r in merged))
+  out_dir = Path(args.out)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  header = ("Compiled value_and_grad memory per device, jaxce vs peer: compiler figures, not"
+            " timings. Merged from: " + "; ".join(
+                f"`{r['command']}` ({r['date']}, {r['elapsed_s'] / 60:.0f} min, load"
+                f" {r['load_before'][0]:.1f})" for r in runs))
+  table = markdown(merged, targets)
+  (out_dir / "results.json").write_text(json.dumps({"runs": runs, "rows": merged}, indent=1))
+  (out_dir / "results.md").write_text(header + "\n" + table + "\n")
+  if not args.no_plots:
+    for tname in targets:
+      plot(merged, tname, out_dir / f"aot-{tname.replace(':', '-')}.png")
+  print(header)
+  print(table)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
   if not os.environ.get("JAX_PLATFORMS"):
     jax.config.update("jax_platforms", "cpu")  # compile-only: no device is used
-  run(parse_args(argv))
+  args = parse_args(argv)
+  if args.from_json:
+    merge(args)
+  else:
+    run(args)
 
 
 if __name__ == "__main__":
