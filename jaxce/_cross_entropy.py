@@ -141,6 +141,7 @@ def cross_entropy(
       stats = _collective.combine(stats, class_axis_name)
       return target_loss(stats, reduction=reduction, label_smoothing=eps, z_loss=z,
                          row_axes=row_axes)
+    labels = _stats.wide_labels(labels)
     classes = _collective.class_slice(labels, logits.shape[axis], class_axis_name)
     stats = _stats.label_stats(
         logits, classes.local_labels, weight if eps else None, where, axis, bool(eps))
@@ -229,6 +230,7 @@ def nll_loss(
       ignore_index)
 
   def impl(log_probs, labels, weight, class_axis_name, row_axes=()):
+    labels = _stats.wide_labels(labels)
     classes = _collective.class_slice(labels, log_probs.shape[axis], class_axis_name)
     picked = _stats.pick(log_probs, classes.local_labels, axis)
     if class_axis_name is not None:

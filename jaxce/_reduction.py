@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxce._collective import ClassSlice, label_weight
-from jaxce._stats import LabelStats, SmoothingSums, TargetStats
+from jaxce._stats import LabelStats, SmoothingSums, TargetStats, wide_labels
 
 
 def reduce(
@@ -70,6 +70,7 @@ def integer_target_loss(
   class weights (None: 1). ``stats.smoothing`` is required when
   `label_smoothing` > 0.
   """
+  labels = wide_labels(labels)
   picked = stats.picked
   ct = picked.dtype
   valid = jnp.ones(labels.shape, bool) if ignore_index is None else labels != ignore_index
