@@ -3,10 +3,11 @@
 Every loss over a class axis is a cheap function of a few per-position numbers
 (the log-sum of exponentials, the logit at the label, weighted sums of
 logits). These kernels compute them in two reading passes over the logits
-(the max, then the sums), all relative to a per-position `shift` (the max,
-outside autodiff), so that no difference of two large numbers is ever
-formed: the losses built on them (see `_reduction.py`) take ``log_sum -
-picked`` with ``picked = x_y - shift <= 0``, exact for logits far from 0.
+(the max, then the sums; one for integer labels on CPU, where the label's
+logit is the shift), all relative to a per-position `shift` (outside
+autodiff), so that no difference of two large numbers is ever formed: the
+losses built on them (see `_reduction.py`) take ``log_sum - picked`` with
+``picked = x_y - shift``, exact for logits far from 0.
 
 Derivatives: each kernel is a `jax.custom_jvp` whose tangent recomputes the
 softmax from (logits, shift, log_sum) inside
