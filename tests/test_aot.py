@@ -61,12 +61,11 @@ def _param(*key: str) -> object:
 # tests, would change XLA:TPU's figures; JAX_PLATFORMS=cpu lets the CUDA plugin register).
 def _jobs() -> list[tuple[str, str, str, str, aot.Shape]]:
   jobs = []
-  for c in ("ce_int", "ce_prob", "log_softmax", "optax_int"):
+  for c in ("ce_int", "ce_prob", "bce", "log_softmax", "optax_int"):
     for t in ("v5e", "h100"):
       jobs += [(c, i, t, "bfloat16", SMALL) for i in ("jaxce", "peer")]
   for t in ("v5e", "h100"):
     jobs += [("ce_int", i, t, "float32", SMALL) for i in ("jaxce", "peer")]
-    jobs += [("bce", "jaxce", t, "bfloat16", SMALL)]
     jobs += [("linear_ce", "jaxce", t, "bfloat16", s)
              for s in (LLAMA3, aot.Shape(LLAMA3.n, LLAMA3.d, 32768))]
   for layout in ("vocab", "vocab-explicit", "vocab-shard_map"):
@@ -91,7 +90,7 @@ def compiled(case: str, impl: str, target: str, dtype: str, shape: aot.Shape) ->
 
 @pytest.mark.parametrize(("case", "target", "dtype"), [
     *(_param("peer", c, t, "bfloat16")
-      for c in ("ce_int", "ce_prob", "log_softmax", "optax_int") for t in ("v5e", "h100")),
+      for c in ("ce_int", "ce_prob", "bce", "log_softmax", "optax_int") for t in ("v5e", "h100")),
     *(_param("peer", "ce_int", t, "float32") for t in ("v5e", "h100")),
 ])
 def test_temp_at_most_peer(case, target, dtype):
