@@ -1,24 +1,33 @@
 """Per-token statistics of `x @ kernel + bias` streamed over vocabulary
-chunks, never materializing the [N, V] logits: the kernel of
+chunks, never materializing the [N, V] logits: the kernels of
 `linear_cross_entropy`.
 
-`linear_label_stats` is a `jax.custom_jvp`. Its primal streams the chunks
-with an online logsumexp (float32) and returns the same statistics as
-`_stats.label_stats` (`LabelStats`: a stop-gradient shift, the log-sum
-relative to it, the label's logit relative to it, and the label-smoothing
-sums). Its tangent streams the chunks again: each chunk's logits are
-recomputed, their softmax comes from the saved (shift, log_sum), and it is
-contracted with the chunk's tangent logits `dx @ W_c + x @ dW_c + db_c`.
-The tangent's loop body is rematerialized (`jax.checkpoint` saving
-nothing), so reverse mode, which JAX obtains by transposing that tangent,
-keeps only the inputs and the per-token float32 statistics, and its
-largest temporary is one float32 [N, chunk] block.
+Both kernels share one primal: it streams the chunks with an online
+logsumexp (float32) and returns `_stats.LabelStats` (a stop-gradient shift,
+the log-sum above it, the label's logit relative to it, the label-smoothing
+sums), which `_collective.combine` and `_reduction.integer_target_loss`
+turn into the loss as for every other loss. They differ in the derivative:
+
+* `linear_label_stats_rev` (default): a `jax.custom_vjp` whose backward
+  recomputes each chunk's logits, accumulates dx in float32 (in row blocks)
+  and writes each chunk's dkernel / dbias columns in place. Reverse mode
+  only.
+* `linear_label_stats` (`forward_mode=True`): a `jax.custom_jvp` whose
+  tangent recomputes each chunk's logits, takes their softmax from the
+  saved (shift, log_sum) and contracts it with the chunk's tangent logits
+  `dx @ W_c + x @ dW_c + db_c` (times the soft-cap's derivative). The
+  tangent is rematerialized (`jax.checkpoint` saving nothing), so reverse
+  mode, which JAX gets by transposing it, keeps the same residuals.
+
+Residuals in both: x, kernel, bias, int32 labels, the class weight (label
+smoothing only) and two float32 numbers per token (shift, log_sum).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -80,21 +89,23 @@ def _grouped(v: jax.Array, groups: int) -> jax.Array:
 
 def group_cols(v: jax.Array, start: jax.Array, size: int, groups: int) -> jax.Array:
   """[..., G, size]: columns start:start+size of each of the G equal slices
-  of v's last axis. With one group no view is taken (see `_single_group`)."""
+  of v's last axis. With one group no view is taken (see `_write_cols`)."""
   if groups == 1:
     return jnp.expand_dims(jax.lax.dynamic_slice_in_dim(v, start, size, axis=v.ndim - 1), -2)
   g = _grouped(v, groups)
   return jax.lax.dynamic_slice_in_dim(g, start, size, axis=g.ndim - 1)
 
 
-def matmul(a: jax.Array, b: jax.Array, contract_a, contract_b) -> jax.Array:
+def matmul(a: jax.Array, b: jax.Array, contract_a: Sequence[int],
+           contract_b: Sequence[int]) -> jax.Array:
   """a . b over the given axes, in the inputs' dtype, accumulated in float32
   (float64 for float64 inputs)."""
   dims = ((tuple(contract_a), tuple(contract_b)), ((), ()))
   return jax.lax.dot_general(a, b, dims, preferred_element_type=_checks.compute_dtype(a.dtype))
 
 
-def chunk_logits(x, kernel, bias, i, chunk: int, softcap, groups: int) -> Chunk:
+def chunk_logits(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, i: jax.Array,
+                 chunk: int, softcap: float | None, groups: int) -> Chunk:
   """Logits of chunk i of every group. The last chunk is shifted left to stay
   in bounds (no padded copy of the kernel); the columns it shares with the
   previous chunk are marked not `fresh`."""
@@ -112,7 +123,7 @@ def chunk_logits(x, kernel, bias, i, chunk: int, softcap, groups: int) -> Chunk:
   return Chunk(z, t, cols, fresh, start)
 
 
-def class_weights(weight, ch: Chunk) -> jax.Array:
+def class_weights(weight: jax.Array | None, ch: Chunk) -> jax.Array:
   if weight is None:
     return jnp.ones((1, *ch.cols.shape), ch.z.dtype)
   groups, size = ch.cols.shape
@@ -131,7 +142,18 @@ def _cpu_barrier(kernel: jax.Array) -> jax.Array:
       kernel, cpu=jax.lax.optimization_barrier, default=lambda k: k)
 
 
-def _scan_chunks(step, carry, kernel, chunk: int, per_group: int):
+def _cpu_loop_barrier(operands: tuple[Any, ...]) -> tuple[Any, ...]:
+  """`_cpu_barrier` for a loop-invariant kernel that is not in the carry:
+  behind one barrier with the loop index, the kernel reads as loop-variant,
+  so XLA:CPU cannot hoist a float32 copy of it out of the loop."""
+  if all(a is None or a.dtype.itemsize >= 4 for a in operands[:-1]):
+    return operands
+  return jax.lax.platform_dependent(
+      operands, cpu=jax.lax.optimization_barrier, default=lambda ops: ops)
+
+
+def _scan_chunks(step: Callable[[Any, jax.Array, jax.Array], Any], carry: Any,
+                 kernel: jax.Array, chunk: int, per_group: int) -> Any:
   """carry after step(carry, kernel, i) over the chunks i; the kernel rides
   in the loop carry (see `_cpu_barrier`)."""
 
@@ -146,7 +168,9 @@ def _scan_chunks(step, carry, kernel, chunk: int, per_group: int):
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7, 8))
-def linear_label_stats(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups):
+def linear_label_stats(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
+                       labels: jax.Array, weight: jax.Array | None, chunk: int,
+                       softcap: float | None, smoothing: bool, groups: int) -> LabelStats:
   """`LabelStats` of `x @ kernel + bias` ([N, D] x [D, V]; soft-capped if
   asked), streamed over chunks of `chunk` columns of each of `groups` equal
   slices of the vocabulary. `labels` are int32 [N]; `weight` ([V] or None)
@@ -158,7 +182,9 @@ def _finite(m: jax.Array) -> jax.Array:
   return jnp.where(jnp.isfinite(m), m, 0.0)
 
 
-def _primal(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups) -> LabelStats:
+def _primal(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Array,
+            weight: jax.Array | None, chunk: int, softcap: float | None, smoothing: bool,
+            groups: int) -> LabelStats:
   ct = _checks.compute_dtype(x.dtype)
   n = x.shape[0]
   zeros = jnp.zeros((n,), ct)
@@ -205,12 +231,15 @@ def _cpu_transposed(x: jax.Array) -> jax.Array:
       x, cpu=lambda x: jax.lax.optimization_barrier(x.T), default=lambda x: x.T)
 
 
-def _zero(t) -> bool:
+def _zero(t: object) -> bool:
   return t is None or isinstance(t, SymbolicZero)
 
 
-def _tangent(x, kernel, bias, labels, weight, shift, log_sum, dx, dkernel, dbias, dweight,
-             chunk, softcap, smoothing, groups):
+def _tangent(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Array,
+             weight: jax.Array | None, shift: jax.Array, log_sum: jax.Array,
+             dx: jax.Array | None, dkernel: jax.Array | None, dbias: jax.Array | None,
+             dweight: jax.Array | None, chunk: int, softcap: float | None, smoothing: bool,
+             groups: int) -> tuple[jax.Array, ...]:
   """Tangents of (log_sum, picked, weighted_sum, weight_sum) along
   (dx, dkernel, dbias, dweight) (None: zero), one chunk at a time."""
   ct = _checks.compute_dtype(x.dtype)
@@ -227,14 +256,16 @@ def _tangent(x, kernel, bias, labels, weight, shift, log_sum, dx, dkernel, dbias
   # copy of a bf16 kernel out of the transposed loop: 424 vs 2412 MiB)
   @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
   def step(carry, i):
-    ch = chunk_logits(x, _cpu_barrier(kernel), bias, i, chunk, softcap, groups)
+    k, i = _cpu_loop_barrier((kernel, i))
+    dk = None if dkernel is None else _cpu_loop_barrier((dkernel, i))[0]
+    ch = chunk_logits(x, k, bias, i, chunk, softcap, groups)
     dz = jnp.zeros((), ct)
     if dx is not None:
-      dz = dz + matmul(dx, group_cols(kernel, ch.start, chunk, groups), (1,), (0,))
+      dz = dz + matmul(dx, group_cols(k, ch.start, chunk, groups), (1,), (0,))
     if dkernel is not None:
       # contracted against x transposed: reverse mode's transpose of this
       # product is then x_t @ dz, a plain matmul
-      dz = dz + matmul(x_t, group_cols(dkernel, ch.start, chunk, groups), (0,), (0,))
+      dz = dz + matmul(x_t, group_cols(dk, ch.start, chunk, groups), (0,), (0,))
     if dbias is not None:
       dz = dz + group_cols(dbias, ch.start, chunk, groups).astype(ct)[None]
     if softcap is not None:
@@ -268,7 +299,8 @@ _remat_tangent = jax.checkpoint(_tangent, policy=jax.checkpoint_policies.nothing
                                 static_argnums=(11, 12, 13, 14))
 
 
-def _jvp(chunk, softcap, smoothing, groups, primals, tangents):
+def _jvp(chunk: int, softcap: float | None, smoothing: bool, groups: int,
+         primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> tuple[LabelStats, LabelStats]:
   x, kernel, bias, labels, weight = primals
   stats = _primal(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups)
   dx, dkernel, dbias, _, dweight = (None if _zero(t) else t for t in tangents)
@@ -301,12 +333,17 @@ class LinearResiduals(NamedTuple):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def linear_label_stats_rev(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups):
+def linear_label_stats_rev(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
+                           labels: jax.Array, weight: jax.Array | None, chunk: int,
+                           softcap: float | None, smoothing: bool,
+                           groups: int) -> LabelStats:
   """`linear_label_stats` for reverse mode only, with a hand-written backward."""
   return _primal(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups)
 
 
-def _rev_fwd(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups):
+def _rev_fwd(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Array,
+             weight: jax.Array | None, chunk: int, softcap: float | None, smoothing: bool,
+             groups: int) -> tuple[LabelStats, LinearResiduals]:
   stats = _primal(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups)
   return stats, LinearResiduals(x, kernel, bias, labels, weight, stats.shift, stats.log_sum)
 
@@ -347,7 +384,8 @@ def _write_cols(acc: jax.Array, update: jax.Array, start: jax.Array, groups: int
   return grouped.reshape(acc.shape)
 
 
-def _rev_bwd(chunk, softcap, smoothing, groups, res: LinearResiduals, g: LabelStats):
+def _rev_bwd(chunk: int, softcap: float | None, smoothing: bool, groups: int,
+             res: LinearResiduals, g: LabelStats) -> tuple[jax.Array | None, ...]:
   x, kernel, bias, labels, weight, shift, log_sum = res
   ct = shift.dtype
   col = lambda v: v.astype(ct)[:, None, None]

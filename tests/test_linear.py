@@ -1022,7 +1022,7 @@ def test_traced_ignore_index(forward_mode):
   labels = jnp.asarray([3, 1, 3, 0, 7], jnp.int32)
   kw = dict(forward_mode=forward_mode, chunk_size=7)
 
-  @jax.jit
+  @_fast
   def run(ii):
     return [jax.value_and_grad(lambda k, r=r: _lin_loss(x, k, labels, ignore_index=ii,
                                                          reduction=r, **kw))(kernel)
