@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxce import _checks
 from jaxce._reduction import reduce
+from jaxce._stats import given
 
 
 def _softplus_pair(x):
@@ -43,16 +46,19 @@ def _binary_tangent(logits, targets, pos_weight, tx, tt, tpw):
   x, t = logits.astype(ct), targets.astype(ct)
   pw = _pos_weight(pos_weight, ct)
   sp_x, sp_neg_x, s_x, s_neg_x = _softplus_pair(x)
-  out = (tx.astype(ct) * ((1.0 - t) * s_x - pw * t * s_neg_x)
-         + tt.astype(ct) * (pw * sp_neg_x - sp_x))
-  if pos_weight is not None:
+  out = tx.astype(ct) * ((1.0 - t) * s_x - pw * t * s_neg_x)
+  if tt is not None:
+    out = out + tt.astype(ct) * (pw * sp_neg_x - sp_x)
+  if tpw is not None:
     out = out + tpw.astype(ct) * t * sp_neg_x
   return out
 
 
-@_binary_terms.defjvp
+@functools.partial(_binary_terms.defjvp, symbolic_zeros=True)
 def _binary_terms_jvp(primals, tangents):
-  return _binary_terms(*primals), _binary_tangent(*primals, *tangents)
+  logits, targets, pos_weight = primals
+  tx, tt, tpw = given(tangents[0], logits), given(tangents[1]), given(tangents[2])
+  return _binary_terms(*primals), _binary_tangent(logits, targets, pos_weight, tx, tt, tpw)
 
 
 def binary_cross_entropy_with_logits(

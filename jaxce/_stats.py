@@ -26,9 +26,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from jaxce import _checks
-from jaxce._log_softmax import masked, probs, remat, shifted_stats
+from jaxce._log_softmax import masked, probs, remat, row_shift, shifted_stats
 
 
 class SmoothingSums(NamedTuple):
@@ -55,7 +56,7 @@ class TargetStats(NamedTuple):
 
   shift: jax.Array
   log_sum: jax.Array
-  target_mass: jax.Array  # sum_c w_c t_c over active classes
+  target_mass: jax.Array  # sum_c w_c t_c over classes inside `where`
   target_logits: jax.Array  # sum_c w_c t_c (x_c - shift); -inf if t_c > 0 at a
   #                           -inf logit inside `where`
   smoothing: SmoothingSums | None
@@ -130,6 +131,15 @@ def _smoothing_tangent(active, xs, w, txc, tw, axis, zero) -> SmoothingSums:
   return SmoothingSums(jnp.sum(t_sum, axis), t_weight, zero)
 
 
+def given(t, like: jax.Array | None = None):
+  """A tangent from a `symbolic_zeros` rule: None for an input that is not
+  differentiated (so its terms are left out, not computed on zeros), or
+  zeros like `like` where the rule needs an array."""
+  if not isinstance(t, SymbolicZero):
+    return t
+  return None if like is None else jnp.zeros(like.shape, like.dtype)
+
+
 def _col(v: jax.Array, axis: int) -> jax.Array:
   return jnp.expand_dims(v, axis)
 
@@ -140,17 +150,86 @@ def _col(v: jax.Array, axis: int) -> jax.Array:
 
 def _label_primal(logits, labels, weight, where, axis, smoothing) -> LabelStats:
   xm = masked(logits, where)
-  shift, ls = shifted_stats(xm, (axis,))
   labels = _int32(labels)
-  inside = (labels >= 0) & (labels < logits.shape[axis])
   # Gathered from the input dtype: exact, and no upcast copy to gather from.
-  x_label = take_at(xm, labels, axis).astype(shift.dtype)
-  picked = jnp.where(inside, x_label - jnp.squeeze(shift, axis), 0.0)
+  x_label = take_at(xm, labels, axis)
+  shift, ls, picked = _label_shift(xm, labels, x_label, axis)
   sums = None
   if smoothing:
-    active, xs = _shifted(xm, shift)
+    active, xs = _shifted(xm, _col(shift, axis))
     sums = _smoothing_sums(active, xs, _class_weights(weight, axis, xm.ndim, xs.dtype), axis)
-  return LabelStats(jnp.squeeze(shift, axis), jnp.squeeze(ls, axis), picked, sums)
+  return LabelStats(shift, ls, picked, sums)
+
+
+def _label_log_sum(xm, labels, shift, x_label, axis, exclude):
+  """(log_sum, picked) for a given shift (axis dropped).
+
+  With `exclude`, the label's own term is left out of the sum and added back
+  as expm1(picked): log_sum = log1p(others + expm1(picked)). When the label
+  dominates (p_y close to 1, picked = 0) this keeps log_sum, and so the loss
+  log_sum - picked, accurate to its own magnitude, where the log of a
+  rounded 1 + tiny is off by up to half a float32 ulp of 1 (6e-8, as in
+  PyTorch and optax). XLA:CPU's reductions do not fuse the one-hot select
+  (it would materialize an N x C array and triple the time of the sum), so
+  the CPU path sums every term.
+  """
+  ct = shift.dtype
+  inside = (labels >= 0) & (labels < xm.shape[axis])
+  picked = jnp.where(inside, x_label.astype(ct) - shift, 0.0)
+  z = jnp.exp(xm.astype(ct) - _col(shift, axis))
+  if exclude:
+    others = jnp.sum(jnp.where(one_hot_at(labels, xm.shape, axis), 0.0, z), axis)
+    s_minus_1 = others + jnp.where(inside, jnp.expm1(picked), -1.0)
+    none = s_minus_1 == -1.0  # no class left: -inf, with finite derivatives
+    return jnp.where(none, -jnp.inf, jnp.log1p(jnp.where(none, 0.0, s_minus_1))), picked
+  s = jnp.sum(z, axis)
+  return jnp.where(s == 0, -jnp.inf, jnp.log(jnp.where(s == 0, 1.0, s))), picked
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _label_shift(xm, labels, x_label, axis):
+  """(shift, log_sum, picked) of integer-label stats, axis dropped.
+
+  On CPU the shift is the label's logit, which saves the max's pass over
+  the logits: any shift within ~80 of the max gives the same result, and
+  the label's logit nearly always is one. If the sum overflows, or falls
+  below the normal float range (a label far below the max, or none),
+  anywhere, the batch is redone with the max under a `lax.cond` that runs
+  only then (under `jax.vmap`, always). Other platforms always take the
+  max: on TPU a cond whose operand is the logits makes XLA build a float32
+  copy of half-precision logits. The branch functions are cached per axis
+  and the whole is one `jax.jit` (inlined under an outer jit), so eager
+  calls, differentiated or not, reuse one executable.
+  """
+  near, at_max = _shift_branches(axis)
+  return jax.lax.platform_dependent(xm, labels, x_label, cpu=near, default=at_max)
+
+
+@functools.cache
+def _shift_branches(axis: int):
+  def at_max(xm, labels, x_label, exclude=True):
+    shift = jnp.squeeze(row_shift(xm, (axis,)), axis)
+    return (shift, *_label_log_sum(xm, labels, shift, x_label, axis, exclude))
+
+  def near(xm, labels, x_label):
+    # Converted first: XLA:CPU computes the logits of a bf16 matmul in
+    # float32 anyway, and a bf16 operand of the cond would be one more copy.
+    xm = xm.astype(_checks.compute_dtype(xm.dtype))
+    shift = jax.lax.stop_gradient(x_label.astype(xm.dtype))
+    shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+    ls, picked = _label_log_sum(xm, labels, shift, x_label, axis, False)
+    usable = jnp.all(jnp.isfinite(ls) & (ls > -60.0))
+    return jax.lax.cond(usable, accept, fallback, xm, labels, x_label, shift, ls, picked)
+
+  def accept(xm, labels, x_label, shift, ls, picked):
+    del xm, labels, x_label
+    return shift, ls, picked
+
+  def fallback(xm, labels, x_label, shift, ls, picked):
+    del shift, ls, picked
+    return at_max(xm, labels, x_label, False)
+
+  return near, at_max
 
 
 @remat(7, 8)
@@ -195,10 +274,10 @@ def label_stats(
   return _label_primal(logits, labels, weight, where, axis, smoothing)
 
 
-@label_stats.defjvp
+@functools.partial(label_stats.defjvp, symbolic_zeros=True)
 def _label_stats_jvp(axis, smoothing, primals, tangents):
   logits, labels, weight, where = primals
-  tx, _, tw, _ = tangents
+  tx, tw = given(tangents[0], logits), given(tangents[2])
   stats = _label_primal(logits, labels, weight, where, axis, smoothing)
   t_log_sum, t_picked, t_sums = _label_tangent(
       logits, labels, weight, where, stats._replace(smoothing=None), tx,
@@ -213,22 +292,23 @@ def _label_stats_jvp(axis, smoothing, primals, tangents):
 def _target_primal(logits, targets, weight, where, axis, smoothing) -> TargetStats:
   xm = masked(logits, where)
   shift, ls = shifted_stats(xm, (axis,))
-  active, xs = _shifted(xm, shift)
-  t = targets.astype(xs.dtype)
-  w = _class_weights(weight, axis, xm.ndim, xs.dtype)
-  wt = w * t
-  # Target mass on a -inf logit (inside `where`): -inf, so the loss is +inf.
-  lost = (xm == -jnp.inf) & (t != 0)
+  ct = shift.dtype
+  t = targets.astype(ct)
   if where is not None:
-    lost = lost & where
-  stats = TargetStats(
-      jnp.squeeze(shift, axis),
-      jnp.squeeze(ls, axis),
-      jnp.sum(jnp.where(active, wt, 0.0), axis),
-      jnp.sum(jnp.where(active, wt * xs, jnp.where(lost, -jnp.inf, 0.0)), axis),
-      _smoothing_sums(active, xs, w, axis) if smoothing else None,
-  )
-  return stats
+    t = jnp.where(where, t, 0.0)
+  wt = _class_weights(weight, axis, xm.ndim, ct) * t
+  # x - shift where target mass meets it: 0 where t == 0 (no 0 * -inf =
+  # NaN); mass on a -inf logit gives -inf, so the loss is +inf, as it should
+  # be. The shift goes through a barrier so that XLA:CPU does not share (and
+  # materialize) one N x C broadcast or difference between two reductions.
+  apart = jax.lax.optimization_barrier(shift)
+  target_logits = wt * jnp.where(t == 0, 0.0, xm.astype(ct) - apart)
+  sums = None
+  if smoothing:
+    active, xs = _shifted(xm, shift)
+    sums = _smoothing_sums(active, xs, _class_weights(weight, axis, xm.ndim, ct), axis)
+  return TargetStats(jnp.squeeze(shift, axis), jnp.squeeze(ls, axis), jnp.sum(wt, axis),
+                     jnp.sum(target_logits, axis), sums)
 
 
 @remat(8, 9)
@@ -241,11 +321,18 @@ def _target_tangent(logits, targets, weight, where, stats, tx, tt, tw, axis, smo
   w = _class_weights(weight, axis, xm.ndim, xs.dtype)
   tw = None if tw is None else _class_weights(tw, axis, xm.ndim, xs.dtype)
   txc = tx.astype(xs.dtype)
+  # d(w t): terms of inputs that are not differentiated (None) are left out.
   # A class with a -inf logit is treated as a masked one: the targets there
   # get a zero gradient (not w * lse).
-  t_wt = w * tt.astype(xs.dtype) if tw is None else w * tt.astype(xs.dtype) + tw * t
-  t_mass = jnp.sum(jnp.where(active, t_wt, 0.0), axis)
-  t_logits = jnp.sum(jnp.where(active, w * t * txc + t_wt * xs, 0.0), axis)
+  t_wt = None if tt is None else w * tt.astype(xs.dtype)
+  if tw is not None:
+    t_wt = tw * t if t_wt is None else t_wt + tw * t
+  t_logits = jnp.where(active, w * t * txc, 0.0)
+  t_mass = _zero(stats.shift)
+  if t_wt is not None:
+    t_logits = t_logits + jnp.where(active, t_wt * xs, 0.0)
+    t_mass = jnp.sum(jnp.where(active, t_wt, 0.0), axis)
+  t_logits = jnp.sum(t_logits, axis)
   t_log_sum = jnp.sum(probs(xm, shift, ls) * txc, axis)
   sums = None
   if smoothing:
@@ -272,10 +359,10 @@ def target_stats(
   return _target_primal(logits, targets, weight, where, axis, smoothing)
 
 
-@target_stats.defjvp
+@functools.partial(target_stats.defjvp, symbolic_zeros=True)
 def _target_stats_jvp(axis, smoothing, primals, tangents):
   logits, targets, weight, where = primals
-  tx, tt, tw, _ = tangents
+  tx, tt, tw = given(tangents[0], logits), given(tangents[1]), given(tangents[2])
   stats = _target_primal(logits, targets, weight, where, axis, smoothing)
   t_log_sum, t_mass, t_logits, t_sums = _target_tangent(
       logits, targets, weight, where, stats._replace(smoothing=None), tx, tt,
@@ -302,8 +389,9 @@ def pick(x: jax.Array, labels: jax.Array, axis: int) -> jax.Array:
   return take_at(x, labels, axis).astype(_checks.compute_dtype(x.dtype))
 
 
-@pick.defjvp
+@functools.partial(pick.defjvp, symbolic_zeros=True)
 def _pick_jvp(axis, primals, tangents):
   x, labels = primals
   ct = _checks.compute_dtype(x.dtype)
-  return take_at(x, labels, axis).astype(ct), _pick_tangent(labels, tangents[0], axis, ct)
+  tx = given(tangents[0], x)
+  return take_at(x, labels, axis).astype(ct), _pick_tangent(labels, tx, axis, ct)

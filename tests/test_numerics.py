@@ -750,3 +750,184 @@ def test_target_on_neg_inf_class_is_inf_not_nan():
     for eps in (0.0, 0.1):
       per = jaxce.cross_entropy(x, labels, label_smoothing=eps, reduction="none")
       assert float(per[0]) == np.inf
+
+
+# ---------------------------------------------------------------------------
+# Logits far from 0 (up to 1e6 in float32, 6e4 in float16): the shift is kept
+# apart from the log-sum, so losses and gradients are as accurate as float32
+# allows relative to their own magnitude (issue 10, item 2).
+
+EPS32 = 2.0**-23
+
+
+def _offset_inputs(dt, offset, n=6, c=9, seed=20):
+  rng = _rng(seed)
+  ulp = float(np.spacing(np.asarray(offset, dt)))
+  d = np.round(rng.normal(size=(n, c)) * 4 / ulp) * ulp  # exact in dt
+  d[0] = -np.arange(c) * ulp * max(1, round(0.5 / ulp))  # near ties at the top
+  x = np.asarray(offset + d, dt)
+  y = rng.integers(0, c, size=n).astype(np.int32)
+  t = rng.dirichlet(np.ones(c), size=n).astype(np.float32)
+  return x, y, t
+
+
+def _assert_ulps(got, want, what, grad_dtype=np.float32):
+  """Each loss within 4 float32 ulps of its own magnitude; gradients within
+  4 float32 ulps of their largest entry (plus their own rounding, for a
+  half-precision gradient)."""
+  got = np.asarray(got, np.float64)
+  rtol = float(np.finfo(grad_dtype).eps) / 2 if np.dtype(grad_dtype).itemsize < 4 else 0.0
+  atol = 4 * EPS32 * np.max(np.abs(want))
+  if what.startswith("loss"):
+    # Plus a float32 ulp of 1: a loss near 0 (p_y near 1) is the log of
+    # a rounded 1 + tiny on CPU, as in PyTorch and optax (see _stats).
+    np.testing.assert_allclose(got, want, rtol=4 * EPS32, atol=EPS32, err_msg=what)
+  else:
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=what)
+
+
+OFFSETS = {"f32_3e4": (np.float32, 3e4), "f32_1e6": (np.float32, 1e6),
+           "f32_minus_1e6": (np.float32, -1e6), "f16_6e4": (np.float16, 6e4)}
+
+
+@pytest.mark.parametrize("case", OFFSETS.values(), ids=OFFSETS.keys())
+def test_large_offset_accuracy(case):
+  dt, offset = case
+  x, y, t = _offset_inputs(dt, offset)
+  xf = x.astype(np.float64)
+  jx, jy = jnp.asarray(x), jnp.asarray(y)
+  for kw in ({}, {"label_smoothing": 0.1}, {"z_loss": 1e-4}):
+    per, _, g, _ = _ce_eval(jx, jy, **kw)
+    ref_none, _, ref_g = ref_ce_int(xf, y, eps=kw.get("label_smoothing", 0.0),
+                                    z=kw.get("z_loss", 0.0))
+    _assert_ulps(per, ref_none, f"loss, integer labels {kw}")
+    _assert_ulps(g, ref_g, f"gradient, integer labels {kw}", dt)
+  per, _, g, _ = _ce_eval(jx, jnp.asarray(t), label_smoothing=0.1)
+  ref_none, _, ref_g = ref_ce_probs(xf, t.astype(np.float64), eps=0.1)
+  _assert_ulps(per, ref_none, "loss, probability targets")
+  _assert_ulps(g, ref_g, "gradient, probability targets", dt)
+  # log_softmax: differences of logits, exact; returned in x's dtype.
+  lse = np_logsumexp(xf)
+  out_eps = float(np.finfo(dt).eps)
+  np.testing.assert_allclose(np.asarray(jaxce.log_softmax(jx), np.float64), xf - lse[:, None],
+                             rtol=out_eps, atol=4 * EPS32)
+  np.testing.assert_allclose(np.asarray(jaxce.logsumexp(jx), np.float64), lse, rtol=out_eps)
+
+
+def test_large_offset_not_worse_than_optax_and_torch():
+  optax = pytest.importorskip("optax")
+  x, y, _ = _offset_inputs(np.float32, 3e4)
+  ref_none, _, ref_g = ref_ce_int(x.astype(np.float64), y)
+  jx, jy = jnp.asarray(x), jnp.asarray(y)
+  ours = jaxce.cross_entropy(jx, jy, reduction="none")
+  theirs = optax.softmax_cross_entropy_with_integer_labels(jx, jy)
+  err = lambda a: np.max(np.abs(np.asarray(a, np.float64) - ref_none))
+  assert err(ours) <= err(theirs)
+  # PyTorch's float32 backward: exp(log_softmax) - one_hot, over N.
+  lsm = jx - jax.nn.logsumexp(jx, axis=-1, keepdims=True)
+  torch_g = (jnp.exp(lsm) - jax.nn.one_hot(jy, x.shape[1], dtype=jnp.float32)) / x.shape[0]
+  g_ours = jax.grad(lambda x: jaxce.cross_entropy(x, jy))(jx)
+  gerr = lambda a: np.max(np.abs(np.asarray(a, np.float64) - ref_g))
+  assert gerr(g_ours) <= gerr(torch_g)
+
+
+def test_large_offset_issue_example():
+  """x = [[30000, 29990, 29985]], y = [0]: 4.5705e-5 in float64 (PyTorch
+  float32: 4.5776e-5), with a non-zero label gradient -(1 - p_0). On CPU the
+  loss is the log of a rounded 1 + tiny, as in PyTorch; the other platforms'
+  path leaves the label's term out of the sum and is exact."""
+  from jaxce import _stats
+
+  x = np.array([[30000.0, 29990.0, 29985.0]], np.float32)
+  ref_none, _, ref_g = ref_ce_int(x.astype(np.float64), np.array([0]))
+  loss, g = jax.value_and_grad(jaxce.cross_entropy)(jnp.asarray(x), jnp.asarray([0]))
+  np.testing.assert_allclose(float(loss), ref_none[0], rtol=4 * EPS32, atol=EPS32)
+  assert float(g[0, 0]) < 0
+  np.testing.assert_allclose(np.asarray(g, np.float64), ref_g, rtol=4 * EPS32, atol=EPS32)
+  jx, y = jnp.asarray(x), jnp.asarray([0])
+  _, at_max = _stats._shift_branches(1)
+  _, log_sum, picked = at_max(jx, y, _stats.take_at(jx, y, 1))
+  np.testing.assert_allclose(float(log_sum[0] - picked[0]), ref_none[0], rtol=4 * EPS32)
+
+
+# ---------------------------------------------------------------------------
+# Class weights that sum to zero: "mean" divides by the weight sum, as PyTorch
+# (issue 10, item 4); only all-ignored / all-zero-weight batches give 0.0.
+
+
+@pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss"])
+def test_mean_with_weights_summing_to_zero_follows_torch(fn):
+  x = jnp.asarray(_rng(21).normal(size=(4, 5)), jnp.float32)
+  y = jnp.asarray([0, 1, 0, 1], jnp.int32)
+  w = jnp.asarray([1.0, -1.0, 0.0, 0.0, 0.0], jnp.float32)
+  loss_fn = getattr(jaxce, fn)
+  total = float(loss_fn(x, y, weight=w, reduction="sum"))
+  mean = float(loss_fn(x, y, weight=w))
+  assert total != 0
+  assert mean == np.copysign(np.inf, total)  # torch: total / 0
+  # Weights of opposite sign but a non-zero sum: an ordinary division.
+  w2 = jnp.asarray([1.0, -0.5, 0.0, 0.0, 0.0], jnp.float32)
+  np.testing.assert_allclose(float(loss_fn(x, y, weight=w2)),
+                             float(loss_fn(x, y, weight=w2, reduction="sum")) / 1.0, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Gradient w.r.t. probability targets on a -inf class with zero target mass:
+# the same as on a `where`-masked class, 0 (issue 10, item 5).
+
+
+def test_target_gradient_on_neg_inf_class_matches_masked_class():
+  x = np.asarray(_rng(22).normal(size=(3, 4)), np.float32)
+  t = np.asarray(_rng(23).dirichlet(np.ones(4), size=3), np.float32)
+  t[:, 2] = 0.0
+  t /= t.sum(-1, keepdims=True)
+  where = np.ones((3, 4), bool)
+  where[:, 2] = False
+  w = jnp.linspace(0.5, 2.0, 4, dtype=jnp.float32)
+  g = lambda x, **kw: jax.grad(
+      lambda t, w: jaxce.cross_entropy(jnp.asarray(x), t, weight=w, **kw), (0, 1))(
+      jnp.asarray(t), w)
+  gt_inf, gw_inf = g(np.where(where, x, -np.inf).astype(np.float32))
+  gt_mask, gw_mask = g(x, where=jnp.asarray(where))
+  np.testing.assert_array_equal(np.asarray(gt_inf)[:, 2], 0.0)
+  np.testing.assert_allclose(gt_inf, gt_mask, rtol=1e-6)
+  np.testing.assert_allclose(gw_inf, gw_mask, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Zero-size axes (issue 10, item 6) and jax.nn's axis forms.
+
+
+@pytest.mark.parametrize("shape", [(3, 0), (5, 0, 0), (0, 4)])
+def test_zero_size_axes_like_jax_nn(shape):
+  x = jnp.zeros(shape, jnp.float32)
+  for axis in (-1, None, (0, 1)):
+    np.testing.assert_array_equal(jaxce.logsumexp(x, axis=axis),
+                                  jax.nn.logsumexp(x, axis=axis))
+    assert jaxce.log_softmax(x, axis=axis).shape == shape
+    g = jax.grad(lambda x, axis=axis: jnp.sum(jaxce.log_softmax(x, axis=axis)))(x)
+    assert g.shape == shape
+
+
+def test_zero_classes_and_empty_batch_cross_entropy():
+  # optax's softmax_cross_entropy with C = 0: 0 per example.
+  per = jaxce.cross_entropy(jnp.zeros((3, 0)), jnp.zeros((3, 0)), reduction="none")
+  np.testing.assert_array_equal(per, 0.0)
+  # An empty batch: "mean" 0.0 (no position), "none" empty, zero gradients.
+  x, y = jnp.zeros((0, 4)), jnp.zeros((0,), jnp.int32)
+  assert float(jaxce.cross_entropy(x, y)) == 0.0
+  assert jaxce.cross_entropy(x, y, reduction="none").shape == (0,)
+  assert jax.grad(jaxce.cross_entropy)(x, y).shape == (0, 4)
+  assert float(jaxce.cross_entropy(x, jnp.zeros((0, 4)))) == 0.0
+
+
+@pytest.mark.parametrize("axis", [None, 0, -1, (0, 2), (2, 0), (1,), (0, 1, 2)])
+def test_axis_forms_like_jax_nn(axis):
+  x = jnp.asarray(_rng(24).normal(size=(2, 3, 4)) * 3, jnp.float32)
+  np.testing.assert_allclose(jaxce.logsumexp(x, axis=axis), jax.nn.logsumexp(x, axis=axis),
+                             rtol=1e-6)
+  np.testing.assert_allclose(jaxce.log_softmax(x, axis=axis),
+                             jax.nn.log_softmax(x, axis=axis), rtol=1e-6, atol=1e-6)
+  cot = jnp.asarray(_rng(25).normal(size=x.shape), jnp.float32)
+  g = lambda fn: jax.grad(lambda x: jnp.sum(fn(x, axis=axis) * cot))(x)
+  np.testing.assert_allclose(g(jaxce.log_softmax), g(jax.nn.log_softmax), rtol=1e-5, atol=1e-6)

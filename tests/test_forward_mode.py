@@ -1,0 +1,295 @@
+"""Forward-mode autodiff of every custom_jvp loss: jvp against a float64
+plain-JAX reference and finite differences, under jit and vmap; jacfwd,
+linearize, grad of jvp and hessians; inside shard_map with class_axis_name
+and on an Explicit mesh; optax's gradient checks on the drop-ins; and no
+recompilation of eager calls."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+from jax.test_util import check_grads
+
+import jaxce
+
+F64 = jnp.float64
+N, C = 6, 5
+LABELS = np.array([0, 3, -100, 4, 1, 2], np.int32)
+WHERE = np.ones((N, C), bool)
+WHERE[0, 1] = WHERE[0, 3] = WHERE[4, 0] = False
+
+
+@pytest.fixture(autouse=True)
+def _x64():
+  with jax.enable_x64(True):
+    yield
+
+
+def _rng(seed):
+  return np.random.default_rng(seed)
+
+
+def _inputs():
+  x = jnp.asarray(_rng(0).normal(size=(N, C)) * 2, F64)
+  t = _rng(1).uniform(0.05, 1.0, size=(N, C))
+  t = jnp.asarray(t / t.sum(-1, keepdims=True), F64)
+  w = jnp.asarray(_rng(2).uniform(0.5, 2.0, size=C), F64)
+  return x, t, w
+
+
+# Plain-JAX references (float64), the docstrings' formulas.
+
+
+def _ref_int(x, w=None, eps=0.0, z=0.0, where=None, reduction="mean"):
+  y = jnp.asarray(LABELS)
+  w = jnp.ones(C, x.dtype) if w is None else w
+  act = jnp.ones(x.shape, bool) if where is None else jnp.asarray(where)
+  xm = jnp.where(act, x, -jnp.inf)
+  lse = jax.nn.logsumexp(xm, axis=-1)
+  nlp = jnp.where(act, lse[:, None] - jnp.where(act, x, 0.0), 0.0)
+  valid = y != -100
+  yc = jnp.clip(y, 0, C - 1)
+  w_y = jnp.where(valid, w[yc], 0.0)
+  main = w_y * jnp.take_along_axis(nlp, yc[:, None], -1)[:, 0]
+  smooth = jnp.where(valid, jnp.sum(w[None, :] * nlp, -1) / jnp.sum(act, -1, dtype=x.dtype), 0.0)
+  loss = (1 - eps) * main + eps * smooth + z * jnp.where(valid, lse, 0.0) ** 2
+  return loss if reduction == "none" else jnp.sum(loss) / jnp.sum(w_y)
+
+
+def _ref_probs(x, t, w=None, eps=0.0, z=0.0):
+  w = jnp.ones(C, x.dtype) if w is None else w
+  q = (1 - eps) * t + eps / C
+  lse = jax.nn.logsumexp(x, axis=-1)
+  return jnp.mean(jnp.sum(w[None, :] * q * (lse[:, None] - x), -1) + z * lse**2)
+
+
+def _ref_bce(x, t, pw):
+  return jnp.mean(-(pw[None, :] * t * jax.nn.log_sigmoid(x) + (1 - t) * jax.nn.log_sigmoid(-x)))
+
+
+# (jaxce function, reference), both of the same float64 arguments.
+def _families():
+  x, t, w = _inputs()
+  y = jnp.asarray(LABELS)
+  pw = jnp.asarray([0.5, 1.0, 2.0, 3.0, 1.5], F64)
+  return {
+      "ce_int": ((x,), lambda x: jaxce.cross_entropy(x, y), _ref_int),
+      "ce_int_all": (
+          (x, w),
+          lambda x, w: jaxce.cross_entropy(
+              x, y, weight=w, label_smoothing=0.2, z_loss=0.05, where=WHERE),
+          lambda x, w: _ref_int(x, w, 0.2, 0.05, WHERE)),
+      "ce_int_none": (
+          (x,), lambda x: jaxce.cross_entropy(x, y, reduction="none", label_smoothing=0.1),
+          lambda x: _ref_int(x, eps=0.1, reduction="none")),
+      "ce_probs": (
+          (x, t, w),
+          lambda x, t, w: jaxce.cross_entropy(x, t, weight=w, label_smoothing=0.1, z_loss=0.02),
+          lambda x, t, w: _ref_probs(x, t, w, 0.1, 0.02)),
+      "nll_log_softmax": (
+          (x, w), lambda x, w: jaxce.nll_loss(jaxce.log_softmax(x), y, weight=w),
+          lambda x, w: _ref_int(x, w)),
+      "log_softmax": ((x,), lambda x: jnp.cos(jaxce.log_softmax(x)),
+                      lambda x: jnp.cos(jax.nn.log_softmax(x))),
+      "log_softmax_axes": ((x,), lambda x: jaxce.log_softmax(x, axis=(0, 1)),
+                           lambda x: jax.nn.log_softmax(x, axis=(0, 1))),
+      "logsumexp": ((x,), lambda x: jnp.sin(jaxce.logsumexp(x, axis=0)),
+                    lambda x: jnp.sin(jax.nn.logsumexp(x, axis=0))),
+      "bce": ((x, t, pw),
+              lambda x, t, pw: jaxce.binary_cross_entropy_with_logits(x, t, pos_weight=pw),
+              _ref_bce),
+  }
+
+
+FAMILIES = ["ce_int", "ce_int_all", "ce_int_none", "ce_probs", "nll_log_softmax", "log_softmax",
+            "log_softmax_axes", "logsumexp", "bce"]
+
+
+def _tangents(args, seed=5):
+  rng = _rng(seed)
+  return tuple(jnp.asarray(rng.normal(size=a.shape), F64) for a in args)
+
+
+def _close(a, b, rtol=1e-9, atol=1e-12):
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_jvp_matches_reference_jit_and_vmap(name):
+  args, f, ref = _families()[name]
+  tangents = _tangents(args)
+
+  @jax.jit
+  def both(args, tangents):
+    return jax.jvp(f, args, tangents), jax.jvp(ref, args, tangents)
+
+  got, want = both(args, tangents)
+  _close(got, want)
+  # vmap over a batch of 3 tangent directions.
+  batch = tuple(jnp.stack([t, 2 * t, -t]) for t in tangents)
+  jvp_of = lambda fn: jax.jit(jax.vmap(lambda *ts: jax.jvp(fn, args, ts)[1]))
+  _close(jvp_of(f)(*batch), jvp_of(ref)(*batch))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_jvp_matches_finite_differences(name):
+  args, f, _ = _families()[name]
+  tangents = _tangents(args, seed=6)
+  f = jax.jit(f)
+  _, tangent = jax.jit(lambda a, t: jax.jvp(f, a, t))(args, tangents)
+  h = 1e-6
+  shifted = lambda s: f(*(a + s * t for a, t in zip(args, tangents, strict=True)))
+  fd = (shifted(h) - shifted(-h)) / (2 * h)
+  np.testing.assert_allclose(tangent, fd, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", ["ce_int_all", "ce_probs", "log_softmax", "bce"])
+def test_jacfwd_linearize_grad_of_jvp_hessian(name):
+  args, f, ref = _families()[name]
+  tangents = _tangents(args)
+
+  def derivatives(fn):
+    jf = jax.jacfwd(fn, argnums=0)(*args)
+    out, lin = jax.linearize(fn, *args)
+    lin_t = lin(*tangents)
+    # Reverse over forward: gradient of a directional derivative.
+    gjvp = jax.grad(lambda *a: jnp.sum(jax.jvp(fn, a, tangents)[1]), argnums=0)(*args)
+    return jf, out, lin_t, gjvp
+
+  _close(jax.jit(lambda: derivatives(f))(), jax.jit(lambda: derivatives(ref))())
+  scalar = (lambda fn: lambda *a: jnp.sum(fn(*a)))
+  hess = lambda fn: jax.jit(jax.hessian(scalar(fn)))(*args)  # forward over reverse
+  _close(hess(f), hess(ref))
+
+
+def test_forward_over_forward_and_third_order():
+  args, f, ref = _families()["ce_int_all"]
+  t = _tangents(args)
+  d2 = lambda fn: jax.jit(lambda a: jax.jvp(lambda *b: jax.jvp(fn, b, t)[1], a, t)[1])(args)
+  _close(d2(f), d2(ref))
+  d3 = lambda fn: jax.jit(jax.grad(lambda x: jax.jvp(
+      lambda x: jax.jvp(lambda x: fn(x, args[1]), (x,), (t[0],))[1], (x,), (t[0],))[1]))(args[0])
+  _close(d3(f), d3(ref), rtol=1e-8)
+
+
+# ---------------------------------------------------------------------------
+# Meshes: shard_map with class_axis_name, and an Explicit mesh.
+
+
+@functools.cache
+def _mesh(kind):
+  return jax.make_mesh((2, 4), ("data", "model"), axis_types=(getattr(AxisType, kind),) * 2)
+
+
+def _sharded_case():
+  rng = _rng(7)
+  x = jnp.asarray(rng.normal(size=(8, 16)) * 2, F64)
+  y = jnp.asarray(rng.integers(0, 16, size=8), jnp.int32).at[3].set(-100)
+  t = jnp.asarray(rng.dirichlet(np.ones(16), size=8), F64)
+  w = jnp.asarray(rng.uniform(0.5, 2.0, size=16), F64)
+  return x, y, t, w
+
+
+@pytest.mark.parametrize("targets", ["int", "probs"])
+def test_forward_mode_in_shard_map(targets):
+  x, y, t, w = _sharded_case()
+  lab, lab_spec = (y, P("data")) if targets == "int" else (t, P("data", "model"))
+  kw = {"label_smoothing": 0.1, "z_loss": 0.01}
+
+  def local(x, lab, w):
+    return jaxce.cross_entropy(x, lab, weight=w, class_axis_name="model", reduction="none",
+                               **kw)
+
+  sharded = jax.shard_map(local, mesh=_mesh("Auto"),
+                          in_specs=(P("data", "model"), lab_spec, P("model")),
+                          out_specs=P("data"))
+  plain = lambda x, lab, w: jaxce.cross_entropy(x, lab, weight=w, reduction="none", **kw)
+  tx, tw = _tangents((x, w), seed=8)
+  jvp = lambda fn: jax.jit(lambda x, w: jax.jvp(lambda x, w: fn(x, lab, w), (x, w), (tx, tw)))
+  _close(jvp(sharded)(x, w), jvp(plain)(x, w), rtol=1e-10, atol=1e-12)
+  jac = lambda fn: jax.jit(jax.jacfwd(lambda x, w: fn(x, lab, w), argnums=(0, 1)))
+  _close(jac(sharded)(x, w), jac(plain)(x, w), rtol=1e-10, atol=1e-12)
+  # Reverse over forward through the collectives.
+  g = lambda fn: jax.jit(jax.grad(lambda x: jnp.sum(jax.jvp(
+      lambda x: fn(x, lab, w), (x,), (tx,))[1] ** 2)))(x)
+  _close(g(sharded), g(plain), rtol=1e-10, atol=1e-12)
+
+
+def test_forward_mode_explicit_mesh():
+  x, y, _, w = _sharded_case()
+  mesh = _mesh("Explicit")
+  with jax.set_mesh(mesh):
+    xs = jax.device_put(x, NamedSharding(mesh, P("data", "model")))
+    ys = jax.device_put(y, NamedSharding(mesh, P("data")))
+    f = lambda x: jaxce.cross_entropy(x, ys, weight=w, label_smoothing=0.1)
+    tx = _tangents((x,), seed=9)[0]
+    got = jax.jit(lambda x: jax.jvp(f, (x,), (tx,)))(xs)
+  want = jax.jvp(lambda x: jaxce.cross_entropy(x, y, weight=w, label_smoothing=0.1), (x,), (tx,))
+  _close(got, want, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------
+# optax's own gradient checks (check_grads in both modes) on the drop-ins.
+
+
+def test_optax_dropins_check_grads_both_modes():
+  rng = _rng(10)
+  logits = jnp.asarray(rng.normal(size=(3, 4)), F64)
+  probs = jnp.asarray(rng.dirichlet(np.ones(4), size=3), F64)
+  ints = jnp.asarray([0, 3, 1], jnp.int32)
+  cases = [
+      (jaxce.softmax_cross_entropy, optax.softmax_cross_entropy, (logits, probs)),
+      (lambda x: jaxce.softmax_cross_entropy_with_integer_labels(x, ints),
+       lambda x: optax.softmax_cross_entropy_with_integer_labels(x, ints), (logits,)),
+      (jaxce.sigmoid_binary_cross_entropy, optax.sigmoid_binary_cross_entropy,
+       (logits, jnp.asarray(rng.uniform(size=(3, 4)), F64))),
+  ]
+  for ours, theirs, args in cases:
+    check_grads(ours, args, order=2, modes=("fwd", "rev"), atol=1e-5, rtol=1e-5)
+    t = _tangents(args, seed=11)
+    _close(jax.jvp(ours, args, t), jax.jvp(theirs, args, t))
+
+
+# ---------------------------------------------------------------------------
+# Eager calls with new arrays of the same shape compile nothing new.
+
+
+class _CompileCounter:
+  def __init__(self):
+    self.count = 0
+
+  def __call__(self, event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      self.count += 1
+
+
+def test_eager_calls_do_not_recompile():
+  rng = _rng(12)
+  y = jnp.asarray([0, 2, -100, 1], jnp.int32)
+  fns = {
+      "log_softmax": lambda x: jaxce.log_softmax(x),
+      "logsumexp": lambda x: jaxce.logsumexp(x),
+      "ce_int": lambda x: jaxce.cross_entropy(x, y, label_smoothing=0.1),
+      "ce_probs": lambda x: jaxce.cross_entropy(x, jax.nn.softmax(x), z_loss=0.1),
+      "nll": lambda x: jaxce.nll_loss(x, y),
+      "bce": lambda x: jaxce.binary_cross_entropy_with_logits(x, jnp.ones_like(x) / 2),
+  }
+  counter = _CompileCounter()
+  jax.monitoring.register_event_duration_secs_listener(counter)
+  try:
+    for name, fn in fns.items():
+      for g in (fn, jax.grad(lambda x, fn=fn: jnp.sum(fn(x)))):
+        for i in range(3):
+          x = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+          before = counter.count
+          jax.block_until_ready(g(x))
+          if i:
+            assert counter.count == before, f"{name}: call {i} compiled {counter.count - before}"
+  finally:
+    jax.monitoring.unregister_event_duration_listener(counter)
