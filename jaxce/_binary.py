@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.typing import ArrayLike
+from jax.typing import ArrayLike, DTypeLike
 
 from jaxce import _checks
 from jaxce._reduction import reduce
 from jaxce._stats import given
 
 
-def _softplus_pair(x):
+def _softplus_pair(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """(softplus(x), softplus(-x), sigmoid(x), sigmoid(-x)) from one exp and
   one log1p: log(1 + e^{+-x}) = max(+-x, 0) + log1p(e^{-|x|}), exact at
   both tails (no cancellation), finite for any finite x."""
@@ -25,7 +26,7 @@ def _softplus_pair(x):
           jnp.where(pos, big, small), jnp.where(pos, small, big))
 
 
-def _pos_weight(pos_weight, dtype):
+def _pos_weight(pos_weight: jax.Array | None, dtype: DTypeLike) -> jax.Array:
   return jnp.ones((), dtype) if pos_weight is None else pos_weight.astype(dtype)
 
 
@@ -41,7 +42,10 @@ def _binary_terms(
 
 
 @jax.checkpoint  # reverse mode keeps the inputs only, not the sigmoids
-def _binary_tangent(logits, targets, pos_weight, tx, tt, tpw):
+def _binary_tangent(
+    logits: jax.Array, targets: jax.Array, pos_weight: jax.Array | None, tx: jax.Array,
+    tt: jax.Array | None, tpw: jax.Array | None,
+) -> jax.Array:
   ct = _checks.compute_dtype(logits.dtype)
   x, t = logits.astype(ct), targets.astype(ct)
   pw = _pos_weight(pos_weight, ct)
@@ -55,7 +59,9 @@ def _binary_tangent(logits, targets, pos_weight, tx, tt, tpw):
 
 
 @functools.partial(_binary_terms.defjvp, symbolic_zeros=True)
-def _binary_terms_jvp(primals, tangents):
+def _binary_terms_jvp(
+    primals: tuple[Any, ...], tangents: tuple[Any, ...]
+) -> tuple[jax.Array, jax.Array]:
   logits, targets, pos_weight = primals
   tx, tt, tpw = given(tangents[0], logits), given(tangents[1]), given(tangents[2])
   return _binary_terms(*primals), _binary_tangent(logits, targets, pos_weight, tx, tt, tpw)
@@ -67,7 +73,7 @@ def binary_cross_entropy_with_logits(
     *,
     weight: ArrayLike | None = None,
     pos_weight: ArrayLike | None = None,
-    reduction: str = "mean",
+    reduction: _checks.Reduction = "mean",
 ) -> jax.Array:
   r"""Sigmoid binary cross-entropy on logits, as PyTorch's function of that name.
 
