@@ -367,3 +367,40 @@ def static_bool(fn: str, name: str, value: object) -> bool:
   if not isinstance(value, bool | np.bool_):
     raise TypeError(f"{fn}: `{name}` must be a Python bool. Got {value!r}.")
   return bool(value)
+
+
+BACKWARDS = ("auto", "recompute", "precompute")
+
+
+def backward(
+    fn: str,
+    value: object,
+    *,
+    kernel_dtype: object,
+    reduction: str,
+    forward_mode: bool,
+    chunk_size: int | None,
+    class_axis_name: object,
+) -> str:
+  """`backward` of the fused loss, and the options `"precompute"` excludes."""
+  if not isinstance(value, str) or value not in BACKWARDS:
+    raise ValueError(f"{fn}: `backward` must be one of {BACKWARDS}. Got {value!r}.")
+  if value != "precompute":
+    return value
+  clash = None
+  if np.dtype(kernel_dtype).itemsize < 4:  # type: ignore[call-overload]
+    clash = (f"a {np.dtype(kernel_dtype)} kernel (its gradient would need a float32"  # type: ignore[call-overload]
+             " accumulator: twice the kernel's memory)")
+  elif reduction == "none":
+    clash = 'reduction="none" (the gradient must be known in the forward: use "mean" or "sum")'
+  elif forward_mode:
+    clash = "forward_mode=True (a custom_vjp has no forward mode)"
+  elif chunk_size is not None:
+    clash = f"chunk_size={chunk_size} (the vocabulary chunk of backward=\"recompute\")"
+  elif class_axis_name is not None:
+    clash = f"class_axis_name={class_axis_name!r} (a vocabulary split over devices)"
+  if clash is not None:
+    raise ValueError(
+        f'{fn}: `backward`="precompute" cannot be combined with {clash}; use'
+        ' backward="recompute" or "auto".')
+  return value

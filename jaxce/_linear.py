@@ -10,13 +10,14 @@ as for `cross_entropy`.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from jaxce import _checks, _collective, _explicit
+from jaxce import _checks, _collective, _explicit, _linear_precompute
 from jaxce._linear_stats import default_chunk_size, linear_label_stats, linear_label_stats_rev
 from jaxce._reduction import integer_target_loss
 from jaxce._stats import LabelStats, SmoothingSums
@@ -43,6 +44,7 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
     forward_mode: bool = False,
     class_axis_name: str | None = None,
+    backward: Literal["auto", "recompute", "precompute"] = "auto",
 ) -> jax.Array:
   r"""`cross_entropy(x @ kernel + bias, labels, ...)` without the [N, V] logits.
 
@@ -54,12 +56,26 @@ def linear_cross_entropy(
     z_{n} = s \tanh\big((x_n W + b) / s\big), \qquad
     \ell_n = \mathrm{CE}(z_n, y_n).
 
-  Memory: the forward streams vocabulary chunks with an online logsumexp; the
-  derivative recomputes each chunk's logits. What is kept for the backward is
-  `x`, `kernel`, `bias`, `labels` (the class weight with label smoothing)
-  and two float32 numbers per token (a shift and the log-sum-exp above it);
-  the largest temporaries are a few float32 [N, chunk] blocks and a float32
-  dx accumulator of `x`'s size. Nothing grows with V.
+  Two backward passes, one loss (both end in the same reduction code):
+
+  * ``backward="recompute"``: the forward streams vocabulary chunks with an
+    online logsumexp; the derivative recomputes each chunk's logits (four
+    matmuls in all). What is kept for the backward is `x`, `kernel`, `bias`,
+    `labels` (the class weight with label smoothing) and two float32
+    numbers per token (a shift and the log-sum-exp above it); the largest
+    temporaries are a few float32 [N, chunk] blocks and a float32 dx
+    accumulator of `x`'s size. Nothing grows with V.
+  * ``backward="precompute"``: the forward streams blocks of tokens, computes
+    each block's full-vocabulary logits once (a float32 [rows, V] block of
+    about 64 MiB) and the gradients with them (three matmuls in all, as on
+    materialized logits). What is kept for the backward is the gradients:
+    dx, dbias, dweight and **a dkernel as large as the kernel**, from the
+    forward until the backward (also computed when only the loss's value is
+    used under `jax.grad`); each block rereads and rewrites that dkernel.
+  * ``backward="auto"`` (default) picks precompute for 32-bit kernels with
+    "mean" or "sum", without `forward_mode`, `chunk_size` or a vocabulary
+    split over devices, when V <= 65536 (a block then holds at least 256
+    rows), and recompute otherwise; see `backward` below.
 
   Args:
     x: Activations ``[..., D]``, any leading batch dims.
@@ -95,6 +111,17 @@ def linear_cross_entropy(
       vocabulary is split: each device passes its [D, V / n] slice of
       `kernel` (and of `bias` and `weight`) and gets the loss over the whole
       vocabulary.
+    backward: "recompute", "precompute" or "auto" (see above). "precompute"
+      needs a 32-bit kernel, reduction "mean" or "sum", a concrete number of
+      tokens, and no `forward_mode`, `chunk_size`, `class_axis_name` or
+      Explicit-mesh sharding (ValueError otherwise); it keeps a gradient of
+      the kernel's size (plus x's, bias's and weight's) from the forward to
+      the backward. "auto" decides at trace time from static shapes and
+      dtypes: precompute when all of those hold, no device count shares a
+      factor with V (a kernel XLA may have split over its vocabulary axis),
+      and ``V <= 2**24 / 256``; recompute otherwise (bfloat16 kernels
+      always: a float32 dkernel accumulator would double the kernel's
+      memory).
 
   Returns:
     float32 (float64 for float64 inputs) loss.
@@ -104,9 +131,12 @@ def linear_cross_entropy(
     >>> x = jnp.ones((2, 3)); kernel = jnp.zeros((3, 5)); labels = jnp.array([0, 4])
     >>> print(jaxce.linear_cross_entropy(x, kernel, labels))
     1.609438
+    >>> grad = lambda b: jax.grad(jaxce.linear_cross_entropy, 1)(x, kernel, labels, backward=b)
+    >>> print(jnp.allclose(grad("precompute"), grad("recompute")))
+    True
     >>> loss = lambda k: jaxce.linear_cross_entropy(x, k, labels, forward_mode=True)
-    >>> print(jax.jvp(loss, (kernel,), (jnp.ones((3, 5)),))[1])
-    0.0
+    >>> print(abs(float(jax.jvp(loss, (kernel,), (jnp.ones((3, 5)),))[1])) < 1e-6)
+    True
   """
   fn = "linear_cross_entropy"
   x, kernel = _checks.linear_operands(fn, x, kernel)
@@ -116,6 +146,9 @@ def linear_cross_entropy(
   softcap = _checks.softcap(fn, softcap)
   chunk_size = _checks.chunk_size(fn, chunk_size)
   forward_mode = _checks.static_bool(fn, "forward_mode", forward_mode)
+  backward = _checks.backward(fn, backward, kernel_dtype=kernel.dtype, reduction=reduction,
+                              forward_mode=forward_mode, chunk_size=chunk_size,
+                              class_axis_name=class_axis_name)
   lead, vocab = x.shape[:-1], kernel.shape[1]
   labels = _checks.as_labels(labels)
   if not jnp.issubdtype(labels.dtype, jnp.integer):
@@ -163,11 +196,30 @@ def linear_cross_entropy(
     return impl(*args, class_axis_name)
   split = _explicit.linear_split(x, kernel, reduction)
   if split is not None:
+    if backward == "precompute":
+      raise ValueError(
+          f'{fn}: `backward`="precompute" cannot run on arrays sharded on an Explicit mesh'
+          f" (x {jax.typeof(x).sharding.spec}, kernel {jax.typeof(kernel).sharding.spec});"
+          ' use backward="recompute" or "auto".')
     specs = (P(*split.row_spec, None), P(None, split.class_spec[0]), split.row_spec,
              split.class_spec, split.class_spec)
     return _explicit.run_split(impl, split, args, specs)
   # Under jit, a kernel that XLA's partitioner may have split over its
   # vocabulary axis: as many groups as possible up to one per device, so
   # that any mesh axis size dividing both V and the device count lines up.
-  return impl(*args, None, groups=max(1, math.gcd(vocab, jax.device_count())))
+  groups = max(1, math.gcd(vocab, jax.device_count()))
+  n = math.prod(lead)
+  if backward == "auto":
+    backward = _linear_precompute.auto_backward(
+        kernel.dtype, n, vocab, reduction=reduction, forward_mode=forward_mode,
+        chunk_size=chunk_size, class_sharded=False, groups=groups)
+  if backward == "precompute" and vocab > 0:  # (V = 0: no logits, nothing to precompute)
+    if not isinstance(n, int):
+      raise ValueError(
+          f'{fn}: `backward`="precompute" needs a concrete number of tokens. Got x of shape'
+          f' {x.shape}; use backward="recompute" or "auto" under jax.export.')
+    options = _linear_precompute.Options(ignore_index, reduction, eps, z, softcap)
+    return _linear_precompute.precomputed_loss(
+        x.reshape(n, x.shape[-1]), kernel, bias, labels.reshape(n), weight, options)
+  return impl(*args, None, groups=groups)
 

@@ -31,7 +31,7 @@ from golden import load, torch_version
 from residuals import saved_residuals
 
 import jaxce
-from jaxce import _linear_stats
+from jaxce import _linear_precompute, _linear_stats
 
 F32 = jnp.float32
 F32_EPS = float(np.finfo(np.float32).eps)
@@ -830,6 +830,17 @@ BAD = {
     "smoothing_above_one": (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
     "z_loss_negative": (dict(z_loss=-1e-3), ValueError, "z_loss"),
     "reduction": (dict(reduction="avg"), ValueError, "reduction"),
+    "backward_unknown": (dict(backward="both"), ValueError, "backward"),
+    "backward_none": (dict(backward=None), ValueError, "backward"),
+    "precompute_reduction_none": (dict(backward="precompute", reduction="none"), ValueError,
+                                  "backward"),
+    "precompute_forward_mode": (dict(backward="precompute", forward_mode=True), ValueError,
+                                "backward"),
+    "precompute_chunk_size": (dict(backward="precompute", chunk_size=8), ValueError, "backward"),
+    "precompute_bf16": (dict(x=_X.astype(jnp.bfloat16), kernel=_K.astype(jnp.bfloat16),
+                             backward="precompute"), ValueError, "backward"),
+    "precompute_class_axis": (dict(backward="precompute", class_axis_name="model"), ValueError,
+                              "backward"),
 }
 
 
@@ -862,30 +873,33 @@ def test_golden_file():
   assert {c["meta"]["fn"] for c in GOLDEN} == {"linear_cross_entropy"}
 
 
-def _golden_run(meta, a):
+def _golden_run(meta, a, backward):
   kw = dict(ignore_index=meta["ignore_index"], reduction=meta["reduction"],
             label_smoothing=meta["label_smoothing"], softcap=meta["softcap"],
             chunk_size=GOLDEN_CHUNK)
+  if backward == "precompute" and meta["reduction"] != "none":
+    kw.update(chunk_size=None, backward="precompute")
   params = {k: a[k] for k in ("x", "kernel", "bias", "weight") if k in a}
   return _value_and_grads(_lin_loss, params, a["labels"], a.get("cot", 1.0), kw)
 
 
 @functools.cache
-def _golden_results(dtype, group):
+def _golden_results(dtype, group, backward="recompute"):
   cases = GOLDEN[group * GROUP:(group + 1) * GROUP]
   metas = [c["meta"] for c in cases]
   with jax.enable_x64(dtype == "float64"):
     inputs = [{**{k: jnp.asarray(c[k], dtype) for k in GOLDEN_INPUTS if k in c},
                "labels": jnp.asarray(c["labels"])} for c in cases]
-    run = _fast(lambda inputs: [_golden_run(m, a) for m, a in zip(metas, inputs, strict=True)])
+    run = _fast(lambda inputs: [_golden_run(m, a, backward)
+                                for m, a in zip(metas, inputs, strict=True)])
     return jax.device_get(run(inputs))
 
 
-def _golden_mismatches(index, dtype):
+def _golden_mismatches(index, dtype, backward="recompute"):
   """Every way case `index` differs from torch in `dtype`, as messages."""
   case = GOLDEN[index]
   meta = case["meta"]
-  loss, grads = _golden_results(dtype, index // GROUP)[index % GROUP]
+  loss, grads = _golden_results(dtype, index // GROUP, backward)[index % GROUP]
   if dtype == "float64":
     tol = dict(rtol=1e-10, atol=1e-12)
   else:
@@ -923,6 +937,14 @@ def test_golden_float32(index):
 def test_golden_float64():
   """All cases at float64 tolerance (one test: one cause fails them all)."""
   bad = [m for i in range(len(GOLDEN)) for m in _golden_mismatches(i, "float64")]
+  assert not bad, f"{len(bad)} mismatches:\n" + "\n".join(bad)
+
+
+def test_golden_float64_precompute():
+  """backward="precompute" on the "mean" and "sum" cases, at float64 tolerance."""
+  cases = [i for i, c in enumerate(GOLDEN) if c["meta"]["reduction"] != "none"]
+  assert len(cases) >= 8
+  bad = [m for i in cases for m in _golden_mismatches(i, "float64", "precompute")]
   assert not bad, f"{len(bad)} mismatches:\n" + "\n".join(bad)
 
 
@@ -1122,3 +1144,227 @@ def test_cpu_workarounds_only_on_cpu(forward_mode):
   remat = 2 if forward_mode else 0
   assert count["cuda"] == count["tpu"] == remat, count
   assert count["cpu"] >= remat + 2, count  # the kernel carries and x transposed
+
+
+# ---------------------------------------------------------------------------
+# backward="precompute": the gradients computed in the forward (three
+# matmuls), equal to backward="recompute" and to the materialized reference.
+
+PRE_BLOCK = 4  # rows of a precompute block here: N = 6 gives blocks 0-3 and 2-5 (overlap)
+PRE_SPECS = {
+    "plain": _spec(chunk=None),
+    "weight-ignore_valid_class": _spec(chunk=None, weight=True, ignore_index=3, ignored="some"),
+    "smoothing-weight-sum": _spec(chunk=None, eps=0.1, weight=True, reduction="sum",
+                                  ignored="some"),
+    "no_bias-z_loss": _spec(chunk=None, bias=False, z=1e-2, ignored="some"),
+    "softcap": _spec(chunk=None, softcap=1.5, scale=3.0),
+    "all-mean": _spec(**ALL_OPTS, chunk=None),
+    "all-sum-batch": _spec(**ALL_OPTS, chunk=None, reduction="sum", lead=(2, 3)),
+    "smoothing1-weight-sum": _spec(chunk=None, eps=1.0, weight=True, reduction="sum"),
+    "extreme-smoothing-weight": _spec(chunk=None, scale=400.0, eps=0.1, weight=True),
+    "inf_bias-smoothing-weight": _spec(chunk=None, inf_bias=True, eps=0.1, weight=True),
+    "inf_bias-softcap-z_loss": _spec(chunk=None, inf_bias=True, softcap=2.0, z=1e-2),
+    "all_ignored-mean": _spec(chunk=None, ignored="all", weight=True, eps=0.1, z=1e-2),
+}
+PRE_NAMES = list(PRE_SPECS)
+
+
+@functools.cache
+def _precompute_results(group):
+  """{case: (precompute, recompute, reference)}, each (loss, grads), for one
+  group of GROUP cases of PRE_SPECS, in one program with PRE_BLOCK-row
+  blocks."""
+  names = PRE_NAMES[group * GROUP:(group + 1) * GROUP]
+  inputs = [_inputs(PRE_SPECS[n], 100 + PRE_NAMES.index(n)) for n in names]
+
+  def run(all_inputs):
+    out = []
+    for name, (params, labels, cot) in zip(names, all_inputs, strict=True):
+      kw = _kwargs(PRE_SPECS[name])
+      out.append(tuple(_value_and_grads(fn, params, labels, cot, {**kw, **extra})
+                       for fn, extra in ((_lin_loss, dict(backward="precompute")),
+                                         (_lin_loss, dict(backward="recompute", chunk_size=7)),
+                                         (_ref_loss, {}))))
+    return out
+
+  saved = _linear_precompute.ROW_BLOCK_ELEMENTS
+  _linear_precompute.ROW_BLOCK_ELEMENTS = PRE_BLOCK * V
+  try:
+    results = jax.device_get(_fast(run)(inputs))
+  finally:
+    _linear_precompute.ROW_BLOCK_ELEMENTS = saved
+  return dict(zip(names, results, strict=True)), dict(zip(names, inputs, strict=True))
+
+
+@pytest.mark.parametrize("name", PRE_NAMES)
+def test_precompute_matches_recompute_and_reference(name):
+  spec = PRE_SPECS[name]
+  results, inputs = _precompute_results(PRE_NAMES.index(name) // GROUP)
+  (loss, grads), (re_loss, re_grads), (ref_loss, ref_grads) = results[name]
+  params = inputs[name][0]
+  assert loss.dtype == np.float32
+  assert loss.shape == ()
+  assert set(grads) == set(params)
+  logit_scale = float(np.max(np.abs(params["x"] @ params["kernel"])))
+  if spec["ignored"] == "all":
+    assert float(loss) == 0.0
+    for k, g in grads.items():
+      assert np.all(g == 0.0), k
+  tol = dict(rtol=2e-5, atol=1e-6 + 16 * F32_EPS * logit_scale)
+  for other_loss, other_grads, what in ((re_loss, re_grads, "recompute"),
+                                        (ref_loss, ref_grads, "reference")):
+    _assert_close(loss, other_loss, what=f"loss vs {what}", **tol)
+    for k in grads:
+      assert grads[k].dtype == params[k].dtype, k
+      assert grads[k].shape == params[k].shape, k
+      scale = float(np.max(np.abs(other_grads[k]), initial=0.0))
+      _assert_close(grads[k], other_grads[k], rtol=1e-4,
+                    atol=1e-6 + 1e-5 * scale + 16 * F32_EPS * logit_scale * scale,
+                    what=f"gradient with respect to {k} vs {what}")
+
+
+def test_precompute_block_rows():
+  assert _linear_precompute.block_rows(2048, 32768) == 512
+  assert _linear_precompute.block_rows(512, 2**20) == 16
+  assert _linear_precompute.block_rows(100, 1000) == 100  # one block of all tokens
+  assert _linear_precompute.block_rows(0, 1000) == 1
+  assert _linear_precompute.block_rows(10, 2**30) == 1
+
+
+def test_precompute_traced_ignore_index_vmap_and_eval():
+  """A traced ignore_index, vmap over a batch of problems, and the value
+  without differentiation (the custom_vjp's primal), all equal to recompute."""
+  rng = np.random.default_rng(26)
+  x = jnp.asarray(rng.normal(size=(3, 5, D)), F32)
+  kernel = jnp.asarray(rng.normal(size=(D, V)), F32)
+  labels = jnp.asarray([[3, 1, 3, 0, 7], [3, 3, 3, 3, 3], [0, 1, 2, 4, 5]], jnp.int32)
+
+  def run(ii, backward):
+    vg = jax.value_and_grad(lambda x, k, y: _lin_loss(
+        x, k, y, ignore_index=ii, label_smoothing=0.1, backward=backward), (0, 1))
+    return (jax.vmap(vg, (0, None, 0))(x, kernel, labels),
+            jax.vmap(lambda x, y: _lin_loss(x, kernel, y, ignore_index=ii, reduction="sum",
+                                            backward=backward))(x, labels))
+
+  got, want = _fast(lambda ii: (run(ii, "precompute"), run(ii, "recompute")))(
+      jnp.asarray(3, jnp.int32))
+  assert float(got[0][0][1]) == 0.0  # every label ignored
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    _assert_close(a, b, rtol=1e-5, atol=1e-6, what="precompute vs recompute")
+
+
+def test_precompute_empty_batch_and_vocabulary():
+  kernel = jnp.asarray(np.random.default_rng(27).normal(size=(D, V)), F32)
+  vg = jax.value_and_grad(lambda x, k, y: _lin_loss(x, k, y, backward="precompute"), (0, 1))
+  loss, (dx, dkernel) = vg(jnp.zeros((0, D), F32), kernel, jnp.zeros((0,), jnp.int32))
+  assert float(loss) == 0.0
+  assert dx.shape == (0, D)
+  assert np.all(np.asarray(dkernel) == 0.0)
+  # V = 0: every label out of range (NaN) or ignored (0.0), as on every path
+  x, empty = jnp.ones((4, D), F32), jnp.ones((D, 0), F32)
+  labels = jnp.asarray([0, -100, 2, -100], jnp.int32)
+  assert np.isnan(float(_lin_loss(x, empty, labels, backward="precompute")))
+  loss, dx = jax.value_and_grad(lambda x: _lin_loss(
+      x, empty, jnp.full_like(labels, -100), backward="precompute"))(x)
+  assert float(loss) == 0.0
+  assert np.all(np.asarray(dx) == 0.0)
+
+
+def test_precompute_saved_residuals_are_the_gradients():
+  """What the backward keeps is dx, dkernel, dbias and dweight (computed in
+  the forward), nothing of size N x V, none of the inputs."""
+  x, kernel, bias, weight, labels = _res_inputs(F32)
+
+  def loss(x, kernel, bias, weight):
+    return jaxce.linear_cross_entropy(x, kernel, labels, bias=bias, weight=weight,
+                                      label_smoothing=0.1, backward="precompute")
+
+  res = saved_residuals(loss, x, kernel, bias, weight)
+  computed = sorted(s for _, s, o in res if not o.startswith(("from a constant", "from a lit")))
+  assert computed == sorted([(RES_N, RES_D), (RES_D, RES_V), (RES_V,), (RES_V,)]), res
+  assert all(dt == "f32" for dt, _, _ in res), res
+  assert not any(o.startswith("from the argument") for _, _, o in res), res
+
+
+def test_auto_backward_rule():
+  rule = _linear_precompute.auto_backward
+  base = dict(reduction="mean", forward_mode=False, chunk_size=None, class_sharded=False,
+              groups=1)
+  limit = _linear_precompute.ROW_BLOCK_ELEMENTS // _linear_precompute.MIN_ROWS
+  assert limit == 65536
+  for vocab in (1, 1000, 32000, 32768, 50257, limit):
+    assert rule(F32, 2048, vocab, **base) == "precompute", vocab
+    assert rule(jnp.float64, 2048, vocab, **base) == "precompute", vocab
+    assert rule(F32, 2048, vocab, **{**base, "reduction": "sum"}) == "precompute", vocab
+  for vocab in (limit + 1, 131072, 2**20):
+    assert rule(F32, 2048, vocab, **base) == "recompute", vocab
+  for change in (dict(reduction="none"), dict(forward_mode=True), dict(chunk_size=1024),
+                 dict(class_sharded=True), dict(groups=2)):
+    assert rule(F32, 2048, 32000, **{**base, **change}) == "recompute", change
+  for dtype in (jnp.bfloat16, jnp.float16):
+    assert rule(dtype, 2048, 32000, **base) == "recompute", dtype
+  assert rule(F32, 2048, 0, **base) == "recompute"
+  from jax import export
+  b, = export.symbolic_shape("b")
+  assert rule(F32, b, 32000, **base) == "recompute"  # symbolic N
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    (dict(), "precompute"),  # V = 37 shares no factor with the 8 test devices
+    (dict(reduction="sum"), "precompute"),
+    (dict(reduction="none"), "recompute"),
+    (dict(dtype=jnp.bfloat16), "recompute"),
+    (dict(chunk_size=7), "recompute"),
+    (dict(forward_mode=True), "recompute"),
+    (dict(vocab=40), "recompute"),  # gcd(40, 8) = 8: a kernel XLA may have split
+    (dict(vocab=65537), "recompute"),  # a block would hold fewer than MIN_ROWS rows
+    (dict(backward="recompute"), "recompute"),
+    (dict(backward="precompute", vocab=40), "precompute"),
+])
+def test_auto_backward_is_what_runs(monkeypatch, case, expected):
+  case = dict(case)
+  dtype, vocab = case.pop("dtype", F32), case.pop("vocab", V)
+  calls = []
+  real = _linear_precompute.precomputed_loss
+  monkeypatch.setattr(_linear_precompute, "precomputed_loss",
+                      lambda *a: calls.append(1) or real(*a))
+  x = jax.ShapeDtypeStruct((6, D), dtype)
+  kernel = jax.ShapeDtypeStruct((D, vocab), dtype)
+  labels = jax.ShapeDtypeStruct((6,), jnp.int32)
+  jax.eval_shape(lambda x, k, y: _lin_loss(x, k, y, **case), x, kernel, labels)
+  assert ("precompute" if calls else "recompute") == expected
+
+
+def test_precompute_refuses_symbolic_batch_and_explicit_mesh():
+  from jax import export
+  from jax.sharding import AxisType, NamedSharding
+  from jax.sharding import PartitionSpec as P
+  b, = export.symbolic_shape("b")
+  f = jax.jit(lambda x, k, y: _lin_loss(x, k, y, backward="precompute"))
+  with pytest.raises(ValueError, match=r"linear_cross_entropy: `backward`.*concrete number"):
+    export.export(f)(jax.ShapeDtypeStruct((b, D), F32), jax.ShapeDtypeStruct((D, V), F32),
+                     jax.ShapeDtypeStruct((b,), jnp.int32))
+  mesh = jax.make_mesh((8,), ("model",), axis_types=(AxisType.Explicit,))
+  kernel = jax.device_put(jnp.zeros((D, 40), F32), NamedSharding(mesh, P(None, "model")))
+  with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"`backward`.*Explicit mesh"):
+    f(jnp.zeros((8, D), F32), kernel, jnp.zeros((8,), jnp.int32))
+
+
+def test_precompute_on_auto_mesh_with_vocab_split_kernel():
+  """On an Auto mesh with the kernel split over its vocabulary axis, XLA's
+  partitioner runs the precompute path: the same values and gradients."""
+  from jax.sharding import AxisType, NamedSharding
+  from jax.sharding import PartitionSpec as P
+  rng = np.random.default_rng(28)
+  x = jnp.asarray(rng.normal(size=(8, D)), F32)
+  kernel = jnp.asarray(rng.normal(size=(D, 40)), F32)
+  labels = jnp.asarray(rng.integers(0, 40, size=(8,)), jnp.int32).at[3].set(-100)
+  vg = lambda b: jax.jit(jax.value_and_grad(
+      lambda x, k: _lin_loss(x, k, labels, label_smoothing=0.1, backward=b), (0, 1)))
+  want = vg("recompute")(x, kernel)
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+  with jax.set_mesh(mesh):
+    got = vg("precompute")(jax.device_put(x, NamedSharding(mesh, P("data", None))),
+                           jax.device_put(kernel, NamedSharding(mesh, P(None, "model"))))
+  for a, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    _assert_close(a, w, rtol=1e-5, atol=1e-6, what="Auto mesh precompute vs recompute")

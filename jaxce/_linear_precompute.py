@@ -1,0 +1,193 @@
+"""`linear_cross_entropy(..., backward="precompute")`: the forward computes
+the gradients too, so every logit is computed once (three matmuls in all, as
+on materialized logits, against the four of the recomputing backward of
+`_linear_stats`).
+
+The tokens are streamed in blocks of rows. Each block's full-vocabulary
+logits are one float32 [rows, V] temporary; its statistics are
+`_stats.label_stats` of them; the cotangent of those statistics comes from
+autodiff of `_reduction.integer_target_loss` (the same function that forms
+the loss), and autodiff of `label_stats` turns it into the block's logit
+cotangent, from which dx (written per block), dkernel (accumulated in the
+kernel's 32-bit dtype), dbias and dweight follow. The custom_vjp keeps the
+gradients (`PrecomputedGrads`) and its backward scales them by the
+cotangent: a kernel-sized array lives from the forward to the backward.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxce import _checks
+from jaxce._collective import ClassSlice
+from jaxce._linear_stats import BLOCK_ELEMENTS, matmul, soft_cap
+from jaxce._reduction import integer_target_loss
+from jaxce._stats import LabelStats, SmoothingSums, label_stats
+
+# One float32 [rows, V] logits block: 4 * BLOCK_ELEMENTS = 2**24 elements
+# (64 MiB). Smaller blocks make each block's dkernel update (a read and a
+# write of the [D, V] accumulator) weigh more against its matmuls.
+ROW_BLOCK_ELEMENTS = 4 * BLOCK_ELEMENTS
+
+# backward="auto" precomputes only when a block holds at least this many
+# rows, i.e. V <= ROW_BLOCK_ELEMENTS / MIN_ROWS (measurements: README).
+MIN_ROWS = 256
+
+
+class Options(NamedTuple):  # static: everything but the arrays
+  ignore_index: int | None
+  reduction: str  # "mean" or "sum"
+  label_smoothing: float
+  z_loss: float
+  softcap: float | None
+
+
+class PrecomputedGrads(NamedTuple):
+  """What the forward keeps for the backward: the gradients of the loss,
+  in the inputs' dtypes, to be scaled by the cotangent."""
+
+  dx: jax.Array  # [N, D]
+  dkernel: jax.Array  # [D, V]: as large as the kernel
+  dbias: jax.Array | None  # [V]
+  dweight: jax.Array | None  # [V]
+
+
+def block_rows(num_tokens: int, vocab: int) -> int:
+  """Rows of one [rows, V] logits block: about ROW_BLOCK_ELEMENTS elements,
+  at least 1, at most N."""
+  return max(1, min(num_tokens, ROW_BLOCK_ELEMENTS // max(vocab, 1)))
+
+
+def auto_backward(
+    kernel_dtype: object,
+    num_tokens: object,
+    vocab: int,
+    *,
+    reduction: str,
+    forward_mode: bool,
+    chunk_size: int | None,
+    class_sharded: bool,
+    groups: int,
+) -> str:
+  """What `backward="auto"` runs: "precompute" or "recompute".
+
+  Precompute when the kernel is 32-bit (a bf16 kernel would need a float32
+  dkernel accumulator: twice its memory), the reduction is "mean" or "sum"
+  (the gradient must be known in the forward), forward mode is off, no
+  `chunk_size` is given (a vocabulary chunk asks for the streamed path),
+  the vocabulary is not split over devices (no `class_axis_name`, no
+  Explicit-mesh split, and no device count sharing a factor with V, under
+  which XLA may have split the kernel: `groups` == 1), the number of tokens
+  is concrete, V > 0, and a row block holds at least `MIN_ROWS` rows
+  (``V <= ROW_BLOCK_ELEMENTS / MIN_ROWS`` = 65536): with fewer, rereading
+  and rewriting the [D, V] dkernel accumulator per block costs more than the
+  matmul it saves. Decided from static shapes and dtypes only.
+  """
+  if (np.dtype(kernel_dtype).itemsize < 4 or reduction == "none" or forward_mode
+      or chunk_size is not None or class_sharded or groups != 1
+      or not isinstance(num_tokens, int | np.integer) or vocab == 0):
+    return "recompute"
+  return "precompute" if ROW_BLOCK_ELEMENTS // vocab >= MIN_ROWS else "recompute"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def precomputed_loss(x, kernel, bias, labels, weight, options: Options) -> jax.Array:
+  """The reduced loss of `x @ kernel + bias` ([N, D] x [D, V], V > 0), with
+  `labels` int32 codes from `_checks.class_labels`."""
+  return _run(x, kernel, bias, labels, weight, options, grads=False)[0]
+
+
+def _run(x, kernel, bias, labels, weight, options: Options, grads: bool):
+  n = x.shape[0]
+  vocab = kernel.shape[1]
+  ct = _checks.compute_dtype(x.dtype)
+  rows = block_rows(n, vocab)
+  smoothing = bool(options.label_smoothing)
+  smoothing_weight = weight if smoothing else None
+
+  def loss_of(stats: LabelStats, weight):
+    return integer_target_loss(
+        stats, labels, classes=ClassSlice(labels, vocab, None), weight=weight,
+        ignore_index=options.ignore_index, reduction=options.reduction,
+        label_smoothing=options.label_smoothing, z_loss=options.z_loss)
+
+  def stats_of(raw, labels_rows, w):
+    z = raw if options.softcap is None else soft_cap(raw, options.softcap)[0]
+    return label_stats(z, labels_rows, w, None, 1, smoothing)
+
+  def put(all_stats, block, start):
+    return jax.tree.map(lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b, start, 0),
+                        all_stats, block)
+
+  def step(carry, j):
+    all_stats, acc = carry
+    start = jnp.minimum(j * rows, n - rows)  # the last block shifted in bounds
+    fresh = start + jnp.arange(rows, dtype=jnp.int32) >= j * rows
+    x_rows = jax.lax.dynamic_slice_in_dim(x, start, rows)
+    y_rows = jax.lax.dynamic_slice_in_dim(labels, start, rows)
+    raw = matmul(x_rows, kernel, (1,), (0,))  # [rows, V] float32
+    if bias is not None:
+      raw = raw + bias.astype(ct)[None]
+    if not grads:
+      return (put(all_stats, stats_of(raw, y_rows, smoothing_weight), start), acc), None
+    block, stats_vjp = jax.vjp(lambda r, w: stats_of(r, y_rows, w), raw, smoothing_weight)
+    all_stats = put(all_stats, block, start)
+    # The loss depends on a row's statistics through that row's term alone
+    # (the "mean" denominator needs no logits), so the cotangent of this
+    # block's rows is exact whatever the rows of later blocks hold yet.
+    _, loss_vjp = jax.vjp(lambda s: loss_of(put(all_stats, s, start), weight), block)
+    (g,) = loss_vjp(jnp.ones((), ct))
+    # Rows shared with the previous block (the last block's overlap) count once.
+    g = jax.tree.map(lambda v: jnp.where(fresh, v, 0.0), g)
+    dz, dw = stats_vjp(g)
+    dx, dkernel, dbias, dweight = acc
+    dx_rows = matmul(dz.astype(kernel.dtype), kernel, (1,), (1,)).astype(dx.dtype)
+    old = jax.lax.dynamic_slice_in_dim(dx, start, rows)
+    dx = jax.lax.dynamic_update_slice_in_dim(dx, jnp.where(fresh[:, None], dx_rows, old), start, 0)
+    dkernel = dkernel + matmul(x_rows, dz.astype(x.dtype), (0,), (0,)).astype(dkernel.dtype)
+    if dbias is not None:
+      dbias = dbias + jnp.sum(dz, axis=0)
+    if dweight is not None and dw is not None:
+      dweight = dweight + dw.astype(ct)
+    return (all_stats, (dx, dkernel, dbias, dweight)), None
+
+  zeros = jnp.zeros((n,), ct)
+  sums = (zeros,) * 3 if smoothing else None
+  init_stats = LabelStats(zeros, zeros, zeros, None if sums is None else SmoothingSums(*sums))
+  acc = ()
+  if grads:
+    acc = (jnp.zeros(x.shape, x.dtype), jnp.zeros(kernel.shape, kernel.dtype),
+           None if bias is None else jnp.zeros(bias.shape, ct),
+           None if weight is None else jnp.zeros(weight.shape, ct))
+  all_stats = init_stats
+  if n:  # (no tokens: no block to slice)
+    (all_stats, acc), _ = jax.lax.scan(step, (init_stats, acc),
+                                       jnp.arange(-(-n // rows), dtype=jnp.int32))
+  if not grads:
+    return loss_of(all_stats, weight), None
+  dx, dkernel, dbias, dweight = acc
+  if weight is None:
+    loss = loss_of(all_stats, weight)
+  else:  # the class weight's own terms: the label's weight and the denominator
+    loss, loss_vjp = jax.vjp(lambda w: loss_of(all_stats, w), weight)
+    dweight = dweight + loss_vjp(jnp.ones((), loss.dtype))[0].astype(ct)
+  cast = lambda v, like: None if like is None else v.astype(like.dtype)
+  return loss, PrecomputedGrads(dx, dkernel, cast(dbias, bias), cast(dweight, weight))
+
+
+def _fwd(x, kernel, bias, labels, weight, options: Options):
+  return _run(x, kernel, bias, labels, weight, options, grads=True)
+
+
+def _bwd(options: Options, res: PrecomputedGrads, g: jax.Array):
+  del options
+  scaled = lambda v: None if v is None else (g * v).astype(v.dtype)
+  return scaled(res.dx), scaled(res.dkernel), scaled(res.dbias), None, scaled(res.dweight)
+
+
+precomputed_loss.defvjp(_fwd, _bwd)
