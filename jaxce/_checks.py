@@ -369,6 +369,8 @@ def static_bool(fn: str, name: str, value: object) -> bool:
   return bool(value)
 
 
+# linear_cross_entropy's `backward` values, for type checkers.
+Backward = Literal["auto", "recompute", "precompute"]
 BACKWARDS = ("auto", "recompute", "precompute")
 
 
@@ -376,20 +378,20 @@ def backward(
     fn: str,
     value: object,
     *,
-    kernel_dtype: object,
+    kernel_dtype: DTypeLike,
     reduction: str,
     forward_mode: bool,
     chunk_size: int | None,
     class_axis_name: object,
-) -> str:
+) -> Backward:
   """`backward` of the fused loss, and the options `"precompute"` excludes."""
   if not isinstance(value, str) or value not in BACKWARDS:
     raise ValueError(f"{fn}: `backward` must be one of {BACKWARDS}. Got {value!r}.")
   if value != "precompute":
-    return value
+    return cast(Backward, value)
   clash = None
-  if np.dtype(kernel_dtype).itemsize < 4:  # type: ignore[call-overload]
-    clash = (f"a {np.dtype(kernel_dtype)} kernel (its gradient would need a float32"  # type: ignore[call-overload]
+  if np.dtype(kernel_dtype).itemsize < 4:
+    clash = (f"a {np.dtype(kernel_dtype)} kernel (its gradient would need a float32"
              " accumulator: twice the kernel's memory)")
   elif reduction == "none":
     clash = 'reduction="none" (the gradient must be known in the forward: use "mean" or "sum")'
@@ -403,4 +405,4 @@ def backward(
     raise ValueError(
         f'{fn}: `backward`="precompute" cannot be combined with {clash}; use'
         ' backward="recompute" or "auto".')
-  return value
+  return cast(Backward, value)

@@ -15,7 +15,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
-from jax.typing import ArrayLike
+from jax.typing import ArrayLike, DTypeLike
 
 from jaxce import _checks, _collective, _explicit, _linear_precompute
 from jaxce._linear_stats import default_chunk_size, linear_label_stats, linear_label_stats_rev
@@ -23,7 +23,7 @@ from jaxce._reduction import integer_target_loss
 from jaxce._stats import LabelStats, SmoothingSums
 
 
-def _empty_vocabulary_stats(n, ct, smoothing: bool) -> LabelStats:
+def _empty_vocabulary_stats(n: int, ct: DTypeLike, smoothing: bool) -> LabelStats:
   zeros = jnp.zeros((n,), ct)
   sums = SmoothingSums(zeros, zeros, zeros) if smoothing else None
   return LabelStats(zeros, jnp.full((n,), -jnp.inf, ct), zeros, sums)
@@ -37,7 +37,7 @@ def linear_cross_entropy(
     bias: ArrayLike | None = None,
     weight: ArrayLike | None = None,
     ignore_index: int | ArrayLike | None = -100,
-    reduction: str = "mean",
+    reduction: _checks.Reduction = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,
@@ -158,13 +158,17 @@ def linear_cross_entropy(
         f"{fn}: `labels` must have shape {lead} (x's shape {x.shape} without"
         f" the last axis). Got {labels.shape}."
     )
-  labels, ignore_index = _checks.class_labels(
+  labels, label_ignore = _checks.class_labels(
       fn, labels, _checks.global_classes(vocab, class_axis_name), ignore_index)
   weight = _checks.class_weight(fn, weight, vocab)
   bias = _checks.linear_bias(fn, bias, vocab)
   stats_fn = linear_label_stats if forward_mode else linear_label_stats_rev
 
-  def impl(x, kernel, labels, bias, weight, class_axis_name, row_axes=(), groups=1):
+  def impl(
+      x: jax.Array, kernel: jax.Array, labels: jax.Array, bias: jax.Array | None,
+      weight: jax.Array | None, class_axis_name: _collective.AxisName | None,
+      row_axes: tuple[str, ...] = (), groups: int = 1,
+  ) -> jax.Array:
     lead, (d, vocab) = x.shape[:-1], kernel.shape  # this device's share
     n = math.prod(lead)
     codes = labels.reshape(n)
@@ -183,7 +187,7 @@ def linear_cross_entropy(
         codes,
         classes=classes,
         weight=weight if vocab else None,  # V = 0: every label is ignored or NaN
-        ignore_index=ignore_index,
+        ignore_index=label_ignore,
         reduction=reduction,
         label_smoothing=eps,
         z_loss=z,
@@ -218,7 +222,7 @@ def linear_cross_entropy(
       raise ValueError(
           f'{fn}: `backward`="precompute" needs a concrete number of tokens. Got x of shape'
           f' {x.shape}; use backward="recompute" or "auto" under jax.export.')
-    options = _linear_precompute.Options(ignore_index, reduction, eps, z, softcap)
+    options = _linear_precompute.Options(label_ignore, reduction, eps, z, softcap)
     return _linear_precompute.precomputed_loss(
         x.reshape(n, x.shape[-1]), kernel, bias, labels.reshape(n), weight, options)
   return impl(*args, None, groups=groups)

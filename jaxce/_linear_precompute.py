@@ -17,11 +17,13 @@ cotangent: a kernel-sized array lives from the forward to the backward.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import DTypeLike
 
 from jaxce import _checks
 from jaxce._collective import ClassSlice
@@ -64,7 +66,7 @@ def block_rows(num_tokens: int, vocab: int) -> int:
 
 
 def auto_backward(
-    kernel_dtype: object,
+    kernel_dtype: DTypeLike,
     num_tokens: object,
     vocab: int,
     *,
@@ -73,7 +75,7 @@ def auto_backward(
     chunk_size: int | None,
     class_sharded: bool,
     groups: int,
-) -> str:
+) -> Literal["precompute", "recompute"]:
   """What `backward="auto"` runs: "precompute" or "recompute".
 
   Precompute when the kernel is 32-bit (a bf16 kernel would need a float32
@@ -96,13 +98,19 @@ def auto_backward(
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def precomputed_loss(x, kernel, bias, labels, weight, options: Options) -> jax.Array:
+def precomputed_loss(
+    x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Array,
+    weight: jax.Array | None, options: Options,
+) -> jax.Array:
   """The reduced loss of `x @ kernel + bias` ([N, D] x [D, V], V > 0), with
   `labels` int32 codes from `_checks.class_labels`."""
   return _run(x, kernel, bias, labels, weight, options, grads=False)[0]
 
 
-def _run(x, kernel, bias, labels, weight, options: Options, grads: bool):
+def _run(
+    x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Array,
+    weight: jax.Array | None, options: Options, grads: bool,
+) -> tuple[jax.Array, PrecomputedGrads | None]:
   n = x.shape[0]
   vocab = kernel.shape[1]
   ct = _checks.compute_dtype(x.dtype)
@@ -110,21 +118,25 @@ def _run(x, kernel, bias, labels, weight, options: Options, grads: bool):
   smoothing = bool(options.label_smoothing)
   smoothing_weight = weight if smoothing else None
 
-  def loss_of(stats: LabelStats, weight):
+  def loss_of(stats: LabelStats, weight: jax.Array | None) -> jax.Array:
     return integer_target_loss(
         stats, labels, classes=ClassSlice(labels, vocab, None), weight=weight,
         ignore_index=options.ignore_index, reduction=options.reduction,
         label_smoothing=options.label_smoothing, z_loss=options.z_loss)
 
-  def stats_of(raw, labels_rows, w):
+  def stats_of(raw: jax.Array, labels_rows: jax.Array, w: jax.Array | None) -> LabelStats:
     z = raw if options.softcap is None else soft_cap(raw, options.softcap)[0]
     return label_stats(z, labels_rows, w, None, 1, smoothing)
 
-  def put(all_stats, block, start):
-    return jax.tree.map(lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b, start, 0),
-                        all_stats, block)
+  def put(all_stats: LabelStats, block: LabelStats, start: jax.Array) -> LabelStats:
+    out: LabelStats = jax.tree.map(
+        lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b, start, 0), all_stats, block)
+    return out
 
-  def step(carry, j):
+  # acc: (dx, dkernel, dbias, dweight) with `grads`, else ().
+  Carry = tuple[LabelStats, tuple[Any, ...]]
+
+  def step(carry: Carry, j: jax.Array) -> tuple[Carry, None]:
     all_stats, acc = carry
     start = jnp.minimum(j * rows, n - rows)  # the last block shifted in bounds
     fresh = start + jnp.arange(rows, dtype=jnp.int32) >= j * rows
@@ -159,7 +171,7 @@ def _run(x, kernel, bias, labels, weight, options: Options, grads: bool):
   zeros = jnp.zeros((n,), ct)
   sums = (zeros,) * 3 if smoothing else None
   init_stats = LabelStats(zeros, zeros, zeros, None if sums is None else SmoothingSums(*sums))
-  acc = ()
+  acc: tuple[Any, ...] = ()
   if grads:
     acc = (jnp.zeros(x.shape, x.dtype), jnp.zeros(kernel.shape, kernel.dtype),
            None if bias is None else jnp.zeros(bias.shape, ct),
@@ -176,17 +188,24 @@ def _run(x, kernel, bias, labels, weight, options: Options, grads: bool):
   else:  # the class weight's own terms: the label's weight and the denominator
     loss, loss_vjp = jax.vjp(lambda w: loss_of(all_stats, w), weight)
     dweight = dweight + loss_vjp(jnp.ones((), loss.dtype))[0].astype(ct)
-  cast = lambda v, like: None if like is None else v.astype(like.dtype)
+  cast: Callable[[Any, jax.Array | None], jax.Array | None] = lambda v, like: (
+      None if like is None else v.astype(like.dtype))
   return loss, PrecomputedGrads(dx, dkernel, cast(dbias, bias), cast(dweight, weight))
 
 
-def _fwd(x, kernel, bias, labels, weight, options: Options):
+def _fwd(
+    x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Array,
+    weight: jax.Array | None, options: Options,
+) -> tuple[jax.Array, PrecomputedGrads | None]:
   return _run(x, kernel, bias, labels, weight, options, grads=True)
 
 
-def _bwd(options: Options, res: PrecomputedGrads, g: jax.Array):
+def _bwd(
+    options: Options, res: PrecomputedGrads, g: jax.Array
+) -> tuple[jax.Array | None, ...]:
   del options
-  scaled = lambda v: None if v is None else (g * v).astype(v.dtype)
+  scaled: Callable[[jax.Array | None], jax.Array | None] = lambda v: (
+      None if v is None else (g * v).astype(v.dtype))
   return scaled(res.dx), scaled(res.dkernel), scaled(res.dbias), None, scaled(res.dweight)
 
 

@@ -18,7 +18,8 @@ largest temporary is one float32 [N, chunk] block.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +38,10 @@ BLOCK_ELEMENTS = 2**22
 # block-size rule below needs a number.
 SYMBOLIC_CHUNK = 1024
 
+C = TypeVar("C")
 
-def default_chunk_size(num_tokens: int, vocab: int) -> int:
+
+def default_chunk_size(num_tokens: Any, vocab: int) -> int:
   """The vocabulary chunk used when `chunk_size=None`.
 
   The power of two that makes one float32 [N, chunk] block about 16 MiB
@@ -87,14 +90,19 @@ def group_cols(v: jax.Array, start: jax.Array, size: int, groups: int) -> jax.Ar
   return jax.lax.dynamic_slice_in_dim(g, start, size, axis=g.ndim - 1)
 
 
-def matmul(a: jax.Array, b: jax.Array, contract_a, contract_b) -> jax.Array:
+def matmul(
+    a: jax.Array, b: jax.Array, contract_a: Sequence[int], contract_b: Sequence[int]
+) -> jax.Array:
   """a . b over the given axes, in the inputs' dtype, accumulated in float32
   (float64 for float64 inputs)."""
   dims = ((tuple(contract_a), tuple(contract_b)), ((), ()))
   return jax.lax.dot_general(a, b, dims, preferred_element_type=_checks.compute_dtype(a.dtype))
 
 
-def chunk_logits(x, kernel, bias, i, chunk: int, softcap, groups: int) -> Chunk:
+def chunk_logits(
+    x: jax.Array, kernel: jax.Array, bias: jax.Array | None, i: jax.Array, chunk: int,
+    softcap: float | None, groups: int,
+) -> Chunk:
   """Logits of chunk i of every group. The last chunk is shifted left to stay
   in bounds (no padded copy of the kernel); the columns it shares with the
   previous chunk are marked not `fresh`."""
@@ -103,7 +111,7 @@ def chunk_logits(x, kernel, bias, i, chunk: int, softcap, groups: int) -> Chunk:
   z = matmul(x, group_cols(kernel, start, chunk, groups), (1,), (0,))
   if bias is not None:
     z = z + group_cols(bias, start, chunk, groups).astype(z.dtype)[None]
-  t = None
+  t: jax.Array | None = None
   if softcap is not None:
     z, t = soft_cap(z, softcap)
   offsets = jnp.arange(groups, dtype=jnp.int32)[:, None] * per_group
@@ -112,7 +120,7 @@ def chunk_logits(x, kernel, bias, i, chunk: int, softcap, groups: int) -> Chunk:
   return Chunk(z, t, cols, fresh, start)
 
 
-def class_weights(weight, ch: Chunk) -> jax.Array:
+def class_weights(weight: jax.Array | None, ch: Chunk) -> jax.Array:
   if weight is None:
     return jnp.ones((1, *ch.cols.shape), ch.z.dtype)
   groups, size = ch.cols.shape
@@ -127,15 +135,19 @@ def _cpu_barrier(kernel: jax.Array) -> jax.Array:
   and need no barrier."""
   if kernel.dtype.itemsize >= 4:
     return kernel
-  return jax.lax.platform_dependent(
+  out: jax.Array = jax.lax.platform_dependent(
       kernel, cpu=jax.lax.optimization_barrier, default=lambda k: k)
+  return out
 
 
-def _scan_chunks(step, carry, kernel, chunk: int, per_group: int):
+def _scan_chunks(
+    step: Callable[[C, jax.Array, jax.Array], C], carry: C, kernel: jax.Array, chunk: int,
+    per_group: int,
+) -> C:
   """carry after step(carry, kernel, i) over the chunks i; the kernel rides
   in the loop carry (see `_cpu_barrier`)."""
 
-  def body(state, i):
+  def body(state: tuple[C, jax.Array], i: jax.Array) -> tuple[tuple[C, jax.Array], None]:
     carry, kernel = state
     kernel = _cpu_barrier(kernel)
     return (step(carry, kernel, i), kernel), None
@@ -146,7 +158,10 @@ def _scan_chunks(step, carry, kernel, chunk: int, per_group: int):
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7, 8))
-def linear_label_stats(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups):
+def linear_label_stats(
+    x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Array,
+    weight: jax.Array | None, chunk: int, softcap: float | None, smoothing: bool, groups: int,
+) -> LabelStats:
   """`LabelStats` of `x @ kernel + bias` ([N, D] x [D, V]; soft-capped if
   asked), streamed over chunks of `chunk` columns of each of `groups` equal
   slices of the vocabulary. `labels` are int32 [N]; `weight` ([V] or None)
@@ -158,14 +173,21 @@ def _finite(m: jax.Array) -> jax.Array:
   return jnp.where(jnp.isfinite(m), m, 0.0)
 
 
-def _primal(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups) -> LabelStats:
+# The chunk loop's carry: running max, sum, label logit, smoothing sums.
+PrimalCarry = tuple[jax.Array, jax.Array, jax.Array, tuple[jax.Array, ...]]
+
+
+def _primal(
+    x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Array,
+    weight: jax.Array | None, chunk: int, softcap: float | None, smoothing: bool, groups: int,
+) -> LabelStats:
   ct = _checks.compute_dtype(x.dtype)
   n = x.shape[0]
   zeros = jnp.zeros((n,), ct)
   axes = (1, 2)
   cols_labels = labels[:, None, None]
 
-  def step(carry, kernel, i):
+  def step(carry: PrimalCarry, kernel: jax.Array, i: jax.Array) -> PrimalCarry:
     m, s, picked, sums = carry  # m: running max (-inf until a class is active)
     ch = chunk_logits(x, kernel, bias, i, chunk, softcap, groups)
     z = jnp.where(ch.fresh, ch.z, -jnp.inf)  # count each class once
@@ -187,7 +209,8 @@ def _primal(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups) 
       sums = (ws, wsum, count)
     return m_new, s, picked, sums
 
-  init = (jnp.full((n,), -jnp.inf, ct), zeros, zeros, (zeros,) * 3 if smoothing else ())
+  init: PrimalCarry = (
+      jnp.full((n,), -jnp.inf, ct), zeros, zeros, (zeros,) * 3 if smoothing else ())
   init = vary_like(init, x, kernel, bias, labels, weight)
   m, s, picked, sums = _scan_chunks(step, init, kernel, chunk, kernel.shape[1] // groups)
   shift = _finite(m)
@@ -201,23 +224,31 @@ def _cpu_transposed(x: jax.Array) -> jax.Array:
   contracts both operands' first axes (it would upcast all of x, per chunk),
   and the barrier keeps XLA from folding the transpose back into the
   matmul. Elsewhere a plain transpose, which XLA folds into the matmul."""
-  return jax.lax.platform_dependent(
+  out: jax.Array = jax.lax.platform_dependent(
       x, cpu=lambda x: jax.lax.optimization_barrier(x.T), default=lambda x: x.T)
+  return out
 
 
-def _zero(t) -> bool:
+def _zero(t: Any) -> bool:
   return t is None or isinstance(t, SymbolicZero)
 
 
-def _tangent(x, kernel, bias, labels, weight, shift, log_sum, dx, dkernel, dbias, dweight,
-             chunk, softcap, smoothing, groups):
+Tangents4 = tuple[jax.Array, jax.Array, jax.Array, jax.Array]
+
+
+def _tangent(
+    x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Array,
+    weight: jax.Array | None, shift: jax.Array, log_sum: jax.Array, dx: jax.Array | None,
+    dkernel: jax.Array | None, dbias: jax.Array | None, dweight: jax.Array | None, chunk: int,
+    softcap: float | None, smoothing: bool, groups: int,
+) -> Tangents4:
   """Tangents of (log_sum, picked, weighted_sum, weight_sum) along
   (dx, dkernel, dbias, dweight) (None: zero), one chunk at a time."""
   ct = _checks.compute_dtype(x.dtype)
   n = x.shape[0]
   axes = (1, 2)
   cols_labels = labels[:, None, None]
-  col = lambda v: v[:, None, None]
+  col: Callable[[jax.Array], jax.Array] = lambda v: v[:, None, None]
   # rows with no active class: p = exp(-inf - inf) = 0 rather than NaN
   base = col(shift + jnp.where(log_sum == -jnp.inf, jnp.inf, log_sum))
   dx = None if dx is None else dx.astype(ct)  # dx's cotangent accumulates in float32
@@ -226,18 +257,20 @@ def _tangent(x, kernel, bias, labels, weight, shift, log_sum, dx, dkernel, dbias
   # (prevent_cse: its barrier also keeps XLA:CPU from hoisting a float32
   # copy of a bf16 kernel out of the transposed loop: 424 vs 2412 MiB)
   @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
-  def step(carry, i):
+  def step(carry: Tangents4, i: jax.Array) -> tuple[Tangents4, None]:
     ch = chunk_logits(x, _cpu_barrier(kernel), bias, i, chunk, softcap, groups)
     dz = jnp.zeros((), ct)
     if dx is not None:
       dz = dz + matmul(dx, group_cols(kernel, ch.start, chunk, groups), (1,), (0,))
     if dkernel is not None:
+      assert x_t is not None
       # contracted against x transposed: reverse mode's transpose of this
       # product is then x_t @ dz, a plain matmul
       dz = dz + matmul(x_t, group_cols(dkernel, ch.start, chunk, groups), (0,), (0,))
     if dbias is not None:
       dz = dz + group_cols(dbias, ch.start, chunk, groups).astype(ct)[None]
     if softcap is not None:
+      assert ch.raw_tanh is not None
       dz = dz * (1.0 - ch.raw_tanh**2)
     dz = jnp.where(ch.fresh, dz, 0.0)  # the overlap columns count once
     d_log_sum, d_picked, d_ws, d_wsum = carry
@@ -259,16 +292,20 @@ def _tangent(x, kernel, bias, labels, weight, shift, log_sum, dx, dkernel, dbias
   init = vary_like((zeros,) * 4, x, kernel, bias, labels, weight, shift, log_sum, dx, dkernel,
                    dbias, dweight)
   steps = -(-(kernel.shape[1] // groups) // chunk)
-  return jax.lax.scan(step, init, jnp.arange(steps, dtype=jnp.int32))[0]
+  out: Tangents4 = jax.lax.scan(step, init, jnp.arange(steps, dtype=jnp.int32))[0]
+  return out
 
 
 # The whole tangent recomputes in reverse mode (x's transpose included):
 # what the linearized program keeps is then the tangent's primal inputs.
-_remat_tangent = jax.checkpoint(_tangent, policy=jax.checkpoint_policies.nothing_saveable,
-                                static_argnums=(11, 12, 13, 14))
+_remat_tangent: Callable[..., Tangents4] = jax.checkpoint(
+    _tangent, policy=jax.checkpoint_policies.nothing_saveable, static_argnums=(11, 12, 13, 14))
 
 
-def _jvp(chunk, softcap, smoothing, groups, primals, tangents):
+def _jvp(
+    chunk: int, softcap: float | None, smoothing: bool, groups: int, primals: tuple[Any, ...],
+    tangents: tuple[Any, ...],
+) -> tuple[LabelStats, LabelStats]:
   x, kernel, bias, labels, weight = primals
   stats = _primal(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups)
   dx, dkernel, dbias, _, dweight = (None if _zero(t) else t for t in tangents)
@@ -301,13 +338,20 @@ class LinearResiduals(NamedTuple):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def linear_label_stats_rev(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups):
+def linear_label_stats_rev(
+    x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Array,
+    weight: jax.Array | None, chunk: int, softcap: float | None, smoothing: bool, groups: int,
+) -> LabelStats:
   """`linear_label_stats` for reverse mode only, with a hand-written backward."""
   return _primal(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups)
 
 
-def _rev_fwd(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups):
+def _rev_fwd(
+    x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Array,
+    weight: jax.Array | None, chunk: int, softcap: float | None, smoothing: bool, groups: int,
+) -> tuple[LabelStats, LinearResiduals]:
   stats = _primal(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups)
+  assert stats.log_sum is not None
   return stats, LinearResiduals(x, kernel, bias, labels, weight, stats.shift, stats.log_sum)
 
 
@@ -315,15 +359,17 @@ def _add_rows_matmul(acc: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
   """acc + a . b over their last two axes (a float32, cast to b's dtype), in
   blocks of rows: a [N, D] float32 product beside the [N, D] float32
   accumulator would double the backward's largest buffer."""
-  n, d = acc.shape
-  product = lambda rows: matmul(rows.astype(b.dtype), b, (1, 2), (1, 2))
+  shape: tuple[Any, ...] = acc.shape  # a dim may be symbolic (jax.export)
+  n, d = shape
+  product: Callable[[jax.Array], jax.Array] = lambda rows: matmul(
+      rows.astype(b.dtype), b, (1, 2), (1, 2))
   if not isinstance(n, int):  # symbolic (jax.export): one block
     return acc + product(a)
   block = max(1, min(n, BLOCK_ELEMENTS // max(d, 1)))
   if block >= n:
     return acc + product(a)
 
-  def body(acc, j):
+  def body(acc: jax.Array, j: jax.Array) -> tuple[jax.Array, None]:
     start = jnp.minimum(j * block, n - block)  # last block shifted in bounds
     rows = jax.lax.dynamic_slice_in_dim(a, start, block, axis=0)
     fresh = start + jnp.arange(block) >= j * block
@@ -331,7 +377,8 @@ def _add_rows_matmul(acc: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
     old = jax.lax.dynamic_slice_in_dim(acc, start, block, axis=0)
     return jax.lax.dynamic_update_slice_in_dim(acc, old + product(rows), start, axis=0), None
 
-  return jax.lax.scan(body, acc, jnp.arange(-(-n // block)))[0]
+  out: jax.Array = jax.lax.scan(body, acc, jnp.arange(-(-n // block)))[0]
+  return out
 
 
 def _write_cols(acc: jax.Array, update: jax.Array, start: jax.Array, groups: int) -> jax.Array:
@@ -347,23 +394,32 @@ def _write_cols(acc: jax.Array, update: jax.Array, start: jax.Array, groups: int
   return grouped.reshape(acc.shape)
 
 
-def _rev_bwd(chunk, softcap, smoothing, groups, res: LinearResiduals, g: LabelStats):
+# The backward's carry: dx, dkernel, dbias, dweight.
+RevCarry = tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]
+
+
+def _rev_bwd(
+    chunk: int, softcap: float | None, smoothing: bool, groups: int, res: LinearResiduals,
+    g: LabelStats,
+) -> tuple[jax.Array | None, ...]:
   x, kernel, bias, labels, weight, shift, log_sum = res
   ct = shift.dtype
-  col = lambda v: v.astype(ct)[:, None, None]
+  col: Callable[[jax.Array], jax.Array] = lambda v: v.astype(ct)[:, None, None]
   # rows with no active class: p = exp(-inf - inf) = 0 rather than NaN
   base = col(shift + jnp.where(log_sum == -jnp.inf, jnp.inf, log_sum))
   cols_labels = labels[:, None, None]
   x_t = _cpu_transposed(x)
 
-  def step(carry, kernel, i):
+  def step(carry: RevCarry, kernel: jax.Array, i: jax.Array) -> RevCarry:
     dx, dkernel, dbias, dweight = carry
     ch = chunk_logits(x, kernel, bias, i, chunk, softcap, groups)
     # dz of every column of the slice: the overlap columns' values equal the
     # previous chunk's, so writing them again is harmless; dx counts them once.
+    assert g.log_sum is not None
     dz = col(g.log_sum) * jnp.exp(ch.z - base)
     dz = dz + jnp.where(ch.cols[None] == cols_labels, col(g.picked), 0.0)
     if smoothing:
+      assert g.smoothing is not None
       active = ch.z > -jnp.inf
       dz = dz + jnp.where(active, class_weights(weight, ch) * col(g.smoothing.weighted_sum), 0.0)
       if dweight is not None:
@@ -372,6 +428,7 @@ def _rev_bwd(chunk, softcap, smoothing, groups, res: LinearResiduals, g: LabelSt
                        0.0)
         dweight = _write_cols(dweight, jnp.sum(dw, axis=0), ch.start, groups)
     if softcap is not None:
+      assert ch.raw_tanh is not None
       dz = dz * (1.0 - ch.raw_tanh**2)
     w_chunk = group_cols(kernel, ch.start, chunk, groups)
     dx = _add_rows_matmul(dx, jnp.where(ch.fresh, dz, 0.0), w_chunk)
@@ -381,7 +438,7 @@ def _rev_bwd(chunk, softcap, smoothing, groups, res: LinearResiduals, g: LabelSt
       dbias = _write_cols(dbias, jnp.sum(dz, axis=0), ch.start, groups)
     return dx, dkernel, dbias, dweight
 
-  init = (
+  init: RevCarry = (
       jnp.zeros(x.shape, ct),
       jnp.zeros(kernel.shape, kernel.dtype),
       None if bias is None else jnp.zeros(bias.shape, ct),
@@ -391,7 +448,8 @@ def _rev_bwd(chunk, softcap, smoothing, groups, res: LinearResiduals, g: LabelSt
   dx, dkernel, dbias, dweight = _scan_chunks(step, init, kernel, chunk, kernel.shape[1] // groups)
   # Inside shard_map, each device's partial dx / dkernel sums over the axes
   # it does not share with its primal (the Megatron all-reduce of dx).
-  cast = lambda v, like: None if like is None else match_vma(v.astype(like.dtype), like)
+  cast: Callable[[Any, jax.Array | None], jax.Array | None] = lambda v, like: (
+      None if like is None else match_vma(v.astype(like.dtype), like))
   return cast(dx, x), cast(dkernel, kernel), cast(dbias, bias), None, cast(dweight, weight)
 
 

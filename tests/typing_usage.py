@@ -38,6 +38,7 @@ def every_public_function(logits: jax.Array, labels: jax.Array) -> list[jax.Arra
                                  ignore_index=jnp.int32(-100), reduction="sum",
                                  label_smoothing=0.1, z_loss=1e-4, chunk_size=8,
                                  forward_mode=True),
+      jaxce.linear_cross_entropy(x, kernel, jnp.zeros(4, jnp.int32), backward="precompute"),
       jaxce.softmax_cross_entropy(logits, probs, axis=(0, 1)),
       jaxce.softmax_cross_entropy(logits, probs, axis=None, where=None),
       jaxce.softmax_cross_entropy_with_integer_labels(logits, labels, axis=-1),
@@ -66,3 +67,4 @@ def rejected(logits: jax.Array, labels: jax.Array) -> None:
   jaxce.binary_cross_entropy(logits, labels, reduction="avg")  # type: ignore[arg-type]  # must be rejected
   jaxce.linear_cross_entropy(logits, logits, labels, forward_mode=None)  # type: ignore[arg-type]  # must be rejected
   jaxce.checked.cross_entropy(logits, labels, reduction="avg")  # type: ignore[arg-type]  # must be rejected
+  jaxce.linear_cross_entropy(logits, logits, labels, backward="fast")  # type: ignore[arg-type]  # must be rejected
