@@ -158,7 +158,7 @@ def linear_cross_entropy(
         f"{fn}: `labels` must have shape {lead} (x's shape {x.shape} without"
         f" the last axis). Got {labels.shape}."
     )
-  labels, label_ignore = _checks.class_labels(
+  labels, ignore_index = _checks.class_labels(
       fn, labels, _checks.global_classes(vocab, class_axis_name), ignore_index)
   weight = _checks.class_weight(fn, weight, vocab)
   bias = _checks.linear_bias(fn, bias, vocab)
@@ -187,7 +187,7 @@ def linear_cross_entropy(
         codes,
         classes=classes,
         weight=weight if vocab else None,  # V = 0: every label is ignored or NaN
-        ignore_index=label_ignore,
+        ignore_index=ignore_index,
         reduction=reduction,
         label_smoothing=eps,
         z_loss=z,
@@ -222,7 +222,7 @@ def linear_cross_entropy(
       raise ValueError(
           f'{fn}: `backward`="precompute" needs a concrete number of tokens. Got x of shape'
           f' {x.shape}; use backward="recompute" or "auto" under jax.export.')
-    options = _linear_precompute.Options(label_ignore, reduction, eps, z, softcap)
+    options = _linear_precompute.Options(ignore_index, reduction, eps, z, softcap)
     return _linear_precompute.precomputed_loss(
         x.reshape(n, x.shape[-1]), kernel, bias, labels.reshape(n), weight, options)
   return impl(*args, None, groups=groups)
