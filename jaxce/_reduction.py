@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxce._collective import ClassSlice, label_weight
-from jaxce._stats import LabelStats, SmoothingSums, TargetStats
+from jaxce._stats import LabelStats, SmoothingSums, TargetStats, wide_labels
 
 T = TypeVar("T")
 
@@ -77,6 +77,7 @@ def integer_target_loss(
   class weights (None: 1). ``stats.smoothing`` is required when
   `label_smoothing` > 0.
   """
+  labels = wide_labels(labels)
   picked = stats.picked
   ct = picked.dtype
   valid = jnp.ones(labels.shape, bool) if ignore_index is None else labels != ignore_index

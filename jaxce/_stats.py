@@ -71,13 +71,18 @@ def one_hot_at(labels: jax.Array, shape: tuple[int, ...], axis: int) -> jax.Arra
   scatter) keeps tangents and their transposes elementwise, one fused pass
   that also works on logits sharded over the class axis.
   """
-  iota = jax.lax.broadcasted_iota(jnp.int32, shape, axis)
-  return iota == jnp.expand_dims(_int32(labels), axis)
+  labels = _int32(labels)
+  iota = jax.lax.broadcasted_iota(labels.dtype, shape, axis)
+  return iota == jnp.expand_dims(labels, axis)
 
 
-def _int32(labels: jax.Array) -> jax.Array:
-  # Narrow label dtypes compare in int32, so C or a label never wraps.
+def wide_labels(labels: jax.Array) -> jax.Array:
+  """Labels of a dtype narrower than 32 bits as int32, so that comparing
+  them with C or ignore_index never wraps around."""
   return labels.astype(jnp.int32) if labels.dtype.itemsize < 4 else labels
+
+
+_int32 = wide_labels
 
 
 def take_at(x: jax.Array, labels: jax.Array, axis: int) -> jax.Array:
