@@ -6,8 +6,11 @@ run interleaved in one process (A B A B ...) and the table shows the ratio
 of each round, so that a loaded machine slows both alike; also the compiled
 temp memory and the rows of a precompute block.
 
-  python benchmarks/linear_backward.py              # the five shapes, 3 rounds
-  python benchmarks/linear_backward.py --rounds 2 --shapes 2048,512,32768
+  PYTHONPATH=. python benchmarks/linear_backward.py        # the five shapes, 3 rounds
+  PYTHONPATH=. python benchmarks/linear_backward.py --optax --shapes 2048,512,32768
+
+(`--optax` adds optax's softmax_cross_entropy_with_integer_labels on the
+materialized logits x @ kernel to each round.)
 """
 
 from __future__ import annotations
@@ -30,20 +33,27 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--shapes", nargs="*", default=None, help="N,D,V triples")
+  parser.add_argument("--optax", action="store_true", help="add materialized logits + optax")
   args = parser.parse_args()
   shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split(",")) for s in args.shapes]
+  optax_head = " optax s | pre/optax, re/optax per round |" if args.optax else ""
   print("| N | D | V | rows/block | precompute s | recompute s | ratio per round (pre/re) |"
-        " temp MiB pre / re |")
-  print("|---|---|---|---|---|---|---|---|")
+        " temp MiB pre / re |" + optax_head)
+  print("|---|---|---|---|---|---|---|---|" + ("---|---|" if args.optax else ""))
   for n, d, v in shapes:
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(d, v)) / np.sqrt(d), jnp.float32)
     labels = jnp.asarray(rng.integers(0, v, size=(n,)), jnp.int32)
     fns, temps = {}, {}
-    for backward in ("precompute", "recompute"):
-      f = jax.jit(jax.value_and_grad(
-          lambda x, k, y, b=backward: jaxce.linear_cross_entropy(x, k, y, backward=b), (0, 1)))
+    losses = {b: lambda x, k, y, b=b: jaxce.linear_cross_entropy(x, k, y, backward=b)
+              for b in ("precompute", "recompute")}
+    if args.optax:
+      import optax
+      losses["optax"] = lambda x, k, y: optax.softmax_cross_entropy_with_integer_labels(
+          x @ k, y).mean()
+    for backward, loss in losses.items():
+      f = jax.jit(jax.value_and_grad(loss, (0, 1)))
       compiled = f.lower(x, kernel, labels).compile()
       temps[backward] = compiled.memory_analysis().temp_size_in_bytes / 2**20
       jax.block_until_ready(compiled(x, kernel, labels))  # warm-up
@@ -58,7 +68,16 @@ def main() -> None:
     print(f"| {n} | {d} | {v} | {_linear_precompute.block_rows(n, v)} |"
           f" {min(times['precompute']):.2f} | {min(times['recompute']):.2f} |"
           f" {', '.join(f'{r:.2f}' for r in ratios)} |"
-          f" {temps['precompute']:.0f} / {temps['recompute']:.0f} |", flush=True)
+          f" {temps['precompute']:.0f} / {temps['recompute']:.0f} |" + _optax_cols(times),
+          flush=True)
+
+
+def _optax_cols(times: dict[str, list[float]]) -> str:
+  if "optax" not in times:
+    return ""
+  rounds = zip(times["precompute"], times["recompute"], times["optax"], strict=True)
+  return (f" {min(times['optax']):.2f} |"
+          f" {', '.join(f'{p / o:.2f}/{r / o:.2f}' for p, r, o in rounds)} |")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ cotangent: a kernel-sized array lives from the forward to the backward.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -98,19 +97,16 @@ def auto_backward(
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def precomputed_loss(
-    x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Array,
-    weight: jax.Array | None, options: Options,
-) -> jax.Array:
+def precomputed_loss(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Array,
+                     weight: jax.Array | None, options: Options) -> jax.Array:
   """The reduced loss of `x @ kernel + bias` ([N, D] x [D, V], V > 0), with
   `labels` int32 codes from `_checks.class_labels`."""
   return _run(x, kernel, bias, labels, weight, options, grads=False)[0]
 
 
-def _run(
-    x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Array,
-    weight: jax.Array | None, options: Options, grads: bool,
-) -> tuple[jax.Array, PrecomputedGrads | None]:
+def _run(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Array,
+         weight: jax.Array | None, options: Options,
+         grads: bool) -> tuple[jax.Array, PrecomputedGrads | None]:
   n = x.shape[0]
   vocab = kernel.shape[1]
   ct = _checks.compute_dtype(x.dtype)
@@ -133,10 +129,7 @@ def _run(
         lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b, start, 0), all_stats, block)
     return out
 
-  # acc: (dx, dkernel, dbias, dweight) with `grads`, else ().
-  Carry = tuple[LabelStats, tuple[Any, ...]]
-
-  def step(carry: Carry, j: jax.Array) -> tuple[Carry, None]:
+  def step(carry: tuple[LabelStats, Any], j: jax.Array) -> tuple[tuple[LabelStats, Any], None]:
     all_stats, acc = carry
     start = jnp.minimum(j * rows, n - rows)  # the last block shifted in bounds
     fresh = start + jnp.arange(rows, dtype=jnp.int32) >= j * rows
@@ -188,24 +181,22 @@ def _run(
   else:  # the class weight's own terms: the label's weight and the denominator
     loss, loss_vjp = jax.vjp(lambda w: loss_of(all_stats, w), weight)
     dweight = dweight + loss_vjp(jnp.ones((), loss.dtype))[0].astype(ct)
-  cast: Callable[[Any, jax.Array | None], jax.Array | None] = lambda v, like: (
-      None if like is None else v.astype(like.dtype))
+  def cast(v: jax.Array, like: jax.Array | None) -> jax.Array | None:
+    return None if like is None else v.astype(like.dtype)
+
   return loss, PrecomputedGrads(dx, dkernel, cast(dbias, bias), cast(dweight, weight))
 
 
-def _fwd(
-    x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Array,
-    weight: jax.Array | None, options: Options,
-) -> tuple[jax.Array, PrecomputedGrads | None]:
+def _fwd(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Array,
+         weight: jax.Array | None, options: Options) -> tuple[jax.Array, PrecomputedGrads | None]:
   return _run(x, kernel, bias, labels, weight, options, grads=True)
 
 
-def _bwd(
-    options: Options, res: PrecomputedGrads, g: jax.Array
-) -> tuple[jax.Array | None, ...]:
+def _bwd(options: Options, res: PrecomputedGrads, g: jax.Array) -> tuple[jax.Array | None, ...]:
   del options
-  scaled: Callable[[jax.Array | None], jax.Array | None] = lambda v: (
-      None if v is None else (g * v).astype(v.dtype))
+  def scaled(v: jax.Array | None) -> jax.Array | None:
+    return None if v is None else (g * v).astype(v.dtype)
+
   return scaled(res.dx), scaled(res.dkernel), scaled(res.dbias), None, scaled(res.dweight)
 
 
