@@ -3,10 +3,11 @@
 Every loss over a class axis is a cheap function of a few per-position numbers
 (the log-sum of exponentials, the logit at the label, weighted sums of
 logits). These kernels compute them in two reading passes over the logits
-(the max, then the sums), all relative to a per-position `shift` (the max,
-outside autodiff), so that no difference of two large numbers is ever
-formed: the losses built on them (see `_reduction.py`) take ``log_sum -
-picked`` with ``picked = x_y - shift <= 0``, exact for logits far from 0.
+(the max, then the sums; one for integer labels on CPU, where the label's
+logit is the shift), all relative to a per-position `shift` (outside
+autodiff), so that no difference of two large numbers is ever formed: the
+losses built on them (see `_reduction.py`) take ``log_sum - picked`` with
+``picked = x_y - shift``, exact for logits far from 0.
 
 Derivatives: each kernel is a `jax.custom_jvp` whose tangent recomputes the
 softmax from (logits, shift, log_sum) inside
@@ -363,20 +364,26 @@ def _target_tangent(
 ) -> tuple[jax.Array, jax.Array, jax.Array, SmoothingSums | None]:
   stats = jax.lax.optimization_barrier(stats)
   shift, ls = _col(stats.shift, axis), _col(stats.log_sum, axis)
+  ct = shift.dtype
   xm = masked(logits, where)
-  active, xs = _shifted(xm, shift)
-  t = targets.astype(xs.dtype)
-  w = _class_weights(weight, axis, xm.ndim, xs.dtype)
-  tw = None if tw is None else _class_weights(tw, axis, xm.ndim, xs.dtype)
-  txc = tx.astype(xs.dtype)
-  # d(w t): terms of inputs that are not differentiated (None) are left out.
-  # A class with a -inf logit is treated as a masked one: the targets there
-  # get a zero gradient (not w * lse).
-  t_wt = None if tt is None else w * tt.astype(xs.dtype)
+  t = targets.astype(ct)
+  if where is not None:
+    t = jnp.where(where, t, 0.0)
+  w = _class_weights(weight, axis, xm.ndim, ct)
+  tw = None if tw is None else _class_weights(tw, axis, xm.ndim, ct)
+  txc = tx.astype(ct)
+  # d(w t x): the logits' term needs no mask (t is 0 on masked classes, and
+  # mass on a -inf logit makes the loss +inf anyway). Terms of inputs that
+  # are not differentiated (None) are left out. A class with a -inf logit is
+  # treated as a masked one: the targets there get a zero gradient (not
+  # w * lse).
+  t_logits = w * t * txc
+  t_mass = _zero(stats.shift)
+  t_wt = None if tt is None else w * tt.astype(ct)
   if tw is not None:
     t_wt = tw * t if t_wt is None else t_wt + tw * t
-  t_logits = jnp.where(active, w * t * txc, 0.0)
-  t_mass = _zero(stats.shift)
+  if t_wt is not None or smoothing:
+    active, xs = _shifted(xm, shift)
   if t_wt is not None:
     t_logits = t_logits + jnp.where(active, t_wt * xs, 0.0)
     t_mass = jnp.sum(jnp.where(active, t_wt, 0.0), axis)
