@@ -70,11 +70,12 @@ def linear_cross_entropy(
     about 64 MiB) and the gradients with them (three matmuls in all, as on
     materialized logits). What is kept for the backward is the gradients:
     dx, dbias, dweight and **a dkernel as large as the kernel**, from the
-    forward until the backward (also computed when only the loss's value is
-    used under `jax.grad`); each block rereads and rewrites that dkernel.
+    forward until the backward (all of them whenever the loss is
+    differentiated, even with respect to `x` alone); each block rereads and
+    rewrites that dkernel.
   * ``backward="auto"`` (default) picks precompute for 32-bit kernels with
     "mean" or "sum", without `forward_mode`, `chunk_size` or a vocabulary
-    split over devices, when V <= 65536 (a block then holds at least 256
+    split over devices, when V <= 52428 (a block then holds at least 320
     rows), and recompute otherwise; see `backward` below.
 
   Args:
@@ -119,7 +120,7 @@ def linear_cross_entropy(
       the backward. "auto" decides at trace time from static shapes and
       dtypes: precompute when all of those hold, no device count shares a
       factor with V (a kernel XLA may have split over its vocabulary axis),
-      and ``V <= 2**24 / 256``; recompute otherwise (bfloat16 kernels
+      and ``V <= 2**24 / 320``; recompute otherwise (bfloat16 kernels
       always: a float32 dkernel accumulator would double the kernel's
       memory).
 

@@ -36,8 +36,12 @@ from jaxce._stats import LabelStats, SmoothingSums, label_stats
 ROW_BLOCK_ELEMENTS = 4 * BLOCK_ELEMENTS
 
 # backward="auto" precomputes only when a block holds at least this many
-# rows, i.e. V <= ROW_BLOCK_ELEMENTS / MIN_ROWS (measurements: README).
-MIN_ROWS = 256
+# rows, i.e. V <= ROW_BLOCK_ELEMENTS / MIN_ROWS = 52428. Measured on CPU
+# (benchmarks/linear_backward.py, float32 value_and_grad, precompute /
+# recompute time): 0.85-0.89 with 512-524 rows (V = 32000, 32768), about
+# 0.86 with 333 (V = 50257), 0.86-1.41 with 256 (V = 65536), 1.18-1.49 with
+# 128 (V = 131072) and 2.5-4.3 with 16 (V = 2**20).
+MIN_ROWS = 320
 
 
 class Options(NamedTuple):  # static: everything but the arrays
@@ -85,7 +89,7 @@ def auto_backward(
   Explicit-mesh split, and no device count sharing a factor with V, under
   which XLA may have split the kernel: `groups` == 1), the number of tokens
   is concrete, V > 0, and a row block holds at least `MIN_ROWS` rows
-  (``V <= ROW_BLOCK_ELEMENTS / MIN_ROWS`` = 65536): with fewer, rereading
+  (``V <= ROW_BLOCK_ELEMENTS / MIN_ROWS`` = 52428): with fewer, rereading
   and rewriting the [D, V] dkernel accumulator per block costs more than the
   matmul it saves. Decided from static shapes and dtypes only.
   """
@@ -144,7 +148,8 @@ def _run(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Ar
     all_stats = put(all_stats, block, start)
     # The loss depends on a row's statistics through that row's term alone
     # (the "mean" denominator needs no logits), so the cotangent of this
-    # block's rows is exact whatever the rows of later blocks hold yet.
+    # block's rows is exact whatever the rows of later blocks hold yet. (An
+    # elementwise pass over N per block, against the block's matmuls.)
     _, loss_vjp = jax.vjp(lambda s: loss_of(put(all_stats, s, start), weight), block)
     (g,) = loss_vjp(jnp.ones((), ct))
     # Rows shared with the previous block (the last block's overlap) count once.
@@ -181,6 +186,7 @@ def _run(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Ar
   else:  # the class weight's own terms: the label's weight and the denominator
     loss, loss_vjp = jax.vjp(lambda w: loss_of(all_stats, w), weight)
     dweight = dweight + loss_vjp(jnp.ones((), loss.dtype))[0].astype(ct)
+
   def cast(v: jax.Array, like: jax.Array | None) -> jax.Array | None:
     return None if like is None else v.astype(like.dtype)
 
