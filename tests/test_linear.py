@@ -8,7 +8,9 @@ here: values and gradients (x, kernel, bias, class weight) against that
 reference for every option and chunk size, bf16, jit / vmap / checkpoint,
 second order, the row-blocked dx accumulation, `default_chunk_size`, the saved
 residuals and the compiled program (no [N, V] buffer), argument errors, and
-the PyTorch goldens of tests/golden/linear_cross_entropy.npz.
+the PyTorch goldens of tests/golden/linear_cross_entropy.npz; and
+backward="precompute" against recompute, the reference and the goldens, with
+the rule of backward="auto".
 
 Compile time dominates on CPU, so the option matrix and the goldens run as a
 few jitted programs of GROUP cases each (inputs as arguments; XLA's compile
