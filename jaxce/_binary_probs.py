@@ -71,7 +71,7 @@ def binary_cross_entropy(
     targets: jax.typing.ArrayLike,
     *,
     weight: jax.typing.ArrayLike | None = None,
-    reduction: str = "mean",
+    reduction: _checks.Reduction = "mean",
 ) -> jax.Array:
   r"""Binary cross-entropy on probabilities, as
   `torch.nn.functional.binary_cross_entropy` (`torch.nn.BCELoss`).

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike, DTypeLike
 
+# The `reduction` argument's values, for type checkers.
+Reduction = Literal["none", "mean", "sum"]
 REDUCTIONS = ("none", "mean", "sum")
 
 
-def float_array(fn: str, name: str, x) -> jax.Array:
+def float_array(fn: str, name: str, x: ArrayLike) -> jax.Array:
   """`x` as an array with a floating dtype."""
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -27,7 +30,7 @@ def float_array(fn: str, name: str, x) -> jax.Array:
   return x
 
 
-def int_array(fn: str, name: str, x) -> jax.Array:
+def int_array(fn: str, name: str, x: ArrayLike) -> jax.Array:
   """`x` as an array with an integer dtype."""
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.integer):
@@ -37,10 +40,10 @@ def int_array(fn: str, name: str, x) -> jax.Array:
   return x
 
 
-def compute_dtype(dtype) -> np.dtype:
+def compute_dtype(dtype: DTypeLike) -> np.dtype[Any]:
   """At least float32: half-precision inputs are reduced in float32."""
-  dtype = np.dtype(dtype)
-  return dtype if dtype.itemsize > 4 else np.dtype(np.float32)
+  dt = np.dtype(dtype)
+  return dt if dt.itemsize > 4 else np.dtype(np.float32)
 
 
 def canonical_axis(fn: str, axis: Any, ndim: int, name: str = "logits") -> int:
@@ -48,7 +51,7 @@ def canonical_axis(fn: str, axis: Any, ndim: int, name: str = "logits") -> int:
   try:
     if isinstance(axis, (bool, np.bool_)):
       raise TypeError
-    axis = operator.index(axis)
+    index = operator.index(axis)
   except TypeError:
     raise TypeError(
         f"{fn}: `axis` must be an int. Got {type(axis).__name__}."
@@ -58,33 +61,33 @@ def canonical_axis(fn: str, axis: Any, ndim: int, name: str = "logits") -> int:
         f"{fn}: `{name}` must have at least one axis (the class axis). Got a 0-d"
         " array (rank 0)."
     )
-  if not -ndim <= axis < ndim:
+  if not -ndim <= index < ndim:
     raise ValueError(
         f"{fn}: `axis` must be in [{-ndim}, {ndim}) for logits of rank {ndim}."
-        f" Got {axis}."
+        f" Got {index}."
     )
-  return axis % ndim
+  return index % ndim
 
 
-def reduction(fn: str, value) -> str:
+def reduction(fn: str, value: object) -> Reduction:
   if value not in REDUCTIONS:
     raise ValueError(
         f"{fn}: `reduction` must be one of {REDUCTIONS}. Got {value!r}."
     )
-  return value
+  return cast(Reduction, value)
 
 
-def static_float(fn: str, name: str, value, lo: float, hi: float) -> float:
+def static_float(fn: str, name: str, value: Any, lo: float, hi: float) -> float:
   """A Python float in [lo, hi]; traced values are refused (they pick code)."""
   try:
-    value = float(value)
+    number = float(value)
   except (TypeError, jax.errors.ConcretizationTypeError):
     raise TypeError(
         f"{fn}: `{name}` must be a static Python float. Got {value!r}."
     ) from None
-  if not lo <= value <= hi:
-    raise ValueError(f"{fn}: `{name}` must be in [{lo}, {hi}]. Got {value}.")
-  return value
+  if not lo <= number <= hi:
+    raise ValueError(f"{fn}: `{name}` must be in [{lo}, {hi}]. Got {number}.")
+  return number
 
 
 def positions_shape(shape: Sequence[int], axis: int) -> tuple[int, ...]:
@@ -233,7 +236,7 @@ def _host_class_labels(labels: np.ndarray, num_classes: int, ignore: int | None)
   return out
 
 
-def class_weight(fn: str, weight, num_classes: int) -> jax.Array | None:
+def class_weight(fn: str, weight: ArrayLike | None, num_classes: int) -> jax.Array | None:
   if weight is None:
     return None
   weight = float_array(fn, "weight", weight)
@@ -245,7 +248,7 @@ def class_weight(fn: str, weight, num_classes: int) -> jax.Array | None:
   return weight
 
 
-def broadcastable(fn: str, name: str, x, shape) -> jax.Array:
+def broadcastable(fn: str, name: str, x: ArrayLike, shape: Sequence[int]) -> jax.Array:
   """`x` with `shape`'s rank (leading 1s added, nothing copied), or an error
   naming both shapes if it does not broadcast to `shape`. Kept unbroadcast so
   that a custom_vjp saving it saves only its own size."""
@@ -296,7 +299,7 @@ def expand_to_axis(x: jax.Array, axis: int, ndim: int) -> jax.Array:
 # linear_cross_entropy's own arguments.
 
 
-def linear_operands(fn: str, x: object, kernel: object) -> tuple[jax.Array, jax.Array]:
+def linear_operands(fn: str, x: ArrayLike, kernel: ArrayLike) -> tuple[jax.Array, jax.Array]:
   """`x` [..., D] and `kernel` [D, V], floating, of one dtype."""
   x = float_array(fn, "x", x)
   kernel = float_array(fn, "kernel", kernel)
@@ -313,7 +316,9 @@ def linear_operands(fn: str, x: object, kernel: object) -> tuple[jax.Array, jax.
   return x, kernel
 
 
-def token_labels(fn: str, labels: object, lead: tuple[int, ...], x_shape) -> jax.Array:
+def token_labels(
+    fn: str, labels: ArrayLike, lead: tuple[int, ...], x_shape: Sequence[int]
+) -> jax.Array:
   """Integer labels of shape `lead` (x's shape without its last axis)."""
   labels = int_array(fn, "labels", labels)
   if labels.shape != lead:
@@ -324,7 +329,7 @@ def token_labels(fn: str, labels: object, lead: tuple[int, ...], x_shape) -> jax
   return labels
 
 
-def linear_bias(fn: str, bias: object, vocab: int) -> jax.Array | None:
+def linear_bias(fn: str, bias: ArrayLike | None, vocab: int) -> jax.Array | None:
   if bias is None:
     return None
   bias = float_array(fn, "bias", bias)
@@ -364,6 +369,8 @@ def static_bool(fn: str, name: str, value: object) -> bool:
   return bool(value)
 
 
+# linear_cross_entropy's `backward` values, for type checkers.
+Backward = Literal["auto", "recompute", "precompute"]
 BACKWARDS = ("auto", "recompute", "precompute")
 
 
@@ -371,20 +378,20 @@ def backward(
     fn: str,
     value: object,
     *,
-    kernel_dtype: object,
+    kernel_dtype: DTypeLike,
     reduction: str,
     forward_mode: bool,
     chunk_size: int | None,
     class_axis_name: object,
-) -> str:
+) -> Backward:
   """`backward` of the fused loss, and the options `"precompute"` excludes."""
   if not isinstance(value, str) or value not in BACKWARDS:
     raise ValueError(f"{fn}: `backward` must be one of {BACKWARDS}. Got {value!r}.")
   if value != "precompute":
-    return value
+    return cast(Backward, value)
   clash = None
-  if np.dtype(kernel_dtype).itemsize < 4:  # type: ignore[call-overload]
-    clash = (f"a {np.dtype(kernel_dtype)} kernel (its gradient would need a float32"  # type: ignore[call-overload]
+  if np.dtype(kernel_dtype).itemsize < 4:
+    clash = (f"a {np.dtype(kernel_dtype)} kernel (its gradient would need a float32"
              " accumulator: twice the kernel's memory)")
   elif reduction == "none":
     clash = 'reduction="none" (the gradient must be known in the forward: use "mean" or "sum")'
@@ -398,4 +405,4 @@ def backward(
     raise ValueError(
         f'{fn}: `backward`="precompute" cannot be combined with {clash}; use'
         ' backward="recompute" or "auto".')
-  return value
+  return cast(Backward, value)

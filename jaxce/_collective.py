@@ -9,22 +9,25 @@ psum/pmax to each device's slice.
 
 from __future__ import annotations
 
-from typing import NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
 
 from jaxce._stats import LabelStats, SmoothingSums, TargetStats
 
+# A `shard_map` axis name, or several (a class axis split over mesh axes).
+AxisName = str | tuple[str, ...]
+
 
 class ClassSlice(NamedTuple):
   local_labels: jax.Array  # labels minus this device's first class
   num_classes: int  # over all devices
-  axis_name: str | None
+  axis_name: AxisName | None
   owned: jax.Array | None = None  # labels this device holds (None: all of them)
 
 
-def class_slice(labels: jax.Array, num_local: int, axis_name: str | None) -> ClassSlice:
+def class_slice(labels: jax.Array, num_local: int, axis_name: AxisName | None) -> ClassSlice:
   """Where this device's classes sit among all of them."""
   if axis_name is None:
     return ClassSlice(labels, num_local, None)
@@ -44,13 +47,15 @@ def label_weight(weight: jax.Array | None, where: ClassSlice) -> jax.Array | Non
   if where.axis_name is None:
     return w
   owned = (where.local_labels >= 0) & (where.local_labels < num_local)
-  return jax.lax.psum(jnp.where(owned, w, jnp.zeros((), w.dtype)), where.axis_name)
+  out: jax.Array = jax.lax.psum(jnp.where(owned, w, jnp.zeros((), w.dtype)), where.axis_name)
+  return out
 
 
 S = TypeVar("S", LabelStats, TargetStats)
+T = TypeVar("T")
 
 
-def combine(stats: S, axis_name: str | None, owned: jax.Array | None = None) -> S:
+def combine(stats: S, axis_name: AxisName | None, owned: jax.Array | None = None) -> S:
   """Global statistics from each device's slice of the classes.
 
   The global shift is the largest local one; each device's sums are moved
@@ -61,6 +66,7 @@ def combine(stats: S, axis_name: str | None, owned: jax.Array | None = None) -> 
   """
   if axis_name is None:
     return stats
+  assert stats.log_sum is not None  # NLL's statistics are never combined
   live = stats.log_sum > -jnp.inf
   local_shift = jax.lax.stop_gradient(stats.shift)
   shift = jax.lax.pmax(jax.lax.stop_gradient(jnp.where(live, local_shift, -jnp.inf)), axis_name)
@@ -75,7 +81,7 @@ def combine(stats: S, axis_name: str | None, owned: jax.Array | None = None) -> 
     smoothing = SmoothingSums(
         jax.lax.psum(smoothing.weighted_sum + smoothing.weight_sum * delta, axis_name),
         jax.lax.psum(smoothing.weight_sum, axis_name),
-        jax.lax.psum(smoothing.count, axis_name),
+        jax.lax.psum(smoothing.num_active, axis_name),
     )
   if isinstance(stats, LabelStats):
     if owned is None:
@@ -87,17 +93,20 @@ def combine(stats: S, axis_name: str | None, owned: jax.Array | None = None) -> 
       jax.lax.psum(stats.target_logits + stats.target_mass * delta, axis_name), smoothing)
 
 
-def match_vma(cotangent, primal):
+def match_vma(cotangent: jax.Array | None, primal: jax.Array) -> jax.Array | None:
   """Sums a custom_vjp cotangent over the `shard_map` axes along which it
   varies but its primal does not (a class weight shared by devices holding
   different rows gets the sum of their contributions); a no-op elsewhere."""
   if cotangent is None:
     return None
   extra = tuple(sorted(_varying_axes(cotangent) - _varying_axes(primal)))
-  return jax.lax.psum(cotangent, extra) if extra else cotangent
+  if not extra:
+    return cotangent
+  out: jax.Array = jax.lax.psum(cotangent, extra)
+  return out
 
 
-def _varying_axes(x) -> frozenset:
+def _varying_axes(x: Any) -> frozenset[str]:
   aval = jax.typeof(x)
   manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
   if manual is not None:
@@ -105,13 +114,17 @@ def _varying_axes(x) -> frozenset:
   return frozenset(getattr(aval, "vma", ()))  # earlier releases
 
 
-def vary_like(tree, *refs):
+def vary_like(tree: T, *refs: jax.Array | None) -> T:
   """Marks a fresh (e.g. zeros) loop carry as varying along every `shard_map`
   axis that `refs` vary along, as `lax.scan` requires; a no-op elsewhere."""
-  axes = frozenset().union(*(_varying_axes(r) for r in refs if r is not None))
+  axes = frozenset[str]().union(*(_varying_axes(r) for r in refs if r is not None))
 
-  def vary(x):
+  def vary(x: jax.Array) -> jax.Array:
     extra = tuple(sorted(axes - _varying_axes(x)))
-    return jax.lax.pcast(x, extra, to="varying") if extra else x
+    if not extra:
+      return x
+    out: jax.Array = jax.lax.pcast(x, extra, to="varying")
+    return out
 
-  return jax.tree.map(vary, tree)
+  mapped: T = jax.tree.map(vary, tree)
+  return mapped

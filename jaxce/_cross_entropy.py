@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
@@ -16,7 +18,7 @@ def cross_entropy(
     *,
     weight: ArrayLike | None = None,
     ignore_index: int | ArrayLike | None = -100,
-    reduction: str = "mean",
+    reduction: _checks.Reduction = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     axis: int = -1,
@@ -122,6 +124,7 @@ def cross_entropy(
   weight = _checks.class_weight(fn, weight, num_classes)
   where = _checks.class_mask(fn, where, logits.shape, axis)
   ignore_index = _checks.ignore_value(fn, ignore_index)
+  label_ignore: int | None = None  # ignore_index as integer_target_loss takes it
   labels = _checks.as_labels(labels)
   probabilities = jnp.issubdtype(labels.dtype, jnp.floating)
   if probabilities and labels.shape != logits.shape:
@@ -131,15 +134,19 @@ def cross_entropy(
         " indices, pass an integer array."
     )
   if not probabilities:
-    labels, ignore_index = _checks.integer_labels(
+    labels, label_ignore = _checks.integer_labels(
         fn, labels, logits.shape, axis, _checks.global_classes(num_classes, class_axis_name),
         ignore_index)
 
-  def impl(logits, labels, weight, where, class_axis_name, row_axes=()):
+  # `labels`: probabilities may be a host float64 array (see _checks.as_labels).
+  def impl(
+      logits: jax.Array, labels: Any, weight: jax.Array | None, where: jax.Array | None,
+      class_axis_name: _collective.AxisName | None, row_axes: tuple[str, ...] = (),
+  ) -> jax.Array:
     if probabilities:
-      stats = _stats.target_stats(logits, labels, weight, where, axis, bool(eps))
-      stats = _collective.combine(stats, class_axis_name)
-      return target_loss(stats, reduction=reduction, label_smoothing=eps, z_loss=z,
+      target = _stats.target_stats(logits, labels, weight, where, axis, bool(eps))
+      target = _collective.combine(target, class_axis_name)
+      return target_loss(target, reduction=reduction, label_smoothing=eps, z_loss=z,
                          row_axes=row_axes)
     labels = _stats.wide_labels(labels)
     classes = _collective.class_slice(labels, logits.shape[axis], class_axis_name)
@@ -151,7 +158,7 @@ def cross_entropy(
         labels,
         classes=classes,
         weight=weight,
-        ignore_index=ignore_index,
+        ignore_index=label_ignore,
         reduction=reduction,
         label_smoothing=eps,
         z_loss=z,
@@ -175,7 +182,7 @@ def nll_loss(
     *,
     weight: ArrayLike | None = None,
     ignore_index: int | ArrayLike | None = -100,
-    reduction: str = "mean",
+    reduction: _checks.Reduction = "mean",
     axis: int = -1,
     class_axis_name: str | None = None,
 ) -> jax.Array:
@@ -229,7 +236,10 @@ def nll_loss(
       fn, labels, log_probs.shape, axis, _checks.global_classes(num_classes, class_axis_name),
       ignore_index)
 
-  def impl(log_probs, labels, weight, class_axis_name, row_axes=()):
+  def impl(
+      log_probs: jax.Array, labels: jax.Array, weight: jax.Array | None,
+      class_axis_name: _collective.AxisName | None, row_axes: tuple[str, ...] = (),
+  ) -> jax.Array:
     labels = _stats.wide_labels(labels)
     classes = _collective.class_slice(labels, log_probs.shape[axis], class_axis_name)
     picked = _stats.pick(log_probs, classes.local_labels, axis)

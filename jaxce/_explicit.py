@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 from jax.sharding import AxisType, PartitionSpec
@@ -21,37 +21,38 @@ from jax.sharding import AxisType, PartitionSpec
 Names = tuple[str, ...]
 
 
-def spec_of(x) -> PartitionSpec | None:
+def spec_of(x: Any) -> PartitionSpec | None:
   """`x`'s PartitionSpec (one entry per dim) when it lives on an Explicit mesh."""
   sharding = getattr(jax.typeof(x), "sharding", None)
   mesh = getattr(sharding, "mesh", None)
   if mesh is None or mesh.empty or AxisType.Explicit not in tuple(mesh.axis_types):
     return None
+  assert sharding is not None  # it has a mesh
   spec = tuple(sharding.spec)
   return PartitionSpec(*spec, *(None,) * (x.ndim - len(spec)))
 
 
-def spec_for_shape(spec: PartitionSpec, shape) -> PartitionSpec:
+def spec_for_shape(spec: PartitionSpec, shape: Sequence[int]) -> PartitionSpec:
   """`spec` for an array broadcast against it: its size-1 dims unsplit."""
   return PartitionSpec(*(None if n == 1 else e for e, n in zip(spec, shape, strict=True)))
 
 
-def names(entry) -> Names:
+def names(entry: str | Sequence[str] | None) -> Names:
   if entry is None:
     return ()
   return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def entry(axis_names: Names):
+def entry(axis_names: Names) -> str | Names | None:
   return None if not axis_names else axis_names[0] if len(axis_names) == 1 else axis_names
 
 
 def run(
-    body: Callable,
-    args: Sequence,
+    body: Callable[..., Any],
+    args: Sequence[Any],
     specs: Sequence[PartitionSpec | None],
     out_spec: PartitionSpec,
-):
+) -> Any:
   """`body(*local_args)` on every device of the Explicit mesh, each argument
   first resharded to its spec (labels and weights are small; the logits and
   kernel already have theirs). None arguments pass through."""
@@ -60,7 +61,7 @@ def run(
     mesh = next(jax.typeof(a).sharding.mesh for a in args if a is not None)
   present = [i for i, a in enumerate(args) if a is not None]
 
-  def local(*xs):
+  def local(*xs: Any) -> Any:
     full = list(args)
     for i, v in zip(present, xs, strict=True):
       full[i] = v
@@ -77,28 +78,35 @@ class Split(NamedTuple):
   row_spec: PartitionSpec  # of per-position arrays (labels, loss "none")
   class_spec: PartitionSpec  # of per-class vectors (weight, bias)
   out_spec: PartitionSpec
-  class_axis_name: str | Names
+  class_axis_name: str | Names | None  # None: only the rows are split
   row_axes: Names
 
 
 def run_split(
     impl: Callable[..., jax.Array],
     split: Split,
-    args: Sequence,
+    args: Sequence[Any],
     specs: Sequence[PartitionSpec | None],
 ) -> jax.Array:
   """``impl(*local_args, split.class_axis_name, split.row_axes)`` on every
   device of the Explicit mesh: the one dispatch of every class-sharded loss.
   `specs` gives each argument's spec (None arguments pass through)."""
-  return run(functools.partial(_with_axes, impl, split.class_axis_name, split.row_axes),
-             args, specs, split.out_spec)
+  out: jax.Array = run(
+      functools.partial(_with_axes, impl, split.class_axis_name, split.row_axes),
+      args, specs, split.out_spec)
+  return out
 
 
-def _with_axes(impl, class_axis_name, row_axes, *args):
+def _with_axes(
+    impl: Callable[..., jax.Array], class_axis_name: str | Names | None, row_axes: Names,
+    *args: Any,
+) -> jax.Array:
   return impl(*args, class_axis_name, row_axes)
 
 
-def class_split(x, class_dim: int, reduction: str, rows=None) -> Split | None:
+def class_split(
+    x: jax.Array, class_dim: int, reduction: str, rows: jax.Array | None = None
+) -> Split | None:
   """How to split a loss whose class dim of `x` is sharded on an Explicit
   mesh (None when it is not). `rows`: the array whose other dims are the
   positions, if not `x` itself (the activations, for the fused loss)."""
@@ -122,7 +130,7 @@ def class_split(x, class_dim: int, reduction: str, rows=None) -> Split | None:
   )
 
 
-def linear_split(x, kernel, reduction: str) -> Split | None:
+def linear_split(x: jax.Array, kernel: jax.Array, reduction: str) -> Split | None:
   """`class_split` for the fused loss: the vocabulary is the kernel's dim 1
   and the positions are `x`'s leading dims. Also used when only the rows
   are sharded, so that the chunk loop runs on local arrays."""

@@ -38,7 +38,7 @@ def linear_cross_entropy(
     bias: ArrayLike | None = None,
     weight: ArrayLike | None = None,
     ignore_index: int | ArrayLike | None = -100,
-    reduction: str = "mean",
+    reduction: _checks.Reduction = "mean",
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     softcap: float | None = None,

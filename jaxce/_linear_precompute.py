@@ -17,7 +17,7 @@ cotangent: a kernel-sized array lives from the forward to the backward.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -78,7 +78,7 @@ def auto_backward(
     chunk_size: int | None,
     class_sharded: bool,
     groups: int,
-) -> str:
+) -> Literal["precompute", "recompute"]:
   """What `backward="auto"` runs: "precompute" or "recompute".
 
   Precompute when the kernel is 32-bit (a bf16 kernel would need a float32

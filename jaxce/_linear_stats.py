@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -46,8 +46,10 @@ BLOCK_ELEMENTS = 2**22
 # block-size rule below needs a number.
 SYMBOLIC_CHUNK = 1024
 
+C = TypeVar("C")
 
-def default_chunk_size(num_tokens: int, vocab: int) -> int:
+
+def default_chunk_size(num_tokens: Any, vocab: int) -> int:
   """The vocabulary chunk used when `chunk_size=None`.
 
   The power of two that makes one float32 [N, chunk] block about 16 MiB
@@ -114,7 +116,7 @@ def chunk_logits(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, i: jax
   z = matmul(x, group_cols(kernel, start, chunk, groups), (1,), (0,))
   if bias is not None:
     z = z + group_cols(bias, start, chunk, groups).astype(z.dtype)[None]
-  t = None
+  t: jax.Array | None = None
   if softcap is not None:
     z, t = soft_cap(z, softcap)
   offsets = jnp.arange(groups, dtype=jnp.int32)[:, None] * per_group
@@ -138,8 +140,9 @@ def _cpu_barrier(kernel: jax.Array) -> jax.Array:
   and need no barrier."""
   if kernel.dtype.itemsize >= 4:
     return kernel
-  return jax.lax.platform_dependent(
+  out: jax.Array = jax.lax.platform_dependent(
       kernel, cpu=jax.lax.optimization_barrier, default=lambda k: k)
+  return out
 
 
 def _cpu_loop_barrier(operands: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -148,8 +151,9 @@ def _cpu_loop_barrier(operands: tuple[Any, ...]) -> tuple[Any, ...]:
   so XLA:CPU cannot hoist a float32 copy of it out of the loop."""
   if all(a is None or a.dtype.itemsize >= 4 for a in operands[:-1]):
     return operands
-  return jax.lax.platform_dependent(
+  out: tuple[Any, ...] = jax.lax.platform_dependent(
       operands, cpu=jax.lax.optimization_barrier, default=lambda ops: ops)
+  return out
 
 
 def _scan_chunks(step: Callable[[Any, jax.Array, jax.Array], Any], carry: Any,
@@ -157,7 +161,7 @@ def _scan_chunks(step: Callable[[Any, jax.Array, jax.Array], Any], carry: Any,
   """carry after step(carry, kernel, i) over the chunks i; the kernel rides
   in the loop carry (see `_cpu_barrier`)."""
 
-  def body(state, i):
+  def body(state: tuple[C, jax.Array], i: jax.Array) -> tuple[tuple[C, jax.Array], None]:
     carry, kernel = state
     kernel = _cpu_barrier(kernel)
     return (step(carry, kernel, i), kernel), None
@@ -182,6 +186,10 @@ def _finite(m: jax.Array) -> jax.Array:
   return jnp.where(jnp.isfinite(m), m, 0.0)
 
 
+# The chunk loop's carry: running max, sum, label logit, smoothing sums.
+PrimalCarry = tuple[jax.Array, jax.Array, jax.Array, tuple[jax.Array, ...]]
+
+
 def _primal(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Array,
             weight: jax.Array | None, chunk: int, softcap: float | None, smoothing: bool,
             groups: int) -> LabelStats:
@@ -191,7 +199,7 @@ def _primal(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax
   axes = (1, 2)
   cols_labels = labels[:, None, None]
 
-  def step(carry, kernel, i):
+  def step(carry: PrimalCarry, kernel: jax.Array, i: jax.Array) -> PrimalCarry:
     m, s, picked, sums = carry  # m: running max (-inf until a class is active)
     ch = chunk_logits(x, kernel, bias, i, chunk, softcap, groups)
     z = jnp.where(ch.fresh, ch.z, -jnp.inf)  # count each class once
@@ -213,7 +221,8 @@ def _primal(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax
       sums = (ws, wsum, count)
     return m_new, s, picked, sums
 
-  init = (jnp.full((n,), -jnp.inf, ct), zeros, zeros, (zeros,) * 3 if smoothing else ())
+  init: PrimalCarry = (
+      jnp.full((n,), -jnp.inf, ct), zeros, zeros, (zeros,) * 3 if smoothing else ())
   init = vary_like(init, x, kernel, bias, labels, weight)
   m, s, picked, sums = _scan_chunks(step, init, kernel, chunk, kernel.shape[1] // groups)
   shift = _finite(m)
@@ -227,12 +236,16 @@ def _cpu_transposed(x: jax.Array) -> jax.Array:
   contracts both operands' first axes (it would upcast all of x, per chunk),
   and the barrier keeps XLA from folding the transpose back into the
   matmul. Elsewhere a plain transpose, which XLA folds into the matmul."""
-  return jax.lax.platform_dependent(
+  out: jax.Array = jax.lax.platform_dependent(
       x, cpu=lambda x: jax.lax.optimization_barrier(x.T), default=lambda x: x.T)
+  return out
 
 
 def _zero(t: object) -> bool:
   return t is None or isinstance(t, SymbolicZero)
+
+
+Tangents4 = tuple[jax.Array, jax.Array, jax.Array, jax.Array]
 
 
 def _tangent(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Array,
@@ -246,7 +259,7 @@ def _tangent(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: ja
   n = x.shape[0]
   axes = (1, 2)
   cols_labels = labels[:, None, None]
-  col = lambda v: v[:, None, None]
+  col: Callable[[jax.Array], jax.Array] = lambda v: v[:, None, None]
   # rows with no active class: p = exp(-inf - inf) = 0 rather than NaN
   base = col(shift + jnp.where(log_sum == -jnp.inf, jnp.inf, log_sum))
   dx = None if dx is None else dx.astype(ct)  # dx's cotangent accumulates in float32
@@ -255,7 +268,7 @@ def _tangent(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: ja
   # (prevent_cse: its barrier also keeps XLA:CPU from hoisting a float32
   # copy of a bf16 kernel out of the transposed loop: 424 vs 2412 MiB)
   @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
-  def step(carry, i):
+  def step(carry: Tangents4, i: jax.Array) -> tuple[Tangents4, None]:
     k, i = _cpu_loop_barrier((kernel, i))
     dk = None if dkernel is None else _cpu_loop_barrier((dkernel, i))[0]
     ch = chunk_logits(x, k, bias, i, chunk, softcap, groups)
@@ -263,12 +276,15 @@ def _tangent(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: ja
     if dx is not None:
       dz = dz + matmul(dx, group_cols(k, ch.start, chunk, groups), (1,), (0,))
     if dkernel is not None:
+      assert x_t is not None
+      assert dk is not None
       # contracted against x transposed: reverse mode's transpose of this
       # product is then x_t @ dz, a plain matmul
       dz = dz + matmul(x_t, group_cols(dk, ch.start, chunk, groups), (0,), (0,))
     if dbias is not None:
       dz = dz + group_cols(dbias, ch.start, chunk, groups).astype(ct)[None]
     if softcap is not None:
+      assert ch.raw_tanh is not None
       dz = dz * (1.0 - ch.raw_tanh**2)
     dz = jnp.where(ch.fresh, dz, 0.0)  # the overlap columns count once
     d_log_sum, d_picked, d_ws, d_wsum = carry
@@ -290,13 +306,14 @@ def _tangent(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: ja
   init = vary_like((zeros,) * 4, x, kernel, bias, labels, weight, shift, log_sum, dx, dkernel,
                    dbias, dweight)
   steps = -(-(kernel.shape[1] // groups) // chunk)
-  return jax.lax.scan(step, init, jnp.arange(steps, dtype=jnp.int32))[0]
+  out: Tangents4 = jax.lax.scan(step, init, jnp.arange(steps, dtype=jnp.int32))[0]
+  return out
 
 
 # The whole tangent recomputes in reverse mode (x's transpose included):
 # what the linearized program keeps is then the tangent's primal inputs.
-_remat_tangent = jax.checkpoint(_tangent, policy=jax.checkpoint_policies.nothing_saveable,
-                                static_argnums=(11, 12, 13, 14))
+_remat_tangent: Callable[..., Tangents4] = jax.checkpoint(
+    _tangent, policy=jax.checkpoint_policies.nothing_saveable, static_argnums=(11, 12, 13, 14))
 
 
 def _jvp(chunk: int, softcap: float | None, smoothing: bool, groups: int,
@@ -345,6 +362,7 @@ def _rev_fwd(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: ja
              weight: jax.Array | None, chunk: int, softcap: float | None, smoothing: bool,
              groups: int) -> tuple[LabelStats, LinearResiduals]:
   stats = _primal(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups)
+  assert stats.log_sum is not None
   return stats, LinearResiduals(x, kernel, bias, labels, weight, stats.shift, stats.log_sum)
 
 
@@ -352,15 +370,17 @@ def _add_rows_matmul(acc: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
   """acc + a . b over their last two axes (a float32, cast to b's dtype), in
   blocks of rows: a [N, D] float32 product beside the [N, D] float32
   accumulator would double the backward's largest buffer."""
-  n, d = acc.shape
-  product = lambda rows: matmul(rows.astype(b.dtype), b, (1, 2), (1, 2))
+  shape: tuple[Any, ...] = acc.shape  # a dim may be symbolic (jax.export)
+  n, d = shape
+  product: Callable[[jax.Array], jax.Array] = lambda rows: matmul(
+      rows.astype(b.dtype), b, (1, 2), (1, 2))
   if not isinstance(n, int):  # symbolic (jax.export): one block
     return acc + product(a)
   block = max(1, min(n, BLOCK_ELEMENTS // max(d, 1)))
   if block >= n:
     return acc + product(a)
 
-  def body(acc, j):
+  def body(acc: jax.Array, j: jax.Array) -> tuple[jax.Array, None]:
     start = jnp.minimum(j * block, n - block)  # last block shifted in bounds
     rows = jax.lax.dynamic_slice_in_dim(a, start, block, axis=0)
     fresh = start + jnp.arange(block) >= j * block
@@ -368,7 +388,8 @@ def _add_rows_matmul(acc: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
     old = jax.lax.dynamic_slice_in_dim(acc, start, block, axis=0)
     return jax.lax.dynamic_update_slice_in_dim(acc, old + product(rows), start, axis=0), None
 
-  return jax.lax.scan(body, acc, jnp.arange(-(-n // block)))[0]
+  out: jax.Array = jax.lax.scan(body, acc, jnp.arange(-(-n // block)))[0]
+  return out
 
 
 def _write_cols(acc: jax.Array, update: jax.Array, start: jax.Array, groups: int) -> jax.Array:
@@ -384,24 +405,30 @@ def _write_cols(acc: jax.Array, update: jax.Array, start: jax.Array, groups: int
   return grouped.reshape(acc.shape)
 
 
+# The backward's carry: dx, dkernel, dbias, dweight.
+RevCarry = tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]
+
+
 def _rev_bwd(chunk: int, softcap: float | None, smoothing: bool, groups: int,
              res: LinearResiduals, g: LabelStats) -> tuple[jax.Array | None, ...]:
   x, kernel, bias, labels, weight, shift, log_sum = res
   ct = shift.dtype
-  col = lambda v: v.astype(ct)[:, None, None]
+  col: Callable[[jax.Array], jax.Array] = lambda v: v.astype(ct)[:, None, None]
   # rows with no active class: p = exp(-inf - inf) = 0 rather than NaN
   base = col(shift + jnp.where(log_sum == -jnp.inf, jnp.inf, log_sum))
   cols_labels = labels[:, None, None]
   x_t = _cpu_transposed(x)
 
-  def step(carry, kernel, i):
+  def step(carry: RevCarry, kernel: jax.Array, i: jax.Array) -> RevCarry:
     dx, dkernel, dbias, dweight = carry
     ch = chunk_logits(x, kernel, bias, i, chunk, softcap, groups)
     # dz of every column of the slice: the overlap columns' values equal the
     # previous chunk's, so writing them again is harmless; dx counts them once.
+    assert g.log_sum is not None
     dz = col(g.log_sum) * jnp.exp(ch.z - base)
     dz = dz + jnp.where(ch.cols[None] == cols_labels, col(g.picked), 0.0)
     if smoothing:
+      assert g.smoothing is not None
       active = ch.z > -jnp.inf
       dz = dz + jnp.where(active, class_weights(weight, ch) * col(g.smoothing.weighted_sum), 0.0)
       if dweight is not None:
@@ -410,6 +437,7 @@ def _rev_bwd(chunk: int, softcap: float | None, smoothing: bool, groups: int,
                        0.0)
         dweight = _write_cols(dweight, jnp.sum(dw, axis=0), ch.start, groups)
     if softcap is not None:
+      assert ch.raw_tanh is not None
       dz = dz * (1.0 - ch.raw_tanh**2)
     w_chunk = group_cols(kernel, ch.start, chunk, groups)
     dx = _add_rows_matmul(dx, jnp.where(ch.fresh, dz, 0.0), w_chunk)
@@ -419,7 +447,7 @@ def _rev_bwd(chunk: int, softcap: float | None, smoothing: bool, groups: int,
       dbias = _write_cols(dbias, jnp.sum(dz, axis=0), ch.start, groups)
     return dx, dkernel, dbias, dweight
 
-  init = (
+  init: RevCarry = (
       jnp.zeros(x.shape, ct),
       jnp.zeros(kernel.shape, kernel.dtype),
       None if bias is None else jnp.zeros(bias.shape, ct),
@@ -429,7 +457,8 @@ def _rev_bwd(chunk: int, softcap: float | None, smoothing: bool, groups: int,
   dx, dkernel, dbias, dweight = _scan_chunks(step, init, kernel, chunk, kernel.shape[1] // groups)
   # Inside shard_map, each device's partial dx / dkernel sums over the axes
   # it does not share with its primal (the Megatron all-reduce of dx).
-  cast = lambda v, like: None if like is None else match_vma(v.astype(like.dtype), like)
+  cast: Callable[[Any, jax.Array | None], jax.Array | None] = lambda v, like: (
+      None if like is None else match_vma(v.astype(like.dtype), like))
   return cast(dx, x), cast(dkernel, kernel), cast(dbias, bias), None, cast(dweight, weight)
 
 

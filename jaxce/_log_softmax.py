@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +28,10 @@ from jax.typing import ArrayLike
 from jaxce import _checks
 
 Axes = tuple[int, ...]
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-def remat(*static_argnums: int):
+def remat(*static_argnums: int) -> Callable[[F], F]:
   """`jax.checkpoint` of a tangent rule: reverse mode recomputes everything
   it computes from its inputs (the softmax, the one-hot) instead of saving
   it. Common subexpressions with the forward pass are kept apart by an
@@ -37,9 +39,9 @@ def remat(*static_argnums: int):
   every input (`prevent_cse`): a barrier on the logits would force
   half-precision logits that XLA computes on the fly (e.g. the converted
   output of a float32 matmul) to be materialized."""
-  return functools.partial(
+  return cast(Callable[[F], F], functools.partial(
       jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False,
-      static_argnums=static_argnums)
+      static_argnums=static_argnums))
 
 
 def masked(x: jax.Array, where: jax.Array | None) -> jax.Array:
@@ -83,7 +85,7 @@ def shifted_stats(x: jax.Array, axes: Axes) -> tuple[jax.Array, jax.Array]:
 # log_softmax
 
 
-def _log_softmax_out(xm, shift, ls):
+def _log_softmax_out(xm: jax.Array, shift: jax.Array, ls: jax.Array) -> jax.Array:
   out = (xm.astype(shift.dtype) - shift) - ls
   return jnp.where(ls == -jnp.inf, -jnp.inf, out)  # a row with no class: -inf
 
@@ -96,7 +98,10 @@ def _log_softmax(x: jax.Array, where: jax.Array | None, axes: Axes) -> jax.Array
 
 
 @remat(5)
-def _log_softmax_tangent(x, where, shift, ls, tx, axes):
+def _log_softmax_tangent(
+    x: jax.Array, where: jax.Array | None, shift: jax.Array, ls: jax.Array, tx: jax.Array,
+    axes: Axes,
+) -> jax.Array:
   shift, ls = jax.lax.optimization_barrier((shift, ls))
   # d(x_i - lse) = tx_i - sum_j p_j tx_j on the active classes; masked and
   # -inf classes are constant -inf outputs (tangent 0, cotangent dropped).
@@ -107,7 +112,9 @@ def _log_softmax_tangent(x, where, shift, ls, tx, axes):
 
 
 @_log_softmax.defjvp
-def _log_softmax_jvp(axes, primals, tangents):
+def _log_softmax_jvp(
+    axes: Axes, primals: tuple[Any, ...], tangents: tuple[Any, ...]
+) -> tuple[jax.Array, jax.Array]:
   x, where = primals
   tx = tangents[0]
   xm = masked(x, where)
@@ -127,14 +134,19 @@ def _logsumexp(x: jax.Array, where: jax.Array | None, axes: Axes) -> jax.Array:
 
 
 @remat(5)
-def _logsumexp_tangent(x, where, shift, ls, tx, axes):
+def _logsumexp_tangent(
+    x: jax.Array, where: jax.Array | None, shift: jax.Array, ls: jax.Array, tx: jax.Array,
+    axes: Axes,
+) -> jax.Array:
   shift, ls = jax.lax.optimization_barrier((shift, ls))
   p = probs(masked(x, where), shift, ls)
   return jnp.sum(p * tx.astype(shift.dtype), axes).astype(x.dtype)
 
 
 @_logsumexp.defjvp
-def _logsumexp_jvp(axes, primals, tangents):
+def _logsumexp_jvp(
+    axes: Axes, primals: tuple[Any, ...], tangents: tuple[Any, ...]
+) -> tuple[jax.Array, jax.Array]:
   x, where = primals
   shift, ls = shifted_stats(masked(x, where), axes)
   out = jnp.squeeze(shift + ls, axes).astype(x.dtype)
@@ -153,7 +165,8 @@ def _axes(fn: str, axis: int | Sequence[int] | None, ndim: int) -> Axes:
   if isinstance(axis, bool):
     raise TypeError(f"{fn}: `axis` must be an int, a tuple of ints or None. Got bool.")
   try:
-    return (_checks.canonical_axis(fn, operator.index(axis), ndim),)
+    # A sequence raises TypeError here and is handled below.
+    return (_checks.canonical_axis(fn, operator.index(axis), ndim),)  # type: ignore[arg-type]
   except TypeError:
     pass
   if not isinstance(axis, (tuple, list)) or any(isinstance(a, bool) for a in axis):

@@ -10,11 +10,15 @@ difference of two large logsumexp-sized numbers.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import jax
 import jax.numpy as jnp
 
 from jaxce._collective import ClassSlice, label_weight
 from jaxce._stats import LabelStats, SmoothingSums, TargetStats, wide_labels
+
+T = TypeVar("T")
 
 
 def reduce(
@@ -46,8 +50,11 @@ def reduce(
   return jnp.where(nothing, 0.0, total / jnp.where(nothing, 1.0, d))
 
 
-def _psum(x, axes):
-  return jax.lax.psum(x, axes) if axes else x
+def _psum(x: T, axes: tuple[str, ...]) -> T:
+  if not axes:
+    return x
+  out: T = jax.lax.psum(x, axes)
+  return out
 
 
 def integer_target_loss(
@@ -105,7 +112,7 @@ def _uniform_ce(log_sum: jax.Array, sums: SmoothingSums, keep: jax.Array) -> jax
   (sum_c w_c) log_sum - sum_c w_c (x_c - shift), two non-negative terms."""
   weighted_sum = jnp.where(keep, sums.weighted_sum, 0.0)
   return jnp.where(keep, sums.weight_sum * log_sum - weighted_sum, 0.0) / jnp.maximum(
-      sums.count, 1.0)
+      sums.num_active, 1.0)
 
 
 def target_loss(

@@ -23,11 +23,13 @@ no one-hot matrix.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
+from jax.typing import DTypeLike
 
 from jaxce import _checks
 from jaxce._log_softmax import masked, probs, remat, row_shift, shifted_stats
@@ -39,7 +41,7 @@ class SmoothingSums(NamedTuple):
 
   weighted_sum: jax.Array  # sum_c w_c (x_c - shift)
   weight_sum: jax.Array  # sum_c w_c
-  count: jax.Array  # number of active classes
+  num_active: jax.Array  # number of active classes (not `count`: tuple.count)
 
 
 class LabelStats(NamedTuple):
@@ -100,7 +102,9 @@ def take_at(x: jax.Array, labels: jax.Array, axis: int) -> jax.Array:
   return jnp.where(inside, picked, jnp.zeros((), x.dtype))
 
 
-def _class_weights(weight: jax.Array | None, axis: int, ndim: int, dtype) -> jax.Array:
+def _class_weights(
+    weight: jax.Array | None, axis: int, ndim: int, dtype: DTypeLike
+) -> jax.Array:
   """Class weights shaped to broadcast along `axis`, in `dtype` (1 if None)."""
   if weight is None:
     return jnp.ones((1,) * ndim, dtype)
@@ -114,7 +118,7 @@ def _shifted(xm: jax.Array, shift: jax.Array) -> tuple[jax.Array, jax.Array]:
   return active, jnp.where(active, xm.astype(shift.dtype) - shift, 0.0)
 
 
-def _smoothing_sums(active, xs, w, axis) -> SmoothingSums:
+def _smoothing_sums(active: jax.Array, xs: jax.Array, w: jax.Array, axis: int) -> SmoothingSums:
   return SmoothingSums(
       jnp.sum(jnp.where(active, w * xs, 0.0), axis),
       jnp.sum(jnp.where(active, w, 0.0), axis),
@@ -128,7 +132,10 @@ def _zero(v: jax.Array) -> jax.Array:
   return v * 0
 
 
-def _smoothing_tangent(active, xs, w, txc, tw, axis, zero) -> SmoothingSums:
+def _smoothing_tangent(
+    active: jax.Array, xs: jax.Array, w: jax.Array, txc: jax.Array, tw: jax.Array | None,
+    axis: int, zero: jax.Array,
+) -> SmoothingSums:
   t_sum = jnp.where(active, w * txc, 0.0)
   t_weight = zero
   if tw is not None:
@@ -137,7 +144,7 @@ def _smoothing_tangent(active, xs, w, txc, tw, axis, zero) -> SmoothingSums:
   return SmoothingSums(jnp.sum(t_sum, axis), t_weight, zero)
 
 
-def given(t, like: jax.Array | None = None):
+def given(t: Any, like: jax.Array | None = None) -> Any:
   """A tangent from a `symbolic_zeros` rule: None for an input that is not
   differentiated (so its terms are left out, not computed on zeros), or
   zeros like `like` where the rule needs an array."""
@@ -154,7 +161,10 @@ def _col(v: jax.Array, axis: int) -> jax.Array:
 # Integer labels: shift, log-sum, logit at the label, label-smoothing sums.
 
 
-def _label_primal(logits, labels, weight, where, axis, smoothing) -> LabelStats:
+def _label_primal(
+    logits: jax.Array, labels: jax.Array, weight: jax.Array | None, where: jax.Array | None,
+    axis: int, smoothing: bool,
+) -> LabelStats:
   xm = masked(logits, where)
   labels = _int32(labels)
   # Gathered from the input dtype: exact, and no upcast copy to gather from.
@@ -167,7 +177,10 @@ def _label_primal(logits, labels, weight, where, axis, smoothing) -> LabelStats:
   return LabelStats(shift, ls, picked, sums)
 
 
-def _label_log_sum(xm, labels, shift, x_label, axis, exclude):
+def _label_log_sum(
+    xm: jax.Array, labels: jax.Array, shift: jax.Array, x_label: jax.Array, axis: int,
+    exclude: bool,
+) -> tuple[jax.Array, jax.Array]:
   """(log_sum, picked) for a given shift (axis dropped).
 
   With `exclude`, the label's own term is left out of the sum and added back
@@ -193,7 +206,9 @@ def _label_log_sum(xm, labels, shift, x_label, axis, exclude):
 
 
 @functools.partial(jax.jit, static_argnums=(3,))
-def _label_shift(xm, labels, x_label, axis):
+def _label_shift(
+    xm: jax.Array, labels: jax.Array, x_label: jax.Array, axis: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(shift, log_sum, picked) of integer-label stats, axis dropped.
 
   On CPU the shift is the label's logit, which saves the max's pass over
@@ -208,16 +223,23 @@ def _label_shift(xm, labels, x_label, axis):
   calls, differentiated or not, reuse one executable.
   """
   near, at_max = _shift_branches(axis)
-  return jax.lax.platform_dependent(xm, labels, x_label, cpu=near, default=at_max)
+  out: tuple[jax.Array, jax.Array, jax.Array] = jax.lax.platform_dependent(
+      xm, labels, x_label, cpu=near, default=at_max)
+  return out
+
+
+ShiftStats = tuple[jax.Array, jax.Array, jax.Array]  # (shift, log_sum, picked)
 
 
 @functools.cache
-def _shift_branches(axis: int):
-  def at_max(xm, labels, x_label, exclude=True):
+def _shift_branches(axis: int) -> tuple[Callable[..., ShiftStats], Callable[..., ShiftStats]]:
+  def at_max(
+      xm: jax.Array, labels: jax.Array, x_label: jax.Array, exclude: bool = True
+  ) -> ShiftStats:
     shift = jnp.squeeze(row_shift(xm, (axis,)), axis)
     return (shift, *_label_log_sum(xm, labels, shift, x_label, axis, exclude))
 
-  def near(xm, labels, x_label):
+  def near(xm: jax.Array, labels: jax.Array, x_label: jax.Array) -> ShiftStats:
     # Converted first: XLA:CPU computes the logits of a bf16 matmul in
     # float32 anyway, and a bf16 operand of the cond would be one more copy.
     xm = xm.astype(_checks.compute_dtype(xm.dtype))
@@ -225,13 +247,21 @@ def _shift_branches(axis: int):
     shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
     ls, picked = _label_log_sum(xm, labels, shift, x_label, axis, False)
     usable = jnp.all(jnp.isfinite(ls) & (ls > -60.0))
-    return jax.lax.cond(usable, accept, fallback, xm, labels, x_label, shift, ls, picked)
+    out: ShiftStats = jax.lax.cond(
+        usable, accept, fallback, xm, labels, x_label, shift, ls, picked)
+    return out
 
-  def accept(xm, labels, x_label, shift, ls, picked):
+  def accept(
+      xm: jax.Array, labels: jax.Array, x_label: jax.Array, shift: jax.Array, ls: jax.Array,
+      picked: jax.Array,
+  ) -> ShiftStats:
     del xm, labels, x_label
     return shift, ls, picked
 
-  def fallback(xm, labels, x_label, shift, ls, picked):
+  def fallback(
+      xm: jax.Array, labels: jax.Array, x_label: jax.Array, shift: jax.Array, ls: jax.Array,
+      picked: jax.Array,
+  ) -> ShiftStats:
     del shift, ls, picked
     return at_max(xm, labels, x_label, False)
 
@@ -239,8 +269,12 @@ def _shift_branches(axis: int):
 
 
 @remat(7, 8)
-def _label_tangent(logits, labels, weight, where, stats, tx, tw, axis, smoothing):
+def _label_tangent(
+    logits: jax.Array, labels: jax.Array, weight: jax.Array | None, where: jax.Array | None,
+    stats: LabelStats, tx: jax.Array, tw: jax.Array | None, axis: int, smoothing: bool,
+) -> tuple[jax.Array, jax.Array, SmoothingSums | None]:
   stats = jax.lax.optimization_barrier(stats)
+  assert stats.log_sum is not None  # label_stats always has one (None is NLL's)
   shift, ls = _col(stats.shift, axis), _col(stats.log_sum, axis)
   xm = masked(logits, where)
   hot = one_hot_at(labels, xm.shape, axis)
@@ -281,7 +315,9 @@ def label_stats(
 
 
 @functools.partial(label_stats.defjvp, symbolic_zeros=True)
-def _label_stats_jvp(axis, smoothing, primals, tangents):
+def _label_stats_jvp(
+    axis: int, smoothing: bool, primals: tuple[Any, ...], tangents: tuple[Any, ...]
+) -> tuple[LabelStats, LabelStats]:
   logits, labels, weight, where = primals
   tx, tw = given(tangents[0], logits), given(tangents[2])
   stats = _label_primal(logits, labels, weight, where, axis, smoothing)
@@ -295,7 +331,10 @@ def _label_stats_jvp(axis, smoothing, primals, tangents):
 # Probability targets: shift, log-sum, target-weighted sums, smoothing sums.
 
 
-def _target_primal(logits, targets, weight, where, axis, smoothing) -> TargetStats:
+def _target_primal(
+    logits: jax.Array, targets: jax.Array, weight: jax.Array | None, where: jax.Array | None,
+    axis: int, smoothing: bool,
+) -> TargetStats:
   xm = masked(logits, where)
   shift, ls = shifted_stats(xm, (axis,))
   ct = shift.dtype
@@ -318,7 +357,11 @@ def _target_primal(logits, targets, weight, where, axis, smoothing) -> TargetSta
 
 
 @remat(8, 9)
-def _target_tangent(logits, targets, weight, where, stats, tx, tt, tw, axis, smoothing):
+def _target_tangent(
+    logits: jax.Array, targets: jax.Array, weight: jax.Array | None, where: jax.Array | None,
+    stats: TargetStats, tx: jax.Array, tt: jax.Array | None, tw: jax.Array | None, axis: int,
+    smoothing: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array, SmoothingSums | None]:
   stats = jax.lax.optimization_barrier(stats)
   shift, ls = _col(stats.shift, axis), _col(stats.log_sum, axis)
   ct = shift.dtype
@@ -372,7 +415,9 @@ def target_stats(
 
 
 @functools.partial(target_stats.defjvp, symbolic_zeros=True)
-def _target_stats_jvp(axis, smoothing, primals, tangents):
+def _target_stats_jvp(
+    axis: int, smoothing: bool, primals: tuple[Any, ...], tangents: tuple[Any, ...]
+) -> tuple[TargetStats, TargetStats]:
   logits, targets, weight, where = primals
   tx, tt, tw = given(tangents[0], logits), given(tangents[1]), given(tangents[2])
   stats = _target_primal(logits, targets, weight, where, axis, smoothing)
@@ -387,7 +432,7 @@ def _target_stats_jvp(axis, smoothing, primals, tangents):
 
 
 @remat(2, 3)
-def _pick_tangent(labels, tx, axis, dtype):
+def _pick_tangent(labels: jax.Array, tx: jax.Array, axis: int, dtype: DTypeLike) -> jax.Array:
   hot = one_hot_at(labels, tx.shape, axis)
   return jnp.sum(jnp.where(hot, tx.astype(dtype), 0.0), axis)
 
@@ -402,7 +447,9 @@ def pick(x: jax.Array, labels: jax.Array, axis: int) -> jax.Array:
 
 
 @functools.partial(pick.defjvp, symbolic_zeros=True)
-def _pick_jvp(axis, primals, tangents):
+def _pick_jvp(
+    axis: int, primals: tuple[Any, ...], tangents: tuple[Any, ...]
+) -> tuple[jax.Array, jax.Array]:
   x, labels = primals
   ct = _checks.compute_dtype(x.dtype)
   tx = given(tangents[0], x)

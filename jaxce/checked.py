@@ -237,7 +237,7 @@ def raising(fn: F) -> F:
   @functools.wraps(fn)
   def wrapper(*args: Any, **kwargs: Any) -> Any:
     err, out = checkify.checkify(fn)(*args, **kwargs)
-    err.throw()  # type: ignore[no-untyped-call]
+    err.throw()
     return out
 
-  return wrapper  # type: ignore[return-value]
+  return cast(F, wrapper)
