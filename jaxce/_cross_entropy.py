@@ -148,7 +148,6 @@ def cross_entropy(
       target = _collective.combine(target, class_axis_name)
       return target_loss(target, reduction=reduction, label_smoothing=eps, z_loss=z,
                          row_axes=row_axes)
-    labels = _stats.wide_labels(labels)
     classes = _collective.class_slice(labels, logits.shape[axis], class_axis_name)
     stats = _stats.label_stats(
         logits, classes.local_labels, weight if eps else None, where, axis, bool(eps))
@@ -240,7 +239,6 @@ def nll_loss(
       log_probs: jax.Array, labels: jax.Array, weight: jax.Array | None,
       class_axis_name: _collective.AxisName | None, row_axes: tuple[str, ...] = (),
   ) -> jax.Array:
-    labels = _stats.wide_labels(labels)
     classes = _collective.class_slice(labels, log_probs.shape[axis], class_axis_name)
     picked = _stats.pick(log_probs, classes.local_labels, axis)
     if class_axis_name is not None:

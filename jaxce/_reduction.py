@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxce._collective import ClassSlice, label_weight
-from jaxce._stats import LabelStats, SmoothingSums, TargetStats, wide_labels
+from jaxce._stats import LabelStats, SmoothingSums, TargetStats
 
 T = TypeVar("T")
 
@@ -75,9 +75,10 @@ def integer_target_loss(
   `nll_loss` (`picked` holds log-probabilities). `classes` says where this
   device's classes sit (all of them, outside shard_map) and `weight` is their
   class weights (None: 1). ``stats.smoothing`` is required when
-  `label_smoothing` > 0.
+  `label_smoothing` > 0. `labels` and `ignore_index` are as
+  `_checks.class_labels` returns them (int32 codes, compared without
+  wrap-around).
   """
-  labels = wide_labels(labels)
   picked = stats.picked
   ct = picked.dtype
   valid = jnp.ones(labels.shape, bool) if ignore_index is None else labels != ignore_index
