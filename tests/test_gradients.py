@@ -89,6 +89,7 @@ def test_check_grads_cross_entropy_int_weight(smoothing, reduction):
   _check(f, (x, w))
 
 
+@pytest.mark.slow  # a sweep: `pytest -m slow` (.ci/run) runs it
 @pytest.mark.parametrize("masked", [False, True], ids=["weight", "where"])
 def test_check_grads_cross_entropy_int_axis1(masked):
   # PyTorch layout (N, C, L): the class axis is 1.
