@@ -19,7 +19,12 @@ from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
 from jaxce import _checks, _collective, _explicit, _linear_precompute
-from jaxce._linear_stats import default_chunk_size, linear_label_stats, linear_label_stats_rev
+from jaxce._linear_stats import (
+    ACCEL_BLOCK_ELEMENTS,
+    default_chunk_size,
+    linear_label_stats,
+    linear_label_stats_rev,
+)
 from jaxce._reduction import integer_target_loss
 from jaxce._stats import LabelStats, SmoothingSums
 
@@ -168,7 +173,6 @@ def linear_cross_entropy(
       fn, labels, _checks.global_classes(vocab, class_axis_name), ignore_index)
   weight = _checks.class_weight(fn, weight, vocab)
   bias = _checks.linear_bias(fn, bias, vocab)
-  stats_fn = linear_label_stats if forward_mode else linear_label_stats_rev
 
   def impl(x: jax.Array, kernel: jax.Array, labels: jax.Array, bias: jax.Array | None,
            weight: jax.Array | None, class_axis_name: str | None,
@@ -183,8 +187,18 @@ def linear_cross_entropy(
     else:
       chunk = default_chunk_size(n, vocab) if chunk_size is None else chunk_size
       chunk = min(max(1, chunk // groups), vocab // groups)
-      stats = stats_fn(x.reshape(n, d), kernel, bias, classes.local_labels,
-                       weight if eps else None, chunk, softcap, bool(eps), groups)
+      operands = (x.reshape(n, d), kernel, bias, classes.local_labels, weight if eps else None,
+                  chunk, softcap, bool(eps), groups)
+      if forward_mode:
+        stats = linear_label_stats(*operands)
+      else:
+        # The backward's chunk off CPU: half the default block (an explicit
+        # chunk_size is kept everywhere).
+        accel = None if chunk_size is None else chunk
+        if accel is None:
+          accel = min(max(1, default_chunk_size(n, vocab, ACCEL_BLOCK_ELEMENTS) // groups),
+                      vocab // groups)
+        stats = linear_label_stats_rev(*operands, accel)
     stats = _collective.combine(stats, class_axis_name, classes.owned)
     loss = integer_target_loss(
         stats,

@@ -42,6 +42,15 @@ from jaxce._stats import LabelStats, SmoothingSums
 # ([N, chunk] logits) and the row blocks of the dx accumulation ([rows, D]).
 BLOCK_ELEMENTS = 2**22
 
+# The same for the recomputing backward off CPU (`_rev_bwd`): half the
+# elements, i.e. half the vocabulary chunk and half the dx row block. At the
+# Llama-3 head (N=8192, D=4096, bf16) the backward's float32 [N, D] dx
+# accumulator is 128 MiB and every float32 [N, chunk] block the compilers keep
+# beside it counts: XLA:GPU (H100, H200) kept 169 MiB of temp memory with
+# 16 MiB blocks and 154 with 8 MiB ones, XLA:TPU v5p 185 and 157; v5e and v6e
+# are unchanged (129). XLA:CPU keeps the larger blocks (fewer, larger matmuls).
+ACCEL_BLOCK_ELEMENTS = BLOCK_ELEMENTS // 2
+
 # The chunk when the number of tokens is symbolic (`jax.export`): the
 # block-size rule below needs a number.
 SYMBOLIC_CHUNK = 1024
@@ -49,16 +58,18 @@ SYMBOLIC_CHUNK = 1024
 C = TypeVar("C")
 
 
-def default_chunk_size(num_tokens: Any, vocab: int) -> int:
+def default_chunk_size(num_tokens: Any, vocab: int, block_elements: int | None = None) -> int:
   """The vocabulary chunk used when `chunk_size=None`.
 
   The power of two that makes one float32 [N, chunk] block about 16 MiB
-  (`BLOCK_ELEMENTS` = 2**22 elements), at least 128 (a TPU lane multiple)
-  and at most V. A symbolic N (`jax.export`) gets `SYMBOLIC_CHUNK` columns.
+  (`block_elements`, default `BLOCK_ELEMENTS` = 2**22 elements), at least 128
+  (a TPU lane multiple) and at most V. A symbolic N (`jax.export`) gets
+  `SYMBOLIC_CHUNK` columns.
   """
   if not isinstance(num_tokens, int | np.integer):
     return max(1, min(vocab, SYMBOLIC_CHUNK))
-  target = BLOCK_ELEMENTS // max(int(num_tokens), 1)
+  block = BLOCK_ELEMENTS if block_elements is None else block_elements
+  target = block // max(int(num_tokens), 1)
   chunk = 1 << max(7, target.bit_length() - 1) if target >= 128 else 128
   return max(1, min(vocab, chunk))
 
@@ -349,34 +360,39 @@ class LinearResiduals(NamedTuple):
   log_sum: jax.Array  # [N] float32
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
 def linear_label_stats_rev(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
                            labels: jax.Array, weight: jax.Array | None, chunk: int,
                            softcap: float | None, smoothing: bool,
-                           groups: int) -> LabelStats:
-  """`linear_label_stats` for reverse mode only, with a hand-written backward."""
+                           groups: int, accel_chunk: int | None) -> LabelStats:
+  """`linear_label_stats` for reverse mode only, with a hand-written backward.
+  `accel_chunk`: the backward's chunk off CPU, with `ACCEL_BLOCK_ELEMENTS`
+  row blocks for dx (None: `chunk` and `BLOCK_ELEMENTS` everywhere)."""
   return _primal(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups)
 
 
 def _rev_fwd(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Array,
              weight: jax.Array | None, chunk: int, softcap: float | None, smoothing: bool,
-             groups: int) -> tuple[LabelStats, LinearResiduals]:
+             groups: int, accel_chunk: int | None) -> tuple[LabelStats, LinearResiduals]:
   stats = _primal(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups)
   assert stats.log_sum is not None
   return stats, LinearResiduals(x, kernel, bias, labels, weight, stats.shift, stats.log_sum)
 
 
-def _add_rows_matmul(acc: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+def _add_rows_matmul(acc: jax.Array, a: jax.Array, b: jax.Array,
+                     block_elements: int | None = None) -> jax.Array:
   """acc + a . b over their last two axes (a float32, cast to b's dtype), in
-  blocks of rows: a [N, D] float32 product beside the [N, D] float32
-  accumulator would double the backward's largest buffer."""
+  blocks of rows of about `block_elements` (default `BLOCK_ELEMENTS`)
+  elements: a [N, D] float32 product beside the [N, D] float32 accumulator
+  would double the backward's largest buffer."""
   shape: tuple[Any, ...] = acc.shape  # a dim may be symbolic (jax.export)
   n, d = shape
   product: Callable[[jax.Array], jax.Array] = lambda rows: matmul(
       rows.astype(b.dtype), b, (1, 2), (1, 2))
   if not isinstance(n, int):  # symbolic (jax.export): one block
     return acc + product(a)
-  block = max(1, min(n, BLOCK_ELEMENTS // max(d, 1)))
+  elements = BLOCK_ELEMENTS if block_elements is None else block_elements
+  block = max(1, min(n, elements // max(d, 1)))
   if block >= n:
     return acc + product(a)
 
@@ -410,7 +426,22 @@ RevCarry = tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]
 
 
 def _rev_bwd(chunk: int, softcap: float | None, smoothing: bool, groups: int,
-             res: LinearResiduals, g: LabelStats) -> tuple[jax.Array | None, ...]:
+             accel_chunk: int | None, res: LinearResiduals,
+             g: LabelStats) -> tuple[jax.Array | None, ...]:
+  if accel_chunk is None or (accel_chunk == chunk and ACCEL_BLOCK_ELEMENTS == BLOCK_ELEMENTS):
+    return _rev_bwd_loop(chunk, None, softcap, smoothing, groups, res, g)
+  # Smaller blocks off CPU (see ACCEL_BLOCK_ELEMENTS), decided by the platform
+  # the program is lowered for: XLA:CPU's program is unchanged.
+  out: tuple[jax.Array | None, ...] = jax.lax.platform_dependent(
+      cpu=lambda: _rev_bwd_loop(chunk, None, softcap, smoothing, groups, res, g),
+      default=lambda: _rev_bwd_loop(accel_chunk, ACCEL_BLOCK_ELEMENTS, softcap, smoothing,
+                                    groups, res, g))
+  return out
+
+
+def _rev_bwd_loop(chunk: int, block_elements: int | None, softcap: float | None,
+                  smoothing: bool, groups: int, res: LinearResiduals,
+                  g: LabelStats) -> tuple[jax.Array | None, ...]:
   x, kernel, bias, labels, weight, shift, log_sum = res
   ct = shift.dtype
   col: Callable[[jax.Array], jax.Array] = lambda v: v.astype(ct)[:, None, None]
@@ -440,7 +471,7 @@ def _rev_bwd(chunk: int, softcap: float | None, smoothing: bool, groups: int,
       assert ch.raw_tanh is not None
       dz = dz * (1.0 - ch.raw_tanh**2)
     w_chunk = group_cols(kernel, ch.start, chunk, groups)
-    dx = _add_rows_matmul(dx, jnp.where(ch.fresh, dz, 0.0), w_chunk)
+    dx = _add_rows_matmul(dx, jnp.where(ch.fresh, dz, 0.0), w_chunk, block_elements)
     dk = matmul(x_t, dz.astype(x.dtype), (1,), (0,))
     dkernel = _write_cols(dkernel, dk, ch.start, groups)
     if dbias is not None:
