@@ -21,6 +21,7 @@ from jax.typing import ArrayLike
 from jaxce import _checks, _collective, _explicit, _linear_precompute
 from jaxce._linear_stats import (
     ACCEL_BLOCK_ELEMENTS,
+    Plan,
     default_chunk_size,
     linear_label_stats,
     linear_label_stats_rev,
@@ -33,6 +34,16 @@ def _empty_vocabulary_stats(n: int, ct: np.dtype, smoothing: bool) -> LabelStats
   zeros = jnp.zeros((n,), ct)
   sums = SmoothingSums(zeros, zeros, zeros) if smoothing else None
   return LabelStats(zeros, jnp.full((n,), -jnp.inf, ct), zeros, sums)
+
+
+def _devices(*arrays: jax.Array) -> int:
+  """The devices the computation may be split over: the size of the mesh in
+  the arrays' types (under `jax.jit` with sharded arguments: the target's
+  mesh, also when compiling ahead of time for a TPU slice on a host with one
+  CPU device), else the default backend's device count."""
+  sizes = [getattr(getattr(getattr(jax.typeof(a), "sharding", None), "mesh", None), "size", 0)
+           for a in arrays]
+  return max([s for s in sizes if s] or [jax.device_count()])
 
 
 def linear_cross_entropy(
@@ -185,20 +196,18 @@ def linear_cross_entropy(
     if vocab == 0:  # what cross_entropy gives for C = 0
       stats = _empty_vocabulary_stats(n, ct, bool(eps))
     else:
-      chunk = default_chunk_size(n, vocab) if chunk_size is None else chunk_size
-      chunk = min(max(1, chunk // groups), vocab // groups)
-      operands = (x.reshape(n, d), kernel, bias, classes.local_labels, weight if eps else None,
-                  chunk, softcap, bool(eps), groups)
+      whole = default_chunk_size(n, vocab) if chunk_size is None else min(chunk_size, vocab)
+      chunk = min(max(1, whole // groups), vocab // groups)
+      operands = (x.reshape(n, d), kernel, bias, classes.local_labels, weight if eps else None)
       if forward_mode:
-        stats = linear_label_stats(*operands)
+        stats = linear_label_stats(*operands, chunk, softcap, bool(eps), groups)
       else:
-        # The backward's chunk off CPU: half the default block (an explicit
-        # chunk_size is kept everywhere).
-        accel = None if chunk_size is None else chunk
-        if accel is None:
-          accel = min(max(1, default_chunk_size(n, vocab, ACCEL_BLOCK_ELEMENTS) // groups),
-                      vocab // groups)
-        stats = linear_label_stats_rev(*operands, accel)
+        # Off CPU: one group; the backward's chunk is half the default block
+        # (an explicit chunk_size is kept).
+        backward_chunk = whole if chunk_size is not None else default_chunk_size(
+            n, vocab, ACCEL_BLOCK_ELEMENTS)
+        plan = Plan(chunk, groups, whole, backward_chunk)
+        stats = linear_label_stats_rev(*operands, plan, softcap, bool(eps))
     stats = _collective.combine(stats, class_axis_name, classes.owned)
     loss = integer_target_loss(
         stats,
@@ -228,8 +237,9 @@ def linear_cross_entropy(
     return _explicit.run_split(impl, split, args, specs)
   # Under jit, a kernel that XLA's partitioner may have split over its
   # vocabulary axis: as many groups as possible up to one per device, so
-  # that any mesh axis size dividing both V and the device count lines up.
-  groups = max(1, math.gcd(vocab, jax.device_count()))
+  # that any mesh axis size dividing both V and the device count lines up
+  # (on XLA:CPU; other backends run one group, see `_linear_stats.Plan`).
+  groups = max(1, math.gcd(vocab, _devices(x, kernel)))
   n = math.prod(lead)
   if backward == "auto":
     backward = _linear_precompute.auto_backward(

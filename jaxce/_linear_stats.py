@@ -360,21 +360,56 @@ class LinearResiduals(NamedTuple):
   log_sum: jax.Array  # [N] float32
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+class Plan(NamedTuple):
+  """How the reverse-mode kernel streams the vocabulary, per backend (static).
+
+  XLA:CPU takes `chunk` columns of each of `groups` equal slices of the
+  vocabulary per step: a free view there, which keeps a vocabulary split by
+  XLA's partitioner where it lives. Other backends take one group (the grouped
+  view is a relayout copy of the whole kernel in their tiled layouts: 1 GiB at
+  the Llama-3 head on a TPU v5e slice), `forward` columns per step in the
+  forward and `backward` in the backward, whose dx accumulates in row blocks
+  of `ACCEL_BLOCK_ELEMENTS`. Decided by the platform the program is lowered
+  for (`lax.platform_dependent`), not by the host's."""
+
+  chunk: int
+  groups: int
+  forward: int
+  backward: int
+
+  @classmethod
+  def single(cls, chunk: int) -> Plan:
+    """The same chunk and one group everywhere (and the CPU row blocks)."""
+    return cls(chunk, 1, chunk, chunk)
+
+
+def _primal_planned(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
+                    labels: jax.Array, weight: jax.Array | None, plan: Plan,
+                    softcap: float | None, smoothing: bool) -> LabelStats:
+  def cpu() -> LabelStats:
+    return _primal(x, kernel, bias, labels, weight, plan.chunk, softcap, smoothing, plan.groups)
+
+  if plan.groups == 1 and plan.forward == plan.chunk:
+    return cpu()
+  out: LabelStats = jax.lax.platform_dependent(
+      cpu=cpu, default=lambda: _primal(x, kernel, bias, labels, weight, plan.forward, softcap,
+                                       smoothing, 1))
+  return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def linear_label_stats_rev(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
-                           labels: jax.Array, weight: jax.Array | None, chunk: int,
-                           softcap: float | None, smoothing: bool,
-                           groups: int, accel_chunk: int | None) -> LabelStats:
-  """`linear_label_stats` for reverse mode only, with a hand-written backward.
-  `accel_chunk`: the backward's chunk off CPU, with `ACCEL_BLOCK_ELEMENTS`
-  row blocks for dx (None: `chunk` and `BLOCK_ELEMENTS` everywhere)."""
-  return _primal(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups)
+                           labels: jax.Array, weight: jax.Array | None, plan: Plan,
+                           softcap: float | None, smoothing: bool) -> LabelStats:
+  """`linear_label_stats` for reverse mode only, with a hand-written backward,
+  streamed as `plan` says for the backend it is lowered for."""
+  return _primal_planned(x, kernel, bias, labels, weight, plan, softcap, smoothing)
 
 
 def _rev_fwd(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Array,
-             weight: jax.Array | None, chunk: int, softcap: float | None, smoothing: bool,
-             groups: int, accel_chunk: int | None) -> tuple[LabelStats, LinearResiduals]:
-  stats = _primal(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups)
+             weight: jax.Array | None, plan: Plan, softcap: float | None,
+             smoothing: bool) -> tuple[LabelStats, LinearResiduals]:
+  stats = _primal_planned(x, kernel, bias, labels, weight, plan, softcap, smoothing)
   assert stats.log_sum is not None
   return stats, LinearResiduals(x, kernel, bias, labels, weight, stats.shift, stats.log_sum)
 
@@ -425,17 +460,19 @@ def _write_cols(acc: jax.Array, update: jax.Array, start: jax.Array, groups: int
 RevCarry = tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]
 
 
-def _rev_bwd(chunk: int, softcap: float | None, smoothing: bool, groups: int,
-             accel_chunk: int | None, res: LinearResiduals,
+def _rev_bwd(plan: Plan, softcap: float | None, smoothing: bool, res: LinearResiduals,
              g: LabelStats) -> tuple[jax.Array | None, ...]:
-  if accel_chunk is None or (accel_chunk == chunk and ACCEL_BLOCK_ELEMENTS == BLOCK_ELEMENTS):
-    return _rev_bwd_loop(chunk, None, softcap, smoothing, groups, res, g)
-  # Smaller blocks off CPU (see ACCEL_BLOCK_ELEMENTS), decided by the platform
-  # the program is lowered for: XLA:CPU's program is unchanged.
+  def cpu() -> tuple[jax.Array | None, ...]:
+    return _rev_bwd_loop(plan.chunk, None, softcap, smoothing, plan.groups, res, g)
+
+  if (plan.groups == 1 and plan.backward == plan.chunk
+      and ACCEL_BLOCK_ELEMENTS == BLOCK_ELEMENTS):
+    return cpu()
+  # Off CPU: one group and smaller blocks (see `Plan`, ACCEL_BLOCK_ELEMENTS),
+  # decided by the platform the program is lowered for.
   out: tuple[jax.Array | None, ...] = jax.lax.platform_dependent(
-      cpu=lambda: _rev_bwd_loop(chunk, None, softcap, smoothing, groups, res, g),
-      default=lambda: _rev_bwd_loop(accel_chunk, ACCEL_BLOCK_ELEMENTS, softcap, smoothing,
-                                    groups, res, g))
+      cpu=cpu, default=lambda: _rev_bwd_loop(plan.backward, ACCEL_BLOCK_ELEMENTS, softcap,
+                                             smoothing, 1, res, g))
   return out
 
 

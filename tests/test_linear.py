@@ -685,13 +685,15 @@ def test_default_chunk_size_is_used(monkeypatch, fresh_caches):
   def loss_fn(x, k):  # a new function per trace: make_jaxpr caches by function
     return _lin_loss(x, k, labels, reduction="none")
 
-  # unpatched: 2**22 / 8 columns wanted, so one chunk of all of V
+  # unpatched: 2**22 / 8 columns wanted, so one chunk of all of V (the jaxpr
+  # holds XLA:CPU's loop over 8 groups and the other backends' over one:
+  # `_linear_stats.Plan`, with the 8 test devices)
   text = str(jax.make_jaxpr(lambda x, k: loss_fn(x, k))(x, kernel))
-  assert _scan_lengths(text) == [1]
+  assert set(_scan_lengths(text)) == {1}
   monkeypatch.setattr(_linear_stats, "BLOCK_ELEMENTS", 2**12)
   assert _linear_stats.default_chunk_size(n, vocab) == 512
   text = str(jax.make_jaxpr(lambda x, k: loss_fn(x, k))(x, kernel))
-  assert _scan_lengths(text) == [2]  # 1000 columns in chunks of 512
+  assert set(_scan_lengths(text)) == {2}  # 1000 columns in chunks of 512 (64 x 8 groups)
   loss, ref = _fast(lambda x, k: (loss_fn(x, k), _ref_loss(x, k, labels, reduction="none")))(
       x, kernel)
   _assert_close(loss, ref, rtol=1e-5, atol=1e-6, what="loss")
