@@ -130,6 +130,40 @@ def class_split(
   )
 
 
+def auto_class_mesh(class_axis_name: Any, *arrays: Any) -> Any:
+  """The mesh in the arrays' types when every axis of `class_axis_name` is one
+  of its Auto axes (so the caller names the vocabulary axis outside
+  `shard_map`, where an Auto axis's split is not part of any type); None
+  otherwise (inside `shard_map` the axis is Manual)."""
+  axes = names(class_axis_name)
+  for a in arrays:
+    mesh = getattr(getattr(jax.typeof(a), "sharding", None), "mesh", None)
+    if mesh is None or mesh.empty:
+      continue
+    types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
+    if axes and all(types.get(n) == AxisType.Auto for n in axes):
+      return mesh
+  return None
+
+
+def run_auto(body: Callable[..., Any], mesh: Any, class_axis_name: Any, args: Sequence[Any],
+             specs: Sequence[PartitionSpec | None], out_spec: PartitionSpec) -> Any:
+  """`body(*local_args)` in `shard_map` over the class axes of an Auto mesh
+  (the mesh's other axes stay Auto: XLA's partitioner splits the rows over
+  them as before). None arguments pass through."""
+  present = [i for i, a in enumerate(args) if a is not None]
+
+  def local(*xs: Any) -> Any:
+    full = list(args)
+    for i, v in zip(present, xs, strict=True):
+      full[i] = v
+    return body(*full)
+
+  return jax.shard_map(
+      local, mesh=mesh, in_specs=tuple(specs[i] for i in present), out_specs=out_spec,
+      axis_names=set(names(class_axis_name)))(*(args[i] for i in present))
+
+
 def linear_split(x: jax.Array, kernel: jax.Array, reduction: str) -> Split | None:
   """`class_split` for the fused loss: the vocabulary is the kernel's dim 1
   and the positions are `x`'s leading dims. Also used when only the rows

@@ -131,7 +131,12 @@ def linear_cross_entropy(
     class_axis_name: Inside `shard_map`, the mesh axis over which the
       vocabulary is split: each device passes its [D, V / n] slice of
       `kernel` (and of `bias` and `weight`) and gets the loss over the whole
-      vocabulary.
+      vocabulary. Under `jax.jit` on an **Auto** mesh, where an array's type
+      does not say how XLA splits it, name the kernel's vocabulary axis
+      (an Auto axis of the mesh in the arrays' types) to run the same
+      per-device loop in `shard_map` over it; pass the whole arrays. Without
+      it a vocabulary-sharded kernel is all-gathered by XLA's partitioner on
+      TPU and GPU. (Explicit meshes need no name: the split is in the type.)
     backward: "recompute", "precompute" or "auto" (see above). "precompute"
       needs a 32-bit kernel, reduction "mean" or "sum", a concrete number of
       tokens, and no `forward_mode`, `chunk_size`, `class_axis_name` or
@@ -162,6 +167,27 @@ def linear_cross_entropy(
   """
   fn = "linear_cross_entropy"
   x, kernel = _checks.linear_operands(fn, x, kernel)
+  auto_mesh = None if class_axis_name is None else _explicit.auto_class_mesh(
+      class_axis_name, x, kernel)
+  if auto_mesh is not None:
+    # Outside shard_map, on an Auto mesh: run per device over the named axes.
+    ignore = jnp.asarray(ignore_index) if isinstance(ignore_index, jax.Array) else None
+
+    def local(x: jax.Array, kernel: jax.Array, labels: jax.Array, bias: jax.Array | None,
+              weight: jax.Array | None, ignore: jax.Array | None) -> jax.Array:
+      return linear_cross_entropy(
+          x, kernel, labels, bias=bias, weight=weight,
+          ignore_index=ignore_index if ignore is None else ignore, reduction=reduction,
+          label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+          chunk_size=chunk_size, forward_mode=forward_mode, class_axis_name=class_axis_name,
+          backward=backward)
+
+    vocab_spec = P(class_axis_name)
+    labels = jnp.asarray(labels)
+    extras = [None if a is None else jnp.asarray(a) for a in (bias, weight)]
+    specs = (P(), P(None, class_axis_name), P(), vocab_spec, vocab_spec, P())
+    return _explicit.run_auto(local, auto_mesh, class_axis_name,
+                              (x, kernel, labels, *extras, ignore), specs, P())
   reduction = _checks.reduction(fn, reduction)
   eps = _checks.static_float(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
   z = _checks.static_float(fn, "z_loss", z_loss, 0.0, math.inf)

@@ -398,6 +398,32 @@ def test_jit_auto_linear_vocab_not_divisible_by_device_count():
   assert_no_gather_of(compiled.as_text(), {"kernel": (D, vocab)})
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_jit_auto_linear_named_vocabulary_axis(reduction):
+  """On an Auto mesh the kernel's split is in no type: class_axis_name="model"
+  outside shard_map runs the per-device loop over that axis (the rows stay
+  split over "data" by XLA), with the loss and gradients of one device."""
+  a = LINEAR_ARRAYS
+  kw = dict(bias=a["bias"], weight=a["weight"], reduction=reduction, label_smoothing=0.1,
+            z_loss=0.01, softcap=5.0, chunk_size=8)
+
+  def f(name):
+    def loss(x, k, b, w):
+      out = jaxce.linear_cross_entropy(x, k, a["labels"], **{**kw, "bias": b, "weight": w},
+                                       class_axis_name=name)
+      return jnp.sum(out)
+    return jax.value_and_grad(loss, argnums=(0, 1, 2, 3))
+
+  names = ("x", "kernel", "bias", "weight")
+  expected = jax.device_get(_run(f(None), *(a[k] for k in names))[0])
+  mesh = _mesh("Auto")
+  specs = (P("data", None), P(None, "model"), P("model"), P("model"))
+  args = [jax.device_put(a[k], NamedSharding(mesh, s)) for k, s in zip(names, specs, strict=True)]
+  out, compiled = _run(f("model"), *args)
+  _assert_same(out, expected)
+  assert_no_gather_of(compiled.as_text(), {"kernel": (D, V)})
+
+
 # ---------------------------------------------------------------------------
 # Inside shard_map: class_axis_name="model".
 

@@ -154,6 +154,10 @@ class Case:
   fused: bool = False  # takes (x, kernel), no logits in the program's inputs
   # jaxce inside shard_map with class_axis_name (None: the loss has no such option).
   local: Callable[..., jax.Array] | None = None
+  # jaxce on the Auto-mesh vocabulary layout, if it differs from `jaxce`: the
+  # fused loss is told the kernel's vocabulary axis (class_axis_name), which an
+  # Auto mesh keeps out of the array types.
+  auto: Callable[..., jax.Array] | None = None
 
 
 def _mean(f: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
@@ -243,7 +247,8 @@ CASES: dict[str, Case] = {
         Case("linear_ce", "linear_cross_entropy vs optax on materialized x @ kernel",
              lambda x, k, y: jaxce.linear_cross_entropy(x, k, y),
              _mean(optax.softmax_cross_entropy_with_integer_labels),
-             "optax(x @ kernel)", "labels", fused=True, local=_local_linear),
+             "optax(x @ kernel)", "labels", fused=True, local=_local_linear,
+             auto=lambda x, k, y: jaxce.linear_cross_entropy(x, k, y, class_axis_name=AXIS)),
     ]
 }
 
@@ -276,6 +281,10 @@ def program(case: Case, impl: str, target: Target, specs: dict[str, P],
             mesh: Mesh) -> Callable[..., Any]:
   """The function to compile: value_and_grad w.r.t. (h, W) of the scalar loss."""
   loss = case.jaxce if impl == "jaxce" else case.peer
+  if impl == "jaxce" and target.layout == "vocab" and case.auto is not None:
+    loss = case.auto
+  if impl == "jaxce-unnamed":  # the Auto-mesh layout without class_axis_name
+    loss = case.jaxce
   if target.layout == "vocab-shard_map":
     body = case.local if impl == "jaxce" else PEER_SHARD_MAP[case.extra]
     assert body is not None
@@ -753,9 +762,16 @@ def markdown(rows: list[dict[str, Any]], targets: list[str]) -> str:
           f" {j['temp_bytes'] / j['logits_bytes']:.2f} | {_mib(j['argument_bytes'])} |"
           f" {_mib(j['output_bytes'])} | {hbm} | {traffic} | {ptraffic} |"
           f" {'; '.join(r['violations']) or 'ok'} |")
+    unnamed = [r for r in mine if "jaxce-unnamed" in r]
     errors = [r for r in mine if "peer_error" in r]
-    if errors:
+    if errors or unnamed:
       out.append("")
+    out.extend(
+        f"- {r['loss']} {r['dtype']} {r['shape']} called without class_axis_name (the Auto"
+        f" mesh's split of the kernel is in no type): temp"
+        f" {_mib(r['jaxce-unnamed']['temp_bytes'])} MiB,"
+        f" {len(r['jaxce-unnamed']['big_collectives'])} logits/kernel-sized collective(s)"
+        for r in unnamed)
     out.extend(f"- peer compile error, {r['loss']} {r['dtype']} {r['shape']}: {r['peer_error']}"
                for r in errors)
   return "\n".join(out)
@@ -819,7 +835,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       row["skipped"] = why
       rows.append(row)
       continue
-    for impl in ("jaxce", "peer"):
+    unnamed = ("jaxce-unnamed",) if target.layout == "vocab" and case.auto is not None else ()
+    for impl in ("jaxce", "peer", *unnamed):
       try:
         row[impl] = compile_one(case, impl, shape, DTYPES[dtype], target, args.hlo)
       except Exception as e:  # a compiler error is a result: report it, go on
