@@ -143,9 +143,10 @@ def linear_cross_entropy(
       Explicit-mesh sharding (ValueError otherwise); it keeps a gradient of
       the kernel's size (plus x's, bias's and weight's) from the forward to
       the backward. "auto" decides at trace time from static shapes and
-      dtypes: precompute when all of those hold, no device count shares a
-      factor with V (a kernel XLA may have split over its vocabulary axis),
-      and ``V <= 2**24 / 320``; recompute otherwise (bfloat16 kernels
+      dtypes: precompute when all of those hold, the number of devices (the
+      size of the mesh in the arrays' types, else the device count) shares
+      no factor with V (a kernel XLA may have split over its vocabulary
+      axis), and ``V <= 2**24 / 320``; recompute otherwise (bfloat16 kernels
       always: a float32 dkernel accumulator would double the kernel's
       memory).
 

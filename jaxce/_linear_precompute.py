@@ -86,8 +86,9 @@ def auto_backward(
   (the gradient must be known in the forward), forward mode is off, no
   `chunk_size` is given (a vocabulary chunk asks for the streamed path),
   the vocabulary is not split over devices (no `class_axis_name`, no
-  Explicit-mesh split, and no device count sharing a factor with V, under
-  which XLA may have split the kernel: `groups` == 1), the number of tokens
+  Explicit-mesh split, and no number of devices (the mesh in the arrays'
+  types, else the device count) sharing a factor with V, under which XLA
+  may have split the kernel: `groups` == 1), the number of tokens
   is concrete, V > 0, and a row block holds at least `MIN_ROWS` rows
   (``V <= ROW_BLOCK_ELEMENTS / MIN_ROWS`` = 52428): with fewer, rereading
   and rewriting the [D, V] dkernel accumulator per block costs more than the
