@@ -186,9 +186,10 @@ def linear_cross_entropy(
     vocab_spec = P(class_axis_name)
     labels = jnp.asarray(labels)
     extras = [None if a is None else jnp.asarray(a) for a in (bias, weight)]
-    specs = (P(), P(None, class_axis_name), P(), vocab_spec, vocab_spec, P())
-    return _explicit.run_auto(local, auto_mesh, class_axis_name,
-                              (x, kernel, labels, *extras, ignore), specs, P())
+    auto_specs = (P(), P(None, class_axis_name), P(), vocab_spec, vocab_spec, P())
+    out: jax.Array = _explicit.run_auto(local, auto_mesh, class_axis_name,
+                                        (x, kernel, labels, *extras, ignore), auto_specs, P())
+    return out
   reduction = _checks.reduction(fn, reduction)
   eps = _checks.static_float(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
   z = _checks.static_float(fn, "z_loss", z_loss, 0.0, math.inf)

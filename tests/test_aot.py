@@ -138,7 +138,8 @@ def test_linear_cross_entropy_llama3_head(target):
                  marks=[pytest.mark.xfail(strict=True, reason=KNOWN_GATHER[c, lay, impl])]
                  if (c, lay, impl) in KNOWN_GATHER else [])
     for c in ("ce_int", "linear_ce") for lay in ("vocab", "vocab-explicit", "vocab-shard_map")
-    for impl in ("jaxce", "jaxce-unnamed") if impl == "jaxce" or (c, lay) == ("linear_ce", "vocab")])
+    for impl in ("jaxce", "jaxce-unnamed")
+    if impl == "jaxce" or (c, lay) == ("linear_ce", "vocab")])
 def test_vocab_sharding_gathers_nothing_large(case, layout, impl):
   target = f"v5e-4:{layout}"
   mine = compiled(case, impl, target, "bfloat16", SMALL)

@@ -577,10 +577,12 @@ def compile_jobs_subprocess(jobs: list[tuple[str, str, str, str, Shape]]) -> lis
   """`compile_one` for each (case, impl, target, dtype, shape) in a fresh Python
   process with JAX_PLATFORMS=cpu and no XLA_FLAGS; a dict, or the error's text.
 
-  XLA_FLAGS is read once per process and, when set at all (even to a CPU-only flag
-  such as --xla_force_host_platform_device_count), changes what XLA:TPU compiles:
-  linear_cross_entropy at the Llama-3 head on v5e goes from 129 to 1131 MiB of temp.
-  A test session that sets it for its CPU sharding tests needs this isolation.
+  XLA_FLAGS is read once per process, and a test session sets it (8 CPU devices)
+  for its CPU sharding tests; the figures are meant to be those of a process with
+  no flags. (With --xla_force_host_platform_device_count=8, linear_cross_entropy
+  at the Llama-3 head on v5e once compiled to 1131 MiB of temp instead of 129,
+  because it read the host's device count; it now reads the target's mesh, and
+  both give 129.)
   """
   import subprocess
 
