@@ -33,7 +33,9 @@ root_doc = "index"
 # aot-results.md (written by the AOT benchmark, headings from H3) is included by
 # guides/accelerators.md rather than built as a page of its own; aot-README.md is
 # the AOT branch's draft of README text, which guides/accelerators.md covers.
-exclude_patterns = ["_build", "_ext", "**/.ipynb_checkpoints", "aot-results.md", "aot-README.md"]
+# eager-cpu.md (written by the eager benchmark) is included by guides/benchmarks.md.
+exclude_patterns = ["_build", "_ext", "**/.ipynb_checkpoints", "aot-results.md", "aot-README.md",
+                    "eager-cpu.md"]
 
 # MyST: $...$ math in the guides, {directive} blocks, heading anchors for #links.
 myst_enable_extensions = ["dollarmath", "colon_fence"]

@@ -18,10 +18,15 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from jaxce import _checks, _collective, _explicit, _linear_precompute
+from jaxce import _checks, _collective, _dispatch, _explicit, _linear_precompute
 from jaxce._linear_stats import default_chunk_size, linear_label_stats, linear_label_stats_rev
 from jaxce._reduction import integer_target_loss
 from jaxce._stats import LabelStats, SmoothingSums
+
+# The chunk kernels under one jit each (inlined under an outer jit), so that
+# eager calls reuse one executable rather than tracing a fresh scan body.
+_STATS_JIT = {mode: jax.jit(fn, static_argnums=(5, 6, 7, 8)) for mode, fn in
+              ((False, linear_label_stats_rev), (True, linear_label_stats))}
 
 
 def _empty_vocabulary_stats(n: int, ct: np.dtype, smoothing: bool) -> LabelStats:
@@ -30,6 +35,10 @@ def _empty_vocabulary_stats(n: int, ct: np.dtype, smoothing: bool) -> LabelStats
   return LabelStats(zeros, jnp.full((n,), -jnp.inf, ct), zeros, sums)
 
 
+@_dispatch.jitted(
+    static=("reduction", "label_smoothing", "z_loss", "softcap", "chunk_size", "forward_mode",
+            "class_axis_name", "backward"),
+    static_if_python=("ignore_index",))
 def linear_cross_entropy(
     x: ArrayLike,
     kernel: ArrayLike,
@@ -168,7 +177,7 @@ def linear_cross_entropy(
       fn, labels, _checks.global_classes(vocab, class_axis_name), ignore_index)
   weight = _checks.class_weight(fn, weight, vocab)
   bias = _checks.linear_bias(fn, bias, vocab)
-  stats_fn = linear_label_stats if forward_mode else linear_label_stats_rev
+  stats_fn = _STATS_JIT[forward_mode]
 
   def impl(x: jax.Array, kernel: jax.Array, labels: jax.Array, bias: jax.Array | None,
            weight: jax.Array | None, class_axis_name: str | None,

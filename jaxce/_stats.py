@@ -216,7 +216,7 @@ def _label_log_sum(
 
 
 def block_shape(shape: tuple[int, ...], axis: int, block: int) -> tuple[int, ...]:
-  return shape[:axis] + (shape[axis] // block, block) + shape[axis + 1:]
+  return (*shape[:axis], shape[axis] // block, block, *shape[axis + 1:])
 
 
 def _block_size(num_classes: int) -> int | None:
@@ -336,7 +336,7 @@ def _shift_branches(axis: int) -> tuple[Callable[..., ShiftStats], Callable[...,
     del shift, ls, picked
     if view.ndim == x_label.ndim + 1:  # no blocks
       return _label_log_sum(view, labels, None, x_label, axis, "cpu")
-    flat = view.reshape(view.shape[:axis] + (-1,) + view.shape[axis + 2:])
+    flat = view.reshape((*view.shape[:axis], -1, *view.shape[axis + 2:]))
     return _label_log_sum(flat, labels, None, x_label, axis, "cpu", view)
 
   return near, at_max
