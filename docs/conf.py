@@ -31,8 +31,9 @@ extensions = [
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 root_doc = "index"
 # aot-results.md (written by the AOT benchmark, headings from H3) is included by
-# guides/accelerators.md rather than built as a page of its own.
-exclude_patterns = ["_build", "_ext", "**/.ipynb_checkpoints", "aot-results.md"]
+# guides/accelerators.md rather than built as a page of its own; eager-cpu.md
+# (written by the eager benchmark) is included by guides/benchmarks.md.
+exclude_patterns = ["_build", "_ext", "**/.ipynb_checkpoints", "aot-results.md", "eager-cpu.md"]
 
 # MyST: $...$ math in the guides, {directive} blocks, heading anchors for #links.
 myst_enable_extensions = ["dollarmath", "colon_fence"]

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
-from jaxce import _checks
+from jaxce import _checks, _dispatch
 from jaxce._reduction import reduce
 from jaxce._stats import given
 
@@ -105,6 +105,7 @@ def _binary_terms_jvp(
   return _binary_terms(*primals), _binary_tangent(logits, targets, pos_weight, tx, tt, tpw)
 
 
+@_dispatch.jitted(static=("reduction",))
 def binary_cross_entropy_with_logits(
     logits: ArrayLike,
     targets: ArrayLike,

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
-from jaxce import _checks
+from jaxce import _checks, _dispatch
 from jaxce._reduction import reduce
 
 # PyTorch's clamp of both log terms (so p = 0 or 1 gives a finite loss) and
@@ -66,6 +66,7 @@ def _tangent(
   return out
 
 
+@_dispatch.jitted(static=("reduction",))
 def binary_cross_entropy(
     probs: jax.typing.ArrayLike,
     targets: jax.typing.ArrayLike,

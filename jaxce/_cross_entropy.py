@@ -8,10 +8,13 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxce import _checks, _collective, _explicit, _stats
+from jaxce import _checks, _collective, _dispatch, _explicit, _stats
 from jaxce._reduction import integer_target_loss, target_loss
 
 
+@_dispatch.jitted(
+    static=("reduction", "label_smoothing", "z_loss", "axis", "class_axis_name"),
+    static_if_python=("ignore_index",))
 def cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
@@ -175,6 +178,9 @@ def cross_entropy(
   return impl(*args, class_axis_name)
 
 
+@_dispatch.jitted(
+    static=("reduction", "axis", "class_axis_name"),
+    static_if_python=("ignore_index",))
 def nll_loss(
     log_probs: ArrayLike,
     labels: ArrayLike,

@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
-from jaxce import _checks, _collective, _explicit, _linear_precompute
+from jaxce import _checks, _collective, _dispatch, _explicit, _linear_precompute
 from jaxce._linear_stats import (
     ACCEL_BLOCK_ELEMENTS,
     Plan,
@@ -28,6 +28,12 @@ from jaxce._linear_stats import (
 )
 from jaxce._reduction import integer_target_loss
 from jaxce._stats import LabelStats, SmoothingSums
+
+# The chunk kernels under one jit each (inlined under an outer jit), so that
+# eager calls reuse one executable rather than tracing a fresh scan body.
+# (static: chunk, softcap, smoothing, groups / plan, softcap, smoothing)
+_STATS_JIT = {True: jax.jit(linear_label_stats, static_argnums=(5, 6, 7, 8)),
+              False: jax.jit(linear_label_stats_rev, static_argnums=(5, 6, 7))}
 
 
 def _empty_vocabulary_stats(n: int, ct: np.dtype, smoothing: bool) -> LabelStats:
@@ -46,6 +52,10 @@ def _devices(*arrays: jax.Array) -> int:
   return max([s for s in sizes if s] or [jax.device_count()])
 
 
+@_dispatch.jitted(
+    static=("reduction", "label_smoothing", "z_loss", "softcap", "chunk_size", "forward_mode",
+            "class_axis_name", "backward"),
+    static_if_python=("ignore_index",))
 def linear_cross_entropy(
     x: ArrayLike,
     kernel: ArrayLike,
@@ -228,14 +238,14 @@ def linear_cross_entropy(
       chunk = min(max(1, whole // groups), vocab // groups)
       operands = (x.reshape(n, d), kernel, bias, classes.local_labels, weight if eps else None)
       if forward_mode:
-        stats = linear_label_stats(*operands, chunk, softcap, bool(eps), groups)
+        stats = _STATS_JIT[True](*operands, chunk, softcap, bool(eps), groups)
       else:
         # Off CPU: one group; the backward's chunk is half the default block
         # (an explicit chunk_size is kept).
         backward_chunk = whole if chunk_size is not None else default_chunk_size(
             n, vocab, ACCEL_BLOCK_ELEMENTS)
         plan = Plan(chunk, groups, whole, backward_chunk)
-        stats = linear_label_stats_rev(*operands, plan, softcap, bool(eps))
+        stats = _STATS_JIT[False](*operands, plan, softcap, bool(eps))
     stats = _collective.combine(stats, class_axis_name, classes.owned)
     loss = integer_target_loss(
         stats,

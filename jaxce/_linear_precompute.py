@@ -106,9 +106,13 @@ def precomputed_loss(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, la
                      weight: jax.Array | None, options: Options) -> jax.Array:
   """The reduced loss of `x @ kernel + bias` ([N, D] x [D, V], V > 0), with
   `labels` int32 codes from `_checks.class_labels`."""
-  return _run(x, kernel, bias, labels, weight, options, grads=False)[0]
+  loss: jax.Array = _run(x, kernel, bias, labels, weight, options, grads=False)[0]
+  return loss
 
 
+# One jit (inlined under an outer one), so that eager calls reuse one
+# executable rather than tracing a fresh scan body each time.
+@functools.partial(jax.jit, static_argnames=("options", "grads"))
 def _run(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Array,
          weight: jax.Array | None, options: Options,
          grads: bool) -> tuple[jax.Array, PrecomputedGrads | None]:
@@ -196,7 +200,9 @@ def _run(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Ar
 
 def _fwd(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Array,
          weight: jax.Array | None, options: Options) -> tuple[jax.Array, PrecomputedGrads | None]:
-  return _run(x, kernel, bias, labels, weight, options, grads=True)
+  out: tuple[jax.Array, PrecomputedGrads | None] = _run(
+      x, kernel, bias, labels, weight, options, grads=True)
+  return out
 
 
 def _bwd(options: Options, res: PrecomputedGrads, g: jax.Array) -> tuple[jax.Array | None, ...]:

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxce import _checks
+from jaxce import _checks, _dispatch
 
 Axes = tuple[int, ...]
 F = TypeVar("F", bound=Callable[..., Any])
@@ -178,6 +178,7 @@ def _axes(fn: str, axis: int | Sequence[int] | None, ndim: int) -> Axes:
   return tuple(sorted(axes))
 
 
+@_dispatch.jitted(static=("axis",))
 def log_softmax(
     x: ArrayLike,
     axis: int | Sequence[int] | None = -1,
@@ -227,6 +228,7 @@ def log_softmax(
   return _log_softmax(x, mask, axes)
 
 
+@_dispatch.jitted(static=("axis",))
 def logsumexp(
     x: ArrayLike,
     axis: int | Sequence[int] | None = -1,

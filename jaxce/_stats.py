@@ -23,6 +23,7 @@ no one-hot matrix.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -178,31 +179,95 @@ def _label_primal(
 
 
 def _label_log_sum(
-    xm: jax.Array, labels: jax.Array, shift: jax.Array, x_label: jax.Array, axis: int,
-    exclude: bool,
-) -> tuple[jax.Array, jax.Array]:
-  """(log_sum, picked) for a given shift (axis dropped).
+    xm: jax.Array, labels: jax.Array, shift: jax.Array | None, x_label: jax.Array, axis: int,
+    exclude: str, blocks: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(shift, log_sum, picked), axis dropped; the shift is the max if None.
 
-  With `exclude`, the label's own term is left out of the sum and added back
-  as expm1(picked): log_sum = log1p(others + expm1(picked)). When the label
+  The label's own term is left out of the sum and added back as
+  expm1(picked): log_sum = log1p(others + expm1(picked)). When the label
   dominates (p_y close to 1, picked = 0) this keeps log_sum, and so the loss
   log_sum - picked, accurate to its own magnitude, where the log of a
   rounded 1 + tiny is off by up to half a float32 ulp of 1 (6e-8, as in
-  PyTorch and optax). XLA:CPU's reductions do not fuse the one-hot select
-  (it would materialize an N x C array and triple the time of the sum), so
-  the CPU path sums every term.
+  PyTorch and optax). `exclude` says how: "select" with the one-hot mask (one
+  fused reduction on TPU and GPU); "cpu" in blocks (see `_others_in_blocks`),
+  since XLA:CPU's fused reductions take no compare or select: a one-hot
+  select would materialize an N x C array and triple the time of the sum.
   """
-  ct = shift.dtype
-  inside = (labels >= 0) & (labels < xm.shape[axis])
+  ct = _checks.compute_dtype(xm.dtype)
+  num_classes = xm.shape[axis]
+  inside = (labels >= 0) & (labels < num_classes)
+  block = _block_size(num_classes) if exclude == "cpu" else None
+  if block is not None:
+    shift, others = _others_in_blocks(xm, labels, inside, shift, axis, block, blocks)
+  else:
+    if shift is None:
+      shift = jnp.squeeze(row_shift(xm, (axis,)), axis)
+    z = jnp.exp(xm.astype(ct) - _col(shift, axis))
+    if exclude == "cpu" and num_classes < 2**24:  # no block length divides C
+      others = jnp.sum(z * _apart_from(labels, xm.shape, axis, ct), axis)
+    else:
+      others = jnp.sum(jnp.where(one_hot_at(labels, xm.shape, axis), 0.0, z), axis)
   picked = jnp.where(inside, x_label.astype(ct) - shift, 0.0)
-  z = jnp.exp(xm.astype(ct) - _col(shift, axis))
-  if exclude:
-    others = jnp.sum(jnp.where(one_hot_at(labels, xm.shape, axis), 0.0, z), axis)
-    s_minus_1 = others + jnp.where(inside, jnp.expm1(picked), -1.0)
-    none = s_minus_1 == -1.0  # no class left: -inf, with finite derivatives
-    return jnp.where(none, -jnp.inf, jnp.log1p(jnp.where(none, 0.0, s_minus_1))), picked
-  s = jnp.sum(z, axis)
-  return jnp.where(s == 0, -jnp.inf, jnp.log(jnp.where(s == 0, 1.0, s))), picked
+  s_minus_1 = others + jnp.where(inside, jnp.expm1(picked), -1.0)
+  none = s_minus_1 == -1.0  # no class left: -inf, with finite derivatives
+  log_sum = jnp.where(none, -jnp.inf, jnp.log1p(jnp.where(none, 0.0, s_minus_1)))
+  return shift, log_sum, picked
+
+
+def block_shape(shape: tuple[int, ...], axis: int, block: int) -> tuple[int, ...]:
+  return (*shape[:axis], shape[axis] // block, block, *shape[axis + 1:])
+
+
+def _block_size(num_classes: int) -> int | None:
+  """The block length of `_others_in_blocks` for C classes: a divisor of C
+  in [64, 2048] with at least 4 blocks, closest to 2 sqrt(C) (the gathered
+  block and the per-block sums stay a few percent of the logits); None if
+  C has none."""
+  target = 2.0 * num_classes**0.5
+  sizes = [b for b in range(64, min(2048, num_classes // 4) + 1) if num_classes % b == 0]
+  return min(sizes, key=lambda b: abs(math.log(b / target)), default=None)
+
+
+def _others_in_blocks(
+    xm: jax.Array, labels: jax.Array, inside: jax.Array, shift: jax.Array | None, axis: int,
+    block: int, blocks: jax.Array | None,
+) -> tuple[jax.Array, jax.Array]:
+  """(shift, sum_{c != y} exp(x_c - shift)) for XLA:CPU; the max if `shift`
+  is None.
+
+  The class axis is split into blocks (a free reshape): fused reductions
+  give each block's sum (and the max), then the label's block is gathered
+  from the input (N x block values) and summed again without the label.
+  XLA:CPU's reductions over long rows are also several times faster in two
+  stages like this. `blocks`: that view in float32+, if the caller has it
+  (XLA:CPU makes a float32 copy of half-precision input per view).
+  """
+  ct = _checks.compute_dtype(xm.dtype)
+  raw = xm.reshape(block_shape(xm.shape, axis, block))
+  xb = raw.astype(ct) if blocks is None else blocks
+  if shift is None:
+    shift = jnp.squeeze(row_shift(xb, (axis, axis + 1)), (axis, axis + 1))
+  sums = jnp.sum(jnp.exp(xb - _col(_col(shift, axis), axis)), axis + 1)  # (..., nblocks, ...)
+  safe = jnp.where(inside, labels, 0)
+  at = safe // block
+  own_block = jnp.take_along_axis(raw, _col(_col(at, axis), axis), axis, mode="clip")
+  own_block = jnp.squeeze(own_block, axis).astype(ct)  # (..., block, ...)
+  hot = jax.lax.broadcasted_iota(jnp.int32, own_block.shape, axis) == _col(safe % block, axis)
+  rest = jnp.sum(jnp.where(hot, 0.0, jnp.exp(own_block - _col(shift, axis))), axis)
+  at_label = jax.lax.broadcasted_iota(jnp.int32, sums.shape, axis) == _col(at, axis)
+  own = jnp.sum(jnp.where(at_label, sums, 0.0), axis)
+  # Labels outside [0, C) exclude nothing: their block is counted whole.
+  return shift, jnp.sum(jnp.where(at_label, 0.0, sums), axis) + jnp.where(inside, rest, own)
+
+
+def _apart_from(
+    labels: jax.Array, shape: tuple[int, ...], axis: int, dtype: DTypeLike
+) -> jax.Array:
+  """min(|c - y|, 1) over a float iota: 0 at the label, 1 elsewhere, by
+  arithmetic that XLA:CPU keeps inside a fused reduction (exact for C < 2**24)."""
+  iota = jax.lax.broadcasted_iota(dtype, shape, axis)
+  return jnp.minimum(jnp.abs(iota - _col(labels.astype(dtype), axis)), 1.0)
 
 
 @functools.partial(jax.jit, static_argnums=(3,))
@@ -234,36 +299,45 @@ ShiftStats = tuple[jax.Array, jax.Array, jax.Array]  # (shift, log_sum, picked)
 @functools.cache
 def _shift_branches(axis: int) -> tuple[Callable[..., ShiftStats], Callable[..., ShiftStats]]:
   def at_max(
-      xm: jax.Array, labels: jax.Array, x_label: jax.Array, exclude: bool = True
+      xm: jax.Array, labels: jax.Array, x_label: jax.Array, exclude: str = "select"
   ) -> ShiftStats:
-    shift = jnp.squeeze(row_shift(xm, (axis,)), axis)
-    return (shift, *_label_log_sum(xm, labels, shift, x_label, axis, exclude))
+    return _label_log_sum(xm, labels, None, x_label, axis, exclude)
 
   def near(xm: jax.Array, labels: jax.Array, x_label: jax.Array) -> ShiftStats:
-    # Converted first: XLA:CPU computes the logits of a bf16 matmul in
-    # float32 anyway, and a bf16 operand of the cond would be one more copy.
-    xm = xm.astype(_checks.compute_dtype(xm.dtype))
-    shift = jax.lax.stop_gradient(x_label.astype(xm.dtype))
+    ct = _checks.compute_dtype(xm.dtype)
+    shift = jax.lax.stop_gradient(x_label.astype(ct))
     shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
-    ls, picked = _label_log_sum(xm, labels, shift, x_label, axis, False)
+    # The float32 view that both branches read, made once: XLA:CPU converts
+    # half-precision input to a float32 copy per view, and the cond's operand
+    # in the input dtype would be one more (XLA:CPU computes the logits of a
+    # bf16 matmul in float32 anyway).
+    block = _block_size(xm.shape[axis])
+    view = xm.astype(ct) if block is None else xm.reshape(
+        block_shape(xm.shape, axis, block)).astype(ct)
+    flat = view.reshape(xm.shape)
+    blocks = None if block is None else view
+    _, ls, picked = _label_log_sum(flat, labels, shift, x_label, axis, "cpu", blocks)
     usable = jnp.all(jnp.isfinite(ls) & (ls > -60.0))
     out: ShiftStats = jax.lax.cond(
-        usable, accept, fallback, xm, labels, x_label, shift, ls, picked)
+        usable, accept, fallback, view, labels, x_label, shift, ls, picked)
     return out
 
   def accept(
-      xm: jax.Array, labels: jax.Array, x_label: jax.Array, shift: jax.Array, ls: jax.Array,
+      view: jax.Array, labels: jax.Array, x_label: jax.Array, shift: jax.Array, ls: jax.Array,
       picked: jax.Array,
   ) -> ShiftStats:
-    del xm, labels, x_label
+    del view, labels, x_label
     return shift, ls, picked
 
   def fallback(
-      xm: jax.Array, labels: jax.Array, x_label: jax.Array, shift: jax.Array, ls: jax.Array,
+      view: jax.Array, labels: jax.Array, x_label: jax.Array, shift: jax.Array, ls: jax.Array,
       picked: jax.Array,
   ) -> ShiftStats:
     del shift, ls, picked
-    return at_max(xm, labels, x_label, False)
+    if view.ndim == x_label.ndim + 1:  # no blocks
+      return _label_log_sum(view, labels, None, x_label, axis, "cpu")
+    flat = view.reshape((*view.shape[:axis], -1, *view.shape[axis + 2:]))
+    return _label_log_sum(flat, labels, None, x_label, axis, "cpu", view)
 
   return near, at_max
 

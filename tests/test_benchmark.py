@@ -144,3 +144,15 @@ def test_quick_run_as_a_user_runs_it(tmp_path):
   assert not [r["error"] for r in data["results"] if r["error"]]
   assert {r["case"] for r in data["results"]} == set(run.CASES)
   assert (tmp_path / "ratio_bfloat16.png").stat().st_size > 0
+
+
+def test_eager_benchmark_compiles_nothing_after_warmup(tmp_path):
+  from jaxce.benchmark import eager
+
+  eager.main(["--shape", "4,7", "--hidden", "3", "--rounds", "2", "--out", str(tmp_path)])
+  data = json.loads((tmp_path / "results.json").read_text())
+  assert {r["loss"] for r in data["rows"]} >= {"cross_entropy (labels)", "linear_cross_entropy"}
+  for row in data["rows"]:
+    assert row["compiles_after_warmup"] == 0, row
+    assert row["ratio"]["rounds"] == 2
+  assert "| jaxce/peer |" in (tmp_path / "results.md").read_text()

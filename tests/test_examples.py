@@ -94,9 +94,11 @@ def test_lm_head_linear_cross_entropy():
   assert result["memory"] is None
 
 
-def check_matches_optax(result: dict, steps: int, rtol: float = 1e-4) -> None:
+def check_matches_optax(result: dict, steps: int, rtol: float = 3e-4) -> None:
   """The loss falls, and the jaxce curve tracks the optax one from the same
-  initialization and batches (float32 rounding only, so it stays close)."""
+  initialization and batches (float32 rounding only, so it stays close: two
+  float32 losses that differ in their last bits drift apart under Adam, by
+  about 1e-4 relative after 30-40 steps of the digits examples)."""
   losses, reference = result["losses"], result["optax_losses"]
   assert len(losses) == len(reference) == steps
   assert all(math.isfinite(v) for v in losses + reference)

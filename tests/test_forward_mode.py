@@ -270,7 +270,17 @@ class _CompileCounter:
       self.count += 1
 
 
+_EAGER_KERNEL = np.linspace(-1.0, 1.0, 30, dtype=np.float32).reshape(3, 10)
+
+
+def _eager_linear(x, **kw):
+  y = jnp.asarray([0, 9, -100, 4], jnp.int32)
+  return jaxce.linear_cross_entropy(x, jnp.asarray(_EAGER_KERNEL), y, **kw)
+
+
 def test_eager_calls_do_not_recompile():
+  """Every public function, and its grad, called eagerly three times with
+  fresh arrays of one shape: nothing compiles after the first call."""
   rng = _rng(12)
   y = jnp.asarray([0, 2, -100, 1], jnp.int32)
   fns = {
@@ -280,6 +290,16 @@ def test_eager_calls_do_not_recompile():
       "ce_probs": lambda x: jaxce.cross_entropy(x, jax.nn.softmax(x), z_loss=0.1),
       "nll": lambda x: jaxce.nll_loss(x, y),
       "bce": lambda x: jaxce.binary_cross_entropy_with_logits(x, jnp.ones_like(x) / 2),
+      "bce_probs": lambda x: jaxce.binary_cross_entropy(jax.nn.sigmoid(x), jnp.ones_like(x) / 2),
+      "optax_int": lambda x: jaxce.softmax_cross_entropy_with_integer_labels(x, y % 3),
+      "optax_probs": lambda x: jaxce.softmax_cross_entropy(x, jax.nn.softmax(x)),
+      "optax_sigmoid": lambda x: jaxce.sigmoid_binary_cross_entropy(x, jnp.ones_like(x) / 2),
+      # The fused loss: x (4, 3) times a fixed kernel (3, 10), every backward.
+      **{f"linear_{b}": functools.partial(_eager_linear, backward=b)
+         for b in ("auto", "recompute", "precompute")},
+      "linear_chunked": functools.partial(_eager_linear, chunk_size=4),
+      "linear_forward_mode": functools.partial(_eager_linear, forward_mode=True),
+      "checked_ce": lambda x: jaxce.checked.cross_entropy(x, y),
   }
   counter = _CompileCounter()
   jax.monitoring.register_event_duration_secs_listener(counter)

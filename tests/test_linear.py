@@ -691,6 +691,7 @@ def test_default_chunk_size_is_used(monkeypatch, fresh_caches):
   text = str(jax.make_jaxpr(lambda x, k: loss_fn(x, k))(x, kernel))
   assert set(_scan_lengths(text)) == {1}
   monkeypatch.setattr(_linear_stats, "BLOCK_ELEMENTS", 2**12)
+  jax.clear_caches()  # the public function's cached trace holds the old chunk
   assert _linear_stats.default_chunk_size(n, vocab) == 512
   text = str(jax.make_jaxpr(lambda x, k: loss_fn(x, k))(x, kernel))
   assert set(_scan_lengths(text)) == {2}  # 1000 columns in chunks of 512 (64 x 8 groups)
@@ -1333,6 +1334,7 @@ def test_auto_backward_is_what_runs(monkeypatch, case, expected):
   real = _linear_precompute.precomputed_loss
   monkeypatch.setattr(_linear_precompute, "precomputed_loss",
                       lambda *a: calls.append(1) or real(*a))
+  jax.clear_caches()  # so that the public function traces again, with the spy
   x = jax.ShapeDtypeStruct((6, D), dtype)
   kernel = jax.ShapeDtypeStruct((D, vocab), dtype)
   labels = jax.ShapeDtypeStruct((6,), jnp.int32)
@@ -1395,3 +1397,29 @@ def test_precompute_second_order():
   got, want = _fast(lambda: (both(lin), both(ref)))()
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     _assert_close(a, b, rtol=1e-4, atol=1e-5, what="second order")
+
+
+@pytest.mark.slow  # check_grads runs op by op: `pytest -m slow` (.ci/run) runs it
+@pytest.mark.parametrize("backward", ["forward_mode", "default"])
+def test_check_grads_itself(backward):
+  """jax.test_util.check_grads, order 2, in float64 with label smoothing,
+  z-loss, softcap, a bias, a class weight and an ignored label, over three
+  vocabulary chunks: forward and reverse modes with forward_mode=True,
+  reverse mode (the default's custom_vjp refuses jvp) otherwise."""
+  from jax.test_util import check_grads
+
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(41)
+    x = jnp.asarray(rng.normal(size=(5, 4)))
+    kernel = jnp.asarray(rng.normal(size=(4, 9)) * 0.7)
+    bias = jnp.asarray(rng.normal(size=(9,)) * 0.3)
+    weight = jnp.asarray(rng.uniform(0.5, 2.0, size=9))
+    labels = jnp.asarray([0, 8, -100, 3, 4], jnp.int32)
+    kw = dict(label_smoothing=0.1, z_loss=1e-2, softcap=2.5, chunk_size=3,
+              forward_mode=backward == "forward_mode")
+
+    def f(x, kernel, bias, weight):
+      return _lin_loss(x, kernel, labels, bias=bias, weight=weight, **kw)
+
+    modes = ("fwd", "rev") if backward == "forward_mode" else ("rev",)
+    check_grads(f, (x, kernel, bias, weight), order=2, modes=modes, atol=1e-6, rtol=1e-6)
