@@ -81,22 +81,18 @@ def main() -> None:
           jax.block_until_ready(fns[name](x, kernel, labels))
           times[name].append(time.perf_counter() - t0)
 
-      def ratio(a: str, b: str) -> float:
+      def ratio(a: str, b: str, times: dict[str, list[float]] = times) -> float:
         return statistics.median([p / q for p, q in zip(times[a], times[b], strict=True)])
 
       chunks = [c for c in fns if c.startswith("chunk=")]
       best = min(chunks, key=lambda c: statistics.median(times[c])) if chunks else None
       best_txt = f"{ratio('default', best):.2f} ({best})" if best else "- (V <= every chunk)"
       mat = f"{ratio('default', 'materialized'):.2f}" if "materialized" in fns else "- (too big)"
+      temp_best = f"{temps[best]:.0f}" if best else "-"
       print(f"| {n} | {d} | {v} | {dtype} | {default_chunk_size(n, v)} |"
             f" {statistics.median(times['default']):.3f} s | {best_txt} | {mat} |"
-            f" {temps['default']:.0f} / {temps[best]:.0f} / "
-            f"{temps.get('materialized', float('nan')):.0f} |" if best else
-            f"| {n} | {d} | {v} | {dtype} | {default_chunk_size(n, v)} |"
-            f" {statistics.median(times['default']):.3f} s | {best_txt} | {mat} |"
-            f" {temps['default']:.0f} / - / {temps.get('materialized', float('nan')):.0f} |",
-            flush=True)
-
+            f" {temps['default']:.0f} / {temp_best} /"
+            f" {temps.get('materialized', float('nan')):.0f} |", flush=True)
 
 if __name__ == "__main__":
   main()
