@@ -146,6 +146,7 @@ def test_quick_run_as_a_user_runs_it(tmp_path):
   assert (tmp_path / "ratio_bfloat16.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # 6 s: `pytest -m slow` (.ci/run) runs it
 def test_eager_benchmark_compiles_nothing_after_warmup(tmp_path):
   from jaxce.benchmark import eager
 

@@ -1001,8 +1001,15 @@ def _ref_rows(x, y):
   return loss, g
 
 
-@pytest.mark.parametrize("c", [10, 50, 257, 1000, 4096])  # arithmetic mask; blocks
-@pytest.mark.parametrize("offset", [0.0, 3e4, -1e6])
+# C = 10, 50, 257: the arithmetic mask; 1000, 4096: blocks. A third of the
+# cases in the default run, the rest with the slow marker (.ci/run runs both).
+_DOMINANT = [pytest.param(c, off, marks=[] if (c, off) in {(10, 3e4), (257, -1e6), (1000, 3e4),
+                                                          (4096, -1e6), (50, 0.0)}
+                          else [pytest.mark.slow])
+             for c in (10, 50, 257, 1000, 4096) for off in (0.0, 3e4, -1e6)]
+
+
+@pytest.mark.parametrize(("c", "offset"), _DOMINANT)
 def test_dominant_label_losses_accurate_to_their_own_magnitude(c, offset):
   """Each loss (down to ~1e-7) within 4 float32 ulps of itself, and each row's
   gradient within 4 ulps of its largest entry, wherever the label's logit
@@ -1026,10 +1033,13 @@ BLOCK_OPTIONS = {
     "smoothing_z": {"label_smoothing": 0.2, "z_loss": 1e-3},
     "where": {"where": True},
 }
+_BLOCK_CASES = [pytest.param(layout, opts, id=f"{name}-{layout}",
+                             marks=[] if (name, layout) in {("plain", "2d"), ("where", "nchw")}
+                             else [pytest.mark.slow])
+                for name, opts in BLOCK_OPTIONS.items() for layout in ("2d", "nchw")]
 
 
-@pytest.mark.parametrize("layout", ["2d", "nchw"])
-@pytest.mark.parametrize("opts", BLOCK_OPTIONS.values(), ids=BLOCK_OPTIONS.keys())
+@pytest.mark.parametrize(("layout", "opts"), _BLOCK_CASES)
 def test_class_axis_in_blocks_matches_reference(layout, opts):
   """C = 256: on CPU the log-sum runs in blocks of 64 classes with the
   label's block gathered (see _stats._others_in_blocks); loss and gradient
