@@ -278,6 +278,7 @@ def _eager_linear(x, **kw):
   return jaxce.linear_cross_entropy(x, jnp.asarray(_EAGER_KERNEL), y, **kw)
 
 
+@pytest.mark.slow  # 6 s: `pytest -m slow` (.ci/run) runs it
 def test_eager_calls_do_not_recompile():
   """Every public function, and its grad, called eagerly three times with
   fresh arrays of one shape: nothing compiles after the first call."""

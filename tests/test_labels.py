@@ -81,7 +81,8 @@ def _all_losses(x, kernel, y, ignore_index):
   return out
 
 
-@pytest.mark.parametrize("x64", [False, True], ids=["x32", "x64"])
+@pytest.mark.parametrize("x64", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["x32", "x64"])  # x64: `pytest -m slow` (.ci/run)
 def test_every_dtype_gives_the_int32_result(x64):
   """Every dtype, every boundary value, every entry point; the jax arrays of
   all dtypes in one compiled program."""
