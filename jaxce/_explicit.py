@@ -59,6 +59,16 @@ def run(
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     mesh = next(jax.typeof(a).sharding.mesh for a in args if a is not None)
+  resharded = [None if a is None else jax.sharding.reshard(a, s)
+               for a, s in zip(args, specs, strict=True)]
+  return _shard_map_given(body, mesh, resharded, specs, out_spec)
+
+
+def _shard_map_given(body: Callable[..., Any], mesh: Any, args: Sequence[Any],
+                     specs: Sequence[PartitionSpec | None], out_spec: PartitionSpec,
+                     **kwargs: Any) -> Any:
+  """`jax.shard_map` of `body` over the arguments that are not None (those
+  that are pass through as None)."""
   present = [i for i, a in enumerate(args) if a is not None]
 
   def local(*xs: Any) -> Any:
@@ -67,10 +77,8 @@ def run(
       full[i] = v
     return body(*full)
 
-  xs = [jax.sharding.reshard(args[i], specs[i]) for i in present]
-  return jax.shard_map(
-      local, mesh=mesh, in_specs=tuple(specs[i] for i in present), out_specs=out_spec
-  )(*xs)
+  return jax.shard_map(local, mesh=mesh, in_specs=tuple(specs[i] for i in present),
+                       out_specs=out_spec, **kwargs)(*(args[i] for i in present))
 
 
 class Split(NamedTuple):
@@ -151,17 +159,8 @@ def run_auto(body: Callable[..., Any], mesh: Any, class_axis_name: Any, args: Se
   """`body(*local_args)` in `shard_map` over the class axes of an Auto mesh
   (the mesh's other axes stay Auto: XLA's partitioner splits the rows over
   them as before). None arguments pass through."""
-  present = [i for i, a in enumerate(args) if a is not None]
-
-  def local(*xs: Any) -> Any:
-    full = list(args)
-    for i, v in zip(present, xs, strict=True):
-      full[i] = v
-    return body(*full)
-
-  return jax.shard_map(
-      local, mesh=mesh, in_specs=tuple(specs[i] for i in present), out_specs=out_spec,
-      axis_names=set(names(class_axis_name)))(*(args[i] for i in present))
+  return _shard_map_given(body, mesh, args, specs, out_spec,
+                          axis_names=set(names(class_axis_name)))
 
 
 def linear_split(x: jax.Array, kernel: jax.Array, reduction: str) -> Split | None:
