@@ -873,13 +873,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       "xla_flags": os.environ.get("XLA_FLAGS"), "notes": notes, "rows": rows,
   }
   (out_dir / "results.json").write_text(json.dumps(result, indent=1))
+  _report(out_dir, header, table, rows, targets, args.no_plots)
+  return result
+
+
+def _report(out_dir: Path, header: str, table: str, rows: list[dict[str, Any]],
+            targets: list[str], no_plots: bool) -> None:
+  """results.md, a plot per target (unless `no_plots`) and the table on stdout."""
   (out_dir / "results.md").write_text(header + "\n" + table + "\n")
-  if not args.no_plots:
+  if not no_plots:
     for tname in targets:
       plot(rows, tname, out_dir / f"aot-{tname.replace(':', '-')}.png")
   print(header)
   print(table)
-  return result
 
 
 def merge(args: argparse.Namespace) -> None:
@@ -906,12 +912,7 @@ def merge(args: argparse.Namespace) -> None:
                 f" {r['load_before'][0]:.1f})" for r in runs))
   table = markdown(merged, targets)
   (out_dir / "results.json").write_text(json.dumps({"runs": runs, "rows": merged}, indent=1))
-  (out_dir / "results.md").write_text(header + "\n" + table + "\n")
-  if not args.no_plots:
-    for tname in targets:
-      plot(merged, tname, out_dir / f"aot-{tname.replace(':', '-')}.png")
-  print(header)
-  print(table)
+  _report(out_dir, header, table, merged, targets, args.no_plots)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
