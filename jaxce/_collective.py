@@ -43,7 +43,9 @@ def label_weight(weight: jax.Array | None, where: ClassSlice) -> jax.Array | Non
   if weight is None:
     return None
   num_local = weight.shape[0]
-  w = jnp.take(weight, jnp.clip(where.local_labels, 0, max(num_local - 1, 0)))
+  index = jnp.clip(where.local_labels, 0, max(num_local - 1, 0))
+  # Sharded as the labels (on an Explicit mesh a gather must be told).
+  w = weight.at[index].get(out_sharding=jax.typeof(index).sharding)
   if where.axis_name is None:
     return w
   owned = (where.local_labels >= 0) & (where.local_labels < num_local)

@@ -1047,10 +1047,10 @@ def test_class_axis_in_blocks_matches_reference(layout, opts):
   in (N, C) and (N, C, H, W) with axis=1, under jit and vmap."""
   import reference as ref
 
-  from jaxce import _stats
+  from jaxce import _sum
 
   c = 256
-  assert _stats._block_size(c) == 64
+  assert _sum.block_size(c) == 64
   shape, axis = ((12, c), -1) if layout == "2d" else ((2, c, 3, 2), 1)
   rng = _rng(24)
   x = (rng.normal(size=shape) * 3).astype(np.float32)

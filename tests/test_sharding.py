@@ -300,6 +300,21 @@ JIT_FAMILIES = {
         None,
         ("logits",),
     ),
+    # Rows split only: the whole class axis on each device (C = 64 takes
+    # the CPU path whose gradient adds the label's entry by a scatter).
+    "cross_entropy_int_rows": (
+        ARRAYS,
+        {"logits": P("data", None), "labels": P("data"), "labels_alt": P("data"),
+         "weight": P(), "ct": P("data")},
+        ("logits", "weight"),
+        {
+            "mean-weight-smoothing-z_loss": _ce_fn(
+                weighted=True, label_smoothing=0.1, z_loss=0.01),
+            "sum-ignore_index": _ce_fn("labels_alt", ignore_index=3, reduction="sum"),
+        },
+        None,
+        ("logits",),
+    ),
     "cross_entropy_probs": (
         ARRAYS,
         {"logits": P("data", "model"), "targets": P("data", "model"), "weight": P("model"),
