@@ -5,8 +5,10 @@ value is a fusion parameter rather than a constant inside the fusion, which
 happens whenever the program uses the same constant elsewhere: `jnp.sum`'s
 0.0 is shared by every `where(..., 0.0)`. `total` starts from -0.0 instead,
 the exact additive identity (-0.0 + x == x for every x, +0.0 included) and a
-constant no other op here uses, so it stays in the fusion. TPU and GPU
-compile it to the same reduction as `jnp.sum`.
+constant no other op here uses, so it stays in the fusion. XLA:TPU makes the
+same fusion of it as of `jnp.sum` (checked for v5e), and the compile-only
+TPU/GPU tests' memory figures are unchanged. An empty sum is -0.0, which
+compares equal to 0.0.
 """
 
 from __future__ import annotations
