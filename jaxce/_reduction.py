@@ -15,7 +15,6 @@ from typing import TypeVar
 import jax
 import jax.numpy as jnp
 
-from jaxce import _sum
 from jaxce._collective import ClassSlice, label_weight
 from jaxce._stats import LabelStats, SmoothingSums, TargetStats
 
@@ -39,7 +38,7 @@ def reduce(
   """
   if reduction == "none":
     return loss
-  total = _psum(_sum.total(loss, tuple(range(loss.ndim))), row_axes)
+  total = _psum(jnp.sum(loss), row_axes)
   if reduction == "sum":
     return total
   if denominator is None:

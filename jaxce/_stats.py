@@ -103,20 +103,6 @@ def take_at(x: jax.Array, labels: jax.Array, axis: int) -> jax.Array:
   return jnp.where(inside, picked, jnp.zeros((), x.dtype))
 
 
-def zero_at(x: jax.Array, labels: jax.Array, axis: int) -> jax.Array:
-  """x with 0 at the label along `axis` (nothing changes for labels outside
-  [0, C)): an in-place scatter of N values, its own transpose."""
-  num_classes = x.shape[axis]
-  labels = _int32(labels)
-  # C is out of bounds: the scatter drops it.
-  safe = jnp.where((labels >= 0) & (labels < num_classes), labels, num_classes)
-  index = [jax.lax.broadcasted_iota(labels.dtype, labels.shape, d) for d in range(labels.ndim)]
-  index.insert(axis, safe)
-  # On an Explicit mesh the result keeps x's sharding (the labels share it).
-  return x.at[tuple(index)].set(
-      0, mode="drop", unique_indices=True, out_sharding=jax.typeof(x).sharding)
-
-
 def _class_weights(
     weight: jax.Array | None, axis: int, ndim: int, dtype: DTypeLike
 ) -> jax.Array:
@@ -342,38 +328,6 @@ def _shift_branches(axis: int) -> tuple[Callable[..., ShiftStats], Callable[...,
   return near, at_max
 
 
-# From this many classes on, XLA:CPU's gradients add the label's entry by a
-# scatter rather than a comparison in the elementwise pass (value_and_grad,
-# float32: 5-22% faster at 64 to 1024 classes, 18-32% slower at 10 and 32).
-SCATTER_MIN_CLASSES = 64
-
-
-def _label_terms(
-    axis: int, how: str, xm: jax.Array, labels: jax.Array, shift: jax.Array, ls: jax.Array,
-    q_label: jax.Array, txc: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-  """(d log_sum, dx_y) of `_label_tangent`.
-
-  "one_hot" (TPU, GPU) selects the label's entry with an iota comparison, so
-  that the transpose is one fused elementwise pass. "scatter" (CPU) leaves it
-  out of the softmax's pass by setting dx_y to 0 and adds it back by a
-  gather, whose transposes are in-place scatters of N values: a comparison
-  in XLA:CPU's elementwise gradient pass doubles its time.
-  """
-  p = probs(xm, shift, ls)
-  if how == "one_hot":
-    hot = one_hot_at(labels, xm.shape, axis)
-    t_label = jnp.sum(jnp.where(hot, txc, 0.0), axis)
-    q = jnp.where(hot, _col(q_label, axis), p)
-    return jnp.sum(q * txc, axis) + t_label, t_label
-  t_label = take_at(txc, labels, axis)
-  others = jnp.sum(p * zero_at(txc, labels, axis), axis)
-  # Added last: reverse mode, which transposes the last operation first,
-  # then sums the label's shared cotangents before it adds (p_y - 1) ct, so
-  # the result is exact where those cancel; one scatter-add of the total.
-  return (others + q_label * t_label) + t_label, t_label
-
-
 @remat(7, 8)
 def _label_tangent(
     logits: jax.Array, labels: jax.Array, weight: jax.Array | None, where: jax.Array | None,
@@ -383,17 +337,16 @@ def _label_tangent(
   assert stats.log_sum is not None  # label_stats always has one (None is NLL's)
   shift, ls = _col(stats.shift, axis), _col(stats.log_sum, axis)
   xm = masked(logits, where)
+  hot = one_hot_at(labels, xm.shape, axis)
   # p - 1 at the label as expm1(log p_y): exact where p_y is close to 1.
   q_label = jnp.where(stats.log_sum == -jnp.inf, -1.0, jnp.expm1(stats.picked - stats.log_sum))
+  q = jnp.where(hot, _col(q_label, axis), probs(xm, shift, ls))
   txc = tx.astype(shift.dtype)
-  # d log_sum = sum_c p_c dx_c = sum_{c != y} p_c dx_c + (p_y - 1) dx_y + dx_y.
-  # The last term is shared with d picked, so reverse mode adds the two
-  # cotangents (which cancel exactly in the plain loss) before adding them
-  # at the label.
-  on_cpu = "scatter" if xm.shape[axis] >= SCATTER_MIN_CLASSES else "one_hot"
-  t_log_sum, t_label = jax.lax.platform_dependent(
-      xm, labels, shift, ls, q_label, txc, cpu=functools.partial(_label_terms, axis, on_cpu),
-      default=functools.partial(_label_terms, axis, "one_hot"))
+  # d log_sum = sum_c p_c dx_c = sum_c q_c dx_c + dx_y. The label's term is
+  # shared with d picked, so reverse mode adds the two cotangents (which
+  # cancel exactly in the plain loss) before scaling the one-hot by them.
+  t_label = jnp.sum(jnp.where(hot, txc, 0.0), axis)
+  t_log_sum = jnp.sum(q * txc, axis) + t_label
   sums = None
   if smoothing:
     active, xs = _shifted(xm, shift)

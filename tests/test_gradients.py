@@ -415,21 +415,14 @@ def test_lean_residuals_broadcast_where(where_shape):
   _assert_lean(res, "f32", 1)
 
 
-@pytest.mark.parametrize("num_classes", [32, 128])
-def test_cpu_program_forms(num_classes):
-  """The XLA:CPU-only forms whose speed the benchmark measures: sums start
-  from -0.0 (`_sum.total`), and the integer-label gradient has no [N, C]
-  comparison from `SCATTER_MIN_CLASSES` classes on (the label's entry is
-  set and added by scatters), but keeps the comparison below that."""
-  from jaxce import _stats
-
-  assert _stats.SCATTER_MIN_CLASSES == 64
-  x = jnp.zeros((16, num_classes), jnp.float32)
+def test_cpu_sums_start_from_negative_zero():
+  """XLA:CPU runs a fused reduction 2-2.5x slower when its start value is a
+  constant shared with other operations, as `jnp.sum`'s 0.0 is: the kernels'
+  sums (`_sum.total`) start from -0.0, which nothing else uses."""
+  x = jnp.zeros((16, 1024), jnp.float32)
   y = jnp.arange(16, dtype=jnp.int32)
-  hlo = jax.jit(jax.grad(lambda x: jaxce.cross_entropy(x, y, label_smoothing=0.1))).lower(
-      x).compile().as_text()
-  assert "constant(-0)" in hlo
-  compares = any(f"pred[16,{num_classes}]" in line and "direction=EQ" in line
-                 for line in hlo.splitlines())  # the iota == label one-hot
-  scatters = " scatter(" in hlo
-  assert (compares, scatters) == ((False, True) if num_classes >= 64 else (True, False))
+  for f in (lambda x: jaxce.cross_entropy(x, y, label_smoothing=0.1),
+            lambda x: jaxce.cross_entropy(x, jax.nn.softmax(x)),
+            lambda x: jnp.sum(jaxce.log_softmax(x)[:, 0])):
+    hlo = jax.jit(jax.value_and_grad(f)).lower(x).compile().as_text()
+    assert "constant(-0)" in hlo
