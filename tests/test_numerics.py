@@ -1039,6 +1039,31 @@ _BLOCK_CASES = [pytest.param(layout, opts, id=f"{name}-{layout}",
                 for name, opts in BLOCK_OPTIONS.items() for layout in ("2d", "nchw")]
 
 
+@pytest.mark.parametrize(("c", "blocked"), [(4096, False), (40960, True)])
+def test_half_precision_log_sum_paths_match_reference(c, blocked):
+  """bfloat16 on CPU: rows up to LONG_ROW classes take the arithmetic mask,
+  longer ones the blocks (see _stats._cpu_block_size); both against the
+  float64 reference of the same rounded logits, with a dominant label (a
+  loss near 0) and an ignored row."""
+  import reference as ref
+
+  from jaxce import _stats
+
+  x = jnp.asarray(_rng(25).normal(size=(4, c)) * 3, jnp.bfloat16)
+  assert (_stats._cpu_block_size(x, 1) is not None) == blocked
+  y = np.array([7, c - 1, -100, 0], np.int32)
+  x = x.at[0, 7].set(28.0)  # p_y = 1 - tiny: a loss of 1e-7 to 1e-6
+  x64 = np.asarray(x, np.float64)
+  loss, g = jax.jit(jax.value_and_grad(jaxce.cross_entropy))(x, jnp.asarray(y))
+  np.testing.assert_allclose(float(loss), ref.cross_entropy_int(x64, y), rtol=1e-5)
+  ref_g = ref.cross_entropy_int_grad(x64, y)
+  np.testing.assert_allclose(np.asarray(g, np.float64), ref_g, rtol=2**-7, atol=1e-6)
+  per = jaxce.cross_entropy(x, jnp.asarray(y), reduction="none")
+  tiny = np.log1p(np.sum(np.exp(np.delete(x64[0], 7) - x64[0, 7])))  # no 1 + tiny
+  assert 1e-8 < tiny < 1e-5
+  np.testing.assert_allclose(float(per[0]), tiny, rtol=4 * 2**-23)
+
+
 @pytest.mark.parametrize(("layout", "opts"), _BLOCK_CASES)
 def test_class_axis_in_blocks_matches_reference(layout, opts):
   """C = 256: on CPU the log-sum runs in blocks of 64 classes with the
