@@ -198,14 +198,13 @@ def _label_log_sum(
   ct = _checks.compute_dtype(xm.dtype)
   num_classes = xm.shape[axis]
   inside = (labels >= 0) & (labels < num_classes)
-  block = None if blocks is None else blocks.shape[axis + 1]
-  if block is not None:
-    shift, others = _others_in_blocks(xm, labels, inside, shift, axis, block, blocks)
+  if blocks is not None:
+    shift, others = _others_in_blocks(xm, labels, inside, shift, axis, blocks)
   else:
     if shift is None:
       shift = jnp.squeeze(row_shift(xm, (axis,)), axis)
     z = jnp.exp(xm.astype(ct) - _col(shift, axis))
-    if exclude == "cpu" and num_classes < 2**24:  # no block length divides C
+    if exclude == "cpu" and num_classes < 2**24:  # no blocks (`_cpu_block_size`)
       others = total(z * _apart_from(labels, xm.shape, axis, ct), axis)
     else:
       others = total(jnp.where(one_hot_at(labels, xm.shape, axis), 0.0, z), axis)
@@ -230,7 +229,7 @@ def _cpu_block_size(xm: jax.Array, axis: int) -> int | None:
 
 def _others_in_blocks(
     xm: jax.Array, labels: jax.Array, inside: jax.Array, shift: jax.Array | None, axis: int,
-    block: int, blocks: jax.Array | None,
+    blocks: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
   """(shift, sum_{c != y} exp(x_c - shift)) for XLA:CPU; the max if `shift`
   is None.
@@ -239,12 +238,13 @@ def _others_in_blocks(
   give each block's sum (and the max), then the label's block is gathered
   from the input (N x block values) and summed again without the label.
   XLA:CPU's reductions over long rows are also several times faster in two
-  stages like this. `blocks`: that view in float32+, if the caller has it
+  stages like this. `blocks`: that view in float32+, made once by the caller
   (XLA:CPU makes a float32 copy of half-precision input per view).
   """
   ct = _checks.compute_dtype(xm.dtype)
-  raw = xm.reshape(block_shape(xm.shape, axis, block))
-  xb = raw.astype(ct) if blocks is None else blocks
+  block = blocks.shape[axis + 1]
+  raw = xm.reshape(blocks.shape)
+  xb = blocks
   if shift is None:
     shift = jnp.squeeze(row_shift(xb, (axis, axis + 1)), (axis, axis + 1))
   sums = total(jnp.exp(xb - _col(_col(shift, axis), axis)), axis + 1)  # (..., nblocks, ...)
