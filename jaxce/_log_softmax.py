@@ -86,9 +86,10 @@ def shifted_stats(x: jax.Array, axes: Axes) -> tuple[jax.Array, jax.Array]:
   reshape into blocks (`block_size`): XLA:CPU's reductions over such rows
   run 1.6-5x slower than over the blocks and then across them.
   """
-  if len(axes) == 1 and x.shape[axes[0]] > LONG_ROW and block_size(x.shape[axes[0]]):
+  block = block_size(x.shape[axes[0]]) if len(axes) == 1 else None
+  if block is not None and x.shape[axes[0]] > LONG_ROW:
     out: tuple[jax.Array, jax.Array] = jax.lax.platform_dependent(
-        x, cpu=functools.partial(_blocked_stats, axes[0]),
+        x, cpu=functools.partial(_blocked_stats, axes[0], block),
         default=functools.partial(_flat_stats, axes))
     return out
   return _flat_stats(axes, x)
@@ -102,9 +103,7 @@ def _flat_stats(axes: Axes, x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return shift, log_sum(x, shift, axes)
 
 
-def _blocked_stats(axis: int, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  block = block_size(x.shape[axis])
-  assert block is not None
+def _blocked_stats(axis: int, block: int, x: jax.Array) -> tuple[jax.Array, jax.Array]:
   # One view for the max and the sums: XLA:CPU converts half-precision
   # input to a float32 copy per view.
   xb = x.reshape(block_shape(x.shape, axis, block))

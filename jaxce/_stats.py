@@ -244,10 +244,9 @@ def _others_in_blocks(
   ct = _checks.compute_dtype(xm.dtype)
   block = blocks.shape[axis + 1]
   raw = xm.reshape(blocks.shape)
-  xb = blocks
   if shift is None:
-    shift = jnp.squeeze(row_shift(xb, (axis, axis + 1)), (axis, axis + 1))
-  sums = total(jnp.exp(xb - _col(_col(shift, axis), axis)), axis + 1)  # (..., nblocks, ...)
+    shift = jnp.squeeze(row_shift(blocks, (axis, axis + 1)), (axis, axis + 1))
+  sums = total(jnp.exp(blocks - _col(_col(shift, axis), axis)), axis + 1)  # (..., nblocks, ...)
   safe = jnp.where(inside, labels, 0)
   at = safe // block
   own_block = jnp.take_along_axis(raw, _col(_col(at, axis), axis), axis, mode="clip")
