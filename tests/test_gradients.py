@@ -4,6 +4,7 @@ lean-residual promise of the custom JVPs in reverse mode. (Forward mode in
 depth: test_forward_mode.py.)"""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -413,6 +414,21 @@ def test_lean_residuals_broadcast_where(where_shape):
     x = jnp.asarray(_rng(11).normal(size=(RES_N, RES_C)), jnp.float32)
     res = saved_residuals(lambda x: jaxce.cross_entropy(x, y, where=where), x)
   _assert_lean(res, "f32", 1)
+
+
+def test_cpu_gradient_finds_the_label_by_constant_class_numbers():
+  """XLA:CPU compares an iota in 64-bit vector lanes, which doubled the time
+  of the integer-label gradient's pass: on CPU the label's entry is found
+  against constant class numbers; other platforms keep the iota, which their
+  fusions take for free."""
+  x = jnp.zeros((16, 1000), jnp.float32)
+  y = jnp.arange(16, dtype=jnp.int32)
+  f = jax.jit(jax.value_and_grad(lambda x: jaxce.cross_entropy(x, y)))
+  cpu = f.lower(x).compile().as_text()
+  assert "s32[1000]{0} constant" in cpu
+  assert not re.search(r"s32\[16,1000\]\{1,0\} iota", cpu)
+  tpu = f.trace(x).lower(lowering_platforms=("tpu",)).as_text()
+  assert re.search(r"iota.*tensor<16x1000xi32>", tpu)
 
 
 def test_cpu_sums_start_from_negative_zero():
