@@ -148,6 +148,39 @@ def _smoothing_sums(active: jax.Array, xs: jax.Array, w: jax.Array, axis: int) -
   )
 
 
+def _smoothing_stats(
+    xm: jax.Array, shift: jax.Array, weight: jax.Array | None, axis: int
+) -> SmoothingSums:
+  """`SmoothingSums` of `xm` about `shift` (its `axis` kept, length 1)."""
+  ct = shift.dtype
+
+  def general(xm: jax.Array, shift: jax.Array) -> SmoothingSums:
+    active, xs = _shifted(xm, shift)
+    return _smoothing_sums(active, xs, _class_weights(weight, axis, xm.ndim, ct), axis)
+
+  if weight is not None:
+    return general(xm, shift)
+  out: SmoothingSums = jax.lax.platform_dependent(
+      xm, shift, cpu=functools.partial(_cpu_unweighted_sums, axis=axis), default=general)
+  return out
+
+
+def _cpu_unweighted_sums(xm: jax.Array, shift: jax.Array, axis: int) -> SmoothingSums:
+  """Smoothing sums without class weights for XLA:CPU, whose fused reductions
+  take no compare or select: `_smoothing_sums`' three `where`s materialize N x C
+  arrays (7.4 vs 3.3 ms at [4096, 1024], float32). By arithmetic instead:
+  exp(x + min(-x, big)) is 1 on a finite logit and 0 at -inf, and
+  -min(shift - x, big) is x - shift there (exactly: IEEE subtraction is
+  antisymmetric) and finite at -inf. The count writes the same indicator
+  apart, as exp(x - max(x, -big)): XLA:CPU also materializes a subexpression,
+  or a broadcast constant, that two fused reductions share."""
+  x = xm.astype(shift.dtype)
+  big = float(np.finfo(shift.dtype).max)
+  weighted = total(-jnp.minimum(shift - x, big) * jnp.exp(x + jnp.minimum(-x, big)), axis)
+  count = total(jnp.exp(x - jnp.maximum(x, -big)), axis)
+  return SmoothingSums(weighted, count, count)
+
+
 def _zero(v: jax.Array) -> jax.Array:
   """A zero tangent for the finite array `v` that keeps its type, including
   the `shard_map` axes it varies along (which `zeros_like` drops)."""
@@ -192,10 +225,7 @@ def _label_primal(
   # Gathered from the input dtype: exact, and no upcast copy to gather from.
   x_label = take_at(xm, labels, axis)
   shift, ls, picked = _label_shift(xm, labels, x_label, axis)
-  sums = None
-  if smoothing:
-    active, xs = _shifted(xm, _col(shift, axis))
-    sums = _smoothing_sums(active, xs, _class_weights(weight, axis, xm.ndim, xs.dtype), axis)
+  sums = _smoothing_stats(xm, _col(shift, axis), weight, axis) if smoothing else None
   return LabelStats(shift, ls, picked, sums)
 
 
@@ -452,10 +482,7 @@ def _target_primal(
   # materialize) one N x C broadcast or difference between two reductions.
   apart = jax.lax.optimization_barrier(shift)
   target_logits = wt * jnp.where(t == 0, 0.0, xm.astype(ct) - apart)
-  sums = None
-  if smoothing:
-    active, xs = _shifted(xm, shift)
-    sums = _smoothing_sums(active, xs, _class_weights(weight, axis, xm.ndim, ct), axis)
+  sums = _smoothing_stats(xm, shift, weight, axis) if smoothing else None
   return TargetStats(jnp.squeeze(shift, axis), jnp.squeeze(ls, axis), total(wt, axis),
                      total(target_logits, axis), sums)
 

@@ -431,6 +431,17 @@ def test_cpu_gradient_finds_the_label_by_constant_class_numbers():
   assert re.search(r"iota.*tensor<16x1000xi32>", tpu)
 
 
+def test_cpu_smoothing_sums_materialize_nothing():
+  """XLA:CPU's fused reductions take no compare or select, so the label-
+  smoothing sums are written by arithmetic on CPU: the forward of float32
+  integer-label smoothing keeps no N x C array (three before)."""
+  x = jnp.zeros((16, 1000), jnp.float32)
+  y = jnp.arange(16, dtype=jnp.int32)
+  hlo = jax.jit(lambda x: jaxce.cross_entropy(x, y, label_smoothing=0.1)).lower(x).compile()
+  entry = hlo.as_text().split("ENTRY")[1]
+  assert not re.search(r"= f32\[16,1000\]\{1,0\} fusion\(", entry)
+
+
 def test_cpu_sums_start_from_negative_zero():
   """XLA:CPU runs a fused reduction 2-2.5x slower when its start value is a
   constant shared with other operations, as `jnp.sum`'s 0.0 is: the kernels'
