@@ -123,9 +123,11 @@ def linear_cross_entropy(
     softcap: Optional positive logit soft-cap.
     chunk_size: Vocabulary chunk. None picks the power of two that makes a
       float32 [N, chunk] block about 16 MiB, within [128, V] (1024 columns
-      when N is symbolic under `jax.export`). Any positive size works; the
-      last chunk is shifted to stay in bounds and its overlap with the
-      previous one is counted once.
+      when N is symbolic under `jax.export`), or all of V when a float32
+      [N, V] block is no larger than the kernel (4 N <= D times the kernel's
+      itemsize): chunks would then only add kernel-sized copies. Any
+      positive size works; the last chunk is shifted to stay in bounds and
+      its overlap with the previous one is counted once.
     forward_mode: False (default): a `jax.custom_vjp` with a hand-written
       backward, for reverse mode (`jax.grad`, `jax.vjp`, grad-of-grad);
       `jax.jvp` raises. True: a `jax.custom_jvp` with a chunked,
@@ -234,7 +236,9 @@ def linear_cross_entropy(
     if vocab == 0:  # what cross_entropy gives for C = 0
       stats = _empty_vocabulary_stats(n, ct, bool(eps))
     else:
-      whole = default_chunk_size(n, vocab) if chunk_size is None else min(chunk_size, vocab)
+      column_bytes = d * kernel.dtype.itemsize
+      whole = (default_chunk_size(n, vocab, column_bytes=column_bytes) if chunk_size is None
+               else min(chunk_size, vocab))
       chunk = min(max(1, whole // groups), vocab // groups)
       operands = (x.reshape(n, d), kernel, bias, classes.local_labels, weight if eps else None)
       if forward_mode:
@@ -243,7 +247,7 @@ def linear_cross_entropy(
         # Off CPU: one group; the backward's chunk is half the default block
         # (an explicit chunk_size is kept).
         backward_chunk = whole if chunk_size is not None else default_chunk_size(
-            n, vocab, ACCEL_BLOCK_ELEMENTS)
+            n, vocab, ACCEL_BLOCK_ELEMENTS, column_bytes)
         plan = Plan(chunk, groups, whole, backward_chunk)
         stats = _STATS_JIT[False](*operands, plan, softcap, bool(eps))
     stats = _collective.combine(stats, class_axis_name, classes.owned)

@@ -664,6 +664,15 @@ def test_default_chunk_size(num_tokens, vocab, expected):
   assert _linear_stats.default_chunk_size(num_tokens, vocab) == expected
 
 
+def test_default_chunk_size_takes_all_columns_for_few_tokens():
+  # all of V when a float32 [N, V] block is no larger than the kernel
+  # (4 N <= the kernel's bytes per column); chunks otherwise
+  assert _linear_stats.default_chunk_size(64, 151_936, column_bytes=128 * 4) == 151_936
+  assert _linear_stats.default_chunk_size(64, 151_936, column_bytes=128 * 2) == 151_936
+  assert _linear_stats.default_chunk_size(65, 151_936, column_bytes=128 * 2) == 32_768
+  assert _linear_stats.default_chunk_size(8192, 128_256, column_bytes=4096 * 2) == 512
+
+
 def test_default_chunk_size_rule():
   for n in (1, 3, 100, 1000, 4097, 50_000, 2**20):
     for v in (7, 128, 129, 1000, 32_000, 128_256):
