@@ -125,9 +125,9 @@ def linear_cross_entropy(
       float32 [N, chunk] block about 16 MiB, within [128, V] (1024 columns
       when N is symbolic under `jax.export`), or all of V when a float32
       [N, V] block is no larger than the kernel (4 N <= D times the kernel's
-      itemsize): chunks would then only add kernel-sized copies. Any
-      positive size works; the last chunk is shifted to stay in bounds and
-      its overlap with the previous one is counted once.
+      itemsize) nor than 64 MiB: chunks would then only add kernel-sized
+      copies. Any positive size works; the last chunk is shifted to stay in
+      bounds and its overlap with the previous one is counted once.
     forward_mode: False (default): a `jax.custom_vjp` with a hand-written
       backward, for reverse mode (`jax.grad`, `jax.vjp`, grad-of-grad);
       `jax.jvp` raises. True: a `jax.custom_jvp` with a chunked,

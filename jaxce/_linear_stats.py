@@ -69,19 +69,20 @@ def default_chunk_size(num_tokens: Any, vocab: int, block_elements: int | None =
 
   The whole vocabulary when a float32 [N, V] block takes no more bytes than
   the kernel (4 N <= `column_bytes`, the kernel's bytes per column: D times
-  its itemsize): the kernel's gradient is that large anyway, while every
-  chunk adds kernel-sized copies (its columns, their transpose, the write of
-  its gradient). Measured on CPU at D=128, value_and_grad against
-  materialized logits: float32 N=64, V=151936 1.41x in chunks, 1.00x whole;
-  bfloat16 N=64, V=262144 0.94x in chunks, 0.70x whole, both at most the
-  materialized logits' temp memory.
+  its itemsize) and at most four blocks: the kernel's gradient is that
+  large anyway, while every chunk adds kernel-sized copies (its columns,
+  their transpose, the write of its gradient). Measured on CPU at D=128,
+  value_and_grad against materialized logits: float32 N=64, V=151936 1.41x
+  in chunks, 1.00x whole; bfloat16 N=64, V=262144 0.94x in chunks, 0.70x
+  whole, both at most the materialized logits' temp memory.
   """
   if not isinstance(num_tokens, int | np.integer):
     return max(1, min(vocab, SYMBOLIC_CHUNK))
-  if column_bytes is not None and 4 * int(num_tokens) <= column_bytes:
-    return max(1, vocab)
   block = BLOCK_ELEMENTS if block_elements is None else block_elements
-  target = block // max(int(num_tokens), 1)
+  n = int(num_tokens)
+  if column_bytes is not None and 4 * n <= column_bytes and n * vocab <= 4 * block:
+    return max(1, vocab)
+  target = block // max(n, 1)
   chunk = 1 << max(7, target.bit_length() - 1) if target >= 128 else 128
   return max(1, min(vocab, chunk))
 

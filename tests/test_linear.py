@@ -671,6 +671,9 @@ def test_default_chunk_size_takes_all_columns_for_few_tokens():
   assert _linear_stats.default_chunk_size(64, 151_936, column_bytes=128 * 2) == 151_936
   assert _linear_stats.default_chunk_size(65, 151_936, column_bytes=128 * 2) == 32_768
   assert _linear_stats.default_chunk_size(8192, 128_256, column_bytes=4096 * 2) == 512
+  # ... and the block at most four blocks' worth (64 MiB): not at a Llama head
+  assert _linear_stats.default_chunk_size(64, 262_144, column_bytes=128 * 2) == 262_144
+  assert _linear_stats.default_chunk_size(2048, 128_256, column_bytes=4096 * 2) == 2048
 
 
 def test_default_chunk_size_rule():
