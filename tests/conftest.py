@@ -1,9 +1,14 @@
-"""Test set-up: 8 CPU devices for the sharding tests, and strict dtype and
-rank promotion so that no implicit upcast or broadcast hides in the library."""
+"""Test set-up: 8 CPU devices for the sharding tests, fast compiles, and
+strict dtype and rank promotion so that no implicit upcast or broadcast hides
+in the library."""
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# O0: XLA:CPU's LLVM backend skips its optimizations, which roughly halves
+# compile time (most of the suite's time) and changes no HLO pass: memory,
+# HLO and numerics checks see the programs users get (tests/fast_compile.py).
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 
 import jax
 

@@ -1,7 +1,9 @@
 """Compiling test programs quickly: the suite must fit in a few minutes on
 2 CPU cores, and most of its time is XLA compilation. These options skip
-XLA's backend optimizations (the HLO passes, and so the arithmetic, are
-unchanged); memory and HLO-shape checks compile with the defaults instead."""
+XLA's backend optimizations (the HLO passes, and so the arithmetic and the
+buffer assignment, are unchanged). conftest.py sets the same level for the
+whole suite through XLA_FLAGS; `compile_fast` keeps it for a run that sets
+its own XLA_FLAGS."""
 
 from __future__ import annotations
 

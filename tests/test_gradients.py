@@ -80,8 +80,11 @@ def test_check_grads_cross_entropy_int(opts):
   _check(lambda x: jaxce.cross_entropy(x, y, **opts), (x,))
 
 
-@pytest.mark.parametrize("smoothing", [0.0, 0.15])
-@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize(("reduction", "smoothing"), [
+    ("mean", 0.15), ("none", 0.0),
+    # the other two pairings: `pytest -m slow` (.ci/run)
+    pytest.param("mean", 0.0, marks=pytest.mark.slow),
+    pytest.param("none", 0.15, marks=pytest.mark.slow)])
 def test_check_grads_cross_entropy_int_weight(smoothing, reduction):
   x, w = _logits((N, C)), _weight(C)
   y = jnp.asarray(LABELS)
@@ -158,7 +161,10 @@ PROB_OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("opts", PROB_OPTIONS.values(), ids=PROB_OPTIONS.keys())
+@pytest.mark.parametrize("opts", [
+    # reductions "none" and "sum" (wired as for integer labels): `pytest -m slow`
+    pytest.param(v, marks=pytest.mark.slow) if k in ("none", "sum") else v
+    for k, v in PROB_OPTIONS.items()], ids=PROB_OPTIONS.keys())
 def test_check_grads_cross_entropy_probs(opts):
   x, t, w = _logits((N, C)), _probs((N, C)), _weight(C)
   if "where" in opts:  # (targets or weight with where: see test_second_order_*_masked_class)
