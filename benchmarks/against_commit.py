@@ -1,0 +1,114 @@
+"""This tree's kernels against an earlier commit's, value_and_grad on CPU.
+
+The package as it was at COMMIT (`git archive`, its imports renamed to
+`jaxce_base`) and this tree's `jaxce` are timed in one process,
+interleaved (the order alternating each round), every input an argument.
+The table gives the median of the same-round ratios this / base.
+
+  PYTHONPATH=. python benchmarks/against_commit.py 1b96716
+  PYTHONPATH=. python benchmarks/against_commit.py 1b96716 --specs int:16384:1000:f32 --rounds 31
+
+A spec is kind:N:C:dtype, kind one of int, int_smooth, probs, nll,
+log_softmax, logsumexp, bce; dtype f32 or bf16. (1b96716 is the last commit
+before the losses became custom_jvp kernels.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import io
+import pathlib
+import re
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+SPECS = ("int:64:1024:f32", "int:64:32000:f32", "int:1024:1024:f32", "int:8192:1000:f32",
+         "int:16384:1000:f32", "int:65536:100:f32", "int:64:32000:bf16", "int:4096:1024:bf16",
+         "int_smooth:4096:1024:bf16", "probs:4096:1024:f32", "nll:4096:1024:f32",
+         "log_softmax:4096:1024:f32", "logsumexp:4096:1024:f32", "bce:4096:1024:f32")
+
+
+def load_base(commit: str, root: pathlib.Path) -> Any:
+  """`jaxce` at `commit`, importable as `jaxce_base`."""
+  tar = subprocess.run(["git", "-C", str(root), "archive", commit, "jaxce"],
+                       check=True, capture_output=True).stdout
+  where = pathlib.Path(tempfile.mkdtemp(prefix="jaxce_base_"))
+  with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+    t.extractall(where, filter="data")
+  (where / "jaxce").rename(where / "jaxce_base")
+  for py in (where / "jaxce_base").rglob("*.py"):
+    py.write_text(re.sub(r"\bjaxce\b", "jaxce_base", py.read_text()))
+  sys.path.insert(0, str(where))
+  return importlib.import_module("jaxce_base")
+
+
+def loss(kind: str, m: Any) -> Callable[..., jax.Array]:
+  """The scalar loss of (logits, labels, targets) that `kind` times."""
+  if kind == "int":
+    return lambda x, y, t: m.cross_entropy(x, y)
+  if kind == "int_smooth":
+    return lambda x, y, t: m.cross_entropy(x, y, label_smoothing=0.1)
+  if kind == "probs":
+    return lambda x, y, t: m.cross_entropy(x, t)
+  if kind == "nll":
+    return lambda x, y, t: m.nll_loss(x, y)
+  if kind == "log_softmax":
+    return lambda x, y, t: jnp.sum((m.log_softmax(x) * t).astype(jnp.float32))
+  if kind == "logsumexp":
+    return lambda x, y, t: jnp.sum(m.logsumexp(x).astype(jnp.float32))
+  if kind == "bce":
+    return lambda x, y, t: m.binary_cross_entropy_with_logits(x, t)
+  raise ValueError(f"unknown kind {kind!r}")
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("commit")
+  p.add_argument("--specs", nargs="*", default=list(SPECS))
+  p.add_argument("--rounds", type=int, default=15)
+  args = p.parse_args()
+  import jaxce
+
+  base = load_base(args.commit, pathlib.Path(__file__).resolve().parents[1])
+  print(f"# cpu, jax {jax.__version__}, this tree / {args.commit}, value_and_grad,"
+        f" {args.rounds} rounds")
+  print("| kind | N x C | dtype | this / base | base | this |")
+  print("|---|---|---|---:|---:|---:|")
+  for spec in args.specs:
+    kind, n, c, d = spec.split(":")
+    n, c = int(n), int(c)
+    dt = {"f32": jnp.float32, "bf16": jnp.bfloat16}[d]
+    k = jax.random.split(jax.random.key(0), 3)
+    x = (jax.random.normal(k[0], (n, c)) * 3).astype(dt)
+    y = jax.random.randint(k[1], (n,), 0, c)
+    t = jax.nn.softmax(jax.random.normal(k[2], (n, c))).astype(dt)
+    if kind == "bce":
+      t = jax.random.uniform(k[2], (n, c)).astype(dt)
+    fs = {name: jax.jit(jax.value_and_grad(loss(kind, m))).lower(x, y, t).compile()
+          for name, m in (("base", base), ("this", jaxce))}
+    reps = max(1, min(100, int(3e7 / (n * c))))
+    ts: dict[str, list[float]] = {name: [] for name in fs}
+    for r in range(args.rounds):
+      for name in (list(fs) if r % 2 == 0 else list(fs)[::-1]):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+          out = fs[name](x, y, t)
+        jax.block_until_ready(out)
+        ts[name].append((time.perf_counter() - t0) / reps)
+    ratio = statistics.median(a / b for a, b in zip(ts["this"], ts["base"]))
+    print(f"| {kind} | {n}x{c} | {d} | {ratio:.3f} | {statistics.median(ts['base']) * 1e3:.2f} ms"
+          f" | {statistics.median(ts['this']) * 1e3:.2f} ms |", flush=True)
+
+
+if __name__ == "__main__":
+  main()
