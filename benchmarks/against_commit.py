@@ -105,7 +105,7 @@ def main() -> None:
           out = fs[name](x, y, t)
         jax.block_until_ready(out)
         ts[name].append((time.perf_counter() - t0) / reps)
-    ratio = statistics.median(a / b for a, b in zip(ts["this"], ts["base"]))
+    ratio = statistics.median(a / b for a, b in zip(ts["this"], ts["base"], strict=True))
     print(f"| {kind} | {n}x{c} | {d} | {ratio:.3f} | {statistics.median(ts['base']) * 1e3:.2f} ms"
           f" | {statistics.median(ts['this']) * 1e3:.2f} ms |", flush=True)
 

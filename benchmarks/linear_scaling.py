@@ -89,7 +89,8 @@ def main() -> None:
       best_txt = f"{ratio('default', best):.2f} ({best})" if best else "- (V <= every chunk)"
       mat = f"{ratio('default', 'materialized'):.2f}" if "materialized" in fns else "- (too big)"
       temp_best = f"{temps[best]:.0f}" if best else "-"
-      print(f"| {n} | {d} | {v} | {dtype} | {default_chunk_size(n, v, column_bytes=d * dt.itemsize)} |"
+      default = default_chunk_size(n, v, column_bytes=d * dt.itemsize)
+      print(f"| {n} | {d} | {v} | {dtype} | {default} |"
             f" {statistics.median(times['default']):.3f} s | {best_txt} | {mat} |"
             f" {temps['default']:.0f} / {temp_best} /"
             f" {temps.get('materialized', float('nan')):.0f} |", flush=True)
