@@ -32,8 +32,11 @@ source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 root_doc = "index"
 # aot-results.md (written by the AOT benchmark, headings from H3) is included by
 # guides/accelerators.md rather than built as a page of its own; eager-cpu.md
-# (written by the eager benchmark) is included by guides/benchmarks.md.
-exclude_patterns = ["_build", "_ext", "**/.ipynb_checkpoints", "aot-results.md", "eager-cpu.md"]
+# (written by the eager benchmark) is included by guides/benchmarks.md;
+# against-1b96716-cpu.md (benchmarks/against_commit.py) is a data page linked
+# from benchmarks/README.md.
+exclude_patterns = ["_build", "_ext", "**/.ipynb_checkpoints", "aot-results.md", "eager-cpu.md",
+                    "against-1b96716-cpu.md"]
 
 # MyST: $...$ math in the guides, {directive} blocks, heading anchors for #links.
 myst_enable_extensions = ["dollarmath", "colon_fence"]
