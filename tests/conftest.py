@@ -4,9 +4,10 @@ in the library."""
 
 import os
 
-# O0: XLA:CPU's LLVM backend skips its optimizations, which roughly halves
-# compile time (most of the suite's time) and changes no HLO pass: memory,
-# HLO and numerics checks see the programs users get (tests/fast_compile.py).
+# O0: XLA:CPU's LLVM backend skips its optimizations, which cuts compile time
+# (most of the suite's time: 303 -> 281 s) and changes no HLO pass, so the
+# memory and HLO checks see the HLO and buffer assignment users get; only the
+# machine code is unoptimized (tests/fast_compile.py).
 os.environ.setdefault(
     "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 
