@@ -103,7 +103,8 @@ def linear_cross_entropy(
   * ``backward="auto"`` (default) picks precompute for 32-bit kernels with
     "mean" or "sum", without `forward_mode`, `chunk_size` or a vocabulary
     split over devices, when V <= 52428 (a block then holds at least 320
-    rows), and recompute otherwise; see `backward` below.
+    rows), and recompute otherwise, and always in a program compiled for
+    TPU (see `backward` below).
 
   Args:
     x: Activations ``[..., D]``, any leading batch dims.
@@ -160,7 +161,11 @@ def linear_cross_entropy(
       no factor with V (a kernel XLA may have split over its vocabulary
       axis), and ``V <= 2**24 / 320``; recompute otherwise (bfloat16 kernels
       always: a float32 dkernel accumulator would double the kernel's
-      memory).
+      memory). On TPU (the platform the program is lowered for) "auto"
+      always recomputes: XLA:TPU's default-precision matmuls read a float32
+      kernel as bfloat16, and since precompute's token blocks each read the
+      whole kernel, it keeps a bfloat16 copy of it (D * V * 2 bytes), as an
+      explicit "precompute" does there.
 
   Returns:
     float32 (float64 for float64 inputs) loss.
@@ -283,7 +288,8 @@ def linear_cross_entropy(
   # (on XLA:CPU; other backends run one group, see `_linear_stats.Plan`).
   groups = max(1, math.gcd(vocab, _devices(x, kernel)))
   n = math.prod(lead)
-  if backward == "auto":
+  auto = backward == "auto"
+  if auto:
     backward = _linear_precompute.auto_backward(
         kernel.dtype, n, vocab, reduction=reduction, forward_mode=forward_mode,
         chunk_size=chunk_size, class_sharded=False, groups=groups)
@@ -293,7 +299,20 @@ def linear_cross_entropy(
           f'{fn}: `backward`="precompute" needs a concrete number of tokens. Got x of shape'
           f' {x.shape}; use backward="recompute" or "auto" under jax.export.')
     options = _linear_precompute.Options(ignore_index, reduction, eps, z, softcap)
-    return _linear_precompute.precomputed_loss(
-        x.reshape(n, x.shape[-1]), kernel, bias, labels.reshape(n), weight, options)
+
+    def precompute(x: jax.Array, kernel: jax.Array, labels: jax.Array, bias: jax.Array | None,
+                   weight: jax.Array | None) -> jax.Array:
+      return _linear_precompute.precomputed_loss(
+          x.reshape(n, x.shape[-1]), kernel, bias, labels.reshape(n), weight, options)
+
+    if not auto:
+      return precompute(*args)
+    # "auto" on TPU recomputes: XLA:TPU's default-precision matmuls read the
+    # float32 kernel as bfloat16, and a token-block loop that reads all of it
+    # every block gets a bf16 [D, V] copy of it ahead of the loop (256 MiB at
+    # D=4096, V=32768: more than a batch-sharded slice's logits).
+    out: jax.Array = jax.lax.platform_dependent(
+        *args, tpu=lambda *a: impl(*a, None, groups=groups), default=precompute)
+    return out
   return impl(*args, None, groups=groups)
 

@@ -122,6 +122,30 @@ def group_cols(v: jax.Array, start: jax.Array, size: int, groups: int) -> jax.Ar
   return jax.lax.dynamic_slice_in_dim(g, start, size, axis=g.ndim - 1)
 
 
+@jax.custom_jvp
+def _opaque_bits(v: jax.Array) -> jax.Array:
+  """v, through an optimization barrier as its integer bits."""
+  bits = jax.lax.optimization_barrier(jax.lax.bitcast_convert_type(v, jnp.uint32))
+  return jax.lax.bitcast_convert_type(bits, v.dtype)
+
+
+_opaque_bits.defjvp(lambda primals, tangents: (_opaque_bits(*primals), tangents[0]))
+
+
+def kernel_cols(kernel: jax.Array, start: jax.Array, size: int, groups: int) -> jax.Array:
+  """`group_cols` of a kernel inside a chunk loop. On TPU a float32 chunk
+  passes a barrier as its bits: XLA:TPU's default-precision matmul reads
+  float32 as bfloat16, and its bfloat16 propagation would narrow the whole
+  loop-invariant kernel once, ahead of the loop, into a bf16 [D, V] copy
+  (1002 MiB at the Llama-3 head). Integer bits it cannot narrow, so each
+  chunk is converted where it is used."""
+  cols = group_cols(kernel, start, size, groups)
+  if cols.dtype != jnp.float32:
+    return cols
+  out: jax.Array = jax.lax.platform_dependent(cols, tpu=_opaque_bits, default=lambda c: c)
+  return out
+
+
 def matmul(a: jax.Array, b: jax.Array, contract_a: Sequence[int],
            contract_b: Sequence[int]) -> jax.Array:
   """a . b over the given axes, in the inputs' dtype, accumulated in float32
@@ -137,7 +161,7 @@ def chunk_logits(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, i: jax
   previous chunk are marked not `fresh`."""
   per_group = kernel.shape[-1] // groups
   start = jnp.minimum(i * chunk, per_group - chunk)
-  z = matmul(x, group_cols(kernel, start, chunk, groups), (1,), (0,))
+  z = matmul(x, kernel_cols(kernel, start, chunk, groups), (1,), (0,))
   if bias is not None:
     z = z + group_cols(bias, start, chunk, groups).astype(z.dtype)[None]
   t: jax.Array | None = None
@@ -298,7 +322,7 @@ def _tangent(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: ja
     ch = chunk_logits(x, k, bias, i, chunk, softcap, groups)
     dz = jnp.zeros((), ct)
     if dx is not None:
-      dz = dz + matmul(dx, group_cols(k, ch.start, chunk, groups), (1,), (0,))
+      dz = dz + matmul(dx, kernel_cols(k, ch.start, chunk, groups), (1,), (0,))
     if dkernel is not None:
       assert x_t is not None
       assert dk is not None
@@ -520,7 +544,7 @@ def _rev_bwd_loop(chunk: int, block_elements: int | None, softcap: float | None,
     if softcap is not None:
       assert ch.raw_tanh is not None
       dz = dz * (1.0 - ch.raw_tanh**2)
-    w_chunk = group_cols(kernel, ch.start, chunk, groups)
+    w_chunk = kernel_cols(kernel, ch.start, chunk, groups)
     dx = _add_rows_matmul(dx, jnp.where(ch.fresh, dz, 0.0), w_chunk, block_elements)
     dk = matmul(x_t, dz.astype(x.dtype), (1,), (0,))
     dkernel = _write_cols(dkernel, dk, ch.start, groups)

@@ -3,7 +3,8 @@
 Every case compiles `jax.value_and_grad` for a TPU v5e chip, a 4-chip v5e slice
 or an H100 target on this host, with no accelerator, and checks the compiler's
 figures: temp memory against the peer's (optax / jax.nn / materialized logits)
-and against the logits' bytes, linear_cross_entropy's temp at the Llama-3 LM head,
+and against the logits' bytes, linear_cross_entropy's temp at the Llama-3 LM head
+(bfloat16, and float32 against materialized logits with no bf16 copy of the kernel),
 no float32 N x C array in a bfloat16 program, and no logits- or kernel-sized
 collective with the vocabulary sharded (the fused loss on the Auto mesh is told
 the vocabulary axis with class_axis_name; without it, a known gap, the kernel is
@@ -41,6 +42,9 @@ LINEAR_AUTO = ("called without class_axis_name on an Auto mesh, linear_cross_ent
 KNOWN_LINEAR: dict[str, str] = {}
 # The fused loss's Llama-3 head: v5p and H100 were the targets above 160 MiB.
 LINEAR_TARGETS = ("v5e", "v5p", "h100")
+# float32 fused loss: one chip, and a batch-sharded slice, where the peer's
+# per-device logits are smallest against the kernel.
+F32_LINEAR_TARGETS = ("v5e", "v5e-4:batch")
 KNOWN_GATHER = {("linear_ce", "vocab", "jaxce-unnamed"): LINEAR_AUTO}
 
 
@@ -62,6 +66,9 @@ def _jobs() -> list[tuple[str, str, str, str, aot.Shape]]:
     jobs += [("ce_int", i, t, "float32", SMALL) for i in ("jaxce", "peer")]
   for t in LINEAR_TARGETS:
     jobs += [("linear_ce", "jaxce", t, "bfloat16", s)
+             for s in (LLAMA3, aot.Shape(LLAMA3.n, LLAMA3.d, 32768))]
+  for t in F32_LINEAR_TARGETS:
+    jobs += [("linear_ce", i, t, "float32", s) for i in ("jaxce", "peer")
              for s in (LLAMA3, aot.Shape(LLAMA3.n, LLAMA3.d, 32768))]
   for layout in ("vocab", "vocab-explicit", "vocab-shard_map"):
     jobs += [(c, "jaxce", f"v5e-4:{layout}", "bfloat16", SMALL) for c in ("ce_int", "linear_ce")]
@@ -131,6 +138,21 @@ def test_linear_cross_entropy_llama3_head(target):
       full["temp_bytes"] / MiB, quarter["temp_bytes"] / MiB)
   assert not full["f32_nc"], full["f32_nc"]
   assert full["nc_writes"] == 0, full  # no [N, V] array is ever written
+
+
+@pytest.mark.parametrize("vocab", [32768, 128256])
+@pytest.mark.parametrize("target", F32_LINEAR_TARGETS)
+def test_float32_linear_cross_entropy_keeps_no_bfloat16_kernel(target, vocab):
+  # XLA:TPU's default-precision matmuls read float32 as bfloat16; a chunk loop
+  # must convert each chunk of the kernel, not the whole kernel ahead of the loop.
+  shape = aot.Shape(LLAMA3.n, LLAMA3.d, vocab)
+  mine = compiled("linear_ce", "jaxce", target, "float32", shape)
+  peer = compiled("linear_ce", "peer", target, "float32", shape)
+  assert mine["temp_bytes"] <= peer["temp_bytes"], (mine["temp_bytes"] / MiB,
+                                                    peer["temp_bytes"] / MiB)
+  kernel_bf16 = shape.d * vocab * 2
+  assert mine["temp_bytes"] < kernel_bf16 / 2, mine["temp_bytes"] / MiB
+  assert mine["nc_writes"] == 0, mine
 
 
 @pytest.mark.parametrize(("case", "layout", "impl"), [
