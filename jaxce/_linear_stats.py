@@ -51,6 +51,9 @@ BLOCK_ELEMENTS = 2**22
 # are unchanged (129). XLA:CPU keeps the larger blocks (fewer, larger matmuls).
 ACCEL_BLOCK_ELEMENTS = BLOCK_ELEMENTS // 2
 
+# Bytes of one panel of the CPU backward's 16-bit dkernel (`_rev_bwd_loop`).
+CPU_PANEL_BYTES = 2**24
+
 # The chunk when the number of tokens is symbolic (`jax.export`): the
 # block-size rule below needs a number.
 SYMBOLIC_CHUNK = 1024
@@ -205,17 +208,20 @@ def _cpu_loop_barrier(operands: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 def _scan_chunks(step: Callable[[Any, jax.Array, jax.Array], Any], carry: Any,
-                 kernel: jax.Array, chunk: int, per_group: int) -> Any:
-  """carry after step(carry, kernel, i) over the chunks i; the kernel rides
-  in the loop carry (see `_cpu_barrier`)."""
+                 kernel: jax.Array, chunk: int, per_group: int,
+                 first: jax.Array | int = 0, count: int | None = None) -> Any:
+  """carry after step(carry, kernel, i) over the chunks i (all of them, or
+  `count` from `first`); the kernel rides in the loop carry (see
+  `_cpu_barrier`)."""
 
   def body(state: tuple[C, jax.Array], i: jax.Array) -> tuple[tuple[C, jax.Array], None]:
     carry, kernel = state
     kernel = _cpu_barrier(kernel)
     return (step(carry, kernel, i), kernel), None
 
-  n = -(-per_group // chunk)
-  (carry, _), _ = jax.lax.scan(body, (carry, kernel), jnp.arange(n, dtype=jnp.int32))
+  n = -(-per_group // chunk) if count is None else count
+  steps = first + jnp.arange(n, dtype=jnp.int32)
+  (carry, _), _ = jax.lax.scan(body, (carry, kernel), steps)
   return carry
 
 
@@ -486,7 +492,8 @@ def _write_cols(acc: jax.Array, update: jax.Array, start: jax.Array, groups: int
   with equal values. With one group no view is taken: XLA:CPU would copy a
   whole bf16 [D, V] array to update it through one (and a view is free
   elsewhere only when it is not needed)."""
-  update = update.astype(acc.dtype)
+  if update.dtype != acc.dtype:
+    update = update.astype(acc.dtype)
   if groups == 1:
     return jax.lax.dynamic_update_slice_in_dim(acc, update[..., 0, :], start, acc.ndim - 1)
   grouped = jax.lax.dynamic_update_slice_in_dim(_grouped(acc, groups), update, start, acc.ndim)
@@ -500,7 +507,8 @@ RevCarry = tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]
 def _rev_bwd(plan: Plan, softcap: float | None, smoothing: bool, res: LinearResiduals,
              g: LabelStats) -> tuple[jax.Array | None, ...]:
   def cpu() -> tuple[jax.Array | None, ...]:
-    return _rev_bwd_loop(plan.chunk, None, softcap, smoothing, plan.groups, res, g)
+    return _rev_bwd_loop(plan.chunk, None, softcap, smoothing, plan.groups, res, g,
+                         panel_bytes=CPU_PANEL_BYTES)
 
   if (plan.groups == 1 and plan.backward == plan.chunk
       and ACCEL_BLOCK_ELEMENTS == BLOCK_ELEMENTS):
@@ -513,9 +521,37 @@ def _rev_bwd(plan: Plan, softcap: float | None, smoothing: bool, res: LinearResi
   return out
 
 
+def _panel_chunks(kernel: jax.Array, chunk: int, per_group: int, groups: int,
+                  panel_bytes: int | None) -> int:
+  """Chunks per panel of the CPU backward's 16-bit dkernel (see
+  `_rev_bwd_loop`), or 0 for direct writes: at least two chunks per panel,
+  and more than one panel."""
+  if panel_bytes is None or kernel.dtype.itemsize != 2:
+    return 0
+  n = -(-per_group // chunk)
+  k = panel_bytes // (kernel.shape[0] * groups * chunk * 2)
+  return k if 2 <= k < n else 0
+
+
+def _bits(v: jax.Array) -> jax.Array:
+  return jax.lax.bitcast_convert_type(v, jnp.uint16)
+
+
 def _rev_bwd_loop(chunk: int, block_elements: int | None, softcap: float | None,
                   smoothing: bool, groups: int, res: LinearResiduals,
-                  g: LabelStats) -> tuple[jax.Array | None, ...]:
+                  g: LabelStats, panel_bytes: int | None = None) -> tuple[jax.Array | None, ...]:
+  """The recomputing backward: per vocabulary chunk, the chunk's logits, dz,
+  and its share of dx, dkernel, dbias and dweight.
+
+  With `panel_bytes` (XLA:CPU) a 16-bit kernel's gradient is written in
+  panels: XLA:CPU has no bfloat16 arithmetic and turns a bf16
+  dynamic-update-slice into a float32 pass over the whole operand, so writing
+  each chunk's columns into the [D, V] dkernel cost a pass over the kernel
+  per chunk (43-50 ms at D * V = 2**26, more than the chunk's matmuls when
+  V is large). The chunks of a panel (about `panel_bytes` of columns) are
+  written as uint16 bits into a panel-sized buffer (an integer update is in
+  place) and each panel into dkernel once: one pass over the kernel per panel.
+  """
   x, kernel, bias, labels, weight, shift, log_sum = res
   ct = shift.dtype
   col: Callable[[jax.Array], jax.Array] = lambda v: v.astype(ct)[:, None, None]
@@ -524,7 +560,9 @@ def _rev_bwd_loop(chunk: int, block_elements: int | None, softcap: float | None,
   cols_labels = labels[:, None, None]
   x_t = _cpu_transposed(x)
 
-  def step(carry: RevCarry, kernel: jax.Array, i: jax.Array) -> RevCarry:
+  def step(carry: RevCarry, kernel: jax.Array, i: jax.Array, origin: jax.Array | int = 0,
+           bits: bool = False) -> RevCarry:
+    # dkernel: the whole gradient, or a panel of it from column `origin` (as bits)
     dx, dkernel, dbias, dweight = carry
     ch = chunk_logits(x, kernel, bias, i, chunk, softcap, groups)
     # dz of every column of the slice: the overlap columns' values equal the
@@ -546,8 +584,8 @@ def _rev_bwd_loop(chunk: int, block_elements: int | None, softcap: float | None,
       dz = dz * (1.0 - ch.raw_tanh**2)
     w_chunk = kernel_cols(kernel, ch.start, chunk, groups)
     dx = _add_rows_matmul(dx, jnp.where(ch.fresh, dz, 0.0), w_chunk, block_elements)
-    dk = matmul(x_t, dz.astype(x.dtype), (1,), (0,))
-    dkernel = _write_cols(dkernel, dk, ch.start, groups)
+    dk = matmul(x_t, dz.astype(x.dtype), (1,), (0,)).astype(kernel.dtype)
+    dkernel = _write_cols(dkernel, _bits(dk) if bits else dk, ch.start - origin, groups)
     if dbias is not None:
       dbias = _write_cols(dbias, jnp.sum(dz, axis=0), ch.start, groups)
     return dx, dkernel, dbias, dweight
@@ -559,7 +597,33 @@ def _rev_bwd_loop(chunk: int, block_elements: int | None, softcap: float | None,
       jnp.zeros(weight.shape, ct) if smoothing and weight is not None else None,
   )
   init = vary_like(init, x, kernel, bias, labels, weight, shift, log_sum, *jax.tree.leaves(g))
-  dx, dkernel, dbias, dweight = _scan_chunks(step, init, kernel, chunk, kernel.shape[1] // groups)
+  per_group = kernel.shape[1] // groups
+  k = _panel_chunks(kernel, chunk, per_group, groups, panel_bytes)
+  if not k:
+    dx, dkernel, dbias, dweight = _scan_chunks(step, init, kernel, chunk, per_group)
+  else:
+    width = k * chunk  # columns per group of a panel (< per_group)
+
+    def panel(carry: RevCarry, first: jax.Array, count: int) -> RevCarry:
+      dx, dkernel, dbias, dweight = carry
+      # shifted in bounds like the last chunk; columns no chunk of this panel
+      # writes keep the values read here
+      origin = jnp.minimum(first * chunk, per_group - width)
+      cols = _bits(group_cols(dkernel, origin, width, groups))
+      buf = cols.reshape(*cols.shape[:-2], -1)
+      inner = functools.partial(step, origin=origin, bits=True)
+      dx, buf, dbias, dweight = _scan_chunks(inner, (dx, buf, dbias, dweight), kernel, chunk,
+                                             per_group, first, count)
+      cols = jax.lax.bitcast_convert_type(buf, kernel.dtype).reshape(cols.shape)
+      return dx, _write_cols(dkernel, cols, origin, groups), dbias, dweight
+
+    n = -(-per_group // chunk)
+    full, rest = divmod(n, k)
+    carry, _ = jax.lax.scan(lambda c, p: (panel(c, p * k, k), None), init,
+                            jnp.arange(full, dtype=jnp.int32))
+    if rest:
+      carry = panel(carry, jnp.int32(full * k), rest)
+    dx, dkernel, dbias, dweight = carry
   # Inside shard_map, each device's partial dx / dkernel sums over the axes
   # it does not share with its primal (the Megatron all-reduce of dx).
   cast: Callable[[Any, jax.Array | None], jax.Array | None] = lambda v, like: (

@@ -676,6 +676,41 @@ def test_default_chunk_size_takes_all_columns_for_few_tokens():
   assert _linear_stats.default_chunk_size(2048, 128_256, column_bytes=4096 * 2) == 2048
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("vocab", [37, 40])  # one group of 37; 8 groups of 5 (8 CPU devices)
+def test_cpu_half_dkernel_panels_match_direct_writes(monkeypatch, fresh_caches, dtype, vocab):
+  """The CPU backward writes a 16-bit dkernel a panel of chunks at a time (as
+  bits, see `_rev_bwd_loop`): the same gradients, bit for bit, as writing each
+  chunk into dkernel, with a last panel of fewer chunks, shifted in bounds."""
+  rng = np.random.default_rng(31)
+  d = 8
+  x = jnp.asarray(rng.normal(size=(6, d)), dtype)
+  kernel = jnp.asarray(rng.normal(size=(d, vocab)), dtype)
+  bias = jnp.asarray(rng.normal(size=(vocab,)), dtype)
+  weight = jnp.asarray(rng.uniform(0.5, 2.0, size=(vocab,)), F32)
+  labels = jnp.asarray([3, 0, -100, vocab - 1, 5, 1], jnp.int32)
+
+  def grads():
+    jax.clear_caches()
+    return jax.grad(lambda x, k, b: jaxce.linear_cross_entropy(
+        x, k, labels, bias=b, weight=weight, label_smoothing=0.1, chunk_size=2),
+        (0, 1, 2))(x, kernel, bias)
+
+  monkeypatch.setattr(_linear_stats, "CPU_PANEL_BYTES", None)
+  want = grads()
+  groups = math.gcd(vocab, jax.device_count())
+  chunk = max(1, 2 // groups)
+  chunks = -(-(vocab // groups) // chunk)
+  for per_panel in (2, 3):
+    size = per_panel * d * groups * chunk * 2  # bytes of `per_panel` chunks' columns
+    panels = _linear_stats._panel_chunks(kernel, chunk, vocab // groups, groups, size)
+    assert panels == per_panel
+    assert chunks % per_panel, chunks  # a last panel of fewer chunks
+    monkeypatch.setattr(_linear_stats, "CPU_PANEL_BYTES", size)
+    for got, ref in zip(grads(), want, strict=True):
+      np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(ref, np.float32))
+
+
 def test_default_chunk_size_rule():
   for n in (1, 3, 100, 1000, 4097, 50_000, 2**20):
     for v in (7, 128, 129, 1000, 32_000, 128_256):
