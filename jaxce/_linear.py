@@ -137,7 +137,7 @@ def linear_cross_entropy(
       residuals and memory flat in V. Reverse mode then comes from JAX
       transposing that tangent, which costs more: on XLA:CPU at N=8192,
       D=4096, V=128256, `value_and_grad` takes 312 MiB of compiled temp
-      memory in bfloat16 (default: 180) and 296 MiB in float32 (default:
+      memory in bfloat16 (default: 196) and 296 MiB in float32 (default:
       186), the extra being an unblocked float32 [N, D] product per chunk;
       and about 1.25x the default's time (float32, N=2048, D=512, V=32768).
       `jax.jvp` itself takes 260 MiB (bfloat16) and 192 MiB (float32).
