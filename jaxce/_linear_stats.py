@@ -51,7 +51,8 @@ BLOCK_ELEMENTS = 2**22
 # are unchanged (129). XLA:CPU keeps the larger blocks (fewer, larger matmuls).
 ACCEL_BLOCK_ELEMENTS = BLOCK_ELEMENTS // 2
 
-# Bytes of one panel of the CPU backward's 16-bit dkernel (`_rev_bwd_loop`).
+# Bytes of one panel of the CPU backward's 16-bit dkernel (`_rev_bwd_loop`):
+# at most this much more temp memory (the whole kernel when it is smaller).
 CPU_PANEL_BYTES = 2**24
 
 # The chunk when the number of tokens is symbolic (`jax.export`): the
@@ -524,13 +525,14 @@ def _rev_bwd(plan: Plan, softcap: float | None, smoothing: bool, res: LinearResi
 def _panel_chunks(kernel: jax.Array, chunk: int, per_group: int, groups: int,
                   panel_bytes: int | None) -> int:
   """Chunks per panel of the CPU backward's 16-bit dkernel (see
-  `_rev_bwd_loop`), or 0 for direct writes: at least two chunks per panel,
-  and more than one panel."""
+  `_rev_bwd_loop`), at most all of them (one panel of the whole kernel when
+  it fits), or 0 for direct writes: with fewer than two chunks a panel saves
+  no pass."""
   if panel_bytes is None or kernel.dtype.itemsize != 2:
     return 0
   n = -(-per_group // chunk)
-  k = panel_bytes // (kernel.shape[0] * groups * chunk * 2)
-  return k if 2 <= k < n else 0
+  k = min(n, panel_bytes // (kernel.shape[0] * groups * chunk * 2))
+  return k if k >= 2 else 0
 
 
 def _bits(v: jax.Array) -> jax.Array:
@@ -548,9 +550,10 @@ def _rev_bwd_loop(chunk: int, block_elements: int | None, softcap: float | None,
   dynamic-update-slice into a float32 pass over the whole operand, so writing
   each chunk's columns into the [D, V] dkernel cost a pass over the kernel
   per chunk (43-50 ms at D * V = 2**26, more than the chunk's matmuls when
-  V is large). The chunks of a panel (about `panel_bytes` of columns) are
-  written as uint16 bits into a panel-sized buffer (an integer update is in
-  place) and each panel into dkernel once: one pass over the kernel per panel.
+  V is large). The chunks of a panel (about `panel_bytes` of columns, or
+  the whole kernel when it fits) are written as uint16 bits into a
+  panel-sized buffer (an integer update is in place) and each panel into
+  dkernel once: one pass over the kernel per panel.
   """
   x, kernel, bias, labels, weight, shift, log_sum = res
   ct = shift.dtype
@@ -602,7 +605,7 @@ def _rev_bwd_loop(chunk: int, block_elements: int | None, softcap: float | None,
   if not k:
     dx, dkernel, dbias, dweight = _scan_chunks(step, init, kernel, chunk, per_group)
   else:
-    width = k * chunk  # columns per group of a panel (< per_group)
+    width = min(k * chunk, per_group)  # columns per group of a panel
 
     def panel(carry: RevCarry, first: jax.Array, count: int) -> RevCarry:
       dx, dkernel, dbias, dweight = carry

@@ -681,7 +681,8 @@ def test_default_chunk_size_takes_all_columns_for_few_tokens():
 def test_cpu_half_dkernel_panels_match_direct_writes(monkeypatch, fresh_caches, dtype, vocab):
   """The CPU backward writes a 16-bit dkernel a panel of chunks at a time (as
   bits, see `_rev_bwd_loop`): the same gradients, bit for bit, as writing each
-  chunk into dkernel, with a last panel of fewer chunks, shifted in bounds."""
+  chunk into dkernel, with a last panel of fewer chunks, shifted in bounds,
+  and with one panel of the whole kernel."""
   rng = np.random.default_rng(31)
   d = 8
   x = jnp.asarray(rng.normal(size=(6, d)), dtype)
@@ -701,11 +702,11 @@ def test_cpu_half_dkernel_panels_match_direct_writes(monkeypatch, fresh_caches, 
   groups = math.gcd(vocab, jax.device_count())
   chunk = max(1, 2 // groups)
   chunks = -(-(vocab // groups) // chunk)
-  for per_panel in (2, 3):
+  for per_panel in (2, 3, 100):  # 100: one panel of the whole kernel
     size = per_panel * d * groups * chunk * 2  # bytes of `per_panel` chunks' columns
     panels = _linear_stats._panel_chunks(kernel, chunk, vocab // groups, groups, size)
-    assert panels == per_panel
-    assert chunks % per_panel, chunks  # a last panel of fewer chunks
+    assert panels == min(per_panel, chunks)
+    assert panels == chunks or chunks % panels, chunks  # else a last panel of fewer chunks
     monkeypatch.setattr(_linear_stats, "CPU_PANEL_BYTES", size)
     for got, ref in zip(grads(), want, strict=True):
       np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(ref, np.float32))
@@ -820,7 +821,11 @@ HLO_OPTIONS = {
 
 @pytest.mark.parametrize(("dtype", "options"),
                          [("float32", "default"), ("bfloat16", "default"), ("bfloat16", "all")])
-def test_compiled_program_has_no_logits_buffer(dtype, options):
+def test_compiled_program_has_no_logits_buffer(monkeypatch, fresh_caches, dtype, options):
+  # The CPU backward holds a 16-bit dkernel's bits in a panel of up to
+  # CPU_PANEL_BYTES, the whole kernel while it fits (512 KiB here): four
+  # chunks' columns keep the panel the same size at V and 2 V.
+  monkeypatch.setattr(_linear_stats, "CPU_PANEL_BYTES", 4 * HLO_D * HLO_CHUNK * 2)
   dt = jnp.dtype(dtype)
   x = jax.ShapeDtypeStruct((HLO_N, HLO_D), dt)
   labels = jax.ShapeDtypeStruct((HLO_N,), jnp.int32)
