@@ -676,8 +676,8 @@ def test_default_chunk_size_takes_all_columns_for_few_tokens():
   assert _linear_stats.default_chunk_size(2048, 128_256, column_bytes=4096 * 2) == 2048
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("vocab", [37, 40])  # one group of 37; 8 groups of 5 (8 CPU devices)
+@pytest.mark.parametrize(("dtype", "vocab"), [  # one group of 37; 8 groups of 5 (8 CPU devices)
+    (jnp.bfloat16, 37), (jnp.float16, 40)])
 def test_cpu_half_dkernel_panels_match_direct_writes(monkeypatch, fresh_caches, dtype, vocab):
   """The CPU backward writes a 16-bit dkernel a panel of chunks at a time (as
   bits, see `_rev_bwd_loop`): the same gradients, bit for bit, as writing each
