@@ -311,8 +311,12 @@ def linear_cross_entropy(
     # float32 kernel as bfloat16, and a token-block loop that reads all of it
     # every block gets a bf16 [D, V] copy of it ahead of the loop (256 MiB at
     # D=4096, V=32768: more than a batch-sharded slice's logits).
-    out: jax.Array = jax.lax.platform_dependent(
-        *args, tpu=lambda *a: impl(*a, None, groups=groups), default=precompute)
-    return out
+    def recompute(x: jax.Array, kernel: jax.Array, labels: jax.Array, bias: jax.Array | None,
+                  weight: jax.Array | None) -> jax.Array:
+      return impl(x, kernel, labels, bias, weight, None, groups=groups)
+
+    chosen: jax.Array = jax.lax.platform_dependent(
+        *args, tpu=recompute, default=precompute)
+    return chosen
   return impl(*args, None, groups=groups)
 
