@@ -288,35 +288,35 @@ def linear_cross_entropy(
   # (on XLA:CPU; other backends run one group, see `_linear_stats.Plan`).
   groups = max(1, math.gcd(vocab, _devices(x, kernel)))
   n = math.prod(lead)
+
+  def recompute(x: jax.Array, kernel: jax.Array, labels: jax.Array, bias: jax.Array | None,
+                weight: jax.Array | None) -> jax.Array:
+    return impl(x, kernel, labels, bias, weight, None, groups=groups)
+
   auto = backward == "auto"
   if auto:
     backward = _linear_precompute.auto_backward(
         kernel.dtype, n, vocab, reduction=reduction, forward_mode=forward_mode,
         chunk_size=chunk_size, class_sharded=False, groups=groups)
-  if backward == "precompute" and vocab > 0:  # (V = 0: no logits, nothing to precompute)
-    if not isinstance(n, int):
-      raise ValueError(
-          f'{fn}: `backward`="precompute" needs a concrete number of tokens. Got x of shape'
-          f' {x.shape}; use backward="recompute" or "auto" under jax.export.')
-    options = _linear_precompute.Options(ignore_index, reduction, eps, z, softcap)
+  if backward != "precompute" or vocab == 0:  # (V = 0: no logits, nothing to precompute)
+    return recompute(*args)
+  if not isinstance(n, int):
+    raise ValueError(
+        f'{fn}: `backward`="precompute" needs a concrete number of tokens. Got x of shape'
+        f' {x.shape}; use backward="recompute" or "auto" under jax.export.')
+  options = _linear_precompute.Options(ignore_index, reduction, eps, z, softcap)
 
-    def precompute(x: jax.Array, kernel: jax.Array, labels: jax.Array, bias: jax.Array | None,
-                   weight: jax.Array | None) -> jax.Array:
-      return _linear_precompute.precomputed_loss(
-          x.reshape(n, x.shape[-1]), kernel, bias, labels.reshape(n), weight, options)
+  def precompute(x: jax.Array, kernel: jax.Array, labels: jax.Array, bias: jax.Array | None,
+                 weight: jax.Array | None) -> jax.Array:
+    return _linear_precompute.precomputed_loss(
+        x.reshape(n, x.shape[-1]), kernel, bias, labels.reshape(n), weight, options)
 
-    if not auto:
-      return precompute(*args)
-    # "auto" on TPU recomputes: XLA:TPU's default-precision matmuls read the
-    # float32 kernel as bfloat16, and a token-block loop that reads all of it
-    # every block gets a bf16 [D, V] copy of it ahead of the loop (256 MiB at
-    # D=4096, V=32768: more than a batch-sharded slice's logits).
-    def recompute(x: jax.Array, kernel: jax.Array, labels: jax.Array, bias: jax.Array | None,
-                  weight: jax.Array | None) -> jax.Array:
-      return impl(x, kernel, labels, bias, weight, None, groups=groups)
-
-    chosen: jax.Array = jax.lax.platform_dependent(
-        *args, tpu=recompute, default=precompute)
-    return chosen
-  return impl(*args, None, groups=groups)
+  if not auto:
+    return precompute(*args)
+  # "auto" on TPU recomputes: XLA:TPU's default-precision matmuls read the
+  # float32 kernel as bfloat16, and a token-block loop that reads all of it
+  # every block gets a bf16 [D, V] copy of it ahead of the loop (256 MiB at
+  # D=4096, V=32768: more than a batch-sharded slice's logits).
+  chosen: jax.Array = jax.lax.platform_dependent(*args, tpu=recompute, default=precompute)
+  return chosen
 

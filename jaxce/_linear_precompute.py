@@ -92,7 +92,8 @@ def auto_backward(
   is concrete, V > 0, and a row block holds at least `MIN_ROWS` rows
   (``V <= ROW_BLOCK_ELEMENTS / MIN_ROWS`` = 52428): with fewer, rereading
   and rewriting the [D, V] dkernel accumulator per block costs more than the
-  matmul it saves. Decided from static shapes and dtypes only.
+  matmul it saves. Decided from static shapes and dtypes only; in a program
+  lowered for TPU `linear_cross_entropy` recomputes instead (see there).
   """
   if (np.dtype(kernel_dtype).itemsize < 4 or reduction == "none" or forward_mode
       or chunk_size is not None or class_sharded or groups != 1
