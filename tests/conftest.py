@@ -15,3 +15,15 @@ import jax
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def pytest_sessionfinish(session):
+  # Under pytest-xdist (`-n 2` in pyproject's addopts) a worker is stopped
+  # with an interrupt of its main thread; landing inside JAX's garbage
+  # collection callback it prints a KeyboardInterrupt warning. Collect now
+  # and let no collection run during the shutdown.
+  if hasattr(session.config, "workerinput"):
+    import gc
+
+    gc.collect()
+    gc.disable()
