@@ -493,8 +493,7 @@ def _write_cols(acc: jax.Array, update: jax.Array, start: jax.Array, groups: int
   with equal values. With one group no view is taken: XLA:CPU would copy a
   whole bf16 [D, V] array to update it through one (and a view is free
   elsewhere only when it is not needed)."""
-  if update.dtype != acc.dtype:
-    update = update.astype(acc.dtype)
+  update = update.astype(acc.dtype)
   if groups == 1:
     return jax.lax.dynamic_update_slice_in_dim(acc, update[..., 0, :], start, acc.ndim - 1)
   grouped = jax.lax.dynamic_update_slice_in_dim(_grouped(acc, groups), update, start, acc.ndim)
