@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from jaxce._collective import ClassSlice, label_weight
 from jaxce._stats import LabelStats, SmoothingSums, TargetStats
+from jaxce._sum import total
 
 T = TypeVar("T")
 
@@ -26,6 +27,8 @@ def reduce(
     reduction: str,
     denominator: jax.Array | None = None,
     row_axes: tuple[str, ...] = (),
+    *,
+    binary: bool = False,
 ) -> jax.Array:
   """Applies `reduction`; "mean" divides by `denominator` (default: count).
 
@@ -33,21 +36,29 @@ def reduce(
   that cancel give +-inf or NaN, as PyTorch does), except when every entry
   of `denominator` is zero (every position ignored or of zero weight, or no
   position at all): then 0.0 with zero gradient, so a padding-only batch
-  cannot poison training. `row_axes` are mesh axes (inside shard_map) over
-  which the positions are split.
+  cannot poison training. `binary`: every entry of `denominator` is 0 or 1,
+  so its sum is 0 only when all are. `row_axes` are mesh axes (inside
+  shard_map) over which the positions are split.
   """
   if reduction == "none":
     return loss
-  total = _psum(jnp.sum(loss), row_axes)
   if reduction == "sum":
-    return total
+    return _psum(jnp.sum(loss), row_axes)
   if denominator is None:
+    total_loss = _psum(jnp.sum(loss), row_axes)
     d = _psum(jnp.sum(jnp.ones(loss.shape, loss.dtype)), row_axes)
     nothing = d == 0
   else:
-    d, live = _psum((jnp.sum(denominator), jnp.sum(denominator != 0)), row_axes)
-    nothing = live == 0
-  return jnp.where(nothing, 0.0, total / jnp.where(nothing, 1.0, d))
+    # One stacked reduction (and one psum) rather than one per sum: on small
+    # and short-row inputs each separate per-position pass costs as much as
+    # the sums themselves (a kernel launch on GPU, a thunk on CPU).
+    parts = [loss, denominator.astype(loss.dtype)]
+    if not binary:
+      parts.append((denominator != 0).astype(loss.dtype))  # exact 0 iff all 0
+    sums = _psum(jnp.sum(jnp.stack(parts), tuple(range(1, loss.ndim + 1))), row_axes)
+    total_loss, d = sums[0], sums[1]
+    nothing = (d if binary else sums[2]) == 0
+  return jnp.where(nothing, 0.0, total_loss / jnp.where(nothing, 1.0, d))
 
 
 def _psum(x: T, axes: tuple[str, ...]) -> T:
@@ -105,7 +116,7 @@ def integer_target_loss(
   # Labels outside [0, C) that are not ignored: NaN, never a plausible number.
   bad = valid & ((labels < 0) | (labels >= classes.num_classes))
   loss = loss * jnp.where(bad, jnp.nan, 1.0).astype(ct)
-  return reduce(loss, reduction, w_pos, row_axes)
+  return reduce(loss, reduction, w_pos, row_axes, binary=w_y is None)
 
 
 def _uniform_ce(log_sum: jax.Array, sums: SmoothingSums, keep: jax.Array) -> jax.Array:
