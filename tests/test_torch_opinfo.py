@@ -113,7 +113,11 @@ def _id(meta):
 IDS = [_id(c["meta"]) for c in CASES]
 
 
-@pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
+# float32 samples run with `pytest -m slow` (.ci/run runs both): the default
+# suite has to fit in 5 minutes on 2 cores.
+@pytest.mark.parametrize("index", [
+    pytest.param(i, marks=pytest.mark.slow) if c["meta"]["dtype"] == "float32" else i
+    for i, c in enumerate(CASES)], ids=IDS)
 def test_opinfo_sample(index):
   case = CASES[index]
   if _zero_size(case):
