@@ -17,7 +17,6 @@ import jax.numpy as jnp
 
 from jaxce._collective import ClassSlice, label_weight
 from jaxce._stats import LabelStats, SmoothingSums, TargetStats
-from jaxce._sum import total
 
 T = TypeVar("T")
 
