@@ -271,11 +271,26 @@ def _cpu_block_size(xm: jax.Array, axis: int) -> int | None:
   the arithmetic mask. Half-precision rows up to `LONG_ROW` classes take the
   mask: as fast there (0.78-1.10x the blocks' time, bf16 value_and_grad),
   and through `h @ W` the blocks' float32 view kept 5.5x the bf16 logits'
-  bytes of temp memory against 2.5x."""
+  bytes of temp memory against 2.5x. So do float32 rows of at most
+  `SHORT_ROW` classes on the last axis with at least `MANY_LOGITS` logits:
+  their blocks are short (64-100), which XLA:CPU reduces slowly, and the
+  label's gathered block grows with N. value_and_grad took 0.88-0.98x the
+  blocks' time from 8192x1000 to 131072x512 (1.01x at 8192x1024), and 0.52
+  against 1.9 MiB of temp at 16384x1000 (optax: 0.50). Below that size the
+  gather runs beside the block sums on a second core and the mask does not
+  pay (1.00-1.09x at 256 to 4096 rows of 1024); on axis 1 of (N, C, H, W)
+  logits the mask took 1.3-1.9x the forward's time."""
   num_classes = xm.shape[axis]
   if jnp.dtype(xm.dtype).itemsize < 4 and num_classes <= LONG_ROW:
     return None
+  many = isinstance(xm.size, int) and xm.size >= MANY_LOGITS  # (symbolic N: blocks)
+  if num_classes <= SHORT_ROW and many and axis == xm.ndim - 1:
+    return None
   return block_size(num_classes)
+
+
+SHORT_ROW = 1024
+MANY_LOGITS = 2**23
 
 
 def _others_in_blocks(

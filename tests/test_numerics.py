@@ -1027,6 +1027,57 @@ def test_dominant_label_losses_accurate_to_their_own_magnitude(c, offset):
   assert np.all(np.abs(np.asarray(g, np.float64) - ref_g) <= 4 * EPS32 * scale)
 
 
+
+@pytest.mark.parametrize("far_label", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["label_shift", "max_fallback"])
+def test_many_short_rows_take_the_mask_and_stay_exact(far_label):
+  """float32 rows of at most 1024 classes with at least 2**23 logits in all
+  take the arithmetic mask on CPU, not the blocks (_stats._cpu_block_size):
+  losses near 0 within 4 ulps of themselves, gradients within 8 ulps of
+  their row's largest entry (the blocks: up to 6.8 on these rows), an
+  ignored row; with one label far below its row's max, the whole batch takes
+  the max-shift fallback."""
+  from jaxce import _stats
+
+  n, c = 8200, 1024
+  rng = _rng(26)
+  x = (rng.normal(size=(n, c)) * 3).astype(np.float32)
+  y = rng.integers(0, c, size=n).astype(np.int32)
+  x[np.arange(50), y[:50]] = 25.0  # p_y = 1 - ~1e-6
+  y[60] = -100
+  if far_label:
+    x[70, y[70]] = -200.0
+  assert _stats._cpu_block_size(jnp.asarray(x), 1) is None
+  assert _stats._cpu_block_size(jnp.asarray(x[:4096]), 1) is not None
+  assert _stats._cpu_block_size(jnp.asarray(x.reshape(n // 8, c, 8)), 1) is not None
+  ref, ref_g = _ref_rows(x, y)
+  jy = jnp.asarray(y)
+  total = lambda x: jaxce.cross_entropy(x, jy, reduction="sum")
+  per, g = jax.jit(lambda x: (jaxce.cross_entropy(x, jy, reduction="none"),
+                              jax.grad(total)(x)))(jnp.asarray(x))
+  assert np.min(ref[:50]) > 1e-8
+  assert np.max(ref[:50]) < 1e-5
+  np.testing.assert_allclose(np.asarray(per, np.float64), ref, rtol=4 * EPS32, atol=0)
+  scale = np.max(np.abs(ref_g), axis=1, keepdims=True)
+  assert np.all(np.abs(np.asarray(g, np.float64) - ref_g) <= 8 * EPS32 * scale)  # row 60: 0
+
+
+def test_export_with_symbolic_batch_keeps_the_blocks():
+  """Under jax.export with a symbolic number of rows, the CPU rule above
+  cannot compare the logits' size: it keeps the blocks, and the exported
+  loss and gradient match the eager ones."""
+  from jax import export
+
+  b, = export.symbolic_shape("b")
+  f = jax.jit(jax.value_and_grad(jaxce.cross_entropy))
+  exp = export.export(f)(jax.ShapeDtypeStruct((b, 1000), jnp.float32),
+                         jax.ShapeDtypeStruct((b,), jnp.int32))
+  x = jnp.asarray(_rng(27).normal(size=(5, 1000)), jnp.float32)
+  y = jnp.array([0, 999, 3, -100, 500])
+  got, want = exp.call(x, y), f(x, y)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  np.testing.assert_allclose(got[1], want[1], rtol=1e-6, atol=1e-9)
+
 BLOCK_OPTIONS = {
     "plain": {},
     "weight_ignore": {"weight": True, "ignore_index": 7},
