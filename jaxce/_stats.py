@@ -274,7 +274,7 @@ def _cpu_block_size(xm: jax.Array, axis: int) -> int | None:
   bytes of temp memory against 2.5x. So do float32 rows of at most
   `SHORT_ROW` classes on the last axis with at least `MANY_LOGITS` logits:
   their blocks are short (64-100), which XLA:CPU reduces slowly, and the
-  label's gathered block grows with N. value_and_grad took 0.88-0.98x the
+  label's gathered block grows with N. value_and_grad took 0.88-0.99x the
   blocks' time from 8192x1000 to 131072x512 (1.01x at 8192x1024), and 0.52
   against 1.9 MiB of temp at 16384x1000 (optax: 0.50). Below that size the
   gather runs beside the block sums on a second core and the mask does not

@@ -1027,7 +1027,6 @@ def test_dominant_label_losses_accurate_to_their_own_magnitude(c, offset):
   assert np.all(np.abs(np.asarray(g, np.float64) - ref_g) <= 4 * EPS32 * scale)
 
 
-
 @pytest.mark.parametrize("far_label", [False, pytest.param(True, marks=pytest.mark.slow)],
                          ids=["label_shift", "max_fallback"])
 def test_many_short_rows_take_the_mask_and_stay_exact(far_label):
@@ -1077,6 +1076,7 @@ def test_export_with_symbolic_batch_keeps_the_blocks():
   got, want = exp.call(x, y), f(x, y)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
   np.testing.assert_allclose(got[1], want[1], rtol=1e-6, atol=1e-9)
+
 
 BLOCK_OPTIONS = {
     "plain": {},
