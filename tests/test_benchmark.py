@@ -157,3 +157,29 @@ def test_eager_benchmark_compiles_nothing_after_warmup(tmp_path):
     assert row["compiles_after_warmup"] == 0, row
     assert row["ratio"]["rounds"] == 2
   assert "| jaxce/peer |" in (tmp_path / "results.md").read_text()
+
+
+def test_aot_report_merges_merged_reports(tmp_path):
+  """`aot.py --from-json` takes a merged results.json (the published
+  docs/aot-results.json) as well as a single run's: its runs are kept, a
+  later file's rows replace the earlier ones, nothing is compiled."""
+  import pathlib
+
+  from jaxce.benchmark import aot
+
+  published = pathlib.Path(__file__).parent.parent / "docs" / "aot-results.json"
+  doc = json.loads(published.read_text())
+  later = {**doc["runs"][0], "command": "a later run", "rows": [
+      {**doc["rows"][0], "jaxce": {**doc["rows"][0]["jaxce"], "temp_bytes": 12345}}]}
+  (tmp_path / "later.json").write_text(json.dumps(later))
+  aot.main(["--from-json", str(published), str(tmp_path / "later.json"), "--no-plots",
+            "--out", str(tmp_path / "merged")])
+  merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+  assert [r["command"] for r in merged["runs"]] == [
+      *(r["command"] for r in doc["runs"]), "a later run"]
+  assert len(merged["rows"]) == len(doc["rows"])
+  first = doc["rows"][0]
+  same = [r for r in merged["rows"] if all(r[k] == first[k] for k in ("target", "loss", "dtype",
+                                                                       "shape"))]
+  assert [r["jaxce"]["temp_bytes"] for r in same] == [12345]
+  assert "a later run" in (tmp_path / "merged" / "results.md").read_text()

@@ -894,7 +894,9 @@ def merge(args: argparse.Namespace) -> None:
   runs = []
   for path in args.from_json:
     run_ = json.loads(Path(path).read_text())
-    runs.append({k: v for k, v in run_.items() if k != "rows"})
+    # A merged file lists its runs; merging it again keeps them.
+    own = [{k: v for k, v in run_.items() if k != "rows"}]
+    runs.extend(run_.get("runs", own))
     for row in run_["rows"]:
       if "jaxce" in row:  # re-judged with today's figures
         shape = Shape(*(int(f.split("=")[1]) for f in row["shape"].split()))
