@@ -2,7 +2,7 @@
 
 The package as it was at COMMIT (`git archive`, its imports renamed to
 `jaxce_base`) and this tree's `jaxce` are timed in one process,
-interleaved (the order alternating each round), every input an argument.
+interleaved (the order shuffled each round), every input an argument.
 The table gives the median of the same-round ratios this / base.
 
   PYTHONPATH=. python benchmarks/against_commit.py 1b96716
@@ -31,6 +31,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from jaxce.benchmark.measure import round_order
 
 SPECS = ("int:64:1024:f32", "int:64:32000:f32", "int:1024:1024:f32", "int:8192:1000:f32",
          "int:16384:1000:f32", "int:65536:100:f32", "int:64:32000:bf16", "int:4096:1024:bf16",
@@ -99,7 +101,7 @@ def main() -> None:
     reps = max(1, min(100, int(3e7 / (n * c))))
     ts: dict[str, list[float]] = {name: [] for name in fs}
     for r in range(args.rounds):
-      for name in (list(fs) if r % 2 == 0 else list(fs)[::-1]):
+      for name in round_order(list(fs), r):
         t0 = time.perf_counter()
         for _ in range(reps):
           out = fs[name](x, y, t)

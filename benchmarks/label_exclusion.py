@@ -6,7 +6,7 @@ than the label and adds the label's term back as expm1 (see
 few float32 ulps of itself rather than to an ulp of 1. XLA:CPU's fused
 reductions take no select, so on CPU that exclusion is a block gather or an
 arithmetic mask. This script times `value_and_grad` of the mean loss three
-ways, interleaved in one process (the order rotating each round):
+ways, interleaved in one process (the order shuffled each round):
 
 - shipped: jaxce as it is;
 - with_label: the same kernels with the CPU sum taken over every class,
@@ -34,6 +34,7 @@ import jaxce
 from jaxce import _stats
 from jaxce._log_softmax import row_shift
 from jaxce._sum import total
+from jaxce.benchmark.measure import round_order
 
 SHAPES = ("64x1024", "4096x1024", "16384x1000", "65536x10", "65536x100", "2048x4096",
           "4096x32000", "512x50257")
@@ -86,7 +87,7 @@ def main() -> None:
     reps = max(3, min(200, int(1e8 / (n * c))))
     names = list(compiled)
     for r in range(args.rounds):
-      for k in names[r % 3:] + names[:r % 3]:
+      for k in round_order(names, r):
         t0 = time.perf_counter()
         for _ in range(reps):
           out = compiled[k](x, y)

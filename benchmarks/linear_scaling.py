@@ -1,7 +1,7 @@
 """linear_cross_entropy's default path against explicit chunk sizes and materialized logits.
 
 value_and_grad with respect to x and kernel (mean reduction), interleaved in
-one process (every variant once per round, the order rotating), for
+one process (every variant once per round, the order shuffled), for
 vocabularies up to 2**20 and token counts up to 32768. The table gives, per
 shape and dtype, the median per-call time of the default (`chunk_size=None`,
 `backward="auto"`), the same-round ratios default / best explicit chunk size
@@ -25,6 +25,7 @@ import numpy as np
 
 import jaxce
 from jaxce._linear_stats import default_chunk_size
+from jaxce.benchmark.measure import round_order
 
 SHAPES = ("512,64,1048576", "2048,256,262144", "8192,512,131072", "32768,256,32768",
           "4096,512,50257")
@@ -75,8 +76,7 @@ def main() -> None:
       times: dict[str, list[float]] = {k: [] for k in fns}
       names = list(fns)
       for r in range(args.rounds):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
+        for name in round_order(names, r):
           t0 = time.perf_counter()
           jax.block_until_ready(fns[name](x, kernel, labels))
           times[name].append(time.perf_counter() - t0)

@@ -174,7 +174,8 @@ def _run(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Ar
 
   zeros = jnp.zeros((n,), ct)
   sums = (zeros,) * 3 if smoothing else None
-  init_stats = LabelStats(zeros, zeros, zeros, None if sums is None else SmoothingSums(*sums))
+  init_stats = LabelStats(zeros, zeros, zeros, None if sums is None else SmoothingSums(*sums),
+                          zeros)
   acc: tuple[Any, ...] = ()
   if grads:
     acc = (jnp.zeros(x.shape, x.dtype), jnp.zeros(kernel.shape, kernel.dtype),

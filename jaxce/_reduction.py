@@ -105,7 +105,8 @@ def integer_target_loss(
     loss = -w_pos * picked
   else:
     log_sum = jnp.where(keep, stats.log_sum, 0.0)
-    loss = w_pos * (log_sum - picked)
+    nll = log_sum - picked if stats.nll is None else jnp.where(keep, stats.nll, 0.0)
+    loss = w_pos * nll
     if label_smoothing:
       assert stats.smoothing is not None
       loss = (1.0 - label_smoothing) * loss + label_smoothing * _uniform_ce(

@@ -55,6 +55,12 @@ class LabelStats(NamedTuple):
   #                            (-inf if none); lse = shift + log_sum. None: NLL
   picked: jax.Array  # x_y - shift (0 for labels outside [0, C))
   smoothing: SmoothingSums | None
+  # log_sum - picked (-log p_y) as a statistic of its own: a loss built on it
+  # alone differentiates to the softmax minus the one-hot in one select,
+  # which XLA:TPU (v6e) fuses into the matmuls that consume it. None where
+  # statistics are combined over devices (`_collective.combine`) and for the
+  # fused linear loss.
+  nll: jax.Array | None = None
 
 
 class TargetStats(NamedTuple):
@@ -226,7 +232,7 @@ def _label_primal(
   x_label = take_at(xm, labels, axis)
   shift, ls, picked = _label_shift(xm, labels, x_label, axis)
   sums = _smoothing_stats(xm, _col(shift, axis), weight, axis) if smoothing else None
-  return LabelStats(shift, ls, picked, sums)
+  return LabelStats(shift, ls, picked, sums, ls - picked)
 
 
 def _label_log_sum(
@@ -409,22 +415,25 @@ def _shift_branches(axis: int) -> tuple[Callable[..., ShiftStats], Callable[...,
 def _label_terms(
     axis: int, one_hot: Callable[[jax.Array, tuple[int, ...], int], jax.Array], xm: jax.Array,
     labels: jax.Array, shift: jax.Array, ls: jax.Array, q_label: jax.Array, txc: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-  """(d log_sum, d picked) of `_label_tangent`, the label's entries chosen by `one_hot`."""
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(d log_sum, d picked, d nll) of `_label_tangent`, the label's entries
+  chosen by `one_hot`."""
   hot = one_hot(labels, xm.shape, axis)
   q = jnp.where(hot, _col(q_label, axis), probs(xm, shift, ls))
-  # d log_sum = sum_c p_c dx_c = sum_c q_c dx_c + dx_y. The label's term is
-  # shared with d picked, so reverse mode adds the two cotangents (which
-  # cancel exactly in the plain loss) before scaling the one-hot by them.
+  # d nll = sum_c q_c dx_c (q = p - onehot) and d log_sum = d nll + dx_y. A
+  # loss built on nll alone leaves the other two cotangents symbolic zeros,
+  # and reverse mode gives q * ct in one select; one that also uses log_sum
+  # or picked (z-loss, smoothing) adds their terms.
   t_label = jnp.sum(jnp.where(hot, txc, 0.0), axis)
-  return jnp.sum(q * txc, axis) + t_label, t_label
+  t_nll = jnp.sum(q * txc, axis)
+  return t_nll + t_label, t_label, t_nll
 
 
 @remat(7, 8)
 def _label_tangent(
     logits: jax.Array, labels: jax.Array, weight: jax.Array | None, where: jax.Array | None,
     stats: LabelStats, tx: jax.Array, tw: jax.Array | None, axis: int, smoothing: bool,
-) -> tuple[jax.Array, jax.Array, SmoothingSums | None]:
+) -> tuple[jax.Array, jax.Array, jax.Array, SmoothingSums | None]:
   stats = jax.lax.optimization_barrier(stats)
   assert stats.log_sum is not None  # label_stats always has one (None is NLL's)
   shift, ls = _col(stats.shift, axis), _col(stats.log_sum, axis)
@@ -432,7 +441,7 @@ def _label_tangent(
   # p - 1 at the label as expm1(log p_y): exact where p_y is close to 1.
   q_label = jnp.where(stats.log_sum == -jnp.inf, -1.0, jnp.expm1(stats.picked - stats.log_sum))
   txc = tx.astype(shift.dtype)
-  t_log_sum, t_label = jax.lax.platform_dependent(
+  t_log_sum, t_label, t_nll = jax.lax.platform_dependent(
       xm, labels, shift, ls, q_label, txc,
       cpu=functools.partial(_label_terms, axis, numbered_one_hot),
       default=functools.partial(_label_terms, axis, one_hot_at))
@@ -442,7 +451,7 @@ def _label_tangent(
     w = _class_weights(weight, axis, xm.ndim, xs.dtype)
     tw = None if tw is None else _class_weights(tw, axis, xm.ndim, xs.dtype)
     sums = _smoothing_tangent(active, xs, w, txc, tw, axis, _zero(stats.shift))
-  return t_log_sum, t_label, sums
+  return t_log_sum, t_label, t_nll, sums
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
@@ -470,10 +479,10 @@ def _label_stats_jvp(
   logits, labels, weight, where = primals
   tx, tw = given(tangents[0], logits), given(tangents[2])
   stats = _label_primal(logits, labels, weight, where, axis, smoothing)
-  t_log_sum, t_picked, t_sums = _label_tangent(
-      logits, labels, weight, where, stats._replace(smoothing=None), tx,
+  t_log_sum, t_picked, t_nll, t_sums = _label_tangent(
+      logits, labels, weight, where, stats._replace(smoothing=None, nll=None), tx,
       tw if weight is not None else None, axis, smoothing)
-  return stats, LabelStats(_zero(stats.shift), t_log_sum, t_picked, t_sums)
+  return stats, LabelStats(_zero(stats.shift), t_log_sum, t_picked, t_sums, t_nll)
 
 
 # ---------------------------------------------------------------------------

@@ -106,7 +106,7 @@ def run(n: int, c: int, d: int, rounds: int, seed: int = 0) -> list[dict[str, An
         times: dict[str, list[float]] = {k: [] for k in fs}
         for r in range(rounds):
           fresh = make(rng)  # new arrays, same shape
-          for k in (list(fs) if r % 2 == 0 else list(fs)[::-1]):
+          for k in measure.round_order(list(fs), r):
             _, dt = measure.run_once(fs[k], fresh)
             times[k].append(dt)
         rows.append({

@@ -135,7 +135,7 @@ def _header(meta) -> list[str]:
       f" repeats={f['repeats']} warmup={f['warmup']} seed={f['seed']}"
       f"{' quick' if f['quick'] else ''}",
       "- times: median over interleaved rounds (each round runs every implementation"
-      " once, in rotating order), in the unit that suits the value.",
+      " once, in an order shuffled each round), in the unit that suits the value.",
       "- temp: compiled `memory_analysis().temp_size_in_bytes` of the forward / of"
       " `jax.value_and_grad`.",
       "- %copy: achieved bytes/s (bytes model below) / `copy GB/s`, the faster of two copies"

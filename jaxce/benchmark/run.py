@@ -116,8 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                       f" first {REF_ROWS} rows and checked there, to bound the host float64"
                       f" reference's time {_default('ref_max_elements')}")
   p.add_argument("--repeats", type=int, default=None,
-                 help="timed rounds; each round runs every implementation once, in rotating"
-                      f" order {_default('repeats')}")
+                 help="timed rounds; each round runs every implementation once, in an order"
+                      f" shuffled each round (seeded by --seed) {_default('repeats')}")
   p.add_argument("--warmup", type=int, default=None,
                  help="untimed rounds before the timed ones, after one untimed checked call"
                       f" of each {_default('warmup')}")
@@ -128,7 +128,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="few small shapes and repeats, a smoke run; flags given explicitly"
                       " still win")
   p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-  p.add_argument("--seed", type=int, default=0, help="PRNG seed of the inputs (default: 0)")
+  p.add_argument("--seed", type=int, default=0,
+                 help="seed of the inputs and of each round's order (default: 0)")
   args = p.parse_args(argv)
   preset = {**DEFAULTS, **(QUICK if args.quick else {})}
   for key, value in preset.items():
@@ -284,7 +285,7 @@ def run_config(case: Case, dtype_name: str, shape: Shape, sweeps, args, copies, 
 
   times = measure.round_robin(
       units, args.warmup, args.repeats,
-      on_round=lambda r, total: phase(f"round {r + 1}/{total}"))
+      on_round=lambda r, total: phase(f"round {r + 1}/{total}"), seed=args.seed)
   del units, inputs
 
   copy = None
@@ -409,7 +410,8 @@ def environment(args, configs, notes) -> dict:
           "jax.jit(f).lower(*args).compile() once per implementation and mode (the same"
           " executable gives memory_analysis()); one untimed call whose output is checked;"
           f" then {args.warmup} untimed and {args.repeats} timed rounds, each running every"
-          " implementation (fwd and fwd+bwd) and both copies once, in rotating order, each"
+          " implementation (fwd and fwd+bwd) and both copies once, in an order shuffled each"
+          " round (seeded by --seed), each"
           " call followed by block_until_ready. median_s: median over the timed rounds;"
           " jaxce_over (on each peer's row): the same-round ratios t_jaxce / t_peer, their"
           " median, min, max and quartiles (< 1: jaxce is faster); temp_jaxce_over: compiled"
