@@ -280,9 +280,11 @@ def _cpu_block_size(xm: jax.Array, axis: int) -> int | None:
   bytes of temp memory against 2.5x. So do float32 rows of at most
   `SHORT_ROW` classes on the last axis with at least `MANY_LOGITS` logits:
   their blocks are short (64-100), which XLA:CPU reduces slowly, and the
-  label's gathered block grows with N. value_and_grad took 0.88-0.99x the
-  blocks' time from 8192x1000 to 131072x512 (1.01x at 8192x1024), and 0.52
-  against 1.9 MiB of temp at 16384x1000 (optax: 0.50). Below that size the
+  label's gathered block grows with N. In rounds of shuffled order, the
+  forward took 0.69-0.83x the blocks' time at 16384x1000 to 65536x1000
+  (1.02x at 8192x1000) and value_and_grad, whose time is mostly the
+  gradient's fresh output pages there, 0.92-1.00x; temp memory 0.52 against
+  1.9 MiB at 16384x1000 (optax: 0.50). Below that size the
   gather runs beside the block sums on a second core and the mask does not
   pay (1.00-1.09x at 256 to 4096 rows of 1024); on axis 1 of (N, C, H, W)
   logits the mask took 1.3-1.9x the forward's time."""
