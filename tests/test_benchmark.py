@@ -183,3 +183,15 @@ def test_aot_report_merges_merged_reports(tmp_path):
                                                                        "shape"))]
   assert [r["jaxce"]["temp_bytes"] for r in same] == [12345]
   assert "a later run" in (tmp_path / "merged" / "results.md").read_text()
+
+
+def test_rounds_run_in_a_seeded_shuffled_order():
+  """Each round's order is a permutation, the same for the same seed, and
+  no implementation keeps one neighbour (a rotation would keep them all)."""
+  names = ["jaxce", "optax", "naive", "copy", "copy_inplace"]
+  orders = [measure.round_order(names, r, seed=3) for r in range(20)]
+  assert all(sorted(o) == sorted(names) for o in orders)
+  assert orders == [measure.round_order(names, r, seed=3) for r in range(20)]
+  assert orders != [measure.round_order(names, r, seed=4) for r in range(20)]
+  before = {n: {o[o.index(n) - 1] for o in orders if o.index(n) > 0} for n in names}
+  assert all(len(b) > 1 for b in before.values()), before
