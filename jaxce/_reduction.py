@@ -101,21 +101,25 @@ def integer_target_loss(
   # (a NaN log_sum is kept: NaN inputs must give a NaN loss, not a silent 0)
   keep = valid if stats.log_sum is None else valid & (stats.log_sum != -jnp.inf)
   picked = jnp.where(keep, picked, 0.0)
+  # Labels outside [0, C) that are not ignored: NaN, never a plausible number.
+  bad = valid & ((labels < 0) | (labels >= classes.num_classes))
+  nan_at_bad = jnp.where(bad, jnp.nan, 1.0).astype(ct)
   if stats.log_sum is None:
-    loss = -w_pos * picked
+    loss = -w_pos * picked * nan_at_bad
   else:
     log_sum = jnp.where(keep, stats.log_sum, 0.0)
-    nll = log_sum - picked if stats.nll is None else jnp.where(keep, stats.nll, 0.0)
-    loss = w_pos * nll
+    if stats.nll is None:
+      loss = w_pos * (log_sum - picked) * nan_at_bad
+    else:
+      # Already 0 where not kept and NaN at bad labels: unweighted, the loss
+      # is the statistic itself, and its cotangent one scalar.
+      loss = stats.nll if w_y is None else w_pos * stats.nll
     if label_smoothing:
       assert stats.smoothing is not None
       loss = (1.0 - label_smoothing) * loss + label_smoothing * _uniform_ce(
           log_sum, stats.smoothing, keep)
     if z_loss:
       loss = loss + z_loss * jnp.where(keep, stats.shift + log_sum, 0.0) ** 2
-  # Labels outside [0, C) that are not ignored: NaN, never a plausible number.
-  bad = valid & ((labels < 0) | (labels >= classes.num_classes))
-  loss = loss * jnp.where(bad, jnp.nan, 1.0).astype(ct)
   return reduce(loss, reduction, w_pos, row_axes, binary=w_y is None)
 
 

@@ -55,9 +55,12 @@ class LabelStats(NamedTuple):
   #                            (-inf if none); lse = shift + log_sum. None: NLL
   picked: jax.Array  # x_y - shift (0 for labels outside [0, C))
   smoothing: SmoothingSums | None
-  # log_sum - picked (-log p_y) as a statistic of its own: a loss built on it
-  # alone differentiates to the softmax minus the one-hot in one select,
-  # which XLA:TPU (v6e) fuses into the matmuls that consume it. None where
+  # -log p_y = log_sum - picked as a statistic of its own, already 0 for
+  # ignored labels and positions with no active class and NaN for labels
+  # `_checks.OUT_OF_RANGE` (see `_row_nll`): an unweighted loss is then its
+  # plain sum, whose cotangent is one scalar, and its gradient one select
+  # (the softmax, or p_y - 1 at the label) with three per-row operands,
+  # which XLA:TPU fuses into the matmuls that consume it. None where
   # statistics are combined over devices (`_collective.combine`) and for the
   # fused linear loss.
   nll: jax.Array | None = None
@@ -232,7 +235,20 @@ def _label_primal(
   x_label = take_at(xm, labels, axis)
   shift, ls, picked = _label_shift(xm, labels, x_label, axis)
   sums = _smoothing_stats(xm, _col(shift, axis), weight, axis) if smoothing else None
-  return LabelStats(shift, ls, picked, sums, ls - picked)
+  live, dead = _row_nll(labels, xm.shape[axis], ls)
+  return LabelStats(shift, ls, picked, sums, jnp.where(live, ls - picked, dead))
+
+
+def _row_nll(
+    labels: jax.Array, num_classes: int, log_sum: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """(live, value elsewhere) of the `nll` statistic: live where the label is
+  a class and some class is active; elsewhere 0 (an ignored label, or no
+  class left) or NaN (a label `_checks.OUT_OF_RANGE`: never a plausible
+  loss, nor gradient)."""
+  live = (labels >= 0) & (labels < num_classes) & (log_sum != -jnp.inf)
+  dead = jnp.where(labels == _checks.OUT_OF_RANGE, jnp.nan, 0.0).astype(log_sum.dtype)
+  return live, dead
 
 
 def _label_log_sum(
@@ -414,21 +430,58 @@ def _shift_branches(axis: int) -> tuple[Callable[..., ShiftStats], Callable[...,
   return near, at_max
 
 
-def _label_terms(
-    axis: int, one_hot: Callable[[jax.Array, tuple[int, ...], int], jax.Array], xm: jax.Array,
-    labels: jax.Array, shift: jax.Array, ls: jax.Array, q_label: jax.Array, txc: jax.Array,
+class _NllRows(NamedTuple):
+  """Per-row values of the `nll` statistic's tangent (see `_row_nll`)."""
+
+  live: jax.Array
+  dead: jax.Array  # nll where not live: 0 or NaN
+  q_label: jax.Array  # p_y - 1 where live, else `dead`
+  log_sum: jax.Array  # log_sum where live, else +inf (softmax 0) or NaN
+
+
+def _cpu_label_terms(
+    axis: int, xm: jax.Array, labels: jax.Array, shift: jax.Array, ls: jax.Array,
+    q_label: jax.Array, rows: _NllRows, txc: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(d log_sum, d picked, d nll) of `_label_tangent`, the label's entries
-  chosen by `one_hot`."""
-  hot = one_hot(labels, xm.shape, axis)
+  """(d log_sum, d label logit, d nll) of `_label_tangent` on XLA:CPU: one
+  exp per logit serves all three, and the rows where nll is not live are
+  set after the reduction (a per-row select, not a pass)."""
+  hot = numbered_one_hot(labels, xm.shape, axis)
   q = jnp.where(hot, _col(q_label, axis), probs(xm, shift, ls))
-  # d nll = sum_c q_c dx_c (q = p - onehot) and d log_sum = d nll + dx_y. A
-  # loss built on nll alone leaves the other two cotangents symbolic zeros,
-  # and reverse mode gives q * ct in one select; one that also uses log_sum
-  # or picked (z-loss, smoothing) adds their terms.
+  # d nll = sum_c q_c dx_c (q = p - onehot) and d log_sum = d nll + dx_y.
   t_label = jnp.sum(jnp.where(hot, txc, 0.0), axis)
-  t_nll = jnp.sum(q * txc, axis)
-  return t_nll + t_label, t_label, t_nll
+  t_q = jnp.sum(q * txc, axis)
+  # (dead * t_q, not dead: reverse mode drops constants from a tangent)
+  return t_q + t_label, t_label, jnp.where(rows.live, t_q, rows.dead * t_q)
+
+
+def _label_terms(
+    axis: int, xm: jax.Array, labels: jax.Array, shift: jax.Array, ls: jax.Array,
+    q_label: jax.Array, rows: _NllRows, txc: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`_cpu_label_terms` on TPU and GPU, where d nll's reverse mode (a plain
+  loss's gradient) must stay one select with few enough per-row operands
+  (three, with the labels) for XLA:TPU to fuse it into the matmuls that
+  consume it: compiled for a v6e chip at N=4096, D=1024, C=32768 in
+  bfloat16, variants with four or five took 512 MiB of temp memory (the
+  gradient written out) against 320 MiB. So the
+  rows where nll is not live get no mask (their log_sum is +inf or NaN),
+  and for half-precision logits the exp's offset is one number, shift +
+  log_sum, whose float32 rounding (2**-24 of |lse|) is 2**-15 of what half
+  a bfloat16 ulp of the logits changes. d log_sum takes an exp of its own
+  (live in forward mode, with z-loss or smoothing, and for classes sharded
+  over devices)."""
+  del q_label
+  hot = one_hot_at(labels, xm.shape, axis)
+  x = xm.astype(shift.dtype)
+  ls_nll = _col(rows.log_sum, axis)
+  if jnp.dtype(xm.dtype).itemsize < 4:
+    p_nll = jnp.exp(x - (shift + ls_nll))
+  else:
+    p_nll = jnp.exp((x - shift) - ls_nll)
+  q = jnp.where(hot, _col(rows.q_label, axis), p_nll)
+  t_label = jnp.sum(jnp.where(hot, txc, 0.0), axis)
+  return jnp.sum(probs(xm, shift, ls) * txc, axis), t_label, jnp.sum(q * txc, axis)
 
 
 @remat(7, 8)
@@ -441,12 +494,16 @@ def _label_tangent(
   shift, ls = _col(stats.shift, axis), _col(stats.log_sum, axis)
   xm = masked(logits, where)
   # p - 1 at the label as expm1(log p_y): exact where p_y is close to 1.
-  q_label = jnp.where(stats.log_sum == -jnp.inf, -1.0, jnp.expm1(stats.picked - stats.log_sum))
+  q_label = jnp.expm1(stats.picked - stats.log_sum)
+  live, dead = _row_nll(labels, xm.shape[axis], stats.log_sum)
+  rows = _NllRows(live, dead, jnp.where(live, q_label, dead), jnp.where(
+      live, stats.log_sum, jnp.where(jnp.isnan(dead), dead, jnp.inf)))
+  q_label = jnp.where(stats.log_sum == -jnp.inf, -1.0, q_label)
   txc = tx.astype(shift.dtype)
   t_log_sum, t_label, t_nll = jax.lax.platform_dependent(
-      xm, labels, shift, ls, q_label, txc,
-      cpu=functools.partial(_label_terms, axis, numbered_one_hot),
-      default=functools.partial(_label_terms, axis, one_hot_at))
+      xm, labels, shift, ls, q_label, rows, txc,
+      cpu=functools.partial(_cpu_label_terms, axis),
+      default=functools.partial(_label_terms, axis))
   sums = None
   if smoothing:
     active, xs = _shifted(xm, shift)

@@ -12,6 +12,7 @@ os.environ.setdefault(
     "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 
 import jax
+import pytest
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -27,3 +28,23 @@ def pytest_sessionfinish(session):
 
     gc.collect()
     gc.disable()
+
+
+@pytest.fixture(params=["cpu", "accelerator"])
+def branches(request, monkeypatch):
+  """Runs each test twice: with jaxce's XLA:CPU code paths, and with those it
+  takes on TPU and GPU (the `tpu=` or `default=` branch of every
+  `lax.platform_dependent`), traced on CPU, so that their values are tested
+  where no accelerator is at hand. Caches are cleared around the second
+  (internal `jax.jit`s would otherwise reuse the CPU traces)."""
+  if request.param == "accelerator":
+    def accelerator(*args, default=None, **per_platform):
+      branch = per_platform.get("tpu", default)
+      return branch(*args)
+
+    jax.clear_caches()
+    monkeypatch.setattr(jax.lax, "platform_dependent", accelerator)
+    yield request.param
+    jax.clear_caches()
+  else:
+    yield request.param

@@ -1,11 +1,12 @@
 """Acceptance figures of the TPU and GPU compilers (issue 8), compile-only.
 
-Every case compiles `jax.value_and_grad` for a TPU v5e chip, a 4-chip v5e slice
-or an H100 target on this host, with no accelerator, and checks the compiler's
-figures: temp memory against the peer's (optax / jax.nn / materialized logits)
-and against the logits' bytes, linear_cross_entropy's temp at the Llama-3 LM head
-(bfloat16, and float32 against materialized logits with no bf16 copy of the kernel),
-no float32 N x C array in a bfloat16 program, and no logits- or kernel-sized
+Every case compiles `jax.value_and_grad` for a TPU v5e chip (and a v6e chip
+for the integer-label losses), a 4-chip v5e slice or an H100 target on this
+host, with no accelerator, and checks the compiler's figures: temp memory
+against the peer's (optax / jax.nn / materialized logits) and against the
+logits' bytes, linear_cross_entropy's temp at the Llama-3 LM head (bfloat16,
+and float32 against materialized logits with no bf16 copy of the kernel), no
+float32 N x C array in a bfloat16 program, and no logits- or kernel-sized
 collective with the vocabulary sharded (the fused loss on the Auto mesh is told
 the vocabulary axis with class_axis_name; without it, a known gap, the kernel is
 all-gathered). The softmax losses use reduced shapes
@@ -63,6 +64,8 @@ def _jobs() -> list[tuple[str, str, str, str, aot.Shape]]:
     for t in ("v5e", "h100"):
       jobs += [(c, i, t, "bfloat16", SMALL) for i in ("jaxce", "peer")]
   jobs += [("optax_prob", i, "h100", "bfloat16", SMALL) for i in ("jaxce", "peer")]
+  jobs += [(c, i, "v6e", "bfloat16", SMALL) for c in ("ce_int", "optax_int")
+           for i in ("jaxce", "peer")]
   for t in ("v5e", "h100"):
     jobs += [("ce_int", i, t, "float32", SMALL) for i in ("jaxce", "peer")]
   for t in LINEAR_TARGETS:
@@ -97,6 +100,9 @@ def compiled(case: str, impl: str, target: str, dtype: str, shape: aot.Shape) ->
     *(_param("peer", c, t, "bfloat16")
       for c in ("ce_int", "ce_prob", "bce", "log_softmax", "optax_int") for t in ("v5e", "h100")),
     *(_param("peer", "ce_int", t, "float32") for t in ("v5e", "h100")),
+    # v6e: the gradient fused into the matmuls only with few per-row operands
+    # (256 MiB against optax's 128 before _stats._label_terms took the nll's).
+    *(_param("peer", c, "v6e", "bfloat16") for c in ("ce_int", "optax_int")),
 ])
 def test_temp_at_most_peer(case, target, dtype):
   mine = compiled(case, "jaxce", target, dtype, SMALL)
@@ -116,8 +122,8 @@ def test_probability_targets_read_the_logits_no_more_than_optax_on_gpu(case):
 
 
 @pytest.mark.parametrize(("case", "target", "dtype"), [
-    _param("logits", "ce_int", t, d)
-    for t in ("v5e", "h100") for d in ("bfloat16", "float32")
+    *(_param("logits", "ce_int", t, d) for t in ("v5e", "h100") for d in ("bfloat16", "float32")),
+    _param("logits", "ce_int", "v6e", "bfloat16"),
 ])
 def test_integer_cross_entropy_temp_at_most_the_logits(case, target, dtype):
   mine = compiled(case, "jaxce", target, dtype, SMALL)

@@ -1156,3 +1156,102 @@ def test_class_axis_in_blocks_matches_reference(layout, opts):
     per = jax.jit(jax.vmap(lambda r, t: f(r[None], t[None])))(jnp.asarray(x), jnp.asarray(y))
     ref_per = ref.cross_entropy_int(x, y, axis=axis, reduction="none")
     np.testing.assert_allclose(np.asarray(per, np.float64), ref_per, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# Both code paths (XLA:CPU's, and TPU/GPU's run on CPU: the `branches` fixture
+# of conftest.py) on the integer-label cases where they differ: the `nll`
+# statistic's gradient (0 or NaN rows set after the reduction on CPU, inside
+# the exp's offset elsewhere, where half-precision logits take one offset).
+
+
+@pytest.mark.parametrize("opts", [
+    {}, {"label_smoothing": 0.1, "z_loss": 1e-3}, {"weight": True, "label_smoothing": 0.2},
+], ids=["plain", "smooth_z", "weight_smooth"])
+def test_both_paths_bfloat16_integer_targets(branches, opts):
+  test_bfloat16_integer_targets_accuracy(opts)
+
+
+@pytest.mark.parametrize("how", ["where", "neg_inf"])
+@pytest.mark.parametrize("opts", [{}, {"z_loss": 0.01}], ids=["plain", "z_loss"])
+def test_both_paths_fully_masked_rows(branches, opts, how):
+  test_fully_masked_rows_integer_targets(opts, how)
+
+
+@pytest.mark.parametrize(("c", "offset"), [(50, 0.0), (1000, 3e4), (257, -1e6)])
+def test_both_paths_dominant_label(branches, c, offset):
+  test_dominant_label_losses_accurate_to_their_own_magnitude(c, offset)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_both_paths_half_precision_far_from_zero(branches, dtype):
+  """Half-precision logits near +-1000 (lse of that size, whose float32
+  rounding is the one-offset exp's error on TPU and GPU): the gradient within
+  half an ulp of its own dtype of the float64 one, at every normal entry
+  above 1e-3 of the row's largest, dominant labels' p - 1 included."""
+  rng = _rng(31)
+  n, c = 24, 40
+  for offset in (1000.0, -1000.0):
+    x = jnp.asarray(offset + rng.integers(-12, 1, size=(n, c)) * 0.5, dtype)
+    y = rng.integers(0, c, size=n).astype(np.int32)
+    x = x.at[np.arange(n)[::2], y[::2]].set(offset + 12.0)  # p_y = 1 - ~1e-5
+    xf = np.asarray(x, np.float64)
+    total = functools.partial(lambda x, y: jaxce.cross_entropy(x, y, reduction="sum"),
+                              y=jnp.asarray(y))
+    g = jax.jit(jax.grad(total))(x)
+    assert g.dtype == x.dtype
+    _, ref_g = _ref_rows(xf, y)
+    g = np.asarray(g, np.float64)
+    big = np.abs(ref_g) >= np.maximum(1e-3 * np.max(np.abs(ref_g), axis=1, keepdims=True),
+                                      float(jnp.finfo(dtype).tiny))
+    assert np.sum(big[np.arange(n), y]) >= n // 2, "labels' entries not checked"
+    ulp = 2.0 ** -(8 if dtype == "bfloat16" else 11)
+    assert np.all(np.abs(g - ref_g)[big] <= ulp * np.abs(ref_g)[big] * 1.01), (offset,)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_both_paths_out_of_range_label_nan_row(branches, reduction):
+  """A label outside [0, C) that is not ignored: NaN loss and a NaN gradient
+  row (so that a non-finite check on the update sees it); the other rows,
+  ignored ones included (0), as PyTorch's formula gives."""
+  rng = _rng(33)
+  x = jnp.asarray(rng.normal(size=(6, 7)), jnp.float32)
+  y = jnp.asarray([0, 9, 2, -100, 6, 3], jnp.int32)
+  f = lambda x: jnp.sum(jaxce.cross_entropy(x, y, reduction=reduction))
+  loss, g = jax.jit(jax.value_and_grad(f))(x)
+  assert np.isnan(loss)
+  g = np.asarray(g)
+  assert np.all(np.isnan(g[1]))
+  assert np.all(g[3] == 0)
+  rows = [0, 2, 4, 5]
+  yr = np.asarray(y)[rows]
+  ref_g = _ref_rows(np.asarray(x, np.float64)[rows], yr)[1]
+  if reduction == "mean":
+    ref_g = ref_g / 5  # five positions not ignored, the bad one among them
+  _close(g[rows], ref_g, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_both_paths_forward_mode(branches, dtype):
+  """jvp of the plain loss, of z-loss (d log_sum) and smoothing, with ignored
+  and fully masked rows: equal to the float64 reference's directional
+  derivative."""
+  rng = _rng(35)
+  n, c = 8, 12
+  x = np.asarray(jnp.asarray(rng.normal(size=(n, c)) * 3, dtype), np.float64)
+  where = np.ones((n, c), bool)
+  where[2] = False
+  y = rng.integers(0, c, size=n).astype(np.int32)
+  y[5] = -100
+  v = rng.normal(size=(n, c))
+  def tangent(x, v, **kw):
+    f = lambda x: jaxce.cross_entropy(x, jnp.asarray(y), where=jnp.asarray(where), **kw)
+    return jax.jvp(f, (x,), (v,))[1]
+
+  for kw in ({}, {"z_loss": 0.01, "label_smoothing": 0.1}):
+    t = jax.jit(functools.partial(tangent, **kw))(jnp.asarray(x, dtype), jnp.asarray(v, dtype))
+    _, _, ref_g = ref_ce_int(x, y, eps=kw.get("label_smoothing", 0.0), z=kw.get("z_loss", 0.0),
+                             where=where)
+    expected = np.sum(ref_g * np.asarray(jnp.asarray(v, dtype), np.float64))
+    tol = 1e-5 if dtype == "float32" else 1e-2
+    _close(t, expected, rtol=tol, atol=tol * np.sum(np.abs(ref_g)), what=str(kw))
