@@ -34,7 +34,16 @@ from jax.custom_derivatives import SymbolicZero
 from jax.typing import DTypeLike
 
 from jaxce import _checks
-from jaxce._log_softmax import LONG_ROW, masked, probs, remat, row_shift, shifted_stats
+from jaxce._log_softmax import (
+  LONG_ROW,
+  accelerator_probs,
+  masked,
+  probs,
+  remat,
+  row_shift,
+  shifted_stats,
+  tangent_probs,
+)
 from jaxce._sum import block_shape, block_size, total
 
 
@@ -466,22 +475,16 @@ def _label_terms(
   bfloat16, variants with four or five took 512 MiB of temp memory (the
   gradient written out) against 320 MiB. So the
   rows where nll is not live get no mask (their log_sum is +inf or NaN),
-  and for half-precision logits the exp's offset is one number, shift +
-  log_sum, whose float32 rounding (2**-24 of |lse|) is 2**-15 of what half
-  a bfloat16 ulp of the logits changes. d log_sum takes an exp of its own
-  (live in forward mode, with z-loss or smoothing, and for classes sharded
-  over devices)."""
+  and half-precision logits take one offset (`accelerator_probs`). d
+  log_sum takes an exp of its own (live in forward mode, with z-loss or
+  smoothing, and for classes sharded over devices)."""
   del q_label
   hot = one_hot_at(labels, xm.shape, axis)
-  x = xm.astype(shift.dtype)
-  ls_nll = _col(rows.log_sum, axis)
-  if jnp.dtype(xm.dtype).itemsize < 4:
-    p_nll = jnp.exp(x - (shift + ls_nll))
-  else:
-    p_nll = jnp.exp((x - shift) - ls_nll)
-  q = jnp.where(hot, _col(rows.q_label, axis), p_nll)
+  q = jnp.where(hot, _col(rows.q_label, axis),
+                accelerator_probs(xm, shift, _col(rows.log_sum, axis)))
   t_label = jnp.sum(jnp.where(hot, txc, 0.0), axis)
-  return jnp.sum(probs(xm, shift, ls) * txc, axis), t_label, jnp.sum(q * txc, axis)
+  t_log_sum = jnp.sum(accelerator_probs(xm, shift, ls) * txc, axis)
+  return t_log_sum, t_label, jnp.sum(q * txc, axis)
 
 
 @remat(7, 8)
@@ -605,7 +608,7 @@ def _target_tangent(
     t_logits = t_logits + jnp.where(active, t_wt * xs, 0.0)
     t_mass = jnp.sum(jnp.where(active, t_wt, 0.0), axis)
   t_logits = jnp.sum(t_logits, axis)
-  t_log_sum = jnp.sum(probs(xm, shift, ls) * txc, axis)
+  t_log_sum = jnp.sum(tangent_probs(xm, shift, ls) * txc, axis)
   sums = None
   if smoothing:
     sums = _smoothing_tangent(active, xs, w, txc, tw, axis, _zero(stats.shift))

@@ -35,7 +35,12 @@ DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 # What today's code fails, with the cause found in the optimized HLO. A fix flips the
 # case to XPASS, which fails (strict): then delete its entry here.
-KNOWN: dict[tuple[str, ...], str] = {}  # (check, case, target[, dtype]) -> why it fails
+KNOWN: dict[tuple[str, ...], str] = {  # (check, case, target[, dtype]) -> why it fails
+    ("peer", "ce_prob", "v6e", "bfloat16"): (
+        "XLA:TPU writes the bf16 gradient out before the matmuls (256 MiB against optax's"
+        " 128), though the gradient's fusion has as many operands as optax's (the logits, the"
+        " targets and two per-row numbers, float32 in jaxce's, bfloat16 in optax's)"),
+}
 LINEAR_AUTO = ("called without class_axis_name on an Auto mesh, linear_cross_entropy cannot"
                " see that the kernel is vocabulary-sharded (an Auto axis's split is in no"
                " type), and its chunk loop dynamic-slices the kernel: XLA's partitioner"
@@ -64,8 +69,8 @@ def _jobs() -> list[tuple[str, str, str, str, aot.Shape]]:
     for t in ("v5e", "h100"):
       jobs += [(c, i, t, "bfloat16", SMALL) for i in ("jaxce", "peer")]
   jobs += [("optax_prob", i, "h100", "bfloat16", SMALL) for i in ("jaxce", "peer")]
-  jobs += [(c, i, "v6e", "bfloat16", SMALL) for c in ("ce_int", "optax_int")
-           for i in ("jaxce", "peer")]
+  jobs += [(c, i, "v6e", "bfloat16", SMALL)
+           for c in ("ce_int", "optax_int", "log_softmax", "ce_prob") for i in ("jaxce", "peer")]
   for t in ("v5e", "h100"):
     jobs += [("ce_int", i, t, "float32", SMALL) for i in ("jaxce", "peer")]
   for t in LINEAR_TARGETS:
@@ -101,8 +106,10 @@ def compiled(case: str, impl: str, target: str, dtype: str, shape: aot.Shape) ->
       for c in ("ce_int", "ce_prob", "bce", "log_softmax", "optax_int") for t in ("v5e", "h100")),
     *(_param("peer", "ce_int", t, "float32") for t in ("v5e", "h100")),
     # v6e: the gradient fused into the matmuls only with few per-row operands
-    # (256 MiB against optax's 128 before _stats._label_terms took the nll's).
-    *(_param("peer", c, "v6e", "bfloat16") for c in ("ce_int", "optax_int")),
+    # (256 MiB against optax's 128 before _stats._label_terms took the nll's
+    # and log_softmax's tangent one offset for bf16 logits).
+    *(_param("peer", c, "v6e", "bfloat16")
+      for c in ("ce_int", "optax_int", "log_softmax", "ce_prob")),
 ])
 def test_temp_at_most_peer(case, target, dtype):
   mine = compiled(case, "jaxce", target, dtype, SMALL)

@@ -1255,3 +1255,58 @@ def test_both_paths_forward_mode(branches, dtype):
     expected = np.sum(ref_g * np.asarray(jnp.asarray(v, dtype), np.float64))
     tol = 1e-5 if dtype == "float32" else 1e-2
     _close(t, expected, rtol=tol, atol=tol * np.sum(np.abs(ref_g)), what=str(kw))
+
+
+def test_both_paths_bfloat16_probability_targets_and_log_softmax(branches):
+  test_bfloat16_probability_targets_accuracy()
+  test_bfloat16_nll_log_softmax_logsumexp_accuracy()
+  test_neg_inf_logits_half_precision()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_both_paths_half_precision_softmax_gradients_far_from_zero(branches, dtype):
+  """log_softmax's and logsumexp's gradients, and probability targets', on
+  half-precision logits near +-1000 with a -inf entry and a row masked
+  whole: within half an ulp of their dtype of the float64 ones at every
+  normal entry above 1e-3 of the row's largest, plus, where the softmax
+  term cancels against another, 2**-22 |lse| of that term (the TPU/GPU
+  path's one offset rounds p by up to 2**-24 |lse|); the masked row's 0."""
+  rng = _rng(37)
+  n, c = 16, 40
+  ulp = 2.0 ** -(8 if dtype == "bfloat16" else 11)
+  where = np.ones((n, c), bool)
+  where[3] = False
+  where[5, :7] = False
+  jw = jnp.asarray(where)
+  losses = {  # of (x, cot, t)
+      "log_softmax": lambda x, cot, t: jnp.sum(jnp.where(
+          jw, jaxce.log_softmax(x, where=jw), 0.0).astype(jnp.float32) * cot),
+      "logsumexp": lambda x, cot, t: jnp.sum(jnp.where(
+          np.arange(n) != 3, jaxce.logsumexp(x, where=jw).astype(jnp.float32), 0.0)),
+      "probabilities": lambda x, cot, t: jaxce.cross_entropy(x, t, where=jw, reduction="sum"),
+  }
+  for offset in (1000.0, -1000.0):
+    x = jnp.asarray(offset + rng.integers(-12, 1, size=(n, c)) * 0.5, dtype)
+    x = x.at[7, 2].set(-jnp.inf)
+    xf = np.asarray(x, np.float64)
+    # (the output's cotangent is in its dtype)
+    cot = np.asarray(jnp.asarray(rng.normal(size=(n, c)), dtype), np.float64)
+    t = rng.dirichlet(np.ones(c), size=n) * where
+    _, act, _, lse, p = _prep(xf, where)
+    total_cot = np.where(where, cot, 0.0).sum(-1, keepdims=True)  # (a -inf logit's
+    mass = t.sum(-1, keepdims=True)  # output, -inf - lse, has a cotangent)
+    refs = {  # the gradient, and its softmax term
+        "log_softmax": (np.where(act, cot - p * total_cot, 0.0), p * np.abs(total_cot)),
+        "logsumexp": (p, p),
+        "probabilities": (np.where(act, p * mass - t, 0.0), p * mass),
+    }
+    for name, (ref, term) in refs.items():
+      g = jax.jit(jax.grad(losses[name]))(x, jnp.asarray(cot, jnp.float32),
+                                          jnp.asarray(t, jnp.float32))
+      assert g.dtype == x.dtype, name
+      g = np.asarray(g, np.float64)
+      assert np.all(g[3] == 0), name
+      big = np.abs(ref) >= np.maximum(1e-3 * np.max(np.abs(ref), axis=1, keepdims=True),
+                                      float(jnp.finfo(dtype).tiny))
+      bound = 1.01 * ulp * np.abs(ref) + 2.0**-22 * np.abs(lse)[:, None] * term
+      assert np.all((np.abs(g - ref) <= bound)[big]), (name, offset)
