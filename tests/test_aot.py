@@ -38,8 +38,9 @@ DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 KNOWN: dict[tuple[str, ...], str] = {  # (check, case, target[, dtype]) -> why it fails
     ("peer", "ce_prob", "v6e", "bfloat16"): (
         "XLA:TPU writes the bf16 gradient out before the matmuls (256 MiB against optax's"
-        " 128), though the gradient's fusion has as many operands as optax's (the logits, the"
-        " targets and two per-row numbers, float32 in jaxce's, bfloat16 in optax's)"),
+        " 128): its fusion has three per-row operands (lse and two masked cotangents) against"
+        " optax's two; a cross-entropy statistic without the mask fused, but slowed XLA:CPU"
+        " (see the README)"),
 }
 LINEAR_AUTO = ("called without class_axis_name on an Auto mesh, linear_cross_entropy cannot"
                " see that the kernel is vocabulary-sharded (an Auto axis's split is in no"
