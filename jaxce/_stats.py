@@ -473,11 +473,11 @@ def _label_terms(
   (three, with the labels) for XLA:TPU to fuse it into the matmuls that
   consume it: compiled for a v6e chip at N=4096, D=1024, C=32768 in
   bfloat16, variants with four or five took 512 MiB of temp memory (the
-  gradient written out) against 320 MiB. So the
-  rows where nll is not live get no mask (their log_sum is +inf or NaN),
-  and half-precision logits take one offset (`accelerator_probs`). d
-  log_sum takes an exp of its own (live in forward mode, with z-loss or
-  smoothing, and for classes sharded over devices)."""
+  gradient written out) against 320 MiB. So the rows where nll is not live
+  get no mask (their log_sum is +inf or NaN), and half-precision logits
+  take one offset (`accelerator_probs`). d log_sum takes an exp of its own
+  (live in forward mode, with z-loss or smoothing, and for classes sharded
+  over devices)."""
   del q_label
   hot = one_hot_at(labels, xm.shape, axis)
   q = jnp.where(hot, _col(rows.q_label, axis),
