@@ -501,6 +501,7 @@ def _label_tangent(
   live, dead = _row_nll(labels, xm.shape[axis], stats.log_sum)
   rows = _NllRows(live, dead, jnp.where(live, q_label, dead), jnp.where(
       live, stats.log_sum, jnp.where(jnp.isnan(dead), dead, jnp.inf)))
+  # CPU's d log_sum = d nll + dx_y: -1 keeps it 0 on rows with no class.
   q_label = jnp.where(stats.log_sum == -jnp.inf, -1.0, q_label)
   txc = tx.astype(shift.dtype)
   t_log_sum, t_label, t_nll = jax.lax.platform_dependent(
