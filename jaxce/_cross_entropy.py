@@ -58,10 +58,14 @@ def cross_entropy(
   * Classes outside `where`, and classes whose logit is -inf, take no part:
     probability 0, gradient 0, and label smoothing spreads its mass over the
     remaining :math:`C_n` classes of each position (:math:`C_n = C` when
-    nothing is masked). A position with no class left contributes 0. With
-    probability targets, the gradient w.r.t. the targets on such a class is
-    0 too (not :math:`w_c \log\sum e^x`); target mass on a -inf logit makes
-    the loss +inf.
+    nothing is masked). A position with no class left contributes 0, with
+    zero gradients. With probability targets, the gradient w.r.t. the
+    targets on such a class is 0 too (not :math:`w_c \log\sum e^x`), and
+    target mass on a -inf logit makes the loss +inf (and the gradient
+    there that of :math:`-w_c t_c x_c`) on any position, also one whose
+    logits are all -inf, as :math:`-\sum_c t_c \log p_c` of
+    :func:`log_softmax`'s all -inf row is (target mass outside `where` is
+    dropped).
 
   Accuracy: the per-position shift (the label's logit, or the max) is kept
   apart from the log-sum, so the loss is ``log_sum - (x_y - shift)`` and the

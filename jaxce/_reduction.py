@@ -131,6 +131,29 @@ def _uniform_ce(log_sum: jax.Array, sums: SmoothingSums, keep: jax.Array) -> jax
       sums.num_active, 1.0)
 
 
+def _target_ce(mass: jax.Array, log_sum: jax.Array, target_logits: jax.Array, keep: jax.Array
+               ) -> jax.Array:
+  """mass * log_sum - target_logits per row; a row with no active class
+  (`keep` false) has only the second term: 0, or +inf when target mass sits
+  on its -inf logits, as on any row with target mass on a -inf logit (and as
+  the cross-entropy of log_softmax's all -inf row is).
+
+  `target_logits` is not masked, so its cotangent is one scalar and the
+  gradient's fusion has two per-row operands, which XLA:TPU fuses into the
+  matmuls that consume it (with a third it writes the gradient out).
+  """
+  return jnp.where(keep, mass * log_sum, 0.0) - target_logits
+
+
+def _cpu_target_ce(mass: jax.Array, log_sum: jax.Array, target_logits: jax.Array,
+                   keep: jax.Array) -> jax.Array:
+  """`_target_ce` for XLA:CPU, the same values through a select: fed to the
+  loss's sum unmasked, `target_logits`' row sums are fused into it, and
+  value_and_grad took 1.07-1.12x the previous loss's time at float32
+  16384 x 100, 65536 x 10 and 4096 x 1024 (this select: 0.99-1.02x)."""
+  return jnp.where(keep, mass * log_sum - target_logits, -target_logits)
+
+
 def target_loss(
     stats: TargetStats,
     *,
@@ -147,8 +170,8 @@ def target_loss(
   """
   keep = stats.log_sum != -jnp.inf
   log_sum = jnp.where(keep, stats.log_sum, 0.0)
-  target_logits = jnp.where(keep, stats.target_logits, 0.0)
-  loss = jnp.where(keep, stats.target_mass * log_sum - target_logits, 0.0)
+  loss: jax.Array = jax.lax.platform_dependent(
+      stats.target_mass, log_sum, stats.target_logits, keep, cpu=_cpu_target_ce, default=_target_ce)
   if label_smoothing:
     assert stats.smoothing is not None
     loss = (1.0 - label_smoothing) * loss + label_smoothing * _uniform_ce(

@@ -35,13 +35,7 @@ DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 # What today's code fails, with the cause found in the optimized HLO. A fix flips the
 # case to XPASS, which fails (strict): then delete its entry here.
-KNOWN: dict[tuple[str, ...], str] = {  # (check, case, target[, dtype]) -> why it fails
-    ("peer", "ce_prob", "v6e", "bfloat16"): (
-        "XLA:TPU writes the bf16 gradient out before the matmuls (256 MiB against optax's"
-        " 128): its fusion has three per-row operands (lse and two masked cotangents) against"
-        " optax's two; a cross-entropy statistic without the mask fused, but slowed XLA:CPU"
-        " (see the README)"),
-}
+KNOWN: dict[tuple[str, ...], str] = {}  # (check, case, target[, dtype]) -> why it fails
 LINEAR_AUTO = ("called without class_axis_name on an Auto mesh, linear_cross_entropy cannot"
                " see that the kernel is vocabulary-sharded (an Auto axis's split is in no"
                " type), and its chunk loop dynamic-slices the kernel: XLA's partitioner"

@@ -683,6 +683,50 @@ def test_fully_masked_rows_probability_targets(eps):
   assert float(per_i[1]) == 0.0
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("opts", [{}, {"label_smoothing": 0.2, "z_loss": 0.01}],
+                         ids=["plain", "smoothing_z_loss"])
+def test_all_neg_inf_rows_probability_targets(branches, opts, dtype):
+  """A row whose logits are all -inf: loss 0 and no gradient without target
+  mass; with mass, +inf (mass on a -inf logit, as on any row: the
+  cross-entropy of log_softmax's all -inf row), and the gradient that such
+  mass gives on any row, -w t / N at those logits, 0 w.r.t. the targets."""
+  dt = DTYPES[dtype]
+  rng = _rng(31)
+  x = rng.normal(size=(4, 5)).astype(np.float32)
+  x[1] = -np.inf  # all -inf, no target mass
+  x[2] = -np.inf  # all -inf, target mass
+  x[3, 0] = -np.inf  # a live row with mass on a -inf logit
+  t = rng.dirichlet(np.ones(5), size=4).astype(np.float32)
+  t[1] = 0.0
+  xj, tj = jnp.asarray(x, dt), jnp.asarray(t, dt)
+  tq = np.asarray(tj, np.float64)
+  scale = 1.0 - opts.get("label_smoothing", 0.0)
+  for weight in (None, np.linspace(0.5, 2.0, 5)):
+    jw = None if weight is None else jnp.asarray(weight, jnp.float32)
+    f = functools.partial(_per_row_ce, weight=jw, **opts)
+    per = np.asarray(jax.jit(f)(xj, tj))
+    gx, gt = jax.jit(jax.grad(lambda x, t, f=f: jnp.mean(f(x, t)), (0, 1)))(xj, tj)
+    gx, gt = np.asarray(gx, np.float64), np.asarray(gt, np.float64)
+    assert per[1] == 0.0
+    assert np.all(gx[1] == 0)
+    assert np.all(gt[1] == 0)
+    assert per[2] == np.inf
+    assert per[3] == np.inf
+    assert np.isfinite(per[0])
+    wc = np.ones(5) if weight is None else weight
+    np.testing.assert_allclose(gx[2], -scale * wc * tq[2] / 4,
+                               rtol=1e-2 if dtype == "bfloat16" else 1e-6)
+    assert np.all(gt[2] == 0)
+    assert gt[3, 0] == 0
+    assert np.all(np.isfinite(gx))
+    assert np.all(np.isfinite(gt))
+
+
+def _per_row_ce(x, t, **kw):
+  return jaxce.cross_entropy(x, t, reduction="none", **kw)
+
+
 def test_fully_masked_rows_log_softmax_is_neg_inf():
   """The docstring: masked classes get -inf; "a row with no class left is all
   -inf" (through `where`, or with every logit -inf)."""

@@ -748,6 +748,38 @@ def test_row_with_no_class_left_has_zero_gradient(path):
   _assert_same(out, expected)
 
 
+@pytest.mark.parametrize("path", ["shard_map", "jit-Explicit"])
+def test_all_neg_inf_rows_with_classes_split(path):
+  """Rows of all -inf logits with the classes split over devices, as on one
+  device: 0 with zero gradient without target mass, +inf with it (each
+  device's slice of such a row is all -inf too)."""
+  logits = ARRAYS["logits"].copy()
+  logits[:2] = -np.inf
+  targets = ARRAYS["targets"].copy()
+  targets[0] = 0.0
+  arrays = {**ARRAYS, "logits": logits, "targets": targets}
+  fns = {"probs": _ce_fn("targets", label_smoothing=0.1)}
+  specs = {"logits": P("data", "model"), "targets": P("data", "model")}
+  unsharded = {k: functools.partial(f, reduction="none", class_axis_name=None)
+               for k, f in fns.items()}
+  expected = _single_device(unsharded, arrays, ("logits", "targets"))
+  loss = expected["probs"]["loss"]
+  assert loss[0] == 0.0
+  assert loss[1] == np.inf
+  assert np.all(np.isfinite(loss[2:]))
+  assert np.all(expected["probs"]["grads"]["logits"][0] == 0.0)
+  if path == "shard_map":
+    cases = {k: _case(f, specs, "none")[0] for k, f in fns.items()}
+    out = _run(_program(cases, ("logits", "targets")), arrays)[0]
+  else:
+    mesh = _mesh("Explicit")
+    sharded = {k: jax.device_put(arrays[k], NamedSharding(mesh, s)) for k, s in specs.items()}
+    sharded["ct"] = ARRAYS["ct"]
+    with jax.set_mesh(mesh):
+      out = _run(_program(unsharded, ("logits", "targets")), sharded)[0]
+  _assert_same(out, expected)
+
+
 # ---------------------------------------------------------------------------
 # examples/sharding.py
 
