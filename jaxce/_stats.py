@@ -171,15 +171,27 @@ def _smoothing_stats(
 ) -> SmoothingSums:
   """`SmoothingSums` of `xm` about `shift` (its `axis` kept, length 1)."""
   ct = shift.dtype
+  w = _class_weights(weight, axis, xm.ndim, ct)
 
-  def general(xm: jax.Array, shift: jax.Array) -> SmoothingSums:
+  def cpu_weighted(xm: jax.Array, shift: jax.Array, w: jax.Array) -> SmoothingSums:
     active, xs = _shifted(xm, shift)
-    return _smoothing_sums(active, xs, _class_weights(weight, axis, xm.ndim, ct), axis)
+    return _smoothing_sums(active, xs, w, axis)
 
-  if weight is not None:
-    return general(xm, shift)
-  out: SmoothingSums = jax.lax.platform_dependent(
-      xm, shift, cpu=functools.partial(_cpu_unweighted_sums, axis=axis), default=general)
+  def accelerator(xm: jax.Array, shift: jax.Array, w: jax.Array) -> SmoothingSums:
+    # `active` from x - shift, so that every sum depends on the shift: XLA:GPU
+    # then reduces them in the log-sum's pass over the logits, not in passes
+    # of their own (two fewer reads of the logits at [4096, 32768] on H100).
+    xs = xm.astype(ct) - shift
+    active = xs > -jnp.inf
+    xs = jnp.where(active, xs, 0.0)
+    if weight is None:  # the weight sum is the count
+      count = total(active.astype(ct), axis)
+      return SmoothingSums(total(xs, axis), count, count)
+    return _smoothing_sums(active, xs, w, axis)
+
+  cpu = cpu_weighted if weight is not None else (
+      lambda xm, shift, w: _cpu_unweighted_sums(xm, shift, axis))
+  out: SmoothingSums = jax.lax.platform_dependent(xm, shift, w, cpu=cpu, default=accelerator)
   return out
 
 
