@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fast_compile import compile_as_shipped
 from jax.test_util import check_grads
 from residuals import saved_residuals
 
@@ -430,7 +431,7 @@ def test_cpu_gradient_finds_the_label_by_constant_class_numbers():
   x = jnp.zeros((16, 1000), jnp.float32)
   y = jnp.arange(16, dtype=jnp.int32)
   f = jax.jit(jax.value_and_grad(lambda x: jaxce.cross_entropy(x, y)))
-  cpu = f.lower(x).compile().as_text()
+  cpu = compile_as_shipped(f.lower(x)).as_text()
   assert "s32[1000]{0} constant" in cpu
   assert not re.search(r"s32\[16,1000\]\{1,0\} iota", cpu)
   tpu = f.trace(x).lower(lowering_platforms=("tpu",)).as_text()
@@ -443,7 +444,8 @@ def test_cpu_smoothing_sums_materialize_nothing():
   integer-label smoothing keeps no N x C array (three before)."""
   x = jnp.zeros((16, 1000), jnp.float32)
   y = jnp.arange(16, dtype=jnp.int32)
-  hlo = jax.jit(lambda x: jaxce.cross_entropy(x, y, label_smoothing=0.1)).lower(x).compile()
+  hlo = compile_as_shipped(
+      jax.jit(lambda x: jaxce.cross_entropy(x, y, label_smoothing=0.1)).lower(x))
   entry = hlo.as_text().split("ENTRY")[1]
   assert not re.search(r"= f32\[16,1000\]\{1,0\} fusion\(", entry)
 
@@ -457,5 +459,5 @@ def test_cpu_sums_start_from_negative_zero():
   for f in (lambda x: jaxce.cross_entropy(x, y, label_smoothing=0.1),
             lambda x: jaxce.cross_entropy(x, jax.nn.softmax(x)),
             lambda x: jnp.sum(jaxce.log_softmax(x)[:, 0])):
-    hlo = jax.jit(jax.value_and_grad(f)).lower(x).compile().as_text()
+    hlo = compile_as_shipped(jax.jit(jax.value_and_grad(f)).lower(x)).as_text()
     assert "constant(-0)" in hlo

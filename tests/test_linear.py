@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from fast_compile import compile_fast
+from fast_compile import compile_as_shipped, compile_fast
 from golden import load, torch_version
 from residuals import saved_residuals
 
@@ -38,9 +38,8 @@ from jaxce import _linear_precompute, _linear_stats
 F32 = jnp.float32
 F32_EPS = float(np.finfo(np.float32).eps)
 HIGHEST = jax.lax.Precision.HIGHEST
-# Compile time dominates: LLVM's optimizations off (as in test_golden.py) and
-# XLA:CPU's older loop-fusion emitters halve it; the arithmetic is the same
-# IEEE arithmetic. (Not for the memory checks, which need the real pipeline.)
+# Compile time dominates: the programs compile with FAST_COMPILE
+# (tests/fast_compile.py); the memory checks with XLA's defaults.
 
 GROUP = 4  # cases per compiled program
 D, V = 5, 37  # V prime: chunk 7 leaves a shifted, overlapping last chunk
@@ -53,7 +52,7 @@ INF_COLS = (33, 36)  # -inf bias: 33 lies in the overlap of the last chunk of 7
 
 def _fast(fn):
   """`fn` jitted, compiled with FAST_COMPILE for the arguments of each call."""
-  return lambda *args: compile_fast(fn, *args, xla_cpu_use_fusion_emitters=False)(*args)
+  return lambda *args: compile_fast(fn, *args)(*args)
 
 
 def _ct(dtype):
@@ -841,7 +840,8 @@ def test_compiled_program_has_no_logits_buffer(monkeypatch, fresh_caches, dtype,
     k = jax.ShapeDtypeStruct((HLO_D, vocab), dt)
     b = jax.ShapeDtypeStruct((vocab,), dt)
     w = jax.ShapeDtypeStruct((vocab,), F32)
-    return jax.jit(jax.value_and_grad(loss, (0, 1, 2))).lower(x, k, b, w, labels).compile()
+    return compile_as_shipped(
+        jax.jit(jax.value_and_grad(loss, (0, 1, 2))).lower(x, k, b, w, labels))
 
   compiled = compile_for(HLO_V)
   text = compiled.as_text()

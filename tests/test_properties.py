@@ -120,7 +120,7 @@ def test_probability_targets_with_neg_inf_logits(x, neg_inf, dead_rows, t, w, z)
     lse = m + np.log(np.exp(x64 - m[:, None]).sum(-1))
     logp = np.where(live[:, None], x64 - lse[:, None], -np.inf)
     terms = np.where(t64 > 0, -wc * t64 * logp, 0.0)
-  ref = terms.sum(-1) + np.where(live, z * lse**2, 0.0)
+    ref = terms.sum(-1) + np.where(live, z * lse**2, 0.0)  # z * inf**2 off live rows
   per = np.asarray(out.none, np.float64)
   np.testing.assert_array_equal(np.isinf(per), np.isinf(ref))
   fin = np.isfinite(ref)

@@ -151,7 +151,7 @@ def _objective(loss, arrays):
 
 def _run(fn, *args):
   """`jax.jit(fn)(*args)`, compiled with FAST_COMPILE; returns (result, compiled)."""
-  compiled = compile_fast(fn, *args, xla_cpu_use_fusion_emitters=False)
+  compiled = compile_fast(fn, *args)
   return compiled(*args), compiled
 
 
