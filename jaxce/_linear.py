@@ -22,6 +22,7 @@ from jaxce import _checks, _collective, _dispatch, _explicit, _linear_precompute
 from jaxce._linear_stats import (
     ACCEL_BLOCK_ELEMENTS,
     Plan,
+    cpu_chunk_size,
     default_chunk_size,
     linear_label_stats,
     linear_label_stats_rev,
@@ -123,12 +124,15 @@ def linear_cross_entropy(
     z_loss: Weight of the squared logsumexp, >= 0.
     softcap: Optional positive logit soft-cap.
     chunk_size: Vocabulary chunk. None picks the power of two that makes a
-      float32 [N, chunk] block about 16 MiB, within [128, V] (1024 columns
-      when N is symbolic under `jax.export`), or all of V when a float32
-      [N, V] block is no larger than the kernel (4 N <= D times the kernel's
-      itemsize) nor than 64 MiB: chunks would then only add kernel-sized
-      copies. Any positive size works; the last chunk is shifted to stay in
-      bounds and its overlap with the previous one is counted once.
+      float32 [N, chunk] block about 16 MiB on TPU and GPU (8 MiB in their
+      backward) and 4 MiB on CPU but at least 512 columns there unless the
+      16 MiB rule gives fewer (16 MiB everywhere with `forward_mode`),
+      within [128, V] (1024 columns when N is symbolic under
+      `jax.export`), or all of V when a float32 [N, V] block
+      is no larger than the kernel (4 N <= D times the kernel's itemsize)
+      nor than 64 MiB: chunks would then only add kernel-sized copies. Any
+      positive size works; the last chunk is shifted to stay in bounds and
+      its overlap with the previous one is counted once.
     forward_mode: False (default): a `jax.custom_vjp` with a hand-written
       backward, for reverse mode (`jax.grad`, `jax.vjp`, grad-of-grad);
       `jax.jvp` raises. True: a `jax.custom_jvp` with a chunked,
@@ -244,16 +248,18 @@ def linear_cross_entropy(
       column_bytes = d * kernel.dtype.itemsize
       whole = (default_chunk_size(n, vocab, column_bytes=column_bytes) if chunk_size is None
                else min(chunk_size, vocab))
-      chunk = min(max(1, whole // groups), vocab // groups)
+      per_group = lambda c: min(max(1, c // groups), vocab // groups)
       operands = (x.reshape(n, d), kernel, bias, classes.local_labels, weight if eps else None)
-      if forward_mode:
-        stats = _STATS_JIT[True](*operands, chunk, softcap, bool(eps), groups)
+      if forward_mode:  # the same chunk on every platform
+        stats = _STATS_JIT[True](*operands, per_group(whole), softcap, bool(eps), groups)
       else:
-        # Off CPU: one group; the backward's chunk is half the default block
-        # (an explicit chunk_size is kept).
+        # XLA:CPU takes smaller blocks (`cpu_chunk_size`); off CPU, one
+        # group, and the backward's chunk is half the default block (an
+        # explicit chunk_size is kept everywhere).
+        cpu_whole = whole if chunk_size is not None else cpu_chunk_size(n, vocab, column_bytes)
         backward_chunk = whole if chunk_size is not None else default_chunk_size(
             n, vocab, ACCEL_BLOCK_ELEMENTS, column_bytes)
-        plan = Plan(chunk, groups, whole, backward_chunk)
+        plan = Plan(per_group(cpu_whole), groups, whole, backward_chunk)
         stats = _STATS_JIT[False](*operands, plan, softcap, bool(eps))
     stats = _collective.combine(stats, class_axis_name, classes.owned)
     loss = integer_target_loss(

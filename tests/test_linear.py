@@ -675,6 +675,30 @@ def test_default_chunk_size_takes_all_columns_for_few_tokens():
   assert _linear_stats.default_chunk_size(2048, 128_256, column_bytes=4096 * 2) == 2048
 
 
+def test_cpu_chunk_size():
+  """XLA:CPU's chunk: float32 [N, chunk] blocks of about CPU_BLOCK_ELEMENTS
+  (2**20) but at least CPU_MIN_CHUNK (512) columns, or the 16 MiB rule's
+  chunk where that is smaller (N > 8192); all of V where
+  `default_chunk_size` takes it whole for the kernel's sake."""
+  rule = _linear_stats.cpu_chunk_size
+  assert (_linear_stats.CPU_BLOCK_ELEMENTS, _linear_stats.CPU_MIN_CHUNK) == (2**20, 512)
+  assert rule(512, 1_048_576, column_bytes=64 * 4) == 2048
+  assert rule(2048, 65_536, column_bytes=256 * 2) == 512
+  assert rule(1000, 50_257) == 1024
+  assert rule(4096, 50_257) == 512  # 256 columns wanted
+  assert rule(8192, 128_256, column_bytes=4096 * 2) == 512  # = the 16 MiB rule
+  assert rule(16_384, 32_768) == 256
+  assert rule(2**15, 32_768) == 128  # floor of 128
+  assert rule(10**6, 100) == 100
+  assert rule(512, 300) == 300
+  assert rule(64, 1000) == 1000
+  assert rule(64, 151_936, column_bytes=128 * 4) == 151_936
+  assert rule(64, 262_144, column_bytes=128 * 2) == 262_144
+  assert rule(65, 151_936, column_bytes=128 * 2) == 8192
+  n = jax.export.symbolic_shape("n")[0]
+  assert rule(n, 50_257) == _linear_stats.SYMBOLIC_CHUNK
+
+
 @pytest.mark.parametrize(("dtype", "vocab"), [  # one group of 37; 8 groups of 5 (8 CPU devices)
     (jnp.bfloat16, 37), (jnp.float16, 40)])
 def test_cpu_half_dkernel_panels_match_direct_writes(monkeypatch, fresh_caches, dtype, vocab):
@@ -738,10 +762,18 @@ def test_default_chunk_size_is_used(monkeypatch, fresh_caches):
   text = str(jax.make_jaxpr(lambda x, k: loss_fn(x, k))(x, kernel))
   assert set(_scan_lengths(text)) == {1}
   monkeypatch.setattr(_linear_stats, "BLOCK_ELEMENTS", 2**12)
+  monkeypatch.setattr(_linear_stats, "CPU_BLOCK_ELEMENTS", 2**12)
   jax.clear_caches()  # the public function's cached trace holds the old chunk
   assert _linear_stats.default_chunk_size(n, vocab) == 512
+  assert _linear_stats.cpu_chunk_size(n, vocab) == 512
   text = str(jax.make_jaxpr(lambda x, k: loss_fn(x, k))(x, kernel))
   assert set(_scan_lengths(text)) == {2}  # 1000 columns in chunks of 512 (64 x 8 groups)
+  # XLA:CPU's loop takes its own block: chunks of 256 (32 x 8 groups), 4 steps
+  monkeypatch.setattr(_linear_stats, "CPU_BLOCK_ELEMENTS", 2**11)
+  monkeypatch.setattr(_linear_stats, "CPU_MIN_CHUNK", 128)
+  jax.clear_caches()
+  text = str(jax.make_jaxpr(lambda x, k: loss_fn(x, k))(x, kernel))
+  assert sorted(_scan_lengths(text)) == [2, 4]
   loss, ref = _fast(lambda x, k: (loss_fn(x, k), _ref_loss(x, k, labels, reduction="none")))(
       x, kernel)
   _assert_close(loss, ref, rtol=1e-5, atol=1e-6, what="loss")
