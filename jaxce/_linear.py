@@ -248,7 +248,10 @@ def linear_cross_entropy(
       column_bytes = d * kernel.dtype.itemsize
       whole = (default_chunk_size(n, vocab, column_bytes=column_bytes) if chunk_size is None
                else min(chunk_size, vocab))
-      per_group = lambda c: min(max(1, c // groups), vocab // groups)
+
+      def per_group(c: int) -> int:
+        return min(max(1, c // groups), vocab // groups)
+
       operands = (x.reshape(n, d), kernel, bias, classes.local_labels, weight if eps else None)
       if forward_mode:  # the same chunk on every platform
         stats = _STATS_JIT[True](*operands, per_group(whole), softcap, bool(eps), groups)
