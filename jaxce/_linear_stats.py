@@ -105,10 +105,11 @@ def default_chunk_size(num_tokens: Any, vocab: int, block_elements: int | None =
 
 def cpu_chunk_size(num_tokens: Any, vocab: int, column_bytes: int | None = None) -> int:
   """XLA:CPU's vocabulary chunk when `chunk_size=None`: `default_chunk_size`
-  where that takes all of V for the kernel's sake or is at most
-  `CPU_MIN_CHUNK` (512) columns (N >= 8192, or a symbolic N), else the power
-  of two that makes a float32 [N, chunk] block about `CPU_BLOCK_ELEMENTS`
-  (4 MiB), but at least `CPU_MIN_CHUNK` columns (and at most V)."""
+  for a symbolic N, where that takes all of V for the kernel's sake, and
+  where it is at most `CPU_MIN_CHUNK` (512) columns (N >= 8192); else the
+  power of two that makes a float32 [N, chunk] block about
+  `CPU_BLOCK_ELEMENTS` (4 MiB), but at least `CPU_MIN_CHUNK` columns (and
+  at most V)."""
   chunk = default_chunk_size(num_tokens, vocab, column_bytes=column_bytes)
   if not isinstance(num_tokens, int | np.integer) or _whole_vocabulary(
       int(num_tokens), vocab, column_bytes, BLOCK_ELEMENTS):
