@@ -126,7 +126,8 @@ def linear_cross_entropy(
     chunk_size: Vocabulary chunk. None picks the power of two that makes a
       float32 [N, chunk] block about 16 MiB on TPU and GPU (8 MiB in their
       backward) and 4 MiB on CPU but at least 512 columns there unless the
-      16 MiB rule gives fewer (16 MiB everywhere with `forward_mode`),
+      16 MiB rule gives fewer, and all of V when that is at most 8 MiB
+      (16 MiB everywhere with `forward_mode`),
       within [128, V] (1024 columns when N is symbolic under
       `jax.export`), or all of V when a float32 [N, V] block
       is no larger than the kernel (4 N <= D times the kernel's itemsize)

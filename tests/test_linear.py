@@ -679,7 +679,8 @@ def test_cpu_chunk_size():
   """XLA:CPU's chunk: float32 [N, chunk] blocks of about CPU_BLOCK_ELEMENTS
   (2**20) but at least CPU_MIN_CHUNK (512) columns, or the 16 MiB rule's
   chunk where that is smaller (N > 8192); all of V where
-  `default_chunk_size` takes it whole for the kernel's sake."""
+  `default_chunk_size` takes it whole for the kernel's sake, or where it
+  fits in two such blocks (one chunk, no loop)."""
   rule = _linear_stats.cpu_chunk_size
   assert (_linear_stats.CPU_BLOCK_ELEMENTS, _linear_stats.CPU_MIN_CHUNK) == (2**20, 512)
   assert rule(512, 1_048_576, column_bytes=64 * 4) == 2048
@@ -691,6 +692,9 @@ def test_cpu_chunk_size():
   assert rule(2**15, 32_768) == 128  # floor of 128
   assert rule(10**6, 100) == 100
   assert rule(512, 300) == 300
+  assert rule(2048, 1024) == 1024  # 8 MiB: one chunk, no loop
+  assert rule(4096, 1024) == 512
+  assert rule(2048, 4096) == 512
   assert rule(64, 1000) == 1000
   assert rule(64, 151_936, column_bytes=128 * 4) == 151_936
   assert rule(64, 262_144, column_bytes=128 * 2) == 262_144
@@ -762,14 +766,13 @@ def test_default_chunk_size_is_used(monkeypatch, fresh_caches):
   text = str(jax.make_jaxpr(lambda x, k: loss_fn(x, k))(x, kernel))
   assert set(_scan_lengths(text)) == {1}
   monkeypatch.setattr(_linear_stats, "BLOCK_ELEMENTS", 2**12)
-  monkeypatch.setattr(_linear_stats, "CPU_BLOCK_ELEMENTS", 2**12)
+  monkeypatch.setattr(_linear_stats, "CPU_BLOCK_ELEMENTS", 2**11)  # 256 wanted, 512 the floor
   jax.clear_caches()  # the public function's cached trace holds the old chunk
   assert _linear_stats.default_chunk_size(n, vocab) == 512
   assert _linear_stats.cpu_chunk_size(n, vocab) == 512
   text = str(jax.make_jaxpr(lambda x, k: loss_fn(x, k))(x, kernel))
   assert set(_scan_lengths(text)) == {2}  # 1000 columns in chunks of 512 (64 x 8 groups)
   # XLA:CPU's loop takes its own block: chunks of 256 (32 x 8 groups), 4 steps
-  monkeypatch.setattr(_linear_stats, "CPU_BLOCK_ELEMENTS", 2**11)
   monkeypatch.setattr(_linear_stats, "CPU_MIN_CHUNK", 128)
   jax.clear_caches()
   text = str(jax.make_jaxpr(lambda x, k: loss_fn(x, k))(x, kernel))
