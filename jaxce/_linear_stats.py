@@ -113,14 +113,14 @@ def cpu_chunk_size(num_tokens: Any, vocab: int, column_bytes: int | None = None)
   `CPU_MIN_CHUNK` columns (and at most V). bfloat16 value_and_grad at
   D=128, V=1024: N=2048 in one chunk (8 MiB) took 0.77x the time of two,
   N=4096 in one (16 MiB) 1.44x."""
-  chunk = default_chunk_size(num_tokens, vocab, column_bytes=column_bytes)
-  if not isinstance(num_tokens, int | np.integer) or _whole_vocabulary(
-      int(num_tokens), vocab, column_bytes, BLOCK_ELEMENTS):
-    return chunk
-  if int(num_tokens) * vocab <= 2 * CPU_BLOCK_ELEMENTS:  # one chunk, no loop
+  if not isinstance(num_tokens, int | np.integer):
+    return default_chunk_size(num_tokens, vocab)
+  n = int(num_tokens)
+  if (_whole_vocabulary(n, vocab, column_bytes, BLOCK_ELEMENTS)
+      or n * vocab <= 2 * CPU_BLOCK_ELEMENTS):  # one chunk, no loop
     return max(1, vocab)
-  small = default_chunk_size(num_tokens, vocab, CPU_BLOCK_ELEMENTS)
-  return max(small, min(CPU_MIN_CHUNK, chunk))
+  small = default_chunk_size(n, vocab, CPU_BLOCK_ELEMENTS)
+  return max(small, min(CPU_MIN_CHUNK, default_chunk_size(n, vocab)))
 
 
 def _whole_vocabulary(n: int, vocab: int, column_bytes: int | None, block: int) -> bool:

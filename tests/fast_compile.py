@@ -30,6 +30,11 @@ def _compile(lowered, options):
     return lowered.compile()
 
 
+def compile_lowered_fast(lowered):
+  """`lowered.compile` with FAST_COMPILE, falling back as `compile_fast` does."""
+  return _compile(lowered, FAST_COMPILE)
+
+
 def compile_fast(fn, *args, **options):
   """`jax.jit(fn)` compiled for `args` with FAST_COMPILE (plus `options`),
   falling back to the default options on an XLA that does not know one."""

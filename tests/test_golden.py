@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from fast_compile import FAST_COMPILE
+from fast_compile import compile_lowered_fast
 from golden import NAMES, load, torch_version
 
 import jaxce
@@ -130,8 +130,8 @@ def _file_results(name, dtype):
   inputs = [_inputs(c, dtype) for c in cases]
   if dtype == "float64":
     with jax.enable_x64(True):
-      return jax.device_get(run_all.lower(inputs).compile(FAST_COMPILE)(inputs))
-  return jax.device_get(run_all.lower(inputs).compile(FAST_COMPILE)(inputs))
+      return jax.device_get(compile_lowered_fast(run_all.lower(inputs))(inputs))
+  return jax.device_get(compile_lowered_fast(run_all.lower(inputs))(inputs))
 
 
 def _check(name, index, case, dtype):

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from fast_compile import FAST_COMPILE
+from fast_compile import compile_lowered_fast
 
 import jaxce
 
@@ -244,7 +244,7 @@ def _all_cases(mode):
     inputs = [_inputs(c, mode) for c in CASES]
     fns = [_both(c) if mode == "jit" else jax.vmap(_both(c)) for c in CASES]
     run = jax.jit(lambda ins: [f(args, cot) for f, (args, cot) in zip(fns, ins, strict=True)])
-    outputs = jax.device_get(run.lower(inputs).compile(FAST_COMPILE)(inputs))
+    outputs = jax.device_get(compile_lowered_fast(run.lower(inputs))(inputs))
     _RESULTS[mode] = dict(zip([c.name for c in CASES], outputs, strict=True))
   return _RESULTS[mode]
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference as ref
-from fast_compile import FAST_COMPILE
+from fast_compile import compile_lowered_fast
 
 import jaxce
 
@@ -94,7 +94,7 @@ def _grouped(family: str, cases: Sequence, make: Callable, compute: Callable):
     cases = list(cases)
     inputs = [make(c) for c in cases]
     run = jax.jit(lambda ins: [compute(c, i) for c, i in zip(cases, ins, strict=True)])
-    outputs = jax.device_get(run.lower(inputs).compile(FAST_COMPILE)(inputs))
+    outputs = jax.device_get(compile_lowered_fast(run.lower(inputs))(inputs))
     _GROUPS[family] = {c: (i, o) for c, i, o in zip(cases, inputs, outputs, strict=True)}
   return _GROUPS[family]
 

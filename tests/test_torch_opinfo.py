@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from fast_compile import FAST_COMPILE
+from fast_compile import compile_lowered_fast
 from golden import GOLDEN_DIR, load
 
 import jaxce
@@ -76,7 +76,7 @@ def _results(dtype):
   inputs = [_inputs(CASES[i], dtype) for i in chosen]
   run = jax.jit(lambda inputs: [_call(m, a) for m, a in zip(metas, inputs, strict=True)])
   with jax.enable_x64(dtype == "float64"):
-    out = jax.device_get(run.lower(inputs).compile(FAST_COMPILE)(inputs))
+    out = jax.device_get(compile_lowered_fast(run.lower(inputs))(inputs))
   return dict(zip(chosen, out, strict=True))
 
 
