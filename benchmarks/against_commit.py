@@ -8,7 +8,7 @@ The table gives the median of the same-round ratios this / base.
   PYTHONPATH=. python benchmarks/against_commit.py 1b96716
   PYTHONPATH=. python benchmarks/against_commit.py 1b96716 --specs int:16384:1000:f32 --rounds 31
 
-A spec is kind:N:C:dtype, kind one of int, int_smooth, probs, nll,
+A spec is kind:N:C:dtype, kind one of int, int_smooth, int_z, probs, nll,
 log_softmax, logsumexp, bce; dtype f32 or bf16. (1b96716 is the last commit
 before the losses became custom_jvp kernels.)
 """
@@ -60,6 +60,8 @@ def loss(kind: str, m: Any) -> Callable[..., jax.Array]:
     return lambda x, y, t: m.cross_entropy(x, y)
   if kind == "int_smooth":
     return lambda x, y, t: m.cross_entropy(x, y, label_smoothing=0.1)
+  if kind == "int_z":
+    return lambda x, y, t: m.cross_entropy(x, y, z_loss=1e-4)
   if kind == "probs":
     return lambda x, y, t: m.cross_entropy(x, t)
   if kind == "nll":

@@ -57,10 +57,14 @@ def run(
   first resharded to its spec (labels and weights are small; the logits and
   kernel already have theirs). None arguments pass through."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    mesh = next(jax.typeof(a).sharding.mesh for a in args if a is not None)
-  resharded = [None if a is None else jax.sharding.reshard(a, s)
-               for a, s in zip(args, specs, strict=True)]
+  if mesh.empty:  # no `jax.set_mesh`: the mesh of the (class-sharded) inputs
+    mesh = next(m for a in args if a is not None
+                if not (m := jax.typeof(a).sharding.mesh).empty)
+    mesh = getattr(mesh, "abstract_mesh", mesh)
+  # The specs name that mesh's axes: reshard needs it as the context.
+  with jax.sharding.use_abstract_mesh(mesh):
+    resharded = [None if a is None else jax.sharding.reshard(a, s)
+                 for a, s in zip(args, specs, strict=True)]
   return _shard_map_given(body, mesh, resharded, specs, out_spec)
 
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jaxce import _checks, _dispatch
-from jaxce._sum import block_shape, block_size, total
+from jaxce._sum import block_shape, block_size, blocked_total, total
 
 Axes = tuple[int, ...]
 F = TypeVar("F", bound=Callable[..., Any])
@@ -129,9 +129,7 @@ def _blocked_stats(axis: int, block: int, x: jax.Array) -> tuple[jax.Array, jax.
   # input to a float32 copy per view.
   xb = x.reshape(block_shape(x.shape, axis, block))
   shift = row_shift(xb, (axis, axis + 1))
-  # The two reductions start from different constants, so XLA keeps them
-  # apart rather than merging them back into one over the whole row.
-  s = jnp.sum(total(jnp.exp(xb.astype(shift.dtype) - shift), axis + 1), axis, keepdims=True)
+  s = jnp.expand_dims(blocked_total(jnp.exp(xb.astype(shift.dtype) - shift), axis), axis)
   return jnp.squeeze(shift, axis + 1), _log(s)
 
 

@@ -53,3 +53,19 @@ def block_size(num_classes: int) -> int | None:
   target = 2.0 * num_classes**0.5
   sizes = [b for b in range(64, min(2048, num_classes // 4) + 1) if num_classes % b == 0]
   return min(sizes, key=lambda b: abs(math.log(b / target)), default=None)
+
+
+def blocked_total(a: jax.Array, axis: int) -> jax.Array:
+  """The sum over `axis` of the class-axis block view `a` (split at `axis`,
+  `axis + 1`; see `block_shape`), for XLA:CPU: each block's sum, then a
+  matrix-vector product with ones across the blocks. As two reductions,
+  XLA:CPU fuses them into one (YNNPACK) kernel whose time depends on the
+  block count by up to 6x (exp-sums at 512 x 65536, float32: 8-50 ms for
+  blocks of 256-1024 and 94 ms flat; with the product, 10 ms at each;
+  4096 x 65536: 419 against 69 ms). The product accumulates in float32
+  (`Precision.HIGHEST`), as the reductions do."""
+  partial = total(a, axis + 1)
+  ones = jnp.ones((partial.shape[axis],), partial.dtype)
+  out: jax.Array = jax.lax.dot_general(
+      partial, ones, (((axis,), (0,)), ((), ())), precision=jax.lax.Precision.HIGHEST)
+  return out

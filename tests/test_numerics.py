@@ -1202,6 +1202,42 @@ def test_class_axis_in_blocks_matches_reference(layout, opts):
     np.testing.assert_allclose(np.asarray(per, np.float64), ref_per, rtol=1e-5)
 
 
+@pytest.mark.parametrize("c", [40960, 50257])
+@pytest.mark.parametrize("case", ["smooth", "smooth_weight_where", "probs_smooth"])
+def test_long_rows_sum_in_blocks_match_reference(branches, case, c):
+  """Rows longer than LONG_ROW: on CPU the smoothing sums and the target sums
+  run over blocks and then across them (`_stats._cpu_row_sums`, blocks of 512
+  and 1733 here), elsewhere over the row; loss and gradient against the
+  float64 reference, with -inf logits, a row of them and an ignored label."""
+  from jaxce import _stats
+
+  rng = _rng(31)
+  x = (rng.normal(size=(4, c)) * 3).astype(np.float32)
+  x[1, :100] = -np.inf
+  x[2] = -np.inf
+  x[3, 5] = -np.inf
+  (view, *_), _ = _stats._cpu_row_sums(1, jnp.asarray(x))
+  assert view.ndim == 3  # in blocks
+  y = np.array([0, 150, 3, -100], np.int32)
+  weight = rng.uniform(0.5, 2.0, size=c).astype(np.float32)
+  where = rng.random(x.shape) > 0.2
+  where[:, :200] = True
+  if case == "probs_smooth":
+    t = rng.random(x.shape) * (x > -np.inf)
+    t = t / np.maximum(t.sum(-1, keepdims=True), 1e-30)
+    _, ref_loss, ref_g = ref_ce_probs(x, t, eps=0.3)
+    f = functools.partial(jaxce.cross_entropy, labels=jnp.asarray(t, jnp.float32),
+                          label_smoothing=0.3)
+  else:
+    kw = {"weight": weight, "where": where} if case == "smooth_weight_where" else {}
+    _, ref_loss, ref_g = ref_ce_int(x, y, eps=0.2, **kw)
+    f = functools.partial(jaxce.cross_entropy, labels=jnp.asarray(y), label_smoothing=0.2,
+                          **{k: jnp.asarray(v) for k, v in kw.items()})
+  loss, g = jax.jit(jax.value_and_grad(f))(jnp.asarray(x))
+  np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(g, np.float64), ref_g, rtol=1e-4, atol=1e-9)
+
+
 # ---------------------------------------------------------------------------
 # Both code paths (XLA:CPU's, and TPU/GPU's run on CPU: the `branches` fixture
 # of conftest.py) on the integer-label cases where they differ: the `nll`

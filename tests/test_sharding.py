@@ -394,6 +394,27 @@ def test_jit_named_sharding(family, axis_type):
   assert_no_gather_of(compiled.as_text(), {k: arrays[k].shape for k in never_gathered})
 
 
+@pytest.mark.parametrize("loss", ["cross_entropy", "linear_cross_entropy"])
+def test_jit_explicit_without_set_mesh(loss):
+  """Arrays on an Explicit mesh with no `jax.set_mesh` around the call (JAX
+  itself computes on them so): the labels are resharded onto the logits'
+  mesh. (Failed before with "Using PartitionSpec when you are not under a
+  mesh context".)"""
+  mesh = _mesh("Explicit")
+  if loss == "cross_entropy":
+    a, y = ARRAYS["logits"], ARRAYS["labels"]
+    f = jax.value_and_grad(lambda x, y: jaxce.cross_entropy(x, y, label_smoothing=0.1))
+    spec = P("data", "model")
+  else:
+    a, y = LINEAR_ARRAYS["kernel"], LINEAR_ARRAYS["labels"]
+    x = LINEAR_ARRAYS["x"]
+    f = jax.value_and_grad(lambda k, y: jaxce.linear_cross_entropy(x, k, y, chunk_size=8))
+    spec = P(None, "model")
+  expected = jax.device_get(_run(f, a, y)[0])
+  out, _ = _run(f, jax.device_put(a, NamedSharding(mesh, spec)), y)
+  _assert_same(out, expected)
+
+
 def test_jit_auto_linear_vocab_not_divisible_by_device_count():
   """V = 100 splits evenly over the 4 "model" devices but not into 8 groups:
   linear_cross_entropy then takes groups=1 and XLA all-gathers the kernel.
