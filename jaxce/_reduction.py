@@ -123,13 +123,9 @@ def integer_target_loss(
                                          label_smoothing)
       loss = smoothed
     if z_loss:
-      lse = stats.shift + log_sum
-      if stats.nll is not None:
-        # d log_sum = d nll + d picked on kept rows (nll's is 0 elsewhere): one
-        # exp in the gradient, as in _smoothed_through_nll.
-        lse = jax.lax.stop_gradient(lse) + _derivative_of(stats.nll) + jnp.where(
-            keep, _derivative_of(picked), 0.0)
-      loss = loss + z_loss * jnp.where(keep, lse, 0.0) ** 2
+      ls = log_sum if stats.nll is None else _log_sum_through_nll(
+          log_sum, stats.nll, picked, keep)
+      loss = loss + z_loss * jnp.where(keep, stats.shift + ls, 0.0) ** 2
   return reduce(loss, reduction, w_pos, row_axes, binary=w_y is None)
 
 
@@ -144,6 +140,16 @@ def _derivative_of(x: jax.Array) -> jax.Array:
 def _derivative_of_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]
                        ) -> tuple[jax.Array, jax.Array]:
   return _derivative_of(primals[0]), tangents[0]
+
+
+def _log_sum_through_nll(
+    log_sum: jax.Array, nll: jax.Array, picked: jax.Array, keep: jax.Array
+) -> jax.Array:
+  """`log_sum`, differentiated as nll + picked (equal on kept rows; nll and
+  its derivative are 0 elsewhere), so that the gradient takes one exp, the
+  nll's (see `_smoothed_through_nll`)."""
+  return jax.lax.stop_gradient(log_sum) + _derivative_of(nll) + jnp.where(
+      keep, _derivative_of(picked), 0.0)
 
 
 def _smoothed_through_nll(
