@@ -108,8 +108,13 @@ def integer_target_loss(
     loss = -w_pos * picked * nan_at_bad
   else:
     log_sum = jnp.where(keep, stats.log_sum, 0.0)
+    # Class weights with smoothing: nll's derivative taken as log_sum's and
+    # picked's (equal on kept rows), which the smoothing's term shares.
+    weighted_smoothing = stats.nll is not None and w_y is not None and bool(label_smoothing)
     if stats.nll is None:
       loss = w_pos * (log_sum - picked) * nan_at_bad
+    elif weighted_smoothing:
+      loss = w_pos * _nll_through_log_sum(stats.nll, log_sum, picked, keep)
     else:
       # Already 0 where not kept and NaN at bad labels: unweighted, the loss
       # is the statistic itself, and its cotangent one scalar.
@@ -123,7 +128,7 @@ def integer_target_loss(
                                          label_smoothing)
       loss = smoothed
     if z_loss:
-      ls = log_sum if stats.nll is None else _log_sum_through_nll(
+      ls = log_sum if stats.nll is None or weighted_smoothing else _log_sum_through_nll(
           log_sum, stats.nll, picked, keep)
       loss = loss + z_loss * jnp.where(keep, stats.shift + ls, 0.0) ** 2
   return reduce(loss, reduction, w_pos, row_axes, binary=w_y is None)
@@ -150,6 +155,21 @@ def _log_sum_through_nll(
   nll's (see `_smoothed_through_nll`)."""
   return jax.lax.stop_gradient(log_sum) + _derivative_of(nll) + jnp.where(
       keep, _derivative_of(picked), 0.0)
+
+
+def _nll_through_log_sum(
+    nll: jax.Array, log_sum: jax.Array, picked: jax.Array, keep: jax.Array
+) -> jax.Array:
+  """`nll`, differentiated as log_sum - picked (the reverse of
+  `_log_sum_through_nll`), for class weights with label smoothing: the
+  label's term then has a per-row cotangent (w_y) and the smoothing's adds
+  one to log_sum, and this way the gradient is p * a - [c = y] b - w_c
+  [active] d with one exp, where through nll it took a second exp or a
+  seventh per-row operand: on a v5p chip (float32, N=2048, D=512,
+  C=32768) and a v5e chip (bfloat16) XLA:TPU wrote that gradient out (385
+  against optax's 256 MiB, 257 against 128)."""
+  return jax.lax.stop_gradient(nll) + jnp.where(
+      keep, _derivative_of(log_sum) - _derivative_of(picked), 0.0)
 
 
 def _smoothed_through_nll(

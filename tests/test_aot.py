@@ -69,7 +69,9 @@ def _jobs() -> list[tuple[str, str, str, str, aot.Shape]]:
            for c in ("ce_int", "optax_int", "log_softmax", "ce_prob") for i in ("jaxce", "peer")]
   for t in ("v5e", "h100"):
     jobs += [("ce_int", i, t, "float32", SMALL) for i in ("jaxce", "peer")]
-  jobs += [("ce_smooth", i, "v5p", "float32", SMALL) for i in ("jaxce", "peer")]
+  jobs += [(c, i, "v5p", "float32", SMALL) for c in ("ce_smooth", "ce_weight_smooth")
+           for i in ("jaxce", "peer")]
+  jobs += [("ce_weight_smooth", i, "v5e", "bfloat16", SMALL) for i in ("jaxce", "peer")]
   for t in LINEAR_TARGETS:
     jobs += [("linear_ce", "jaxce", t, "bfloat16", s)
              for s in (LLAMA3, aot.Shape(LLAMA3.n, LLAMA3.d, 32768))]
@@ -106,6 +108,10 @@ def compiled(case: str, impl: str, target: str, dtype: str, shape: aot.Shape) ->
     # v5p, float32: the gradient written out (385 MiB against optax's 256) while
     # smoothing's log-sum took an exp of its own (_reduction._smoothed_through_nll).
     _param("peer", "ce_smooth", "v5p", "float32"),
+    # With class weights too: 385 and 257 MiB against optax's 256 and 128 until
+    # _reduction._nll_through_log_sum.
+    _param("peer", "ce_weight_smooth", "v5p", "float32"),
+    _param("peer", "ce_weight_smooth", "v5e", "bfloat16"),
     # v6e: the gradient fused into the matmuls only with few per-row operands
     # (256 MiB against optax's 128 before _stats._label_terms took the nll's
     # and log_softmax's tangent one offset for bf16 logits).

@@ -280,6 +280,15 @@ def _peer_weighted(h: jax.Array, w: jax.Array, y: jax.Array) -> jax.Array:
   return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(z, y) * wy) / jnp.sum(wy)
 
 
+def _peer_weighted_smooth(h: jax.Array, w: jax.Array, y: jax.Array) -> jax.Array:
+  # PyTorch's weighted smoothing: targets (1 - eps) one_hot + eps / C, each
+  # class's term weighted by its class weight; the mean divides by sum w_y.
+  z = h @ w
+  cw = _class_weight(z.shape[-1])
+  q = optax.smooth_labels(jax.nn.one_hot(y, z.shape[-1], dtype=jnp.float32), SMOOTHING)
+  return jnp.sum(optax.softmax_cross_entropy(z, q * cw)) / jnp.sum(cw[y])
+
+
 OPTION_CASES: dict[str, Case] = {
     c.name: c
     for c in [
@@ -292,6 +301,11 @@ OPTION_CASES: dict[str, Case] = {
         Case("ce_weight", "cross_entropy, integer labels, class weights",
              lambda h, w, y: jaxce.cross_entropy(h @ w, y, weight=_class_weight(w.shape[-1])),
              _peer_weighted, "optax, weighted mean", "labels"),
+        Case("ce_weight_smooth", "cross_entropy, integer labels, class weights and"
+             " label_smoothing=0.1",
+             lambda h, w, y: jaxce.cross_entropy(h @ w, y, weight=_class_weight(w.shape[-1]),
+                                                 label_smoothing=SMOOTHING),
+             _peer_weighted_smooth, "optax(smooth_labels * weights)", "labels"),
     ]
 }
 DEFAULT_CASES = tuple(CASES)
