@@ -165,21 +165,21 @@ def _smoothing_terms(active: jax.Array, xs: jax.Array, w: jax.Array
 
 
 def _cpu_row_sums(
-    axis: int, x: jax.Array, *per_row: jax.Array
+    axis: int, x: jax.Array, *others: jax.Array
 ) -> tuple[tuple[jax.Array, ...], Callable[[jax.Array], jax.Array]]:
-  """((x, *per_row) in the view to sum over, the sum over classes) for
+  """((x, *others) in the view to sum over, the sum over classes) for
   XLA:CPU. Rows longer than `LONG_ROW` with a block divisor are summed in
   blocks and then across them, as `_log_softmax.shifted_stats` does:
   XLA:CPU's reductions over such rows are several times slower (the count
   of active classes at 512 x 65536, float32: 94 ms in one stage against 10
-  in two, `_sum.blocked_total`). `per_row` broadcast along `axis` (length 1
-  or C)."""
+  in two, `_sum.blocked_total`). `others` broadcast against `x`, with `axis`
+  of length C (targets, class weights) or 1 (a shift)."""
   num_classes = x.shape[axis]
   block = block_size(num_classes) if num_classes > LONG_ROW else None
   if block is None:
-    return (x, *per_row), lambda a: total(a, axis)
+    return (x, *others), lambda a: total(a, axis)
   views = tuple(v.reshape(block_shape(v.shape, axis, block)) if v.shape[axis] == num_classes
-                else jnp.expand_dims(v, axis + 1) for v in (x, *per_row))
+                else jnp.expand_dims(v, axis + 1) for v in (x, *others))
   return views, lambda a: blocked_total(a, axis)
 
 
