@@ -1311,6 +1311,28 @@ def test_both_paths_out_of_range_label_nan_row(branches, reduction):
   _close(g[rows], ref_g, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("opts", [
+    {"label_smoothing": 0.1}, {"z_loss": 1e-2}, {"weight": True, "label_smoothing": 0.1},
+    {"weight": True, "label_smoothing": 0.1, "z_loss": 1e-2},
+], ids=["smooth", "z", "weight_smooth", "weight_smooth_z"])
+def test_both_paths_out_of_range_label_nan_row_with_options(branches, opts):
+  """As above with the options whose derivatives take the label's statistics
+  another way (`_reduction._smoothed_through_nll`, `_nll_through_log_sum`):
+  the bad label's gradient row is still NaN, an ignored row 0, the others
+  finite."""
+  x = jnp.asarray(_rng(34).normal(size=(6, 7)), jnp.float32)
+  y = jnp.asarray([0, 9, 2, -100, 6, 3], jnp.int32)
+  kw = dict(opts)
+  if kw.pop("weight", False):
+    kw["weight"] = jnp.linspace(0.5, 2.0, 7)
+  loss, g = jax.jit(jax.value_and_grad(lambda x: jaxce.cross_entropy(x, y, **kw)))(x)
+  g = np.asarray(g)
+  assert np.isnan(loss)
+  assert np.all(np.isnan(g[1]))
+  assert np.all(g[3] == 0)
+  assert np.all(np.isfinite(g[[0, 2, 4, 5]]))
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_both_paths_forward_mode(branches, dtype):
   """jvp of the plain loss, of z-loss (d log_sum) and smoothing, with ignored
