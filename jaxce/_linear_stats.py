@@ -648,7 +648,7 @@ def _rev_bwd_loop(chunk: int, block_elements: int | None, softcap: float | None,
       # writes keep the values read here
       origin = jnp.minimum(first * chunk, per_group - width)
       cols = _bits(group_cols(dkernel, origin, width, groups))
-      buf = cols.reshape(*cols.shape[:-2], -1)
+      buf = cols.reshape(*cols.shape[:-2], cols.shape[-2] * cols.shape[-1])
       inner = functools.partial(step, origin=origin, bits=True)
       dx, buf, dbias, dweight = _scan_chunks(inner, (dx, buf, dbias, dweight), kernel, chunk,
                                              per_group, first, count)

@@ -88,7 +88,7 @@ def _one_class_axis(
       v = jnp.broadcast_to(v, tuple(
           shape[a] if a in class_axes else v.shape[a] for a in range(len(shape))))
     v = jnp.transpose(v, batch_axes + class_axes)
-    return v.reshape((*v.shape[:len(batch_axes)], -1))
+    return v.reshape((*v.shape[:len(batch_axes)], math.prod(v.shape[len(batch_axes):])))
 
   return flat(logits), None if where is None else flat(where), -1
 

@@ -463,7 +463,9 @@ def _shift_branches(axis: int) -> tuple[Callable[..., ShiftStats], Callable[...,
     del shift, ls, picked
     if view.ndim == x_label.ndim + 1:  # no blocks
       return _label_log_sum(view, labels, None, x_label, axis, "cpu")
-    flat = view.reshape((*view.shape[:axis], -1, *view.shape[axis + 2:]))
+    # (explicit length, not -1: an empty batch has no size to infer it from)
+    flat = view.reshape((*view.shape[:axis], view.shape[axis] * view.shape[axis + 1],
+                         *view.shape[axis + 2:]))
     return _label_log_sum(flat, labels, None, x_label, axis, "cpu", view)
 
   return near, at_max

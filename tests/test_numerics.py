@@ -987,16 +987,28 @@ def test_zero_size_axes_like_jax_nn(shape):
     assert g.shape == shape
 
 
-def test_zero_classes_and_empty_batch_cross_entropy():
+@pytest.mark.parametrize("c", [4, 256, 50257])
+def test_zero_classes_and_empty_batch_cross_entropy(c):
   # optax's softmax_cross_entropy with C = 0: 0 per example.
   per = jaxce.cross_entropy(jnp.zeros((3, 0)), jnp.zeros((3, 0)), reduction="none")
   np.testing.assert_array_equal(per, 0.0)
-  # An empty batch: "mean" 0.0 (no position), "none" empty, zero gradients.
-  x, y = jnp.zeros((0, 4)), jnp.zeros((0,), jnp.int32)
+  # An empty batch: "mean" 0.0 (no position), "none" empty, zero gradients;
+  # also where CPU sums rows in blocks (C = 256, 50257: a reshape of an empty
+  # batch must not infer a length).
+  x, y = jnp.zeros((0, c)), jnp.zeros((0,), jnp.int32)
   assert float(jaxce.cross_entropy(x, y)) == 0.0
   assert jaxce.cross_entropy(x, y, reduction="none").shape == (0,)
-  assert jax.grad(jaxce.cross_entropy)(x, y).shape == (0, 4)
-  assert float(jaxce.cross_entropy(x, jnp.zeros((0, 4)))) == 0.0
+  assert jax.grad(jaxce.cross_entropy)(x, y).shape == (0, c)
+  assert float(jaxce.cross_entropy(x, jnp.zeros((0, c)))) == 0.0
+  loss, g = jax.value_and_grad(lambda x: jaxce.cross_entropy(
+      x, y, weight=jnp.ones(c), label_smoothing=0.1, z_loss=1e-3))(x)
+  assert float(loss) == 0.0
+  assert g.shape == (0, c)
+  drop_in = jax.grad(lambda x: jnp.sum(jaxce.softmax_cross_entropy_with_integer_labels(
+      x.reshape(0, 1, c), y.reshape(0, 1))))(x)
+  assert drop_in.shape == (0, c)
+  x3 = jnp.zeros((0, 2, c // 2))  # a tuple of class axes, flattened for the loss
+  assert jaxce.softmax_cross_entropy(x3, x3, axis=(1, 2)).shape == (0,)
 
 
 @pytest.mark.slow  # a sweep: `pytest -m slow` (.ci/run) runs it
