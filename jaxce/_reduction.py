@@ -244,8 +244,11 @@ def target_loss(
       stats.target_mass, log_sum, stats.target_logits, keep, cpu=_cpu_target_ce, default=_target_ce)
   if label_smoothing:
     assert stats.smoothing is not None
-    loss = (1.0 - label_smoothing) * loss + label_smoothing * _uniform_ce(
-        log_sum, stats.smoothing, keep)
+    uniform = _uniform_ce(log_sum, stats.smoothing, keep)
+    # At eps = 1 the targets take no part (q = 1 / K): not 0 * their term,
+    # which is NaN where target mass sits on a -inf logit.
+    loss = uniform if label_smoothing == 1.0 else (
+        (1.0 - label_smoothing) * loss + label_smoothing * uniform)
   if z_loss:
     loss = loss + z_loss * jnp.where(keep, stats.shift + log_sum, 0.0) ** 2
   return reduce(loss, reduction, None, row_axes)

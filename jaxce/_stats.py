@@ -607,9 +607,10 @@ def _target_primal(
       shift = jax.lax.optimization_barrier(shift)
       (xm, t, w, shift), row_sum = _cpu_row_sums(axis, xm, t, w, shift)
     wt = w * t
-    # x - shift where target mass meets it: 0 where t == 0 (no 0 * -inf =
-    # NaN); mass on a -inf logit gives -inf, so the loss is +inf, as it should be.
-    return row_sum(wt), row_sum(wt * jnp.where(t == 0, 0.0, xm.astype(ct) - shift))
+    # x - shift where weighted target mass meets it: 0 where w t == 0 (no
+    # 0 * -inf = NaN, also at a class of weight 0); mass on a -inf logit
+    # gives -inf, so the loss is +inf, as it should be.
+    return row_sum(wt), row_sum(wt * jnp.where(wt == 0, 0.0, xm.astype(ct) - shift))
 
   mass, target_logits = jax.lax.platform_dependent(
       xm, t, w, shift, cpu=functools.partial(target_sums, True),

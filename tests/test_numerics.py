@@ -830,6 +830,35 @@ def test_target_on_neg_inf_class_is_inf_not_nan():
       assert float(per[0]) == np.inf
 
 
+@pytest.mark.parametrize("z", [0.0, 1e-2])
+def test_target_mass_that_does_not_count_on_neg_inf_class_is_finite(branches, z):
+  # Target mass on a -inf logit costs +inf only where it counts: not at a
+  # class of weight 0 (w_c t_c = 0), nor at eps = 1, where q = 1 / K over the
+  # classes of finite logit and the targets take no part.
+  x = np.asarray([[0.5, -np.inf, 1.0, -2.0], [1.0, 2.0, -np.inf, 0.0]], np.float32)
+  t = np.asarray([[0.2, 0.3, 0.5, 0.0], [0.1, 0.2, 0.3, 0.4]], np.float32)
+  w = np.asarray([1.0, 0.0, 2.0, 0.5], np.float32)
+  x64, t64 = x.astype(np.float64), t.astype(np.float64)
+  lse = np_logsumexp(x64)
+  logp = x64 - lse[:, None]
+  act = np.isfinite(x64)
+  with np.errstate(invalid="ignore"):
+    weighted = -np.sum(np.where(w * t64 > 0, w * t64 * logp, 0.0), -1)
+  # Row 1's mass on its -inf class has weight 2: +inf there.
+  want_w = np.asarray([weighted[0], np.inf]) + z * lse**2
+  uniform = -np.sum(np.where(act, logp, 0.0), -1) / act.sum(-1) + z * lse**2
+  for kw, want in ((dict(weight=jnp.asarray(w)), want_w), (dict(label_smoothing=1.0), uniform),
+                   (dict(weight=jnp.asarray(w), label_smoothing=1.0), None)):
+    per = np.asarray(jaxce.cross_entropy(x, t, reduction="none", z_loss=z, **kw), np.float64)
+    assert not np.any(np.isnan(per)), (kw, per)
+    if want is not None:
+      np.testing.assert_allclose(per, want, rtol=1e-6)
+  f = lambda x: jaxce.cross_entropy(x, t, weight=jnp.asarray(w), label_smoothing=1.0, z_loss=z)
+  g = np.asarray(jax.grad(f)(jnp.asarray(x)))
+  assert np.all(np.isfinite(g))
+  assert np.all(g[~act] == 0)
+
+
 # ---------------------------------------------------------------------------
 # Logits far from 0 (up to 1e6 in float32, 6e4 in float16): the shift is kept
 # apart from the log-sum, so losses and gradients are as accurate as float32

@@ -98,30 +98,42 @@ def _zero_some(t, z):
   return np.where(z | (t < np.finfo(np.float32).tiny), 0.0, t).astype(np.float32)
 
 
+# Class weights of which some are 0 (a class that takes no part).
+weight_or_zero_st = st.none() | st.tuples(
+    arrays(np.float32, (C,), elements=_f32(0.125, 3.0)), arrays(np.bool_, (C,))).map(
+        lambda wz: np.where(wz[1], 0.0, wz[0]).astype(np.float32))
+
+
 @SETTINGS
 @given(logits_st, arrays(np.bool_, (N, C)), st.lists(st.integers(0, N - 1), max_size=N),
        targets_st.flatmap(lambda t: arrays(np.bool_, (N, C)).map(lambda z: _zero_some(t, z))),
-       weight_st, z_st)
-def test_probability_targets_with_neg_inf_logits(x, neg_inf, dead_rows, t, w, z):
-  """-inf logits anywhere, whole rows of them included, and targets with
-  zeros: the per-position loss is -sum_c w_c t_c log_softmax(x)_c with the
-  terms of t_c = 0 left out (float64; a row of all -inf logits has
-  log_softmax -inf everywhere), so +inf wherever target mass meets a -inf
-  logit and 0 on a row with no class and no mass; plus the z-loss on rows
-  with a class. The gradient is finite everywhere."""
+       weight_or_zero_st, smoothing_st, z_st)
+def test_probability_targets_with_neg_inf_logits(x, neg_inf, dead_rows, t, w, eps, z):
+  """-inf logits anywhere, whole rows of them included, targets with zeros
+  and class weights with zeros: the per-position loss is
+  -sum_c w_c q_c log_softmax(x)_c, q = (1 - eps) t + eps / K on the K
+  classes of finite logit, with the terms of w_c q_c = 0 left out (float64;
+  a row of all -inf logits has log_softmax -inf everywhere), so +inf
+  wherever weighted target mass meets a -inf logit (never at eps = 1) and 0
+  on a row with no class and no mass; plus the z-loss on rows with a class.
+  No NaN, and the gradient is finite everywhere."""
   x = np.where(neg_inf, -np.inf, x).astype(np.float32)
   x[dead_rows] = -np.inf
-  out = _ce(x, t, _w(w), z_loss=z)
+  out = _ce(x, t, _w(w), label_smoothing=eps, z_loss=z)
   x64, t64 = x.astype(np.float64), t.astype(np.float64)
   wc = np.ones(C) if w is None else np.asarray(w, np.float64)
   live = np.isfinite(x64).any(-1)
+  active = np.isfinite(x64)
+  k = np.maximum(active.sum(-1, keepdims=True), 1)
+  q = (1.0 - eps) * t64 + np.where(active, eps / k, 0.0)
   with np.errstate(divide="ignore", invalid="ignore"):
     m = np.where(live, x64.max(-1), 0.0)
     lse = m + np.log(np.exp(x64 - m[:, None]).sum(-1))
     logp = np.where(live[:, None], x64 - lse[:, None], -np.inf)
-    terms = np.where(t64 > 0, -wc * t64 * logp, 0.0)
+    terms = np.where(wc * q > 0, -wc * q * logp, 0.0)
     ref = terms.sum(-1) + np.where(live, z * lse**2, 0.0)  # z * inf**2 off live rows
   per = np.asarray(out.none, np.float64)
+  assert not np.any(np.isnan(per)), per
   np.testing.assert_array_equal(np.isinf(per), np.isinf(ref))
   fin = np.isfinite(ref)
   np.testing.assert_allclose(per[fin], ref[fin], rtol=1e-5, atol=1e-5)
