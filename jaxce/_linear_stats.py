@@ -332,6 +332,21 @@ def _cpu_transposed(x: jax.Array) -> jax.Array:
   return out
 
 
+def _first_axes_product(x_t: jax.Array, cols: jax.Array) -> jax.Array:
+  """x_t . cols over both first axes, accumulated in float32. On CPU
+  half-precision operands are widened first: XLA:CPU (jaxlib 0.10) leaves
+  this bf16 x bf16 -> f32 product to a runtime that does not implement it
+  ("Unsupported element type for DotThunk"), so forward mode's `jax.jvp`
+  failed to run in bfloat16. Elsewhere the inputs' dtype, as in `matmul`."""
+  def widened(x_t: jax.Array, cols: jax.Array) -> jax.Array:
+    ct = _checks.compute_dtype(x_t.dtype)
+    return matmul(x_t.astype(ct), cols.astype(ct), (0,), (0,))
+
+  out: jax.Array = jax.lax.platform_dependent(
+      x_t, cols, cpu=widened, default=lambda x_t, cols: matmul(x_t, cols, (0,), (0,)))
+  return out
+
+
 def _zero(t: object) -> bool:
   return t is None or isinstance(t, SymbolicZero)
 
@@ -371,7 +386,7 @@ def _tangent(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: ja
       assert dk is not None
       # contracted against x transposed: reverse mode's transpose of this
       # product is then x_t @ dz, a plain matmul
-      dz = dz + matmul(x_t, group_cols(dk, ch.start, chunk, groups), (0,), (0,))
+      dz = dz + _first_axes_product(x_t, group_cols(dk, ch.start, chunk, groups))
     if dbias is not None:
       dz = dz + group_cols(dbias, ch.start, chunk, groups).astype(ct)[None]
     if softcap is not None:

@@ -584,6 +584,28 @@ def test_forward_mode_jacfwd_hessian_vmap():
     _assert_close(a, b, rtol=1e-10, atol=1e-10, what=what)
 
 
+@pytest.mark.parametrize("chunk_size", [None, 128])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_forward_mode_jvp_runs_in_every_dtype(branches, dtype, chunk_size):
+  """jax.jvp of forward_mode=True, executed (not only compiled) in bfloat16
+  and float32, with tangents of x and the kernel, equals the plain loss's
+  jvp on the same rounded inputs, in one chunk and in a loop of chunks. (In
+  bfloat16 on XLA:CPU, in one chunk, it raised "Unsupported element type
+  for DotThunk" at run time.)"""
+  rng = np.random.default_rng(3)
+  n, d, v = 24, 16, 300
+  x, kernel, tx, tk = (jnp.asarray(rng.normal(size=s), dtype)
+                       for s in ((n, d), (d, v), (n, d), (d, v)))
+  labels = jnp.asarray(rng.integers(0, v, n), jnp.int32)
+  kw = dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0)
+  lin = lambda x, k: _lin_loss(x, k, labels, forward_mode=True, chunk_size=chunk_size, **kw)
+  ref = lambda x, k: _plain_loss(x.astype(jnp.float32), k.astype(jnp.float32), labels, **kw)
+  (v1, t1), (v2, t2) = (jax.jvp(f, (x, kernel), (tx, tk)) for f in (lin, ref))
+  assert t1.dtype == jnp.float32
+  _assert_close(v1, v2, rtol=1e-5, atol=1e-5, what="value")
+  _assert_close(t1, t2, rtol=1e-4, atol=1e-4, what="jvp")
+
+
 def test_default_mode_refuses_jvp_clearly():
   x, kernel = jnp.ones((2, D)), jnp.ones((D, V))
   with pytest.raises(TypeError, match="forward-mode"):
