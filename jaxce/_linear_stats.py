@@ -239,6 +239,10 @@ def _cpu_loop_barrier(operands: tuple[Any, ...]) -> tuple[Any, ...]:
   so XLA:CPU cannot hoist a float32 copy of it out of the loop."""
   if all(a is None or a.dtype.itemsize >= 4 for a in operands[:-1]):
     return operands
+  # Inside shard_map (an Explicit mesh's vocabulary split included) the
+  # barrier's outputs vary along the union of its operands' axes: the index
+  # too, so that both branches return the same types.
+  operands = vary_like(operands, *operands)
   out: tuple[Any, ...] = jax.lax.platform_dependent(
       operands, cpu=jax.lax.optimization_barrier, default=lambda ops: ops)
   return out
