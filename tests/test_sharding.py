@@ -616,28 +616,36 @@ def test_linear_forward_mode_jvp_sharded(where):
   _assert_same(jax.device_get(out), expected)
 
 
-def test_linear_forward_mode_bfloat16_explicit_vocabulary_split():
-  """bfloat16 forward_mode=True with the vocabulary split on an Explicit mesh:
-  jvp and value_and_grad run and equal the single-device results. (The CPU
-  loop barrier on the bf16 kernel made the loop index vary along "model" in
-  one platform branch only, and tracing raised "switch branches must have
-  equal output types".)"""
+@pytest.mark.parametrize("where", ["shard_map", "Explicit"])
+def test_linear_forward_mode_bfloat16_vocabulary_split(where):
+  """bfloat16 forward_mode=True with the vocabulary split over "model"
+  (inside shard_map with class_axis_name, or on an Explicit mesh): jvp and
+  value_and_grad run and equal the single-device results. (The CPU loop
+  barrier on the bf16 kernel made the loop index vary along "model" in one
+  platform branch only, and tracing raised "switch branches must have equal
+  output types".)"""
   a = {k: jnp.asarray(LINEAR_ARRAYS[k], jnp.bfloat16) for k in ("x", "kernel", "bias")}
-  labels = LINEAR_ARRAYS["labels"]
-  loss = lambda x, k, b, y: jaxce.linear_cross_entropy(
-      x, k, y, bias=b, label_smoothing=0.1, forward_mode=True)
+  args = (a["x"], a["kernel"], a["bias"], LINEAR_ARRAYS["labels"])
 
-  def both(x, k, b, y):
-    jvp = jax.jvp(lambda x, k, b: loss(x, k, b, y), (x, k, b), (x, k, b))
-    return jvp, jax.value_and_grad(loss, (0, 1, 2))(x, k, b, y)
+  def loss(x, k, b, y, class_axis_name=None):
+    return jaxce.linear_cross_entropy(x, k, y, bias=b, label_smoothing=0.1, forward_mode=True,
+                                      class_axis_name=class_axis_name)
 
-  expected = jax.device_get(_run(both, a["x"], a["kernel"], a["bias"], labels)[0])
-  mesh = _mesh("Explicit")
-  specs = (P("data", None), P(None, "model"), P("model"), P("data"))
-  args = [jax.device_put(v, NamedSharding(mesh, s)) for v, s in zip(
-      (a["x"], a["kernel"], a["bias"], labels), specs, strict=True)]
-  with jax.set_mesh(mesh):
-    out = _run(both, *args)[0]
+  def both(f, x, k, b, y):
+    jvp = jax.jvp(lambda x, k, b: f(x, k, b, y), (x, k, b), (x, k, b))
+    return jvp, jax.value_and_grad(f, (0, 1, 2))(x, k, b, y)
+
+  expected = jax.device_get(_run(functools.partial(both, loss), *args)[0])
+  if where == "shard_map":
+    mapped = jax.shard_map(functools.partial(loss, class_axis_name="model"), mesh=_mesh("Auto"),
+                           in_specs=(P(), P(None, "model"), P("model"), P()), out_specs=P())
+    out = _run(functools.partial(both, mapped), *args)[0]
+  else:
+    mesh = _mesh("Explicit")
+    specs = (P("data", None), P(None, "model"), P("model"), P("data"))
+    args = [jax.device_put(v, NamedSharding(mesh, s)) for v, s in zip(args, specs, strict=True)]
+    with jax.set_mesh(mesh):
+      out = _run(functools.partial(both, loss), *args)[0]
   _assert_same(jax.device_get(out), expected, rtol=2e-2, atol=2e-2)
 
 
