@@ -193,6 +193,13 @@ def linear_cross_entropy(
   x, kernel = _checks.linear_operands(fn, x, kernel)
   auto_mesh = None if class_axis_name is None else _explicit.auto_class_mesh(
       class_axis_name, x, kernel)
+  if auto_mesh is not None and math.prod(
+      auto_mesh.shape[a] for a in _explicit.names(class_axis_name)) == 1:
+    # A vocabulary axis of size 1 splits nothing: the plain loss. (In a
+    # shard_map over it that leaves other axes Auto, XLA's partitioner
+    # rejected the psums: "Cross-partition allreduce must be in (partial)
+    # manual partitioning mode".)
+    auto_mesh, class_axis_name = None, None
   if auto_mesh is not None:
     # Outside shard_map, on an Auto mesh: run per device over the named axes.
     ignore = jnp.asarray(ignore_index) if isinstance(ignore_index, jax.Array) else None

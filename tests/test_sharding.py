@@ -460,6 +460,29 @@ def test_jit_auto_linear_named_vocabulary_axis(reduction):
   assert_no_gather_of(compiled.as_text(), {"kernel": (D, V)})
 
 
+@pytest.mark.parametrize("data", [2, 8])
+def test_jit_auto_linear_named_vocabulary_axis_of_size_one(data):
+  """class_axis_name naming an Auto axis of size 1 (a model-parallel degree
+  of 1 with the rows split): the loss and gradients of one device. (XLA's
+  partitioner rejected the psums of a shard_map over that axis: "Cross-
+  partition allreduce must be in (partial) manual partitioning mode".)"""
+  a = LINEAR_ARRAYS
+
+  def f(name):
+    def loss(x, k, b):
+      return jaxce.linear_cross_entropy(x, k, a["labels"], bias=b, label_smoothing=0.1,
+                                        class_axis_name=name)
+    return jax.value_and_grad(loss, argnums=(0, 1, 2))
+
+  names = ("x", "kernel", "bias")
+  expected = jax.device_get(_run(f(None), *(a[k] for k in names))[0])
+  mesh = jax.make_mesh((data, 1), ("data", "model"), axis_types=(AxisType.Auto,) * 2,
+                       devices=jax.devices()[:data])
+  specs = (P("data", None), P(None, "model"), P("model"))
+  args = [jax.device_put(a[k], NamedSharding(mesh, s)) for k, s in zip(names, specs, strict=True)]
+  _assert_same(_run(f("model"), *args)[0], expected)
+
+
 # ---------------------------------------------------------------------------
 # Inside shard_map: class_axis_name="model".
 
