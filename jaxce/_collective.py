@@ -130,3 +130,28 @@ def vary_like(tree: T, *refs: jax.Array | None) -> T:
 
   mapped: T = jax.tree.map(vary, tree)
   return mapped
+
+
+def vary_widened(x: jax.Array, axis_name: AxisName) -> jax.Array:
+  """`x` marked as varying along `axis_name`, so that reverse mode sums its
+  cotangent over those axes; a half-precision cotangent is summed in float32
+  on CPU. There XLA:CPU widens a bf16 all-reduce itself, and aborted the
+  process ("Invalid binary instruction opcode copy") on the one that a
+  `shard_map` leaving other mesh axes Auto emits (the fused loss with
+  `class_axis_name` on an Auto mesh). The round trip through float32 is
+  exact; on TPU and GPU the all-reduce stays in the input's dtype."""
+  names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+  extra = tuple(sorted(frozenset(names) - _varying_axes(x)))
+  if not extra:
+    return x
+  def vary(x: jax.Array) -> jax.Array:
+    out: jax.Array = jax.lax.pcast(x, extra, to="varying")
+    return out
+
+  def widened(x: jax.Array) -> jax.Array:
+    return vary(x.astype(jnp.float32)).astype(x.dtype)
+
+  if x.dtype.itemsize >= 4:
+    return vary(x)
+  out: jax.Array = jax.lax.platform_dependent(x, cpu=widened, default=vary)
+  return out

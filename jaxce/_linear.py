@@ -201,13 +201,14 @@ def linear_cross_entropy(
     # manual partitioning mode".)
     auto_mesh, class_axis_name = None, None
   if auto_mesh is not None:
+    assert class_axis_name is not None
     # Outside shard_map, on an Auto mesh: run per device over the named axes.
     ignore = jnp.asarray(ignore_index) if isinstance(ignore_index, jax.Array) else None
 
     def local(x: jax.Array, kernel: jax.Array, labels: jax.Array, bias: jax.Array | None,
               weight: jax.Array | None, ignore: jax.Array | None) -> jax.Array:
       return linear_cross_entropy(
-          x, kernel, labels, bias=bias, weight=weight,
+          _collective.vary_widened(x, class_axis_name), kernel, labels, bias=bias, weight=weight,
           ignore_index=ignore_index if ignore is None else ignore, reduction=reduction,
           label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
           chunk_size=chunk_size, forward_mode=forward_mode, class_axis_name=class_axis_name,
