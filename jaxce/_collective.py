@@ -144,6 +144,7 @@ def vary_widened(x: jax.Array, axis_name: AxisName) -> jax.Array:
   extra = tuple(sorted(frozenset(names) - _varying_axes(x)))
   if not extra:
     return x
+
   def vary(x: jax.Array) -> jax.Array:
     out: jax.Array = jax.lax.pcast(x, extra, to="varying")
     return out

@@ -65,7 +65,8 @@ def cross_entropy(
     there that of :math:`-w_c t_c x_c`) on any position, also one whose
     logits are all -inf, as :math:`-\sum_c t_c \log p_c` of
     :func:`log_softmax`'s all -inf row is (target mass outside `where` is
-    dropped).
+    dropped, and so is mass that does not count: at a class of weight 0,
+    or with ``label_smoothing=1``, where :math:`q = 1 / C_n`).
 
   Accuracy: the per-position shift (the label's logit, or the max) is kept
   apart from the log-sum, so the loss is ``log_sum - (x_y - shift)`` and the
