@@ -412,6 +412,26 @@ def test_neg_inf_logits_with_zero_target_are_finite():
   chex.assert_trees_all_close(ours, masked, **TOL)
 
 
+def test_label_on_masked_class_is_inf_with_limit_gradient():
+  """A label on a class outside `where` (or on a -inf logit) costs +inf, and
+  its gradient is the softmax over the other classes minus the one-hot label:
+  the limit as that logit goes to -inf (docs/guides/differences.md)."""
+  x = jnp.asarray([[0.0, 1.0, 5.0], [0.5, -1.0, 2.0]], jnp.float32)
+  y = jnp.asarray([2, 0], jnp.int32)
+  keep = jnp.asarray([[True, True, False], [True, True, True]])
+  x_inf = jnp.where(keep, x, -jnp.inf)
+  p = np.asarray(jax.nn.softmax(x_inf, axis=-1))
+  want = p - np.eye(3)[np.asarray(y)]
+  for v, where in ((x, keep), (x_inf, None)):
+    f = lambda v, where=where: jaxce.softmax_cross_entropy_with_integer_labels(v, y, where=where)
+    loss = np.asarray(f(v))
+    assert loss[0] == np.inf
+    assert np.isfinite(loss[1])
+    for row in (0, 1):
+      grad = jax.grad(lambda v, row=row, f=f: f(v)[row])(v)
+      np.testing.assert_allclose(grad[row], want[row], rtol=1e-6)
+
+
 def test_tuple_axis_keeps_optax_order():
   """A tuple axis sets the flat class index in the order given (issue 10.3):
   optax's own numbers for arange(24).reshape(1, 2, 3, 4) / 7."""
