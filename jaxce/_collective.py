@@ -116,19 +116,20 @@ def _varying_axes(x: Any) -> frozenset[str]:
   return frozenset(getattr(aval, "vma", ()))  # earlier releases
 
 
+def _vary_along(x: jax.Array, axes: frozenset[str]) -> jax.Array:
+  """`x` marked as varying along `axes` too (a no-op where it already is)."""
+  extra = tuple(sorted(axes - _varying_axes(x)))
+  if not extra:
+    return x
+  out: jax.Array = jax.lax.pcast(x, extra, to="varying")
+  return out
+
+
 def vary_like(tree: T, *refs: jax.Array | None) -> T:
   """Marks a fresh (e.g. zeros) loop carry as varying along every `shard_map`
   axis that `refs` vary along, as `lax.scan` requires; a no-op elsewhere."""
   axes = frozenset[str]().union(*(_varying_axes(r) for r in refs if r is not None))
-
-  def vary(x: jax.Array) -> jax.Array:
-    extra = tuple(sorted(axes - _varying_axes(x)))
-    if not extra:
-      return x
-    out: jax.Array = jax.lax.pcast(x, extra, to="varying")
-    return out
-
-  mapped: T = jax.tree.map(vary, tree)
+  mapped: T = jax.tree.map(lambda x: _vary_along(x, axes), tree)
   return mapped
 
 
@@ -140,19 +141,16 @@ def vary_widened(x: jax.Array, axis_name: AxisName) -> jax.Array:
   `shard_map` leaving other mesh axes Auto emits (the fused loss with
   `class_axis_name` on an Auto mesh). The round trip through float32 is
   exact; on TPU and GPU the all-reduce stays in the input's dtype."""
-  names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
-  extra = tuple(sorted(frozenset(names) - _varying_axes(x)))
-  if not extra:
-    return x
+  axes = frozenset((axis_name,) if isinstance(axis_name, str) else axis_name)
 
   def vary(x: jax.Array) -> jax.Array:
-    out: jax.Array = jax.lax.pcast(x, extra, to="varying")
-    return out
+    return _vary_along(x, axes)
+
+  if x.dtype.itemsize >= 4 or not axes - _varying_axes(x):
+    return vary(x)
 
   def widened(x: jax.Array) -> jax.Array:
     return vary(x.astype(jnp.float32)).astype(x.dtype)
 
-  if x.dtype.itemsize >= 4:
-    return vary(x)
   out: jax.Array = jax.lax.platform_dependent(x, cpu=widened, default=vary)
   return out
