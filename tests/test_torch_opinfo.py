@@ -122,14 +122,7 @@ def test_opinfo_sample(index):
   case = CASES[index]
   if _zero_size(case):
     with jax.enable_x64(case["meta"]["dtype"] == "float64"):
-      try:
-        loss, grads = _call(case["meta"], _inputs(case, case["meta"]["dtype"]))
-      except ValueError as e:
-        if "zero-size array" not in str(e):
-          raise
-        # Empty class axes are issue 10 item 6, fixed on the kernel branch;
-        # once merged, this sample runs and is compared like the others.
-        pytest.xfail(f"zero-size class axis not handled yet: {e}")
+      loss, grads = _call(case["meta"], _inputs(case, case["meta"]["dtype"]))
   else:
     loss, grads = _results(case["meta"]["dtype"])[index]
   _compare(case, loss, grads)
