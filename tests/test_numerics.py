@@ -1086,12 +1086,15 @@ def _ref_rows(x, y):
   return loss, g
 
 
-# C = 10, 50, 257: the arithmetic mask; 1000, 4096: blocks. A third of the
-# cases in the default run, the rest with the slow marker (.ci/run runs both).
+# C = 10, 50, 257: the arithmetic mask; 1000, 4096: blocks; 45007 (prime,
+# past LONG_ROW): the arithmetic mask in this process of 8 CPU devices (row
+# chunks with one device: test_long_rows_without_blocks_match_reference). A
+# third of the cases in the default run, the rest with the slow marker
+# (.ci/run runs both).
 _DOMINANT = [pytest.param(c, off, marks=[] if (c, off) in {(10, 3e4), (257, -1e6), (1000, 3e4),
-                                                          (4096, -1e6), (50, 0.0)}
+                                                          (4096, -1e6), (50, 0.0), (45007, 3e4)}
                           else [pytest.mark.slow])
-             for c in (10, 50, 257, 1000, 4096) for off in (0.0, 3e4, -1e6)]
+             for c in (10, 50, 257, 1000, 4096, 45007) for off in (0.0, 3e4, -1e6)]
 
 
 @pytest.mark.parametrize(("c", "offset"), _DOMINANT)
@@ -1241,6 +1244,81 @@ def test_class_axis_in_blocks_matches_reference(layout, opts):
     per = jax.jit(jax.vmap(lambda r, t: f(r[None], t[None])))(jnp.asarray(x), jnp.asarray(y))
     ref_per = ref.cross_entropy_int(x, y, axis=axis, reduction="none")
     np.testing.assert_allclose(np.asarray(per, np.float64), ref_per, rtol=1e-5)
+
+
+@pytest.fixture(params=["one_device", "devices"])
+def cpu_devices(request, monkeypatch):
+  """Both CPU rules of `_stats._rows_fit`: as in a process with one CPU device
+  (row chunks), and as in this one, with 8 (the arithmetic mask). Caches are
+  cleared so that nothing traced under the other rule is reused."""
+  from jaxce import _stats
+
+  if request.param == "one_device":
+    monkeypatch.setattr(_stats, "one_cpu_device", lambda: True)
+  else:
+    assert not _stats.one_cpu_device()
+  jax.clear_caches()
+  yield request.param == "one_device"
+  jax.clear_caches()
+
+
+@pytest.mark.parametrize("layout", ["2d", "vmap", "nchw", "bf16", "empty"])
+def test_long_rows_without_blocks_match_reference(layout, cpu_devices):
+  """Rows longer than LONG_ROW with no block divisor (C = 40009, prime): on
+  CPU with one device the integer-label log-sum runs a few rows at a time (6
+  here, so the last of 7 rows' chunks overlaps the one before), with the
+  one-hot select; on axis 1 of (N, C, H, W), or with more CPU devices, by the
+  arithmetic mask over the whole array. Loss and gradient against the
+  float64 reference, with a dominant label (loss near 0), an ignored row, a
+  row of -inf but its label, and a label far below its row's max (the batch
+  takes the max-shift fallback)."""
+  import reference as ref
+
+  from jaxce import _stats, _sum
+
+  c = 40009
+  assert _sum.block_size(c) is None
+  assert _stats.ROW_CHUNK // c == 6
+  rng = _rng(41)
+  n = 0 if layout == "empty" else 7
+  x = (rng.normal(size=(n, c)) * 3).astype(np.float32)
+  y = rng.integers(0, c, size=n).astype(np.int32)
+  if n:
+    x[0, y[0]] = 40.0
+    y[1] = -100
+    x[2] = -np.inf
+    x[2, y[2]] = 1.0
+    x[6, y[6]] = -200.0
+  dtype = jnp.bfloat16 if layout == "bf16" else jnp.float32
+  x = rows = np.asarray(jnp.asarray(x, dtype), np.float32)  # the rounded logits
+  axis = -1
+  if layout == "nchw":  # (7, C) as (1, C, 7, 1)
+    x, y, axis = x.T[None, :, :, None], y[None, :, None], 1
+  assert _stats._rows_fit(jnp.asarray(x), axis % x.ndim) == (layout != "nchw" and cpu_devices)
+  want = ref.cross_entropy_int(x.astype(np.float64), y, axis=axis, reduction="none")
+  if n:  # row 0 from exact differences, no 1 + tiny: the loss to its own magnitude
+    tiny = np.log1p(np.sum(np.exp(np.delete(rows[0], y.reshape(-1)[0]).astype(np.float64) - 40)))
+    assert 1e-20 < tiny < 1e-10
+    want.reshape(-1)[0] = tiny
+  want_g = ref.cross_entropy_int_grad(x.astype(np.float64), y, axis=axis)
+  f = lambda x, y: jaxce.cross_entropy(x, y, axis=axis, reduction="none")
+  jx, jy = jnp.asarray(x, dtype), jnp.asarray(y)
+  looped = "scan[" in str(jax.make_jaxpr(f)(jx, jy))  # the chunks (a fori_loop)
+  assert looped == (layout != "nchw" and cpu_devices)
+  if layout == "vmap":  # one row per call: chunks of one row
+    per = jax.jit(jax.vmap(lambda r, t: f(r[None], t[None])[0]))(jx, jy)
+  else:
+    per = jax.jit(f)(jx, jy)
+  g = jax.jit(jax.grad(lambda x: jaxce.cross_entropy(x, jy, axis=axis)))(jx)
+  rtol = 1e-5 if dtype == jnp.float32 else 1e-3
+  np.testing.assert_allclose(np.asarray(per, np.float64), want, rtol=rtol, atol=0)
+  np.testing.assert_allclose(np.asarray(g, np.float64), want_g,  # (bf16 gradient: 2**-8)
+                             **({"rtol": 1e-5, "atol": 1e-8} if dtype == jnp.float32
+                                else {"rtol": 2**-7, "atol": 1e-6}))
+  if n:
+    # (a float32 sum of 40008 terms: 16 ulps; the mask's sum over the whole
+    # row was off by 6.5, the chunks' by less than 4)
+    np.testing.assert_allclose(float(np.asarray(per).reshape(-1)[0]), tiny, rtol=16 * EPS32)
 
 
 @pytest.mark.parametrize("c", [40960, 50257])

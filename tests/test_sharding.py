@@ -908,3 +908,29 @@ def test_sharding_example():
   np.testing.assert_allclose(shard_map["mean_loss"], shard_map["mean_single_device"], rtol=1e-5)
   assert results["vocab_parallel_jit"]["grad_sharding"] == P(None, "model")
   assert shard_map["grad_sharding"] == P(None, "model")
+
+
+@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
+def test_long_rows_without_blocks_keep_rows_local(axis_type):
+  """Rows longer than LONG_ROW with no block divisor (C = 40009) sharded over
+  the batch: in a process with several CPU devices the log-sum takes the
+  arithmetic mask, not the loop over row chunks (`_stats.one_cpu_device`),
+  whose dynamic slices would make the partitioner all-gather the logits on an
+  Auto mesh and fail to trace on an Explicit one. Loss and gradient equal one
+  device's, and no all-gather of the logits."""
+  from jaxce import _stats
+
+  assert not _stats.one_cpu_device()
+  n, c = 16, 40009
+  x = _normal((n, c), 41, 3.0)
+  y = (np.arange(n, dtype=np.int32) * 2503) % c
+  f = jax.jit(jax.value_and_grad(jaxce.cross_entropy))
+  expected = jax.device_get(f(x, y))
+  mesh = _mesh(axis_type)
+  xs = jax.device_put(x, NamedSharding(mesh, P(("data", "model"))))
+  ys = jax.device_put(y, NamedSharding(mesh, P(("data", "model"))))
+  with jax.set_mesh(mesh):
+    out = f(xs, ys)
+    hlo = f.lower(xs, ys).compile().as_text()
+  _assert_same(jax.device_get(out), expected)
+  assert_no_gather_of(hlo, {"logits": (n, c)})
