@@ -304,15 +304,14 @@ def _label_log_sum(
   rounded 1 + tiny is off by up to half a float32 ulp of 1 (6e-8, as in
   PyTorch and optax). `exclude` says how: "select" with the one-hot mask (one
   fused reduction on TPU and GPU); "cpu" in the blocks of `blocks` (the
-  float32 block view, see `_others_in_blocks`), or for rows longer than
-  `LONG_ROW` in `_in_row_chunks` where `_rows_fit`, else by an arithmetic
-  mask, since XLA:CPU's fused reductions take no compare or select: a
-  one-hot select would materialize an N x C array and triple the time of
-  the sum.
+  float32 block view, see `_others_in_blocks`), or in `_in_row_chunks`
+  where `_takes_row_chunks`, else by an arithmetic mask, since XLA:CPU's
+  fused reductions take no compare or select: a one-hot select would
+  materialize an N x C array and triple the time of the sum.
   """
   ct = _checks.compute_dtype(xm.dtype)
   num_classes = xm.shape[axis]
-  if exclude == "cpu" and blocks is None and num_classes > LONG_ROW and _rows_fit(xm, axis):
+  if exclude == "cpu" and blocks is None and _takes_row_chunks(xm, axis):
     return _in_row_chunks(xm, labels, shift, x_label)
   inside = (labels >= 0) & (labels < num_classes)
   if blocks is not None:
@@ -321,7 +320,7 @@ def _label_log_sum(
     if shift is None:
       shift = jnp.squeeze(row_shift(xm, (axis,)), axis)
     z = jnp.exp(xm.astype(ct) - _col(shift, axis))
-    if exclude == "cpu" and num_classes < 2**24:  # (no blocks: `_cpu_block_size`)
+    if exclude == "cpu" and num_classes < 2**24:  # no blocks (`_cpu_block_size`)
       others = total(z * _apart_from(labels, xm.shape, axis, ct), axis)
     else:
       others = total(jnp.where(one_hot_at(labels, xm.shape, axis), 0.0, z), axis)
@@ -332,11 +331,12 @@ def _label_log_sum(
   return shift, log_sum, picked
 
 
-def _rows_fit(xm: jax.Array, axis: int) -> bool:
-  """Whether `_in_row_chunks` takes `xm`: classes on the last axis, a static
-  shape, and a process with one CPU device (`one_cpu_device`)."""
-  return (axis == xm.ndim - 1 and all(isinstance(d, int) for d in xm.shape)
-          and one_cpu_device())
+def _takes_row_chunks(xm: jax.Array, axis: int) -> bool:
+  """Whether `_in_row_chunks` takes `xm` (with no blocks): rows longer than
+  `LONG_ROW` on the last axis, a static shape, and a process with one CPU
+  device (`one_cpu_device`)."""
+  return (xm.shape[axis] > LONG_ROW and axis == xm.ndim - 1
+          and all(isinstance(d, int) for d in xm.shape) and one_cpu_device())
 
 
 @functools.cache
@@ -514,8 +514,7 @@ def _shift_branches(axis: int) -> tuple[Callable[..., ShiftStats], Callable[...,
     block = _cpu_block_size(xm, axis)
     if block is None:
       # (row chunks convert their rows themselves)
-      chunks = xm.shape[axis] > LONG_ROW and _rows_fit(xm, axis)
-      view = xm if chunks else xm.astype(ct)
+      view = xm if _takes_row_chunks(xm, axis) else xm.astype(ct)
     else:
       view = xm.reshape(block_shape(xm.shape, axis, block)).astype(ct)
     flat = view.reshape(xm.shape)

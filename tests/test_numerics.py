@@ -1248,7 +1248,7 @@ def test_class_axis_in_blocks_matches_reference(layout, opts):
 
 @pytest.fixture(params=["one_device", "devices"])
 def cpu_devices(request, monkeypatch):
-  """Both CPU rules of `_stats._rows_fit`: as in a process with one CPU device
+  """Both CPU rules of `_stats._takes_row_chunks`: as in a process with one CPU device
   (row chunks), and as in this one, with 8 (the arithmetic mask). Caches are
   cleared so that nothing traced under the other rule is reused."""
   from jaxce import _stats
@@ -1294,7 +1294,8 @@ def test_long_rows_without_blocks_match_reference(layout, cpu_devices):
   axis = -1
   if layout == "nchw":  # (7, C) as (1, C, 7, 1)
     x, y, axis = x.T[None, :, :, None], y[None, :, None], 1
-  assert _stats._rows_fit(jnp.asarray(x), axis % x.ndim) == (layout != "nchw" and cpu_devices)
+  chunked = _stats._takes_row_chunks(jnp.asarray(x), axis % x.ndim)
+  assert chunked == (layout != "nchw" and cpu_devices)
   want = ref.cross_entropy_int(x.astype(np.float64), y, axis=axis, reduction="none")
   if n:  # row 0 from exact differences, no 1 + tiny: the loss to its own magnitude
     tiny = np.log1p(np.sum(np.exp(np.delete(rows[0], y.reshape(-1)[0]).astype(np.float64) - 40)))
