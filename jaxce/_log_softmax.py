@@ -65,10 +65,11 @@ def row_shift(x: jax.Array, axes: Axes) -> jax.Array:
 def log_sum(x: jax.Array, shift: jax.Array, axes: Axes) -> jax.Array:
   """log sum exp(x - shift) over `axes` (kept), in `shift`'s dtype: -inf for
   a row with no entry above -inf, with finite (zero) derivatives there."""
-  return _log(jnp.expand_dims(total(jnp.exp(x.astype(shift.dtype) - shift), axes), axes))
+  return log_of_sum(jnp.expand_dims(total(jnp.exp(x.astype(shift.dtype) - shift), axes), axes))
 
 
-def _log(s: jax.Array) -> jax.Array:
+def log_of_sum(s: jax.Array) -> jax.Array:
+  """log of a sum of exps: -inf for 0, with finite (zero) derivatives."""
   return jnp.where(s == 0, -jnp.inf, jnp.log(jnp.where(s == 0, 1.0, s)))
 
 
@@ -130,7 +131,7 @@ def _blocked_stats(axis: int, block: int, x: jax.Array) -> tuple[jax.Array, jax.
   xb = x.reshape(block_shape(x.shape, axis, block))
   shift = row_shift(xb, (axis, axis + 1))
   s = jnp.expand_dims(blocked_total(jnp.exp(xb.astype(shift.dtype) - shift), axis), axis)
-  return jnp.squeeze(shift, axis + 1), _log(s)
+  return jnp.squeeze(shift, axis + 1), log_of_sum(s)
 
 
 # ---------------------------------------------------------------------------

@@ -43,21 +43,26 @@ def pytest_sessionfinish(session):
     gc.disable()
 
 
-@pytest.fixture(params=["cpu", "accelerator"])
+@pytest.fixture(params=["cpu", "tpu", "gpu"])
 def branches(request, monkeypatch):
-  """Runs each test twice: with jaxce's XLA:CPU code paths, and with those it
-  takes on TPU and GPU (the `tpu=` or `default=` branch of every
-  `lax.platform_dependent`), traced on CPU, so that their values are tested
-  where no accelerator is at hand. Caches are cleared around the second
-  (internal `jax.jit`s would otherwise reuse the CPU traces)."""
-  if request.param == "accelerator":
-    def accelerator(*args, default=None, **per_platform):
-      branch = per_platform.get("tpu", default)
-      return branch(*args)
+  """Runs each test three times: with jaxce's XLA:CPU code paths, and with
+  those it takes on TPU (the `tpu=` or `default=` branch of every
+  `lax.platform_dependent`) and on GPU (`cuda=` or `default=`), traced on CPU,
+  so that their values are tested where no accelerator is at hand.
 
-    jax.clear_caches()
+  The other two run under a `default_matmul_precision` of their own, a
+  setting that is part of every jit cache's key (and that XLA:CPU's dots
+  ignore), so that internal `jax.jit`s trace them anew instead of reusing the
+  CPU traces, and the CPU traces stay cached for later tests
+  (`jax.clear_caches()` made every later test compile again)."""
+  if request.param != "cpu":
+    key = "tpu" if request.param == "tpu" else "cuda"
+
+    def accelerator(*args, default=None, **per_platform):
+      return per_platform.get(key, default)(*args)
+
     monkeypatch.setattr(jax.lax, "platform_dependent", accelerator)
-    yield request.param
-    jax.clear_caches()
+    with jax.default_matmul_precision("highest" if key == "tpu" else "float32"):
+      yield request.param
   else:
     yield request.param

@@ -1453,6 +1453,77 @@ def test_both_paths_out_of_range_label_nan_row_with_options(branches, opts):
   assert np.all(np.isfinite(g[[0, 2, 4, 5]]))
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("layout", ["last", "nchw"])
+def test_both_paths_label_smoothing_masked_classes(branches, weighted, layout):
+  """Label smoothing's sums (count of active classes, their weight sum and
+  the weighted sum of x - shift; reduced beside the log-sum, in one stacked
+  reduction on GPU) over `where`-masked classes, -inf logits, a row masked
+  whole, an ignored label and one at a -inf logit: loss and gradient equal
+  to the float64 reference, with the classes on the last axis and on axis
+  1 of (N, C, H, W)."""
+  rng = _rng(38)
+  n, c = 9, 11
+  x = rng.normal(size=(n, c)) * 3
+  where = rng.random((n, c)) > 0.3
+  where[4] = False
+  y = rng.integers(0, c, size=n).astype(np.int32)
+  x[1, [k for k in range(c) if k != y[1]][:2]] = -np.inf
+  where[np.arange(n), y] = True
+  y[6] = -100
+  x[7, y[7]] = -np.inf  # the label's logit is -inf: an infinite loss there
+  w = np.linspace(0.5, 2.0, c) if weighted else None
+  kw = {"label_smoothing": 0.2, "weight": None if w is None else jnp.asarray(w)}
+  rows = np.arange(n) != 7
+  ref_per, _, ref_g = ref_ce_int(x[rows], y[rows], w, eps=0.2, where=where[rows])
+  def move(a):  # rows of (N, C) as (N/3, C, 3, 1) with the classes on axis 1
+    return a if layout == "last" else np.moveaxis(a.reshape(3, 3, c, 1), 2, 1)
+  def back(a):
+    return a if layout == "last" else np.moveaxis(a, 1, 2).reshape(a.shape[0] * 3, c)
+  axis = -1 if layout == "last" else 1
+  yy = y if layout == "last" else y.reshape(3, 3, 1)
+  def f(x, sel):
+    per = jaxce.cross_entropy(x, jnp.asarray(yy), where=jnp.asarray(move(where)), axis=axis,
+                              reduction="none", **kw)
+    return jnp.sum(jnp.where(sel.reshape(per.shape), per, 0.0)), per
+  vg = jax.jit(jax.value_and_grad(f, has_aux=True))
+  for sel in (rows, np.ones(n, bool)):
+    (_, per), g = vg(jnp.asarray(move(x), jnp.float32), jnp.asarray(sel))
+    per = np.asarray(per).reshape(n)
+    if sel.all():
+      assert per[7] == np.inf
+      continue
+    _close(per[rows], ref_per, rtol=1e-5, atol=1e-6, what="per-position loss")
+    w_y = np.ones(c) if w is None else w
+    d = np.sum(np.where(y[rows] != -100, w_y[np.clip(y[rows], 0, c - 1)], 0))  # ref's mean
+    _close(back(np.asarray(g))[rows], ref_g * d, rtol=1e-5, atol=1e-6, what="gradient")
+    assert np.all(back(np.asarray(g))[7] == 0)
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_both_paths_probability_targets_smoothing_masked_classes(branches, weighted):
+  """Probability targets with label smoothing and z-loss (their log-sum,
+  target and smoothing sums reduced together, in one stacked reduction on
+  GPU) over `where`-masked classes, -inf logits and a row masked whole: loss
+  and gradient equal to the float64 reference."""
+  rng = _rng(39)
+  n, c = 8, 13
+  x = rng.normal(size=(n, c)) * 3
+  where = rng.random((n, c)) > 0.3
+  where[5] = False
+  t = rng.random((n, c)) * where
+  t = t / np.maximum(t.sum(-1, keepdims=True), 1e-9)
+  x[2, np.flatnonzero(t[2] == 0)[:2]] = -np.inf  # -inf logits with no target mass
+  w = np.linspace(0.5, 2.0, c) if weighted else None
+  kw = {"label_smoothing": 0.1, "z_loss": 1e-2, "weight": None if w is None else jnp.asarray(w)}
+  f = lambda x: jaxce.cross_entropy(x, jnp.asarray(t, jnp.float32), where=jnp.asarray(where),
+                                    **kw)
+  loss, g = jax.jit(jax.value_and_grad(f))(jnp.asarray(x, jnp.float32))
+  _, ref_mean, ref_g = ref_ce_probs(x, t, w, eps=0.1, z=1e-2, where=where)
+  _close(loss, ref_mean, rtol=1e-5, what="loss")
+  _close(g, ref_g, rtol=1e-5, atol=1e-7, what="gradient")
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_both_paths_forward_mode(branches, dtype):
   """jvp of the plain loss, of z-loss (d log_sum) and smoothing, with ignored
