@@ -316,13 +316,13 @@ def _gpu_smoothed(
     terms.append(active.astype(ct))
   else:
     terms[1:] = _smoothing_terms(active, xs, _class_weights(weight, axis, xm.ndim, ct))
-  others, weighted, *counts = stacked_totals(terms, axis)
+  others, weighted, *counts = _stacked_totals(terms, axis)
   inside = (labels >= 0) & (labels < xm.shape[axis])
   ls, picked = _log_sum_apart(others, x_label, inside, shift)
   return shift, ls, picked, SmoothingSums(weighted, counts[0], counts[-1])
 
 
-def stacked_totals(terms: list[jax.Array], axis: int) -> list[jax.Array]:
+def _stacked_totals(terms: list[jax.Array], axis: int) -> list[jax.Array]:
   """`total` over `axis` of each of `terms` (one shape), as one reduction
   over a trailing stack axis: on GPU one partial-sum buffer for all of them
   (see `_gpu_smoothed`)."""
@@ -764,7 +764,7 @@ def _target_primal(
 def _gpu_target_stats(xm: jax.Array, t: jax.Array, w: jax.Array, *, axis: int, weighted: bool,
                       smoothing: bool) -> TargetStats:
   """`TargetStats` on GPU: the log-sum's, the targets' and the smoothing's
-  sums in one stacked reduction (`stacked_totals`, as `_gpu_smoothed` does
+  sums in one stacked reduction (`_stacked_totals`, as `_gpu_smoothed` does
   for integer labels). As three or more sums in one fusion they cost up to
   4 MiB of temp memory above optax's, whose program has fewer at a time
   (H100, bfloat16: 516.1 against 512.1 MiB at N=8192, D=1024, C=32768)."""
@@ -777,7 +777,7 @@ def _gpu_target_stats(xm: jax.Array, t: jax.Array, w: jax.Array, *, axis: int, w
     active = diff > -jnp.inf
     xs = jnp.where(active, diff, 0.0)
     terms += _smoothing_terms(active, xs, w) if weighted else [xs, active.astype(xs.dtype)]
-  exps, mass, target_logits, *rest = stacked_totals(terms, axis)
+  exps, mass, target_logits, *rest = _stacked_totals(terms, axis)
   sums = None
   if smoothing:
     sums = SmoothingSums(rest[0], rest[1], rest[-1])

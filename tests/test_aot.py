@@ -47,7 +47,7 @@ LINEAR_TARGETS = ("v5e", "v5p", "h100")
 # per-device logits are smallest against the kernel.
 F32_LINEAR_TARGETS = ("v5e", "v5e-4:batch")
 KNOWN_GATHER = {("linear_ce", "vocab", "jaxce-unnamed"): LINEAR_AUTO}
-# H100 programs whose per-row sums are reduced together (_stats.stacked_totals).
+# H100 programs whose per-row sums are reduced together (_stats._stacked_totals).
 GPU_STACKED = (("ce_prob", "bfloat16"), ("ce_smooth", "bfloat16"), ("ce_smooth", "float32"),
                ("ce_weight_smooth", "bfloat16"), ("ce_weight_smooth", "float32"))
 
