@@ -6,7 +6,7 @@ blocks only where the row length has a divisor in [64, 2048] (see
 benchmarks/README.md, "Long rows whose length has no block divisor").
 Vocabularies such as cl100k's (100277 = 17 x 5899) have none. This script
 times `value_and_grad` of four losses and their peers on such shapes,
-interleaved in one process (the order shuffled each round), and prints the
+interleaved in one process (the order shuffled each round, after one untimed round), and prints the
 medians of the same-round ratios with the compiled temp memory:
 
 - log_softmax against `jax.nn.log_softmax` (contracted with a fixed row);
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxce
-from jaxce.benchmark.measure import round_order
+from jaxce.benchmark.measure import paired_ratio, round_robin
 
 SHAPES = ("512x100277", "64x100277")
 
@@ -75,25 +74,17 @@ def main() -> None:
     x = jnp.asarray(rng.normal(size=(n, c)) * 3, dt)
     y = jnp.asarray(rng.integers(0, c, n), jnp.int32)
     t = jax.nn.softmax(jnp.asarray(rng.normal(size=(n, c)), jnp.float32))
-    compiled, temp = {}, {}
+    units, temp = {}, {}
     for name, pair in cases(c).items():
       for impl, f in zip(("jaxce", "peer"), pair, strict=True):
         exe = jax.jit(jax.value_and_grad(f)).lower(x, y, t).compile()
-        compiled[name, impl] = exe
+        units[f"{name}/{impl}"] = (exe, (x, y, t))
         temp[name, impl] = exe.memory_analysis().temp_size_in_bytes / 2**20
-        jax.block_until_ready(exe(x, y, t))
-    times: dict[tuple[str, str], list[float]] = {k: [] for k in compiled}
-    names = list(compiled)
-    for r in range(args.rounds):
-      for k in round_order(names, r):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled[k](x, y, t))
-        times[k].append(time.perf_counter() - t0)
+    times = round_robin(units, warmup=1, repeats=args.rounds)
     for name in cases(c):
-      mine, peer = times[name, "jaxce"], times[name, "peer"]
-      ratio = statistics.median(a / b for a, b in zip(mine, peer, strict=True))
+      mine, peer = times[f"{name}/jaxce"], times[f"{name}/peer"]
       print(f"| {spec} | {name} | {statistics.median(mine) * 1e3:.1f} ms | "
-            f"{statistics.median(peer) * 1e3:.1f} ms | {ratio:.2f} | "
+            f"{statistics.median(peer) * 1e3:.1f} ms | {paired_ratio(mine, peer):.2f} | "
             f"{temp[name, 'jaxce']:.1f} / {temp[name, 'peer']:.1f} |", flush=True)
 
 
