@@ -43,26 +43,39 @@ def pytest_sessionfinish(session):
     gc.disable()
 
 
-@pytest.fixture(params=["cpu", "tpu", "gpu"])
+def _on_branch(param, monkeypatch):
+  if param == "cpu":
+    yield param
+    return
+  key = "tpu" if param == "tpu" else "cuda"
+
+  def accelerator(*args, default=None, **per_platform):
+    return per_platform.get(key, default)(*args)
+
+  monkeypatch.setattr(jax.lax, "platform_dependent", accelerator)
+  with jax.default_matmul_precision("highest" if key == "tpu" else "float32"):
+    yield param
+
+
+@pytest.fixture(params=["cpu", "tpu"])
 def branches(request, monkeypatch):
-  """Runs each test three times: with jaxce's XLA:CPU code paths, and with
-  those it takes on TPU (the `tpu=` or `default=` branch of every
-  `lax.platform_dependent`) and on GPU (`cuda=` or `default=`), traced on CPU,
-  so that their values are tested where no accelerator is at hand.
+  """Runs each test twice: with jaxce's XLA:CPU code paths, and with those it
+  takes on TPU (the `tpu=` or `default=` branch of every
+  `lax.platform_dependent`), traced on CPU, so that their values are tested
+  where no accelerator is at hand. The GPU's are TPU's except where
+  `all_branches` says.
 
-  The other two run under a `default_matmul_precision` of their own, a
-  setting that is part of every jit cache's key (and that XLA:CPU's dots
-  ignore), so that internal `jax.jit`s trace them anew instead of reusing the
-  CPU traces, and the CPU traces stay cached for later tests
-  (`jax.clear_caches()` made every later test compile again)."""
-  if request.param != "cpu":
-    key = "tpu" if request.param == "tpu" else "cuda"
+  The TPU run is under a `default_matmul_precision` of its own, a setting
+  that is part of every jit cache's key (and that XLA:CPU's dots ignore), so
+  that internal `jax.jit`s trace it anew instead of reusing the CPU traces,
+  and the CPU traces stay cached for later tests (`jax.clear_caches()` made
+  every later test compile again)."""
+  yield from _on_branch(request.param, monkeypatch)
 
-    def accelerator(*args, default=None, **per_platform):
-      return per_platform.get(key, default)(*args)
 
-    monkeypatch.setattr(jax.lax, "platform_dependent", accelerator)
-    with jax.default_matmul_precision("highest" if key == "tpu" else "float32"):
-      yield request.param
-  else:
-    yield request.param
+@pytest.fixture(params=["cpu", "tpu", "gpu"])
+def all_branches(request, monkeypatch):
+  """`branches` and the GPU's (`cuda=` or `default=`) branches too, for the
+  tests that reach a GPU-only one: label smoothing and probability targets'
+  statistics (`_stats._gpu_smoothed`, `_stats._gpu_target_stats`)."""
+  yield from _on_branch(request.param, monkeypatch)

@@ -686,7 +686,7 @@ def test_fully_masked_rows_probability_targets(eps):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("opts", [{}, {"label_smoothing": 0.2, "z_loss": 0.01}],
                          ids=["plain", "smoothing_z_loss"])
-def test_all_neg_inf_rows_probability_targets(branches, opts, dtype):
+def test_all_neg_inf_rows_probability_targets(all_branches, opts, dtype):
   """A row whose logits are all -inf: loss 0 and no gradient without target
   mass; with mass, +inf (mass on a -inf logit, as on any row: the
   cross-entropy of log_softmax's all -inf row), and the gradient that such
@@ -831,7 +831,7 @@ def test_target_on_neg_inf_class_is_inf_not_nan():
 
 
 @pytest.mark.parametrize("z", [0.0, 1e-2])
-def test_target_mass_that_does_not_count_on_neg_inf_class_is_finite(branches, z):
+def test_target_mass_that_does_not_count_on_neg_inf_class_is_finite(all_branches, z):
   # Target mass on a -inf logit costs +inf only where it counts: not at a
   # class of weight 0 (w_c t_c = 0), nor at eps = 1, where q = 1 / K over the
   # classes of finite logit and the targets take no part.
@@ -1368,7 +1368,7 @@ def test_long_rows_sum_in_blocks_match_reference(branches, case, c):
 @pytest.mark.parametrize("opts", [
     {}, {"label_smoothing": 0.1, "z_loss": 1e-3}, {"weight": True, "label_smoothing": 0.2},
 ], ids=["plain", "smooth_z", "weight_smooth"])
-def test_both_paths_bfloat16_integer_targets(branches, opts):
+def test_both_paths_bfloat16_integer_targets(all_branches, opts):
   test_bfloat16_integer_targets_accuracy(opts)
 
 
@@ -1435,7 +1435,7 @@ def test_both_paths_out_of_range_label_nan_row(branches, reduction):
     {"label_smoothing": 0.1}, {"z_loss": 1e-2}, {"weight": True, "label_smoothing": 0.1},
     {"weight": True, "label_smoothing": 0.1, "z_loss": 1e-2},
 ], ids=["smooth", "z", "weight_smooth", "weight_smooth_z"])
-def test_both_paths_out_of_range_label_nan_row_with_options(branches, opts):
+def test_both_paths_out_of_range_label_nan_row_with_options(all_branches, opts):
   """As above with the options whose derivatives take the label's statistics
   another way (`_reduction._smoothed_through_nll`, `_nll_through_log_sum`):
   the bad label's gradient row is still NaN, an ignored row 0, the others
@@ -1455,7 +1455,7 @@ def test_both_paths_out_of_range_label_nan_row_with_options(branches, opts):
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 @pytest.mark.parametrize("layout", ["last", "nchw"])
-def test_both_paths_label_smoothing_masked_classes(branches, weighted, layout):
+def test_both_paths_label_smoothing_masked_classes(all_branches, weighted, layout):
   """Label smoothing's sums (count of active classes, their weight sum and
   the weighted sum of x - shift; reduced beside the log-sum, in one stacked
   reduction on GPU) over `where`-masked classes, -inf logits, a row masked
@@ -1501,7 +1501,7 @@ def test_both_paths_label_smoothing_masked_classes(branches, weighted, layout):
 
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
-def test_both_paths_probability_targets_smoothing_masked_classes(branches, weighted):
+def test_both_paths_probability_targets_smoothing_masked_classes(all_branches, weighted):
   """Probability targets with label smoothing and z-loss (their log-sum,
   target and smoothing sums reduced together, in one stacked reduction on
   GPU) over `where`-masked classes, -inf logits and a row masked whole: loss
@@ -1525,7 +1525,7 @@ def test_both_paths_probability_targets_smoothing_masked_classes(branches, weigh
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_both_paths_forward_mode(branches, dtype):
+def test_both_paths_forward_mode(all_branches, dtype):
   """jvp of the plain loss, of z-loss (d log_sum) and smoothing, with ignored
   and fully masked rows: equal to the float64 reference's directional
   derivative."""
@@ -1550,14 +1550,14 @@ def test_both_paths_forward_mode(branches, dtype):
     _close(t, expected, rtol=tol, atol=tol * np.sum(np.abs(ref_g)), what=str(kw))
 
 
-def test_both_paths_bfloat16_probability_targets_and_log_softmax(branches):
+def test_both_paths_bfloat16_probability_targets_and_log_softmax(all_branches):
   test_bfloat16_probability_targets_accuracy()
   test_bfloat16_nll_log_softmax_logsumexp_accuracy()
   test_neg_inf_logits_half_precision()
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_both_paths_half_precision_softmax_gradients_far_from_zero(branches, dtype):
+def test_both_paths_half_precision_softmax_gradients_far_from_zero(all_branches, dtype):
   """log_softmax's and logsumexp's gradients, and probability targets', on
   half-precision logits near +-1000 with a -inf entry and a row masked
   whole: within half an ulp of their dtype of the float64 ones at every
