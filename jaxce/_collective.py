@@ -43,7 +43,12 @@ def label_weight(weight: jax.Array | None, where: ClassSlice) -> jax.Array | Non
   if weight is None:
     return None
   num_local = weight.shape[0]
-  index = jnp.clip(where.local_labels, 0, max(num_local - 1, 0))
+  if num_local == 0:
+    # No class at all (a class axis splits evenly, so none anywhere): every
+    # label not ignored is out of range, and its weight is NaN like its loss.
+    w = jnp.full_like(where.local_labels, jnp.nan, dtype=weight.dtype)
+    return w if where.axis_name is None else jax.lax.psum(w, where.axis_name)
+  index = jnp.clip(where.local_labels, 0, num_local - 1)
   # Sharded as the labels (on an Explicit mesh a gather must be told).
   w = weight.at[index].get(out_sharding=jax.typeof(index).sharding)
   if where.axis_name is None:

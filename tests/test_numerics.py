@@ -1040,6 +1040,24 @@ def test_zero_classes_and_empty_batch_cross_entropy(c):
   assert jaxce.softmax_cross_entropy(x3, x3, axis=(1, 2)).shape == (0,)
 
 
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_zero_classes_with_class_weights_like_without(reduction):
+  # C = 0: every label not ignored is out of range (NaN), an ignored one
+  # costs 0; an empty `weight` must not change that (it crashed in a gather).
+  labels = jnp.array([0, -100, 3])
+  x = jnp.zeros((3, 0))
+  for fn in (jaxce.cross_entropy, jaxce.nll_loss):
+    plain = jax.jit(lambda x, fn=fn: fn(x, labels, reduction=reduction))
+    weighted = jax.jit(lambda x, fn=fn: fn(x, labels, weight=jnp.ones(0), reduction=reduction))
+    np.testing.assert_array_equal(weighted(x), plain(x))
+    assert jax.grad(lambda x, f=weighted: jnp.sum(f(x)))(x).shape == (3, 0)
+  ignored = jnp.full((3,), -100)
+  assert float(jaxce.cross_entropy(x, ignored, weight=jnp.ones(0), reduction="sum")) == 0.0
+  fused = jaxce.linear_cross_entropy(jnp.ones((3, 4)), jnp.zeros((4, 0)), labels,
+                                     weight=jnp.ones(0), reduction="none")
+  np.testing.assert_array_equal(fused, [np.nan, 0.0, np.nan])
+
+
 @pytest.mark.slow  # a sweep: `pytest -m slow` (.ci/run) runs it
 @pytest.mark.parametrize("axis", [None, 0, -1, (0, 2), (2, 0), (1,), (0, 1, 2)])
 def test_axis_forms_like_jax_nn(axis):
