@@ -742,10 +742,7 @@ def _target_primal(
       shift = jax.lax.optimization_barrier(shift)
       (xm, t, w, shift), row_sum = _cpu_row_sums(axis, xm, t, w, shift)
     wt = w * t
-    # x - shift where weighted target mass meets it: 0 where w t == 0 (no
-    # 0 * -inf = NaN, also at a class of weight 0); mass on a -inf logit
-    # gives -inf, so the loss is +inf, as it should be.
-    return row_sum(wt), row_sum(wt * jnp.where(wt == 0, 0.0, xm.astype(ct) - shift))
+    return row_sum(wt), row_sum(_mass_times(wt, xm.astype(ct) - shift))
 
   def apart(xm: jax.Array, t: jax.Array, w: jax.Array) -> TargetStats:
     shift, ls = shifted_stats(xm, (axis,))
@@ -761,6 +758,12 @@ def _target_primal(
   return out
 
 
+def _mass_times(wt: jax.Array, diff: jax.Array) -> jax.Array:
+  """w t (x - shift), 0 where w t == 0 (no 0 * -inf = NaN, also at a class of
+  weight 0); mass on a -inf logit gives -inf, so the loss is +inf."""
+  return wt * jnp.where(wt == 0, 0.0, diff)
+
+
 def _gpu_target_stats(xm: jax.Array, t: jax.Array, w: jax.Array, *, axis: int, weighted: bool,
                       smoothing: bool) -> TargetStats:
   """`TargetStats` on GPU: the log-sum's, the targets' and the smoothing's
@@ -771,8 +774,7 @@ def _gpu_target_stats(xm: jax.Array, t: jax.Array, w: jax.Array, *, axis: int, w
   shift = row_shift(xm, (axis,))
   diff = xm.astype(t.dtype) - shift
   wt = w * t
-  # (x - shift where weighted target mass meets it: see `target_sums`)
-  terms = [jnp.exp(diff), wt, wt * jnp.where(wt == 0, 0.0, diff)]
+  terms = [jnp.exp(diff), wt, _mass_times(wt, diff)]
   if smoothing:
     active = diff > -jnp.inf
     xs = jnp.where(active, diff, 0.0)
