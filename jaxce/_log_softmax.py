@@ -23,6 +23,7 @@ from typing import Any, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from jaxce import _checks, _dispatch
@@ -281,20 +282,21 @@ def log_softmax(
   return _log_softmax(x, mask, axes)
 
 
-@_dispatch.jitted(static=("axis",))
+@_dispatch.jitted(static=("axis", "keepdims"))
 def logsumexp(
     x: ArrayLike,
     axis: int | Sequence[int] | None = -1,
     where: ArrayLike | None = None,
+    keepdims: bool = False,
 ) -> jax.Array:
   r"""Numerically stable :math:`\log \sum_{j \in \text{where}} e^{x_j}`.
 
   Like :func:`jax.nn.logsumexp` (`axis` an int, a tuple of ints or None for
-  all axes; the reduced axes are removed; the input's dtype is kept, with
-  float32 internal math for half precision), with two differences: the
-  default `axis` is -1 (jax.nn's is None, a full reduction), and there is no
-  `b`, `keepdims` or `return_sign`. Slices whose entries are all -inf (or
-  all masked), and empty slices, give -inf, with zero gradient.
+  all axes; the reduced axes are removed unless `keepdims`; the input's dtype
+  is kept, with float32 internal math for half precision), with two
+  differences: the default `axis` is -1 (jax.nn's is None, a full
+  reduction), and there is no `b` or `return_sign`. Slices whose entries are
+  all -inf (or all masked), and empty slices, give -inf, with zero gradient.
 
   Differentiation: a `jax.custom_jvp` (forward and reverse mode, any order);
   reverse mode saves only `x` and two float32 numbers per slice.
@@ -304,9 +306,11 @@ def logsumexp(
     axis: The axis or axes to reduce; None for all of them.
     where: Optional boolean mask broadcastable to `x`: the entries that take
       part.
+    keepdims: Keep the reduced axes, with size 1 (broadcastable against `x`).
 
   Returns:
-    `x`'s shape without `axis`, in `x`'s dtype.
+    `x`'s shape without `axis` (with size-1 axes there if `keepdims`), in
+    `x`'s dtype.
 
   Examples:
     >>> import jax.numpy as jnp, jaxce
@@ -317,5 +321,8 @@ def logsumexp(
   """
   x = _checks.float_array("logsumexp", "x", x)
   axes = _axes("logsumexp", axis, x.ndim)
+  if not isinstance(keepdims, (bool, np.bool_)):
+    raise TypeError(f"logsumexp: `keepdims` must be a bool. Got {type(keepdims).__name__}.")
   mask = _checks.class_mask("logsumexp", where, x.shape)
-  return _logsumexp(x, mask, axes)
+  out = _logsumexp(x, mask, axes)
+  return jnp.expand_dims(out, axes) if keepdims else out

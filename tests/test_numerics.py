@@ -1071,6 +1071,25 @@ def test_axis_forms_like_jax_nn(axis):
   np.testing.assert_allclose(g(jaxce.log_softmax), g(jax.nn.log_softmax), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("axis", [None, 0, -1, (0, 2)])
+def test_logsumexp_keepdims_like_jax_nn(axis):
+  x = jnp.asarray(_rng(26).normal(size=(2, 3, 4)) * 3, jnp.float32).at[0, 1, 2].set(-jnp.inf)
+  ours = jaxce.logsumexp(x, axis=axis, keepdims=True)
+  assert ours.shape == jax.nn.logsumexp(x, axis=axis, keepdims=True).shape
+  np.testing.assert_allclose(ours, jax.nn.logsumexp(x, axis=axis, keepdims=True), rtol=1e-6)
+  # Broadcastable against x, with the gradient and tangent of the plain call.
+  cot = jnp.asarray(_rng(27).normal(size=ours.shape), jnp.float32)
+  g = jax.grad(lambda x: jnp.sum(jaxce.logsumexp(x, axis=axis, keepdims=True) * cot))(x)
+  np.testing.assert_allclose(g, jax.grad(lambda x: jnp.sum(jax.nn.logsumexp(
+      x, axis=axis, keepdims=True) * cot))(x), rtol=1e-5, atol=1e-7)
+  _, t = jax.jvp(lambda x: jaxce.logsumexp(x, axis=axis, keepdims=True), (x,), (jnp.ones_like(x),))
+  assert t.shape == ours.shape
+  assert jax.jit(lambda x: jaxce.logsumexp(x, axis=axis, keepdims=False))(x).shape == (
+      jax.nn.logsumexp(x, axis=axis).shape)
+  with pytest.raises(TypeError, match="`keepdims` must be a bool. Got int"):
+    jaxce.logsumexp(x, axis=axis, keepdims=1)
+
+
 def _dominant_label_inputs(c, offset, n=48, seed=23):
   """Rows whose label dominates by 8-20 (losses down to ~1e-7), rows whose
   label sits 120 below the max (CPU's fallback to the max shift), -inf
