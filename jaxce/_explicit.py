@@ -123,8 +123,8 @@ def class_split(
   mesh (None when it is not). `rows`: the array whose other dims are the
   positions, if not `x` itself (the activations, for the fused loss)."""
   spec = spec_of(x)
-  if spec is None or spec[class_dim] is None:
-    return None
+  if spec is None or spec[class_dim] is None or x.shape[class_dim] == 0:
+    return None  # (no class to split: the unsplit loss is defined at C = 0)
   if rows is None:
     row_entries = [spec[d] for d in range(x.ndim) if d != class_dim]
   else:

@@ -137,7 +137,7 @@ def take_at(x: jax.Array, labels: jax.Array, axis: int) -> jax.Array:
   num_classes = x.shape[axis]
   labels = _int32(labels)
   if num_classes == 0:
-    return jnp.zeros(labels.shape, x.dtype)
+    return jnp.zeros_like(labels, dtype=x.dtype)  # (sharded as the labels)
   inside = (labels >= 0) & (labels < num_classes)
   idx = jnp.expand_dims(jnp.where(inside, labels, 0), axis)
   picked = jnp.squeeze(jnp.take_along_axis(x, idx, axis, mode="clip"), axis)

@@ -1086,7 +1086,7 @@ def test_logsumexp_keepdims_like_jax_nn(axis):
   assert t.shape == ours.shape
   assert jax.jit(lambda x: jaxce.logsumexp(x, axis=axis, keepdims=False))(x).shape == (
       jax.nn.logsumexp(x, axis=axis).shape)
-  with pytest.raises(TypeError, match="`keepdims` must be a bool. Got int"):
+  with pytest.raises(TypeError, match=r"`keepdims` must be a bool\. Got int"):
     jaxce.logsumexp(x, axis=axis, keepdims=1)
 
 

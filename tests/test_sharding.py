@@ -415,6 +415,35 @@ def test_jit_explicit_without_set_mesh(loss):
   _assert_same(out, expected)
 
 
+def test_jit_explicit_class_sharded_with_no_classes():
+  """C = 0 on a class-sharded Explicit mesh: the unsplit loss's values (NaN
+  for a label not ignored, 0 for an ignored one) and gradients. (Failed
+  before: a lax.cond whose branches differed in varying axes, and an XLA
+  error for probability targets.)"""
+  mesh = _mesh("Explicit")
+  labels = jnp.array([0, -100, 2, -100])
+  expected = np.array([np.nan, 0.0, np.nan, 0.0])
+  on_mesh = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
+  with jax.set_mesh(mesh):
+    x = on_mesh(jnp.zeros((4, 0)), P("data", "model"))
+    y = on_mesh(labels, P("data"))
+    losses = {
+        "ce": lambda x: jaxce.cross_entropy(x, y, reduction="none"),
+        "ce_weight": lambda x: jaxce.cross_entropy(x, y, weight=on_mesh(jnp.ones(0), P("model")),
+                                                   reduction="none"),
+        "nll": lambda x: jaxce.nll_loss(x, y, reduction="none"),
+        "smoothing": lambda x: jaxce.cross_entropy(x, y, label_smoothing=0.1, reduction="none"),
+    }
+    for name, f in losses.items():
+      np.testing.assert_array_equal(jax.jit(f)(x), expected, err_msg=name)
+      assert jax.jit(jax.grad(lambda x, f=f: jnp.sum(jnp.nan_to_num(f(x)))))(x).shape == (4, 0)
+    np.testing.assert_array_equal(jaxce.cross_entropy(x, x, reduction="none"), np.zeros(4))
+    kernel = on_mesh(jnp.zeros((3, 0)), P(None, "model"))
+    fused = jaxce.linear_cross_entropy(on_mesh(jnp.ones((4, 3)), P("data")), kernel, y,
+                                       reduction="none")
+    np.testing.assert_array_equal(fused, expected)
+
+
 def test_jit_auto_linear_vocab_not_divisible_by_device_count():
   """V = 100 splits evenly over the 4 "model" devices but not into 8 groups:
   linear_cross_entropy then takes groups=1 and XLA all-gathers the kernel.
