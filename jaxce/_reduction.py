@@ -105,7 +105,7 @@ def integer_target_loss(
   bad = valid & ((labels < 0) | (labels >= classes.num_classes))
   nan_at_bad = jnp.where(bad, jnp.nan, 1.0).astype(ct)
   if stats.log_sum is None:
-    loss = -w_pos * picked * nan_at_bad
+    loss = w_pos * (0.0 - picked) * nan_at_bad  # (not -w * p: +0.0 at ignored positions)
   else:
     log_sum = jnp.where(keep, stats.log_sum, 0.0)
     # Class weights with smoothing: nll's derivative taken as log_sum's and

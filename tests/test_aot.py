@@ -105,7 +105,7 @@ def _jobs() -> list[aot.Job]:
     jobs += [(c, "jaxce", f"v5e-4:{layout}", "bfloat16", SHARDED) for c in ("ce_int", "linear_ce")]
   # The Auto layout names the vocabulary axis (class_axis_name); also without it.
   jobs.append(("linear_ce", "jaxce-unnamed", "v5e-4:vocab", "bfloat16", SHARDED))
-  return [j for j in jobs if not aot.compiler_missing(aot.TARGETS[j[2]].platform, probe=False)]
+  return [j for j in jobs if not aot.compiler_missing(aot.TARGETS[j[2]].platform)]
 
 
 # The drop-ins' peers are the same optax programs as the losses' (same
@@ -147,7 +147,7 @@ def _all_compiled() -> dict[aot.Job, object]:
 
 
 def compiled(case: str, impl: str, target: str, dtype: str, shape: aot.Shape) -> dict:
-  why = aot.compiler_missing(aot.TARGETS[target].platform, probe=False)
+  why = aot.compiler_missing(aot.TARGETS[target].platform)
   if why:
     pytest.skip(f"{target}: {why}")
   got = _all_compiled()[(case, impl, target, dtype, shape)]
@@ -310,7 +310,7 @@ def test_recorded_peer_figures_are_what_the_compiler_gives():
   # The reuse is exact: a recorded peer, compiled afresh, gives the recorded figures
   # under the same fingerprint (an H100 program: the cheapest to compile).
   job = ("ce_int", "peer", "h100", "bfloat16", SMALL)
-  if aot.compiler_missing("cuda", probe=False):
+  if aot.compiler_missing("cuda"):
     pytest.skip("the CUDA compiler plugin is not installed")
   fresh = aot.compile_jobs_parallel([job], workers=1)[0]
   assert isinstance(fresh, dict), fresh
@@ -319,3 +319,27 @@ def test_recorded_peer_figures_are_what_the_compiler_gives():
     pytest.skip(f"{PEER_FIGURES.name} has no entry for these compilers (a newer jax?)")
   assert recorded.pop("job") == json.loads(json.dumps(job))
   assert {k: fresh[k] for k in recorded} == recorded
+
+
+def test_benchmark_compiles_in_workers_and_writes_its_report(tmp_path):
+  # The CLI's run: two workers, the optimized HLO kept, one row per pair with both
+  # programs' figures, the same as one compile in this process gives.
+  if aot.compiler_missing("cuda"):
+    pytest.skip("the CUDA compiler plugin is not installed")
+  shape = aot.Shape(256, 64, 1000)
+  aot.main(["--targets", "h100", "--losses", "ce_int,log_softmax", "--shape", "256,64,1000",
+            "--workers", "2", "--hlo", "--no-plots", "--out", str(tmp_path)])
+  result = json.loads((tmp_path / "results.json").read_text())
+  assert result["workers"] == 2
+  assert [r["loss"] for r in result["rows"]] == ["ce_int", "log_softmax"]
+  for r in result["rows"]:  # (here the matmul's buffers exceed the logits' bytes)
+    assert not [v for v in r["violations"] if "> peer" in v], r["violations"]
+  row = result["rows"][0]
+  for impl in ("jaxce", "peer"):
+    assert "hlo" not in row[impl]
+    hlo = (tmp_path / f"h100-ce_int-bfloat16-1000-{impl}.hlo.txt").read_text()
+    assert "HloModule" in hlo
+  here = aot.compile_one(aot.CASES["ce_int"], "jaxce", shape, jnp.bfloat16, aot.TARGETS["h100"])
+  assert row["jaxce"]["fingerprint"] == here["fingerprint"]
+  assert row["jaxce"]["temp_bytes"] == here["temp_bytes"]
+  assert "| ce_int | bfloat16 |" in (tmp_path / "results.md").read_text()

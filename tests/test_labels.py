@@ -42,7 +42,7 @@ def _logits(n):
 
 
 def _check_none(got, values, ignore_index, reference):
-  """`got` (reduction none) is the int32 loss at classes, 0 at ignored
+  """`got` (reduction none) is the int32 loss at classes, +0.0 at ignored
   positions and NaN at bad ones."""
   got = np.asarray(got)
   for i, kind in enumerate(_expected(values, ignore_index)):
@@ -50,7 +50,9 @@ def _check_none(got, values, ignore_index, reference):
       np.testing.assert_allclose(got[i], reference[values[i]], rtol=1e-5,
                                  err_msg=f"label {values[i]}")
     elif kind == "ignored":
+      # +0.0, as PyTorch writes it (-0.0 would print as "-0." in a loss table)
       assert got[i] == 0.0, f"label {values[i]} should be ignored, got {got[i]}"
+      assert not np.signbit(got[i]), f"label {values[i]}: -0.0 where +0.0"
     else:
       assert np.isnan(got[i]), f"label {values[i]} is out of range, got {got[i]}"
 

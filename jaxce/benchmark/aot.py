@@ -2,7 +2,7 @@
 for TPU and GPU targets on a machine with no accelerator.
 
     python -m jaxce.benchmark.aot              # default run: about 30 min on 2 CPU cores
-    python -m jaxce.benchmark.aot --quick      # 12 pairs: a few minutes on 2 CPU cores
+    python -m jaxce.benchmark.aot --quick      # 12 pairs: about 1 min on 2 CPU cores
     python benchmarks/aot.py --targets h100,v5e --losses ce_int --dtypes bfloat16
 
 Needs the TPU compiler (``libtpu``) and/or the CUDA plugin (``jax-cuda12-plugin``,
@@ -93,9 +93,9 @@ TARGETS: dict[str, Target] = {
 }
 
 
-def compiler_missing(platform_name: str, probe: bool = True) -> str | None:
-  """Why `platform_name`'s compiler cannot be used here, or None if it can
-  (`probe=False`: only whether its packages are installed)."""
+def compiler_missing(platform_name: str) -> str | None:
+  """Why `platform_name`'s compiler cannot be used here (its packages are not
+  installed), or None."""
   if platform_name == "tpu":
     try:
       importlib.metadata.version("libtpu")
@@ -653,19 +653,35 @@ def compile_one(case: Case, impl: str, shape: Shape, dtype: Any, target: Target,
   return out
 
 
+def _cpus() -> list[int]:
+  return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+
+def default_workers() -> int:
+  """Compile workers: one per CPU this process may use, at most 8."""
+  return min(len(_cpus()) or os.cpu_count() or 1, 8)
+
+
 Job = tuple[str, str, str, str, Shape]  # (case, impl, target, dtype, shape)
 _RESULT = "jaxce-aot-result "  # marks a worker's answer among whatever else it prints
 
 
-def compile_jobs_parallel(jobs: Sequence[Job], workers: int | None = None,
-                          known: Mapping[str, dict[str, Any]] | None = None) -> list[Any]:
+def compile_jobs_parallel(
+    jobs: Sequence[Job], workers: int | None = None,
+    known: Mapping[str, dict[str, Any]] | None = None, *, keep_hlo: bool = False,
+    xla_flags: str | None = None, on_done: Callable[[int, Any], None] | None = None,
+) -> list[Any]:
   """`compile_one` for each job, in worker processes; a dict, or the error's text.
-  `known`: figures by fingerprint, reused where a program's fingerprint is in it.
+
+  `known`: figures by fingerprint, reused where a program's fingerprint is in
+  it. `keep_hlo`: each result also has the optimized HLO ("hlo"). `on_done(i,
+  result)` is called (from a worker's thread) as job i finishes.
 
   The workers run with JAX_PLATFORMS=cpu (the CUDA plugin registers on a host
-  without a GPU only then) and no XLA_FLAGS. XLA_FLAGS is read once per process,
-  and a test session sets it (8 CPU devices) for its CPU sharding tests; the
-  figures are meant to be those of a process with no flags. (With
+  without a GPU only then) and XLA_FLAGS=`xla_flags` (default: none). XLA_FLAGS
+  is read once per process, and a test session sets it (8 CPU devices) for its
+  CPU sharding tests; the figures are meant to be those of a process with no
+  flags. (With
   --xla_force_host_platform_device_count=8, linear_cross_entropy at the Llama-3
   head on v5e once compiled to 1131 MiB of temp instead of 129, because it read
   the host's device count; it now reads the target's mesh, and both give 129.)
@@ -682,15 +698,18 @@ def compile_jobs_parallel(jobs: Sequence[Job], workers: int | None = None,
   import tempfile
   import threading
 
-  cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-  n = workers or min(len(cpus) or os.cpu_count() or 1, 8)
-  n = max(1, min(n, len(jobs)))
+  if not jobs:
+    return []
+  cpus = _cpus()
+  n = max(1, min(workers or default_workers(), len(jobs)))
   todo: queue.SimpleQueue[int] = queue.SimpleQueue()
   for i in sorted(range(len(jobs)), key=lambda i: TARGETS[jobs[i][2]].platform != "tpu"):
     todo.put(i)
   results: list[Any] = [None] * len(jobs)
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["JAX_PLATFORMS"] = "cpu"
+  if xla_flags:
+    env["XLA_FLAGS"] = xla_flags
   known_file = tempfile.NamedTemporaryFile("w", suffix=".json", delete=False)  # noqa: SIM115
   with known_file:
     json.dump(dict(known or {}), known_file)
@@ -699,7 +718,7 @@ def compile_jobs_parallel(jobs: Sequence[Job], workers: int | None = None,
     share = cpus[w::n] if len(cpus) >= n else []
     # Pinned before JAX starts a thread: threads inherit the affinity.
     code = (f"import os\nif {share}:\n  os.sched_setaffinity(0, {share})\n"
-            f"from jaxce.benchmark import aot\naot._serve_jobs({known_file.name!r})")
+            f"from jaxce.benchmark import aot\naot._serve_jobs({known_file.name!r}, {keep_hlo})")
     with tempfile.TemporaryFile("w+") as err, subprocess.Popen(
         [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
         stderr=err, env=env, text=True) as proc:
@@ -720,6 +739,9 @@ def compile_jobs_parallel(jobs: Sequence[Job], workers: int | None = None,
           proc.wait()
           err.seek(0)
           results[i] = f"compile worker exited ({proc.returncode}):\n{err.read()[-3000:]}"
+        if on_done is not None:
+          on_done(i, results[i])
+        if proc.returncode is not None:
           return
       proc.stdin.close()
 
@@ -738,14 +760,14 @@ def compile_jobs_parallel(jobs: Sequence[Job], workers: int | None = None,
   return results
 
 
-def _serve_jobs(known_path: str) -> None:
+def _serve_jobs(known_path: str, keep_hlo: bool = False) -> None:
   """A worker of `compile_jobs_parallel`: one JSON job per line in, one result out."""
   known = json.loads(Path(known_path).read_text())
   for line in sys.stdin:
     case, impl, target, dtype, shape = json.loads(line)
     try:
       out: Any = compile_one(CASES[case], impl, Shape(*shape), DTYPES[dtype], TARGETS[target],
-                             known=known)
+                             keep_hlo, known)
     except Exception as e:
       out = f"{type(e).__name__}: {e}"
     print(_RESULT + json.dumps(out), flush=True)
@@ -822,6 +844,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                       " V=128256 (explicit flags still win)")
   p.add_argument("--out", default="aot-results", help="folder for results.json,"
                  " results.md and one PNG per target [default: aot-results]")
+  p.add_argument("--workers", type=int, default=None,
+                 help="compile processes, each pinned to its share of the CPUs [default:"
+                      " one per CPU, at most 8; XLA:TPU's compiler uses about 1.6 cores]")
   p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
   p.add_argument("--hlo", action="store_true", help="also write each optimized HLO module")
   p.add_argument("--from-json", nargs="+", metavar="RESULTS_JSON",
@@ -833,6 +858,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   for key, value in preset.items():
     if getattr(args, key) is None:
       setattr(args, key, value)
+  if args.workers is not None and args.workers < 1:
+    p.error(f"--workers must be at least 1. Got {args.workers}.")
   if args.targets == "all":
     args.targets = ",".join(TARGETS)
   return args
@@ -964,43 +991,67 @@ def _versions() -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+  import threading
+
   from tqdm import tqdm
-  jobs = plan(args)
+  pairs = plan(args)
   out_dir = Path(args.out)
   out_dir.mkdir(parents=True, exist_ok=True)
   rows: list[dict[str, Any]] = []
-  notes: list[str] = []
-  load_before = os.getloadavg()
-  started = time.perf_counter()
-  for case, shape, dtype, target in tqdm(jobs, desc="compiling", unit="pair"):
+  jobs: list[Job] = []
+  owner: list[tuple[dict[str, Any], str]] = []  # each job's row and impl
+  for case, shape, dtype, target in pairs:
     row: dict[str, Any] = {"target": target.name, "loss": case.name, "dtype": dtype,
                            "shape": shape.label(), "peer_name": case.peer_name}
+    rows.append(row)
     why = compiler_missing(target.platform) or supported(case, target)
     if why:
       row["skipped"] = why
-      rows.append(row)
       continue
     unnamed = ("jaxce-unnamed",) if target.layout == "vocab" and case.auto is not None else ()
     for impl in ("jaxce", "peer", *unnamed):
-      try:
-        row[impl] = compile_one(case, impl, shape, DTYPES[dtype], target, args.hlo)
-      except Exception as e:  # a compiler error is a result: report it, go on
-        row[f"{impl}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-        continue
-      if args.hlo:
-        stem = f"{target.name}-{case.name}-{dtype}-{shape.c}-{impl}".replace(":", "_")
-        (out_dir / f"{stem}.hlo.txt").write_text(row[impl].pop("hlo"))
+      jobs.append((case.name, impl, target.name, dtype, shape))
+      owner.append((row, impl))
+  load_before = os.getloadavg()
+  started = time.perf_counter()
+  bar = tqdm(total=len(jobs), desc="compiling", unit="program")
+  lock = threading.Lock()
+
+  def done(i: int, result: Any) -> None:
+    with lock:
+      bar.update(1)
+
+  try:
+    results = compile_jobs_parallel(jobs, args.workers, keep_hlo=args.hlo,
+                                    xla_flags=os.environ.get("XLA_FLAGS"), on_done=done)
+  finally:
+    bar.close()
+  for (row, impl), result, (case_name, _, target_name, dtype, shape) in zip(
+      owner, results, jobs, strict=True):
+    if isinstance(result, str):  # a compiler error is a result: report it, go on
+      lines = result.strip().splitlines() or ["?"]
+      died = lines[0].startswith("compile worker exited")
+      row[f"{impl}_error"] = (f"{lines[0]} {lines[-1]}" if died else lines[0])[:300]
+      continue
+    row[impl] = result
+    if args.hlo:
+      stem = f"{target_name}-{case_name}-{dtype}-{shape.c}-{impl}".replace(":", "_")
+      (out_dir / f"{stem}.hlo.txt").write_text(result.pop("hlo"))
+  for row, (case, shape, dtype, target) in zip(rows, pairs, strict=True):
+    if "skipped" in row:
+      continue
     if "jaxce" in row:
       row["violations"] = violations(case, shape, dtype, target, row["jaxce"], row.get("peer"))
     else:
       row["skipped"] = f"jaxce: compile error: {row['jaxce_error']}"
-    rows.append(row)
   targets = list(dict.fromkeys(r["target"] for r in rows))
   table = markdown(rows, targets)
   elapsed = time.perf_counter() - started
+  workers = min(args.workers or default_workers(), len(jobs))
   header = (f"Compiled value_and_grad memory per device, jaxce vs peer. Compiler figures"
             f" (jax.jit(...).lower().compile() for each target on a host with no"
-            f" accelerator), not timings. {len(jobs)} pairs in {elapsed / 60:.1f} min;"
+            f" accelerator), not timings. {len(pairs)} pairs ({len(jobs)} programs, {workers}"
+            f" compile workers) in {elapsed / 60:.1f} min;"
             f" load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after."
             f" HBM GB: TPU cost_analysis 'bytes accessed' (a while-loop body counted"
             f" once); GPU gives none. NxC reads+writes: logits-sized operands/results"
@@ -1013,7 +1064,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "host": platform.node(), "cpus": os.cpu_count(), "versions": _versions(),
       "elapsed_s": elapsed, "load_before": load_before, "load_after": os.getloadavg(),
-      "xla_flags": os.environ.get("XLA_FLAGS"), "notes": notes, "rows": rows,
+      "xla_flags": os.environ.get("XLA_FLAGS"), "workers": workers, "rows": rows,
   }
   (out_dir / "results.json").write_text(json.dumps(result, indent=1))
   _report(out_dir, header, table, rows, targets, args.no_plots)
