@@ -657,9 +657,12 @@ def _cpus() -> list[int]:
   return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
 
 
-def default_workers() -> int:
-  """Compile workers: one per CPU this process may use, at most 8."""
-  return min(len(_cpus()) or os.cpu_count() or 1, 8)
+def worker_count(workers: int | None, jobs: int) -> int:
+  """Compile workers for `jobs` jobs: `workers`, or one per CPU this process
+  may use, at most 8; never more than the jobs."""
+  if workers is None:
+    workers = min(len(_cpus()) or os.cpu_count() or 1, 8)
+  return max(1, min(workers, jobs))
 
 
 Job = tuple[str, str, str, str, Shape]  # (case, impl, target, dtype, shape)
@@ -681,10 +684,10 @@ def compile_jobs_parallel(
   without a GPU only then) and XLA_FLAGS=`xla_flags` (default: none). XLA_FLAGS
   is read once per process, and a test session sets it (8 CPU devices) for its
   CPU sharding tests; the figures are meant to be those of a process with no
-  flags. (With
-  --xla_force_host_platform_device_count=8, linear_cross_entropy at the Llama-3
-  head on v5e once compiled to 1131 MiB of temp instead of 129, because it read
-  the host's device count; it now reads the target's mesh, and both give 129.)
+  flags. (With --xla_force_host_platform_device_count=8, linear_cross_entropy at
+  the Llama-3 head on v5e once compiled to 1131 MiB of temp instead of 129,
+  because it read the host's device count; it now reads the target's mesh, and
+  both give 129.)
 
   `workers` (default: one per CPU this process may use, at most 8) take jobs
   from one queue, TPU jobs first (they take 3-7 s each, GPU ones about 1 s).
@@ -701,7 +704,7 @@ def compile_jobs_parallel(
   if not jobs:
     return []
   cpus = _cpus()
-  n = max(1, min(workers or default_workers(), len(jobs)))
+  n = worker_count(workers, len(jobs))
   todo: queue.SimpleQueue[int] = queue.SimpleQueue()
   for i in sorted(range(len(jobs)), key=lambda i: TARGETS[jobs[i][2]].platform != "tpu"):
     todo.put(i)
@@ -1047,7 +1050,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   targets = list(dict.fromkeys(r["target"] for r in rows))
   table = markdown(rows, targets)
   elapsed = time.perf_counter() - started
-  workers = min(args.workers or default_workers(), len(jobs))
+  workers = worker_count(args.workers, len(jobs)) if jobs else 0
   header = (f"Compiled value_and_grad memory per device, jaxce vs peer. Compiler figures"
             f" (jax.jit(...).lower().compile() for each target on a host with no"
             f" accelerator), not timings. {len(pairs)} pairs ({len(jobs)} programs, {workers}"
