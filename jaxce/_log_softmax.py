@@ -247,7 +247,8 @@ def log_softmax(
   int, a tuple of ints or None for all axes), defaults and output dtype;
   computed in float32 for half-precision inputs. Outputs outside `where` are
   -inf and carry no cotangent, as jax.nn's do (``torch.masked`` passes it
-  through); a slice with no entry left is all -inf. Differences of logits
+  through); a slice with no entry left, or of -inf entries only, is all
+  -inf (jax.nn: NaN for the latter). Differences of logits
   stay exact however far the logits are from 0: the max shift is kept apart
   from the log-sum.
 
