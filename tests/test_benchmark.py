@@ -195,3 +195,12 @@ def test_rounds_run_in_a_seeded_shuffled_order():
   assert orders != [measure.round_order(names, r, seed=4) for r in range(20)]
   before = {n: {o[o.index(n) - 1] for o in orders if o.index(n) > 0} for n in names}
   assert all(len(b) > 1 for b in before.values()), before
+
+
+def test_aot_workers_below_one_are_refused(capsys):
+  from jaxce.benchmark import aot
+  assert aot.parse_args(["--workers", "2"]).workers == 2
+  for bad in ("0", "-1"):
+    with pytest.raises(SystemExit):
+      aot.parse_args(["--workers", bad])
+    assert f"must be at least 1. Got {bad}." in capsys.readouterr().err
