@@ -178,6 +178,27 @@ def test_forward_over_forward_and_third_order():
   _close(d3(f), d3(ref), rtol=1e-8)
 
 
+@pytest.mark.parametrize("name",
+                         ["ce_int_all", "ce_probs", "nll_log_softmax", "log_softmax", "bce"])
+def test_remat_pmap_export_and_linear_transpose(name):
+  """The transforms users wrap training steps in: jax.checkpoint (two
+  policies), jax.pmap, jax.export, and jax.linear_transpose of
+  the linearization (reverse mode built from forward mode by hand), each
+  giving the plain-JAX reference's gradient."""
+  args, f, ref = _families()[name]
+  scalar = lambda *a: jnp.sum(f(*a))
+  want = jax.grad(lambda *a: jnp.sum(ref(*a)))(*args)
+  grad = jax.grad(scalar)
+  for policy in (jax.checkpoint_policies.dots_saveable,
+                 jax.checkpoint_policies.nothing_saveable):
+    _close(jax.jit(jax.grad(jax.checkpoint(scalar, policy=policy)))(*args), want)
+  _close(jax.pmap(grad)(*(a[None] for a in args))[0], want)
+  _close(jax.export.export(jax.jit(grad))(*args).call(*args), want)
+  out, lin = jax.linearize(lambda *a: scalar(*a, *args[1:]), args[0])
+  (transposed,) = jax.linear_transpose(lin, args[0])(jnp.ones_like(out))
+  _close(transposed, want)
+
+
 # ---------------------------------------------------------------------------
 # Meshes: shard_map with class_axis_name, and an Explicit mesh.
 
