@@ -1,0 +1,80 @@
+"""The fused loss and optax on materialized logits against their matmuls alone.
+
+value_and_grad of `linear_cross_entropy` and of optax on `x @ kernel` (with
+respect to x and kernel, mean reduction), beside the three matmuls of a
+materialized forward+backward (`x @ W`, `g @ W^T`, `x^T @ g`) and those three
+plus the logits once more (the fourth matmul of the `"recompute"` backward),
+each jitted without a loss. Interleaved in one process, every variant once
+per round in a shuffled order; the table gives median times and the median
+same-round ratios.
+
+  PYTHONPATH=. python benchmarks/linear_matmuls.py
+  PYTHONPATH=. python benchmarks/linear_matmuls.py --shapes 64,128,65536 --rounds 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jaxce
+from jaxce.benchmark.measure import round_order
+
+SHAPES = ("64,128,32000", "64,128,65536", "64,128,256000")
+
+
+def _row(n: int, d: int, v: int, dt: jnp.dtype, rounds: int) -> str:
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(n, d)), dt)
+  kernel = jnp.asarray(rng.normal(size=(d, v)) / np.sqrt(d), dt)
+  labels = jnp.asarray(rng.integers(0, v, size=(n,)), jnp.int32)
+  g = jnp.asarray(rng.normal(size=(n, v)), dt)
+  grad = lambda loss: jax.jit(jax.value_and_grad(loss, (0, 1)))
+  jaxce_vg = grad(lambda x, k: jaxce.linear_cross_entropy(x, k, labels))
+  optax_vg = grad(lambda x, k: optax.softmax_cross_entropy_with_integer_labels(
+      (x @ k).astype(jnp.float32), labels).mean())
+  three = jax.jit(lambda x, k, g: (x @ k, g @ k.T, x.T @ g))
+  four = jax.jit(lambda x, k, g: (x @ k, 2 * (x @ k), g @ k.T, x.T @ g))
+  calls = {"jaxce": lambda: jaxce_vg(x, kernel), "optax": lambda: optax_vg(x, kernel),
+           "3 matmuls": lambda: three(x, kernel, g), "4 matmuls": lambda: four(x, kernel, g)}
+  for call in calls.values():
+    jax.block_until_ready(call())
+  times: dict[str, list[float]] = {name: [] for name in calls}
+  for r in range(rounds):
+    for name in round_order(list(calls), r):
+      start = time.perf_counter()
+      jax.block_until_ready(calls[name]())
+      times[name].append(time.perf_counter() - start)
+
+  def ratio(a: str, b: str) -> float:
+    return statistics.median(s / t for s, t in zip(times[a], times[b], strict=True))
+
+  ms = {name: f"{statistics.median(t) * 1e3:.1f} ms" for name, t in times.items()}
+  return (f"| {n} | {d} | {v} | {ms['jaxce']} | {ms['optax']} | {ms['3 matmuls']} |"
+          f" {ms['4 matmuls']} | {ratio('jaxce', 'optax'):.2f} |"
+          f" {ratio('optax', '3 matmuls'):.2f} | {ratio('4 matmuls', '3 matmuls'):.2f} |")
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--shapes", nargs="*", default=list(SHAPES), help="N,D,V triples")
+  p.add_argument("--dtype", default="float32")
+  p.add_argument("--rounds", type=int, default=9)
+  args = p.parse_args()
+  print(f"# {jax.default_backend()}, jax {jax.__version__}, {args.dtype}, {args.rounds} rounds")
+  print("| N | D | V | jaxce | optax | 3 matmuls | 4 matmuls | jaxce / optax |"
+        " optax / 3 matmuls | 4 / 3 matmuls |")
+  print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+  for spec in args.shapes:
+    n, d, v = (int(s) for s in spec.split(","))
+    print(_row(n, d, v, jnp.dtype(args.dtype), args.rounds), flush=True)
+
+
+if __name__ == "__main__":
+  main()
