@@ -5,8 +5,8 @@ respect to x and kernel, mean reduction), beside the three matmuls of a
 materialized forward+backward (`x @ W`, `g @ W^T`, `x^T @ g`) and those three
 plus the logits once more (the fourth matmul of the `"recompute"` backward),
 each jitted without a loss. Interleaved in one process, every variant once
-per round in a shuffled order; the table gives median times and the median
-same-round ratios.
+per round in a shuffled order after one untimed round; the table gives
+median times and the median same-round ratios.
 
   PYTHONPATH=. python benchmarks/linear_matmuls.py
   PYTHONPATH=. python benchmarks/linear_matmuls.py --shapes 64,128,65536 --rounds 15
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +23,7 @@ import numpy as np
 import optax
 
 import jaxce
-from jaxce.benchmark.measure import round_order
+from jaxce.benchmark.measure import round_robin
 
 SHAPES = ("64,128,32000", "64,128,65536", "64,128,256000")
 
@@ -41,16 +40,9 @@ def _row(n: int, d: int, v: int, dt: jnp.dtype, rounds: int) -> str:
       (x @ k).astype(jnp.float32), labels).mean())
   three = jax.jit(lambda x, k, g: (x @ k, g @ k.T, x.T @ g))
   four = jax.jit(lambda x, k, g: (x @ k, 2 * (x @ k), g @ k.T, x.T @ g))
-  calls = {"jaxce": lambda: jaxce_vg(x, kernel), "optax": lambda: optax_vg(x, kernel),
-           "3 matmuls": lambda: three(x, kernel, g), "4 matmuls": lambda: four(x, kernel, g)}
-  for call in calls.values():
-    jax.block_until_ready(call())
-  times: dict[str, list[float]] = {name: [] for name in calls}
-  for r in range(rounds):
-    for name in round_order(list(calls), r):
-      start = time.perf_counter()
-      jax.block_until_ready(calls[name]())
-      times[name].append(time.perf_counter() - start)
+  times = round_robin({"jaxce": (jaxce_vg, (x, kernel)), "optax": (optax_vg, (x, kernel)),
+                       "3 matmuls": (three, (x, kernel, g)), "4 matmuls": (four, (x, kernel, g))},
+                      warmup=1, repeats=rounds)
 
   def ratio(a: str, b: str) -> float:
     return statistics.median(s / t for s, t in zip(times[a], times[b], strict=True))
