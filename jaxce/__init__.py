@@ -1,5 +1,5 @@
 """jaxce: classification losses for JAX with PyTorch's options and lean,
-stable custom-VJP gradients."""
+stable custom derivatives (forward and reverse mode)."""
 
 from jaxce import checked
 from jaxce._binary import binary_cross_entropy_with_logits
