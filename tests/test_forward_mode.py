@@ -182,9 +182,9 @@ def test_forward_over_forward_and_third_order():
                          ["ce_int_all", "ce_probs", "nll_log_softmax", "log_softmax", "bce"])
 def test_remat_pmap_export_and_linear_transpose(name):
   """The transforms users wrap training steps in: jax.checkpoint (two
-  policies), jax.pmap, jax.export, and jax.linear_transpose of
-  the linearization (reverse mode built from forward mode by hand), each
-  giving the plain-JAX reference's gradient."""
+  policies), jax.pmap, jax.export, and jax.linear_transpose of the
+  linearization (reverse mode built from forward mode by hand), each giving
+  the plain-JAX reference's gradient."""
   args, f, ref = _families()[name]
   scalar = lambda *a: jnp.sum(f(*a))
   want = jax.grad(lambda *a: jnp.sum(ref(*a)))(*args)
