@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxce.benchmark.measure import round_order
+from jaxce.benchmark.measure import paired_ratio, round_order
 
 SPECS = ("int:64:1024:f32", "int:64:32000:f32", "int:1024:1024:f32", "int:8192:1000:f32",
          "int:16384:1000:f32", "int:65536:100:f32", "int:64:32000:bf16", "int:4096:1024:bf16",
@@ -109,7 +109,7 @@ def main() -> None:
           out = fs[name](x, y, t)
         jax.block_until_ready(out)
         ts[name].append((time.perf_counter() - t0) / reps)
-    ratio = statistics.median(a / b for a, b in zip(ts["this"], ts["base"], strict=True))
+    ratio = paired_ratio(ts["this"], ts["base"])
     print(f"| {kind} | {n}x{c} | {d} | {ratio:.3f} | {statistics.median(ts['base']) * 1e3:.2f} ms"
           f" | {statistics.median(ts['this']) * 1e3:.2f} ms |", flush=True)
 

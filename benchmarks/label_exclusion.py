@@ -23,7 +23,6 @@ It prints the medians of the same-round ratios.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import jax
@@ -34,7 +33,7 @@ import jaxce
 from jaxce import _stats
 from jaxce._log_softmax import row_shift
 from jaxce._sum import total
-from jaxce.benchmark.measure import round_order
+from jaxce.benchmark.measure import paired_ratio, round_order
 
 SHAPES = ("64x1024", "4096x1024", "16384x1000", "65536x10", "65536x100", "2048x4096",
           "4096x32000", "512x50257")
@@ -99,9 +98,9 @@ def main() -> None:
           f"{_ratio(times, 'shipped', 'with_label'):.2f} |", flush=True)
 
 
-def _ratio(times: dict[str, list[float]], a: str, b: str) -> float:
+def _ratio(times: dict[str, list[float]], a: str, b: str) -> float | None:
   """The median of the same-round ratios a / b."""
-  return statistics.median(p / q for p, q in zip(times[a], times[b], strict=True))
+  return paired_ratio(times[a], times[b])
 
 
 if __name__ == "__main__":

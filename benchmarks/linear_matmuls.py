@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 import jaxce
-from jaxce.benchmark.measure import round_robin
+from jaxce.benchmark.measure import paired_ratio, round_robin
 
 SHAPES = ("64,128,32000", "64,128,65536", "64,128,256000")
 
@@ -42,15 +42,12 @@ def _row(n: int, d: int, v: int, dt: jnp.dtype, rounds: int) -> str:
   # The logits again from a copy of x passed as its own argument: XLA merges
   # a second x @ k into the first (also through an optimization barrier).
   four = jax.jit(lambda x, x2, k, g: (x @ k, x2 @ k, g @ k.T, x.T @ g))
-  x2 = x.copy()
   times = round_robin({"jaxce": (jaxce_vg, (x, kernel)), "optax": (optax_vg, (x, kernel)),
                        "3 matmuls": (three, (x, kernel, g)),
-                       "4 matmuls": (four, (x, x2, kernel, g))},
+                       "4 matmuls": (four, (x, x.copy(), kernel, g))},
                       warmup=1, repeats=rounds)
 
-  def ratio(a: str, b: str) -> float:
-    return statistics.median(s / t for s, t in zip(times[a], times[b], strict=True))
-
+  ratio = lambda a, b: paired_ratio(times[a], times[b])
   ms = {name: f"{statistics.median(t) * 1e3:.1f} ms" for name, t in times.items()}
   return (f"| {n} | {d} | {v} | {ms['jaxce']} | {ms['optax']} | {ms['3 matmuls']} |"
           f" {ms['4 matmuls']} | {ratio('jaxce', 'optax'):.2f} |"

@@ -27,7 +27,7 @@ import numpy as np
 
 import jaxce
 from jaxce._linear_stats import cpu_chunk_size, default_chunk_size
-from jaxce.benchmark.measure import round_order
+from jaxce.benchmark.measure import paired_ratio, round_order
 
 SHAPES = ("512,64,1048576", "2048,256,262144", "8192,512,131072", "32768,256,32768",
           "4096,512,50257")
@@ -88,8 +88,8 @@ def main() -> None:
           jax.block_until_ready(fns[name](x, kernel, labels))
           times[name].append(time.perf_counter() - t0)
 
-      def ratio(a: str, b: str, times: dict[str, list[float]] = times) -> float:
-        return statistics.median([p / q for p, q in zip(times[a], times[b], strict=True)])
+      def ratio(a: str, b: str, times: dict[str, list[float]] = times) -> float | None:
+        return paired_ratio(times[a], times[b])
 
       chunks_run = [c for c in fns if c.startswith("chunk=")]
       best = (min(chunks_run, key=lambda c: statistics.median(times[c])) if chunks_run
