@@ -1,4 +1,5 @@
-"""This tree's kernels against an earlier commit's, value_and_grad on CPU.
+"""This tree's kernels against an earlier commit's, value_and_grad on CPU
+(the forward alone with --forward).
 
 The package as it was at COMMIT (`git archive`, its imports renamed to
 `jaxce_base`) and this tree's `jaxce` are timed in one process,
@@ -7,6 +8,7 @@ The table gives the median of the same-round ratios this / base.
 
   PYTHONPATH=. python benchmarks/against_commit.py 1b96716
   PYTHONPATH=. python benchmarks/against_commit.py 1b96716 --specs int:16384:1000:f32 --rounds 31
+  PYTHONPATH=. python benchmarks/against_commit.py 71ac2d0 --forward --specs probs:16384:1000:bf16
 
 A spec is kind:N:C:dtype, kind one of int, int_smooth, int_z, probs, nll,
 log_softmax, logsumexp, bce; dtype f32 or bf16. (1b96716 is the last commit
@@ -80,14 +82,15 @@ def main() -> None:
   p.add_argument("commit")
   p.add_argument("--specs", nargs="*", default=list(SPECS))
   p.add_argument("--rounds", type=int, default=15)
+  p.add_argument("--forward", action="store_true", help="time the loss alone, not value_and_grad")
   args = p.parse_args()
   import jaxce
 
   base = load_base(args.commit, pathlib.Path(__file__).resolve().parents[1])
-  print(f"# cpu, jax {jax.__version__}, this tree / {args.commit}, value_and_grad,"
-        f" {args.rounds} rounds")
-  print("| kind | N x C | dtype | this / base | base | this |")
-  print("|---|---|---|---:|---:|---:|")
+  what = "forward" if args.forward else "value_and_grad"
+  print(f"# cpu, jax {jax.__version__}, this tree / {args.commit}, {what}, {args.rounds} rounds")
+  print("| kind | N x C | dtype | this / base | base | this | temp MiB base | temp MiB this |")
+  print("|---|---|---|---:|---:|---:|---:|---:|")
   for spec in args.specs:
     kind, n, c, d = spec.split(":")
     n, c = int(n), int(c)
@@ -98,8 +101,10 @@ def main() -> None:
     t = jax.nn.softmax(jax.random.normal(k[2], (n, c))).astype(dt)
     if kind == "bce":
       t = jax.random.uniform(k[2], (n, c)).astype(dt)
-    fs = {name: jax.jit(jax.value_and_grad(loss(kind, m))).lower(x, y, t).compile()
+    program = (lambda f: f) if args.forward else jax.value_and_grad
+    fs = {name: jax.jit(program(loss(kind, m))).lower(x, y, t).compile()
           for name, m in (("base", base), ("this", jaxce))}
+    temp = {name: f.memory_analysis().temp_size_in_bytes / 2**20 for name, f in fs.items()}
     reps = max(1, min(100, int(3e7 / (n * c))))
     ts: dict[str, list[float]] = {name: [] for name in fs}
     for r in range(args.rounds):
@@ -111,7 +116,8 @@ def main() -> None:
         ts[name].append((time.perf_counter() - t0) / reps)
     ratio = paired_ratio(ts["this"], ts["base"])
     print(f"| {kind} | {n}x{c} | {d} | {ratio:.3f} | {statistics.median(ts['base']) * 1e3:.2f} ms"
-          f" | {statistics.median(ts['this']) * 1e3:.2f} ms |", flush=True)
+          f" | {statistics.median(ts['this']) * 1e3:.2f} ms"
+          f" | {temp['base']:.2f} | {temp['this']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jaxce import _checks, _collective, _dispatch, _explicit, _stats
+from jaxce import _checks, _collective, _dispatch, _explicit, _stats, _target_forward
 from jaxce._reduction import integer_target_loss, target_loss
 
 
@@ -152,6 +152,9 @@ def cross_entropy(
       class_axis_name: _collective.AxisName | None, row_axes: tuple[str, ...] = (),
   ) -> jax.Array:
     if probabilities:
+      if (class_axis_name is None and not row_axes
+          and _target_forward.takes(logits.shape[axis], where, eps)):
+        return _target_forward.target_cross_entropy(logits, labels, weight, axis, reduction, z)
       target = _stats.target_stats(logits, labels, weight, where, axis, bool(eps))
       target = _collective.combine(target, class_axis_name)
       return target_loss(target, reduction=reduction, label_smoothing=eps, z_loss=z,

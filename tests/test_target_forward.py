@@ -1,0 +1,151 @@
+"""Probability targets' forward on CPU (`jaxce._target_forward`): the fused
+pass where its value is exact, the `lax.cond` fallback where it is NaN, and
+no N x C temporary in either.
+
+Reference: the same loss through the per-position statistics
+(`_target_forward._exact`, which every derivative of the loss already
+uses, and which the TPU/GPU branches compute for the value too), compared
+with its NaNs and infinities exactly. Its values are checked against
+float64 references, PyTorch's golden values and optax elsewhere
+(test_numerics, test_properties, test_golden, test_optax)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxce
+from jaxce import _target_forward
+from jaxce._reduction import reduce
+
+N, C = 6, 5
+KINDS = ("zero_target_at_neg_inf", "target_at_neg_inf", "negative_weight_at_neg_inf",
+         "no_finite_logit", "nan_logit", "nan_target", "pos_inf_logit", "negative_target",
+         "no_target_mass", "logits_near_float32_max")
+
+
+def _batch(kinds, seed=0):
+  """Logits and targets [N, C] with one row per kind of `kinds` (row i
+  gets kinds[i]); other rows ordinary."""
+  rng = np.random.default_rng(seed)
+  x = (rng.standard_normal((N, C)) * 3).astype(np.float32)
+  t = rng.dirichlet(np.ones(C), N).astype(np.float32)
+  w = np.linspace(0.5, 2.0, C).astype(np.float32)
+  for row, kind in enumerate(kinds):
+    if kind == "zero_target_at_neg_inf":
+      x[row, 1], t[row, 1] = -np.inf, 0.0
+    elif kind in ("target_at_neg_inf", "negative_weight_at_neg_inf"):
+      x[row, 2] = -np.inf
+      if kind == "negative_weight_at_neg_inf":
+        w[2] = -1.0
+    elif kind == "no_finite_logit":
+      x[row] = -np.inf
+    elif kind == "nan_logit":
+      x[row, 0] = np.nan
+    elif kind == "nan_target":
+      t[row, 3] = np.nan
+    elif kind == "pos_inf_logit":
+      x[row, 4] = np.inf
+    elif kind == "negative_target":
+      t[row, 0] = -0.25
+    elif kind == "no_target_mass":
+      t[row] = 0.0
+    elif kind == "logits_near_float32_max":
+      x[row] = np.float32(3e38) * np.sign(x[row])
+  return x, t, w
+
+
+def _same(got, want, rtol=2e-6):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+  np.testing.assert_array_equal(np.isposinf(got), np.isposinf(want))
+  np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+  fin = np.isfinite(want)
+  np.testing.assert_allclose(got[fin], want[fin], rtol=rtol, atol=rtol)
+
+
+@functools.partial(jax.jit, static_argnames=("reduction", "z_loss", "weighted", "fallback"))
+def _both(x, t, w, *, reduction, z_loss, weighted, fallback):
+  """(forward value, exact value): the public forward, or the fallback alone."""
+  w = w if weighted else None
+  exact = _target_forward._exact(x.ndim - 1, reduction, z_loss, x, t, w)
+  if fallback:
+    got = reduce(_target_forward._exact_rows(x, t, w, x.ndim - 1, z_loss), reduction)
+  else:
+    got = jaxce.cross_entropy(x, t, weight=w, reduction=reduction, z_loss=z_loss)
+  return got, exact
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["forward", "fallback"])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize(("weighted", "z_loss"), [(False, 0.0), (True, 1e-3)])
+def test_every_kind_of_row(fallback, reduction, weighted, z_loss):
+  """Each kind alone in an otherwise ordinary batch (which the forward takes
+  through the fused pass, or the fallback), then all of them at once; and
+  the ordinary batch by itself."""
+  cases = [()] + [(k,) for k in KINDS] + [KINDS[:N], KINDS[N:]]
+  for kinds in cases:
+    x, t, w = _batch(kinds)
+    got, want = _both(x, t, w, reduction=reduction, z_loss=z_loss, weighted=weighted,
+                      fallback=fallback)
+    _same(got, want)
+
+
+def test_rules_the_exact_loss_states():
+  """The values themselves, per row (not only equal to the statistics'):
+  +inf where target mass meets a -inf logit, -inf where negative weight
+  does, 0 on a row with no finite logit and no mass, NaN for NaN input."""
+  kinds = ("zero_target_at_neg_inf", "target_at_neg_inf", "no_finite_logit", "nan_logit")
+  x, t, w = _batch(kinds)
+  t[2] = 0.0  # no mass on the row of no finite logit
+  per = np.asarray(jaxce.cross_entropy(x, t, reduction="none"))
+  assert np.isfinite(per[0])
+  assert per[1] == np.inf
+  assert per[2] == 0.0
+  assert np.isnan(per[3])
+  x, t, w = _batch(("negative_weight_at_neg_inf",))
+  t[0, 2] = 0.5
+  assert jaxce.cross_entropy(x, t, weight=w, reduction="none")[0] == -np.inf
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_under_vmap_eagerly_and_on_axis_1(dtype):
+  """vmap (the cond becomes a select: both branches run), an eager call, and
+  (N, C, H, W) logits on axis 1, each against the exact loss."""
+  x, t, _ = _batch(("zero_target_at_neg_inf",))
+  xs = jnp.stack([x, _batch(())[0]]).astype(dtype)
+  ts = jnp.stack([t, _batch(())[1]]).astype(dtype)
+  exact = lambda x, t: _target_forward._exact(1, "mean", 0.0, x, t, None)
+  _same(jax.vmap(jaxce.cross_entropy)(xs, ts), jax.vmap(exact)(xs, ts), rtol=1e-5)
+  _same(jaxce.cross_entropy(xs[0], ts[0]), exact(xs[0], ts[0]), rtol=1e-5)
+  x4 = jnp.moveaxis(xs.reshape(2, 3, 2, C), -1, 1)  # (2, C, 3, 2)
+  t4 = jnp.moveaxis(ts.reshape(2, 3, 2, C), -1, 1)
+  for reduction in ("none", "mean"):
+    got = jaxce.cross_entropy(x4, t4, axis=1, reduction=reduction)
+    _same(got, _target_forward._exact(1, reduction, 0.0, x4, t4, None), rtol=1e-5)
+
+
+def test_empty_batch():
+  x = t = jnp.zeros((0, C))
+  assert jaxce.cross_entropy(x, t) == 0.0
+  assert jaxce.cross_entropy(x, t, reduction="sum") == 0.0
+  assert jaxce.cross_entropy(x, t, reduction="none").shape == (0,)
+
+
+@pytest.mark.parametrize("shape", [(2048, 1000), (4, 40000)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_compiled_forward_keeps_no_n_by_c_temporary(shape, dtype):
+  """The compiled forward, fallback branch included, takes no more temp
+  memory than optax's forward beyond a few per-row numbers (the
+  statistics path kept a float32 N x C array, two for bfloat16)."""
+  x = jax.ShapeDtypeStruct(shape, dtype)
+
+  def temp(f):
+    return jax.jit(f).lower(x, x).compile().memory_analysis().temp_size_in_bytes
+
+  ours = temp(lambda x, t: jaxce.cross_entropy(x, t))
+  peer = temp(lambda x, t: optax.softmax_cross_entropy(x, t).mean())
+  assert ours <= peer + 64 * shape[0], (ours, peer)
