@@ -10,7 +10,8 @@ The table gives the median of the same-round ratios this / base.
   PYTHONPATH=. python benchmarks/against_commit.py 1b96716 --specs int:16384:1000:f32 --rounds 31
   PYTHONPATH=. python benchmarks/against_commit.py 71ac2d0 --forward --specs probs:16384:1000:bf16
 
-A spec is kind:N:C:dtype, kind one of int, int_smooth, int_z, probs, nll,
+A spec is kind:N:C:dtype, kind one of int, int_smooth, int_z, probs,
+probs_masked (the last 8 classes' logits -inf, their targets 0), nll,
 log_softmax, logsumexp, bce; dtype f32 or bf16. (1b96716 is the last commit
 before the losses became custom_jvp kernels.)
 """
@@ -64,7 +65,7 @@ def loss(kind: str, m: Any) -> Callable[..., jax.Array]:
     return lambda x, y, t: m.cross_entropy(x, y, label_smoothing=0.1)
   if kind == "int_z":
     return lambda x, y, t: m.cross_entropy(x, y, z_loss=1e-4)
-  if kind == "probs":
+  if kind in ("probs", "probs_masked"):
     return lambda x, y, t: m.cross_entropy(x, t)
   if kind == "nll":
     return lambda x, y, t: m.nll_loss(x, y)
@@ -101,6 +102,8 @@ def main() -> None:
     t = jax.nn.softmax(jax.random.normal(k[2], (n, c))).astype(dt)
     if kind == "bce":
       t = jax.random.uniform(k[2], (n, c)).astype(dt)
+    if kind == "probs_masked":
+      x, t = x.at[:, -8:].set(-jnp.inf), t.at[:, -8:].set(0)
     program = (lambda f: f) if args.forward else jax.value_and_grad
     fs = {name: jax.jit(program(loss(kind, m))).lower(x, y, t).compile()
           for name, m in (("base", base), ("this", jaxce))}
