@@ -131,8 +131,8 @@ def _fused(logits: jax.Array, targets: jax.Array, weight: jax.Array | None, axis
   Without `neg_inf`, a zero target at a -inf logit gives 0 x inf = NaN.
   With it (the masked vocabulary's case, at about 1.5x the pass's time),
   the term is w t (log_sum - max(d, -big)) + g(w t) [d = -inf] big, where
-  g(v) = min(v 2^127, 2) is 0 at v = 0 and at least 2 for any other
-  non-negative v (XLA:CPU flushes subnormals to 0), so that the second
+  g(v) = min(v 2^127, 2) (float32; 2^1023 in float64) is 0 at v = 0 and at
+  least 2 for any other non-negative v (XLA:CPU flushes subnormals to 0), so that the second
   part is 0 or overflows to +inf; and -inf for -2 <= v < 0. It is NaN at a
   finite d only for v < -2, which the exact fallback then takes."""
   ct = _checks.compute_dtype(logits.dtype)
@@ -142,11 +142,13 @@ def _fused(logits: jax.Array, targets: jax.Array, weight: jax.Array | None, axis
   wt = _weighted(targets, weight, axis, ct)
   d = x - shift
   if neg_inf:
-    big = float(np.finfo(ct).max)
+    info = np.finfo(ct)
+    big = float(info.max)
     clamped = jnp.maximum(d, -big)
     at_neg_inf = jnp.minimum(clamped - d, big)  # big at d = -inf, 0 at a finite d
+    # (2 ** (1 - minexp): the smallest normal number times it is 2)
     terms = (wt * (jnp.expand_dims(log_sum, axis) - clamped)
-             + jnp.minimum(wt * 2.0**127, 2.0) * at_neg_inf)
+             + jnp.minimum(wt * 2.0 ** (1 - info.minexp), 2.0) * at_neg_inf)
   else:
     terms = wt * (jnp.expand_dims(log_sum, axis) - d)
   z = None if not z_loss else z_loss * (jnp.squeeze(shift, axis) + log_sum) ** 2

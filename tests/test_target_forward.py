@@ -186,3 +186,18 @@ def test_compiled_forward_keeps_no_n_by_c_temporary(shape, dtype):
   ours = temp(lambda x, t: jaxce.cross_entropy(x, t))
   peer = temp(lambda x, t: optax.softmax_cross_entropy(x, t).mean())
   assert ours <= peer + 64 * shape[0] + 4096, (ours, peer)
+
+
+def test_float64_smallest_normal_target_at_neg_inf():
+  """float64 logits (x64 on): a target of the smallest normal float64 on a
+  -inf logit is still target mass there (+inf), in the pass with -inf terms
+  too, whose factor 2^(1 - minexp) depends on the dtype."""
+  with jax.enable_x64(True):
+    x, t, _ = (a.astype(np.float64) for a in _batch(("zero_target_at_neg_inf",)))
+    x[1, 1], t[1, 1] = -np.inf, np.finfo(np.float64).tiny
+    fused = jax.jit(_target_forward._fused, static_argnums=(3, 4, 5, 6))
+    per = np.asarray(fused(x, t, None, 1, "none", 0.0, True))
+    assert per[1] == np.inf
+    assert np.isfinite(per[0])
+    _same(jaxce.cross_entropy(x, t, reduction="none"),
+          _target_forward._exact(1, "none", 0.0, jnp.asarray(x), jnp.asarray(t), None))
