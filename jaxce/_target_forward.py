@@ -18,7 +18,9 @@ the next stage: a zero target at a -inf logit (a masked vocabulary) to the
 same pass with terms that keep such classes finite (`_fused`, `neg_inf`),
 and what that one leaves as NaN (a row with no finite logit, NaN or +inf
 input, target weights w t below -2) to `_exact_rows`, five passes with no select. No
-stage keeps an N x C temporary. The derivative rule is the jvp of the loss
+stage keeps an N x C temporary (except half-precision rows of more than
+32768 classes, where optax's forward keeps one too; float32 ones are summed
+in blocks, `_long_row_block`). The derivative rule is the jvp of the loss
 from `target_stats` (`_exact`): every derivative, and what reverse mode
 saves, are its. Other platforms take `_exact` for the value too.
 """
@@ -26,6 +28,7 @@ saves, are its. Other platforms take `_exact` for the value too.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -36,7 +39,7 @@ from jax.custom_derivatives import SymbolicZero
 from jaxce import _checks, _log_softmax, _stats
 from jaxce._log_softmax import row_shift
 from jaxce._reduction import reduce, target_loss
-from jaxce._sum import total
+from jaxce._sum import block_shape, block_size, blocked_total, total
 
 
 def takes(num_classes: int, where: Any, label_smoothing: float) -> bool:
@@ -137,9 +140,20 @@ def _fused(logits: jax.Array, targets: jax.Array, weight: jax.Array | None, axis
   finite d only for v < -2, which the exact fallback then takes."""
   ct = _checks.compute_dtype(logits.dtype)
   x = logits.astype(ct)
-  shift = jnp.max(x, axis, keepdims=True)
-  log_sum = jnp.log(total(jnp.exp(x - shift), axis))
   wt = _weighted(targets, weight, axis, ct)
+  block = _long_row_block(logits, axis)
+  if block is None:
+    shift = jnp.max(x, axis, keepdims=True)
+    log_sum = jnp.expand_dims(jnp.log(total(jnp.exp(x - shift), axis)), axis)
+    row_sum: Callable[[jax.Array], jax.Array] = functools.partial(total, axis=axis)
+  else:
+    # The statistics over blocks, then one blocked sum (a select-free
+    # `row_shift` and `log_of_sum` behind the barrier: a row with no finite
+    # logit still gives NaN below).
+    shift, log_sum = (jnp.expand_dims(v, axis + 1) for v in jax.lax.optimization_barrier(
+        _log_softmax.shifted_stats(x, (axis,))))
+    x, wt = (v.reshape(block_shape(v.shape, axis, block)) for v in (x, wt))
+    row_sum = functools.partial(blocked_total, axis=axis)
   d = x - shift
   if neg_inf:
     info = np.finfo(ct)
@@ -147,19 +161,36 @@ def _fused(logits: jax.Array, targets: jax.Array, weight: jax.Array | None, axis
     clamped = jnp.maximum(d, -big)
     at_neg_inf = jnp.minimum(clamped - d, big)  # big at d = -inf, 0 at a finite d
     # (2 ** (1 - minexp): the smallest normal number times it is 2)
-    terms = (wt * (jnp.expand_dims(log_sum, axis) - clamped)
+    terms = (wt * (log_sum - clamped)
              + jnp.minimum(wt * 2.0 ** (1 - info.minexp), 2.0) * at_neg_inf)
   else:
-    terms = wt * (jnp.expand_dims(log_sum, axis) - d)
-  z = None if not z_loss else z_loss * (jnp.squeeze(shift, axis) + log_sum) ** 2
+    terms = wt * (log_sum - d)
+  log_sum = log_sum.reshape(log_sum.shape[:axis] + log_sum.shape[axis + 1 + (block is not None):])
+  z = None if not z_loss else z_loss * (shift.reshape(log_sum.shape) + log_sum) ** 2
   if reduction == "none":
-    return total(terms, axis) if z is None else total(terms, axis) + z
-  out = total(terms, tuple(range(x.ndim)))
+    return row_sum(terms) if z is None else row_sum(terms) + z
+  everything = tuple(range(logits.ndim - 1))
+  out = total(terms, tuple(range(x.ndim))) if block is None else total(row_sum(terms), everything)
   if z is not None:
-    out = out + total(z, tuple(range(z.ndim)))
+    out = out + total(z, everything)
   if reduction == "mean":
-    out = out / (x.size // x.shape[axis])  # (an empty batch: NaN, then the exact 0)
+    out = out / (logits.size // logits.shape[axis])  # (an empty batch: NaN, then the exact 0)
   return out
+
+
+def _long_row_block(logits: jax.Array, axis: int) -> int | None:
+  """The block length for float32+ rows longer than `LONG_ROW` with a block
+  divisor, else None. XLA:CPU fuses the chain over such rows for neither
+  jaxce nor optax (both write an N x C float32 array) and reduces them
+  slowly; in blocks (`_log_softmax.shifted_stats`, `_sum.blocked_total`)
+  the forward took 0.23-0.55x optax's time at 64 x 256000, 512 x 50257,
+  512 x 65536 and 2048 x 40000, with no temporary. Half-precision rows
+  stay flat: their blocks' float32 views were written out (twice optax's
+  temp memory, and slower)."""
+  num_classes = logits.shape[axis]
+  if jnp.dtype(logits.dtype).itemsize < 4 or num_classes <= _log_softmax.LONG_ROW:
+    return None
+  return block_size(num_classes)
 
 
 def _exact_rows(logits: jax.Array, targets: jax.Array, weight: jax.Array | None, axis: int,
