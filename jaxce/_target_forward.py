@@ -129,15 +129,16 @@ def _fused(logits: jax.Array, targets: jax.Array, weight: jax.Array | None, axis
   no `where`-guarded shift: either would split XLA:CPU's kernel (and write
   out x - shift); a row with no finite max gives NaN. Reduced: one sum over
   all axes, as optax's (over the classes and then the positions it took up
-  to 1.7x the time at 65536 x 100).
+  to 1.7x the time at 65536 x 100), except over blocks (`_long_row_block`).
 
   Without `neg_inf`, a zero target at a -inf logit gives 0 x inf = NaN.
   With it (the masked vocabulary's case, at about 1.5x the pass's time),
   the term is w t (log_sum - max(d, -big)) + g(w t) [d = -inf] big, where
   g(v) = min(v 2^127, 2) (float32; 2^1023 in float64) is 0 at v = 0 and at
-  least 2 for any other non-negative v (XLA:CPU flushes subnormals to 0), so that the second
-  part is 0 or overflows to +inf; and -inf for -2 <= v < 0. It is NaN at a
-  finite d only for v < -2, which the exact fallback then takes."""
+  least 2 for any other non-negative v (XLA:CPU flushes subnormals to 0),
+  so that the second part is 0 or overflows to +inf; and -inf for
+  -2 <= v < 0. It is NaN at a finite d only for v < -2, which the exact
+  fallback then takes."""
   ct = _checks.compute_dtype(logits.dtype)
   x = logits.astype(ct)
   wt = _weighted(targets, weight, axis, ct)
@@ -147,9 +148,9 @@ def _fused(logits: jax.Array, targets: jax.Array, weight: jax.Array | None, axis
     log_sum = jnp.expand_dims(jnp.log(total(jnp.exp(x - shift), axis)), axis)
     row_sum: Callable[[jax.Array], jax.Array] = functools.partial(total, axis=axis)
   else:
-    # The statistics over blocks, then one blocked sum (a select-free
-    # `row_shift` and `log_of_sum` behind the barrier: a row with no finite
-    # logit still gives NaN below).
+    # The statistics over blocks, then one blocked sum. (Their per-row
+    # selects stay behind the barrier, out of the sum's kernel; a row with
+    # no finite logit still gives NaN below: -inf - -inf.)
     shift, log_sum = (jnp.expand_dims(v, axis + 1) for v in jax.lax.optimization_barrier(
         _log_softmax.shifted_stats(x, (axis,))))
     x, wt = (v.reshape(block_shape(v.shape, axis, block)) for v in (x, wt))
