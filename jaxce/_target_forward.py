@@ -12,17 +12,19 @@ one sum per position,
 
     sum_c w_c t_c (log_sum - (x_c - shift)),
 
-of terms that are non-negative for non-negative targets and weights. Where
-it gives NaN, a `lax.cond` hands the batch to
-the next stage: a zero target at a -inf logit (a masked vocabulary) to the
-same pass with terms that keep such classes finite (`_fused`, `neg_inf`),
-and what that one leaves as NaN (a row with no finite logit, NaN or +inf
-input, target weights w t below -2) to `_exact_rows`, five passes with no select. No
-stage keeps an N x C temporary (except half-precision rows of more than
-32768 classes, where optax's forward keeps one too; float32 ones are summed
-in blocks, `_long_row_block`). The derivative rule is the jvp of the loss
-from `target_stats` (`_exact`): every derivative, and what reverse mode
-saves, are its. Other platforms take `_exact` for the value too.
+of terms that are non-negative for non-negative targets and weights.
+Where it gives NaN, a `lax.cond` hands the batch to the next stage: a zero
+target at a -inf logit (a masked vocabulary) to the same pass with terms
+that keep such classes finite (`_fused`, `neg_inf`), and what that one
+leaves as NaN (a row with no finite logit, NaN or +inf input, target
+weights w t below -2) to `_exact_rows`, five passes with no select. (A +inf
+logit gives NaN there, as in optax and PyTorch; the statistics path gives
++inf where no target mass sits on it.) No stage keeps an N x C temporary,
+except for half-precision rows of more than 32768 classes, where optax's
+forward keeps one too; float32 ones are summed in blocks
+(`_long_row_block`). The derivative rule is the jvp of the loss from
+`target_stats` (`_exact`): every derivative, and what reverse mode saves,
+are its. Other platforms take `_exact` for the value too.
 """
 
 from __future__ import annotations

@@ -218,3 +218,14 @@ def test_float64_smallest_normal_target_at_neg_inf():
     assert np.isfinite(per[0])
     _same(jaxce.cross_entropy(x, t, reduction="none"),
           _target_forward._exact(1, "none", 0.0, jnp.asarray(x), jnp.asarray(t), None))
+
+
+def test_pos_inf_logit_without_target_mass():
+  """The one documented difference: the forward alone gives NaN for a row
+  with a +inf logit (as optax and PyTorch do), where the statistics path,
+  and so `value_and_grad`'s value, gives +inf when no target mass sits on
+  that logit."""
+  x = jnp.array([[1.0, jnp.inf, 0.5]])
+  t = jnp.array([[0.5, 0.0, 0.5]])
+  assert np.isnan(jaxce.cross_entropy(x, t))
+  assert jax.value_and_grad(jaxce.cross_entropy)(x, t)[0] == np.inf
