@@ -161,11 +161,9 @@ def _fused(logits: jax.Array, targets: jax.Array, weight: jax.Array | None, axis
   if neg_inf:
     info = np.finfo(ct)
     big = float(info.max)
-    clamped = jnp.maximum(d, -big)
-    at_neg_inf = jnp.minimum(clamped - d, big)  # big at d = -inf, 0 at a finite d
     # (2 ** (1 - minexp): the smallest normal number times it is 2)
-    terms = (wt * (log_sum - clamped)
-             + jnp.minimum(wt * 2.0 ** (1 - info.minexp), 2.0) * at_neg_inf)
+    terms = (wt * (log_sum - jnp.maximum(d, -big))
+             + jnp.minimum(wt * 2.0 ** (1 - info.minexp), 2.0) * _at_neg_inf(d, -big, big))
   else:
     terms = wt * (log_sum - d)
   log_sum = log_sum.reshape(log_sum.shape[:axis] + log_sum.shape[axis + 1 + (block is not None):])
@@ -179,6 +177,13 @@ def _fused(logits: jax.Array, targets: jax.Array, weight: jax.Array | None, axis
   if reduction == "mean":
     out = out / (logits.size // logits.shape[axis])  # (an empty batch: NaN, then the exact 0)
   return out
+
+
+def _at_neg_inf(d: jax.Array, lowest: Any, value: Any) -> jax.Array:
+  """`value` where d = -inf, 0 where d is finite (NaN at NaN or +inf), by
+  arithmetic that XLA:CPU keeps inside a fused reduction (no compare or
+  select); `lowest` is the dtype's lowest finite number."""
+  return jnp.minimum(jnp.maximum(d, lowest) - d, value)
 
 
 def _long_row_block(logits: jax.Array, axis: int) -> int | None:
@@ -216,22 +221,21 @@ def _exact_rows(logits: jax.Array, targets: jax.Array, weight: jax.Array | None,
   keep = log_sum != -jnp.inf
   big = float(np.finfo(ct).max)
   zero = shift * 0.0
-  (s0, s1, s2, lo0, lo1, lo2, hi1, hi2, one1, one2, zero1, zero2, log_sum0
+  (s0, s1, s2, lo0, lo1, lo2, one1, one2, zero1, zero2, log_sum0
    ) = jax.lax.optimization_barrier(
-       (shift,) * 3 + (zero - big,) * 3 + (zero + big,) * 2 + (zero + 1.0,) * 2 + (zero,) * 2
+       (shift,) * 3 + (zero - big,) * 3 + (zero + 1.0,) * 2 + (zero,) * 2
        + (jnp.where(keep, log_sum, 0.0),))
   clamped = total(_weighted(ts[0], weight, axis, ct)
                   * (log_sum0 - jnp.maximum(xs[2].astype(ct) - s0, lo0)), axis)
 
   def weight_at_neg_inf(part: jax.Array, x: jax.Array, shift: jax.Array, lo: jax.Array,
-                        hi: jax.Array, one: jax.Array) -> jax.Array:
-    d = x.astype(ct) - shift
-    return total(part * jnp.minimum(-jnp.minimum(d, lo) - hi, one), axis)  # 1 at d = -inf
+                        one: jax.Array) -> jax.Array:
+    return total(part * _at_neg_inf(x.astype(ct) - shift, lo, one), axis)
 
   above = weight_at_neg_inf(jnp.maximum(_weighted(ts[1], weight, axis, ct), zero1), xs[3], s1,
-                            lo1, hi1, one1)
+                            lo1, one1)
   below = weight_at_neg_inf(jnp.minimum(_weighted(ts[2], weight, axis, ct), zero2), xs[4], s2,
-                            lo2, hi2, one2)
+                            lo2, one2)
   keep, shift, log_sum = (jnp.squeeze(v, axis) for v in (keep, shift, log_sum))
   rows = (jnp.where(keep, clamped, 0.0) + jnp.where(above > 0, jnp.inf, 0.0)
           + jnp.where(below < 0, -jnp.inf, 0.0))
