@@ -12,7 +12,8 @@ The table gives the median of the same-round ratios this / base.
 
 A spec is kind:N:C:dtype, kind one of int, int_smooth, int_z, probs,
 probs_masked (the last 8 classes' logits -inf, their targets 0), nll,
-log_softmax, logsumexp, bce; dtype f32 or bf16. (1b96716 is the last commit
+log_softmax, logsumexp, bce, linear (`linear_cross_entropy` of x [N, 128]
+and a kernel [128, C], value_and_grad over both); dtype f32 or bf16. (1b96716 is the last commit
 before the losses became custom_jvp kernels.)
 """
 
@@ -75,6 +76,8 @@ def loss(kind: str, m: Any) -> Callable[..., jax.Array]:
     return lambda x, y, t: jnp.sum(m.logsumexp(x).astype(jnp.float32))
   if kind == "bce":
     return lambda x, y, t: m.binary_cross_entropy_with_logits(x, t)
+  if kind == "linear":  # (x, labels, kernel)
+    return lambda x, y, t: m.linear_cross_entropy(x, t, y)
   raise ValueError(f"unknown kind {kind!r}")
 
 
@@ -104,8 +107,14 @@ def main() -> None:
       t = jax.random.uniform(k[2], (n, c)).astype(dt)
     if kind == "probs_masked":
       x, t = x.at[:, -8:].set(-jnp.inf), t.at[:, -8:].set(0)
-    program = (lambda f: f) if args.forward else jax.value_and_grad
-    fs = {name: jax.jit(program(loss(kind, m))).lower(x, y, t).compile()
+    argnums: int | tuple[int, ...] = 0
+    if kind == "linear":
+      x = jax.random.normal(k[0], (n, 128)).astype(dt)
+      t = (jax.random.normal(k[2], (128, c)) / 128**0.5).astype(dt)
+      argnums = (0, 2)
+    fs = {name: jax.jit(loss(kind, m) if args.forward
+                        else jax.value_and_grad(loss(kind, m), argnums=argnums))
+          .lower(x, y, t).compile()
           for name, m in (("base", base), ("this", jaxce))}
     temp = {name: f.memory_analysis().temp_size_in_bytes / 2**20 for name, f in fs.items()}
     reps = max(1, min(100, int(3e7 / (n * c))))

@@ -913,6 +913,21 @@ def test_compiled_program_has_no_logits_buffer(monkeypatch, fresh_caches, dtype,
     assert compile_for(2 * HLO_V).memory_analysis().temp_size_in_bytes <= 1.05 * temp
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_forward_holds_one_logits_block(fresh_caches, dtype):
+  # N = 64 at D = 128 takes all of V in one chunk. The label's logit is
+  # gathered on CPU (`_linear_stats._label_logit`): a select and sum wrote a
+  # second float32 [N, V] block there (2.0x the logits' bytes, as optax's
+  # forward on materialized logits holds 1.0x). V is odd, so one group on
+  # the test process's 8 devices (groups keep the select).
+  n, d, v = 64, 128, 65537
+  dt = jnp.dtype(dtype)
+  args = (jax.ShapeDtypeStruct((n, d), dt), jax.ShapeDtypeStruct((d, v), dt),
+          jax.ShapeDtypeStruct((n,), jnp.int32))
+  compiled = compile_as_shipped(jax.jit(jaxce.linear_cross_entropy).lower(*args))
+  assert compiled.memory_analysis().temp_size_in_bytes <= 1.05 * n * v * 4
+
+
 # ---------------------------------------------------------------------------
 # Bad input: the right exception, a message naming the function and argument.
 
