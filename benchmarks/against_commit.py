@@ -10,8 +10,10 @@ The table gives the median of the same-round ratios this / base.
   PYTHONPATH=. python benchmarks/against_commit.py 1b96716 --specs int:16384:1000:f32 --rounds 31
   PYTHONPATH=. python benchmarks/against_commit.py 71ac2d0 --forward --specs probs:16384:1000:bf16
 
-A spec is kind:N:C:dtype, kind one of int, int_smooth, int_z, probs,
-probs_masked (the last 8 classes' logits -inf, their targets 0), nll,
+A spec is kind:N:C:dtype, kind one of int, int_smooth, int_smooth_masked
+(the last 8 classes' logits -inf, no label on them), int_z, probs,
+probs_masked (the last 8 classes' logits -inf, their targets 0),
+probs_smooth, nll,
 log_softmax, logsumexp, bce, linear (`linear_cross_entropy` of x [N, 128]
 and a kernel [128, C], value_and_grad over both); dtype f32 or bf16. (1b96716 is the last commit
 before the losses became custom_jvp kernels.)
@@ -62,12 +64,14 @@ def loss(kind: str, m: Any) -> Callable[..., jax.Array]:
   """The scalar loss of (logits, labels, targets) that `kind` times."""
   if kind == "int":
     return lambda x, y, t: m.cross_entropy(x, y)
-  if kind == "int_smooth":
+  if kind in ("int_smooth", "int_smooth_masked"):
     return lambda x, y, t: m.cross_entropy(x, y, label_smoothing=0.1)
   if kind == "int_z":
     return lambda x, y, t: m.cross_entropy(x, y, z_loss=1e-4)
   if kind in ("probs", "probs_masked"):
     return lambda x, y, t: m.cross_entropy(x, t)
+  if kind == "probs_smooth":
+    return lambda x, y, t: m.cross_entropy(x, t, label_smoothing=0.1)
   if kind == "nll":
     return lambda x, y, t: m.nll_loss(x, y)
   if kind == "log_softmax":
@@ -107,6 +111,8 @@ def main() -> None:
       t = jax.random.uniform(k[2], (n, c)).astype(dt)
     if kind == "probs_masked":
       x, t = x.at[:, -8:].set(-jnp.inf), t.at[:, -8:].set(0)
+    if kind == "int_smooth_masked":
+      x, y = x.at[:, -8:].set(-jnp.inf), y % (c - 8)
     argnums: int | tuple[int, ...] = 0
     if kind == "linear":
       x = jax.random.normal(k[0], (n, 128)).astype(dt)

@@ -105,19 +105,9 @@ def _cpu_value(axis: int, reduction: str, z_loss: float, logits: jax.Array,
 
   masked_first = stage(True, exact)
   out: jax.Array = jax.lax.cond(
-      _first_position_masked(logits, axis), masked_first, stage(False, masked_first),
+      _stats.first_position_masked(logits, axis), masked_first, stage(False, masked_first),
       logits, targets, weight)
   return out
-
-
-def _first_position_masked(logits: jax.Array, axis: int) -> jax.Array:
-  """Whether the first position has a -inf logit: then the pass with -inf
-  terms goes first (a masked vocabulary masks every position alike), not
-  after the plain pass has given NaN. Either order gives the same value."""
-  if logits.size == 0:
-    return jnp.array(False)
-  first = logits[tuple(slice(None) if d == axis else 0 for d in range(logits.ndim))]
-  return jnp.any(first == -jnp.inf)
 
 
 def _weighted(targets: jax.Array, weight: jax.Array | None, axis: int, dtype: Any) -> jax.Array:

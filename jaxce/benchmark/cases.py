@@ -105,6 +105,8 @@ BYTES_MODEL = {
                "fwd_bwd": "2S + L (read logits and labels, write dlogits)"},
     "ce_nchw": {"fwd": "S + L (read logits, labels)",
                 "fwd_bwd": "2S + L (read logits and labels, write dlogits)"},
+    "ce_smooth": {"fwd": "S + L (read logits, labels)",
+                  "fwd_bwd": "2S + L (read logits and labels, write dlogits)"},
     "ce_prob": {"fwd": "2S (read logits, targets)",
                 "fwd_bwd": "3S (read logits and targets, write dlogits)"},
     "nll": {"fwd": "L + N*itemsize (read labels and the N picked log-probs)",
@@ -206,6 +208,16 @@ def _optax_int(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+# label_smoothing of the `ce_smooth` case (torchvision's classification recipes').
+SMOOTHING = 0.1
+
+
+def _optax_smooth(logits, labels):
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype),
+                                SMOOTHING)
+  return optax.softmax_cross_entropy(logits, targets).mean()
+
+
 def _dot_cotangent(log_softmax):
   # The scalar whose gradient is log_softmax's VJP with cotangent `ct`.
   return lambda x, ct: jnp.sum((log_softmax(x) * ct).astype(F32))
@@ -253,6 +265,22 @@ def _ref_ce_int(inputs, rows):
     total += float(np.sum(_lse(z)[:, 0] - z[np.arange(b - a), y[a:b]]))
   z = _f64(x[:rows])
   grad = (_softmax(z) - _one_hot(y[:rows], c)) / n
+  return np.float64(total / n), (grad,)
+
+
+def _ref_ce_smooth(inputs, rows):
+  """PyTorch's formula: (1 - eps) * (lse - z_y) + eps * (lse - mean_c z_c)."""
+  x, y = inputs
+  n, c = x.shape
+  eps = SMOOTHING
+  total = 0.0
+  for a, b in _blocks(n, c):
+    z = _f64(x[a:b])
+    lse = _lse(z)[:, 0]
+    total += float(np.sum((1 - eps) * (lse - z[np.arange(b - a), y[a:b]])
+                          + eps * (lse - z.mean(axis=-1))))
+  z = _f64(x[:rows])
+  grad = (_softmax(z) - (1 - eps) * _one_hot(y[:rows], c) - eps / c) / n
   return np.float64(total / n), (grad,)
 
 
@@ -403,6 +431,21 @@ CASES: dict[str, Case] = {
         positions_per_row=IMAGE_HW[0] * IMAGE_HW[1],
         head_fn=_nchw_head,
     ),
+    "ce_smooth": Case(
+        name="ce_smooth",
+        title=f"cross_entropy, integer labels, label_smoothing={SMOOTHING}",
+        argnums=0,
+        make_inputs=_logits_labels,
+        impls=(
+            _impl("jaxce", lambda x, y: jaxce.cross_entropy(x, y, label_smoothing=SMOOTHING)),
+            _impl("optax", _optax_smooth),
+        ),
+        fwd_bytes=lambda s, b: _bytes_s(s, b) + _labels_b(s),
+        fwd_bwd_bytes=lambda s, b: 2 * _bytes_s(s, b) + _labels_b(s),
+        reference=_ref_ce_smooth,
+        out_view=_scalar_view,
+        grad_view=_grad_rows_view,
+    ),
     "ce_prob": Case(
         name="ce_prob",
         title="cross_entropy, probability targets",
@@ -496,6 +539,8 @@ IMPL_NOTES = {
                " optax: softmax_cross_entropy_with_integer_labels(..., axis=1).mean();"
                " naive: -take_along_axis(log_softmax(logits.astype(f32), axis=1), labels,"
                " 1).mean()",
+    "ce_smooth": f"optax: softmax_cross_entropy(logits, smooth_labels(one_hot(labels),"
+                 f" {SMOOTHING})).mean() (PyTorch's formula)",
     "ce_prob": "optax: softmax_cross_entropy(...).mean()",
     "nll": "naive: -take_along_axis(log_probs, labels).astype(f32).mean()",
     "bce": "optax: sigmoid_binary_cross_entropy(...).mean()",
