@@ -153,8 +153,9 @@ def cross_entropy(
   ) -> jax.Array:
     if probabilities:
       if (class_axis_name is None and not row_axes
-          and _target_forward.takes(logits.shape[axis], where, eps)):
-        return _target_forward.target_cross_entropy(logits, labels, weight, axis, reduction, z)
+          and _target_forward.takes(logits.shape[axis], where)):
+        return _target_forward.target_cross_entropy(
+            logits, labels, weight, axis, reduction, z, eps)
       target = _stats.target_stats(logits, labels, weight, where, axis, bool(eps))
       target = _collective.combine(target, class_axis_name)
       return target_loss(target, reduction=reduction, label_smoothing=eps, z_loss=z,

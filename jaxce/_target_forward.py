@@ -1,5 +1,5 @@
-"""Probability-target cross-entropy (no class mask, no smoothing) as one
-`jax.custom_jvp` whose value on XLA:CPU takes one fused pass.
+"""Probability-target cross-entropy (no class mask) as one `jax.custom_jvp`
+whose value on XLA:CPU takes one fused pass.
 
 XLA:CPU fuses nested row reductions (the max, the log-sum that uses it, and
 a sum that uses both) into one YNNPACK kernel over tiles of rows, as it
@@ -25,6 +25,11 @@ forward keeps one too; float32 ones are summed in blocks
 (`_long_row_block`). The derivative rule is the jvp of the loss from
 `target_stats` (`_exact`): every derivative, and what reverse mode saves,
 are its. Other platforms take `_exact` for the value too.
+
+With label smoothing the pass takes the smoothed targets (1 - eps) t + eps / C
+(`_cpu_smoothed`) and hands any non-finite value to `_exact`: a -inf logit
+takes its class out of the uniform part there. That fallback keeps the
+statistics path's N x C temporaries in the compiled forward (as before).
 """
 
 from __future__ import annotations
@@ -44,28 +49,28 @@ from jaxce._reduction import reduce, target_loss
 from jaxce._sum import block_shape, block_size, blocked_total, total
 
 
-def takes(num_classes: int, where: Any, label_smoothing: float) -> bool:
+def takes(num_classes: int, where: Any) -> bool:
   """Whether `cross_entropy`'s probability targets take this loss (on one
   device's classes, which the caller checks)."""
-  return num_classes > 0 and where is None and not label_smoothing
+  return num_classes > 0 and where is None
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5, 6))
 def target_cross_entropy(
     logits: jax.Array, targets: jax.Array, weight: jax.Array | None, axis: int,
-    reduction: str, z_loss: float,
+    reduction: str, z_loss: float, label_smoothing: float,
 ) -> jax.Array:
   """`cross_entropy` of probability targets (see the module docstring)."""
   out: jax.Array = jax.lax.platform_dependent(
       logits, targets, weight,
-      cpu=functools.partial(_cpu_value, axis, reduction, z_loss),
-      default=functools.partial(_exact, axis, reduction, z_loss))
+      cpu=functools.partial(_cpu_value, axis, reduction, z_loss, label_smoothing),
+      default=functools.partial(_exact, axis, reduction, z_loss, label_smoothing))
   return out
 
 
 @functools.partial(target_cross_entropy.defjvp, symbolic_zeros=True)
 def _target_cross_entropy_jvp(
-    axis: int, reduction: str, z_loss: float, primals: tuple[Any, ...],
+    axis: int, reduction: str, z_loss: float, label_smoothing: float, primals: tuple[Any, ...],
     tangents: tuple[Any, ...],
 ) -> tuple[jax.Array, jax.Array]:
   live = [t is not None and not isinstance(t, SymbolicZero) for t in tangents]
@@ -73,7 +78,7 @@ def _target_cross_entropy_jvp(
   def exact(*differentiated: jax.Array) -> jax.Array:
     given = iter(differentiated)
     args = [next(given) if d else p for p, d in zip(primals, live, strict=True)]
-    return _exact(axis, reduction, z_loss, *args)
+    return _exact(axis, reduction, z_loss, label_smoothing, *args)
 
   # Inputs that are not differentiated are closed over, so `target_stats`
   # leaves their terms out (not computed on zeros).
@@ -83,14 +88,17 @@ def _target_cross_entropy_jvp(
   return out
 
 
-def _exact(axis: int, reduction: str, z_loss: float, logits: jax.Array, targets: jax.Array,
-           weight: jax.Array | None) -> jax.Array:
-  stats = _stats.target_stats(logits, targets, weight, None, axis, False)
-  return target_loss(stats, reduction=reduction, z_loss=z_loss)
+def _exact(axis: int, reduction: str, z_loss: float, label_smoothing: float,
+           logits: jax.Array, targets: jax.Array, weight: jax.Array | None) -> jax.Array:
+  stats = _stats.target_stats(logits, targets, weight, None, axis, bool(label_smoothing))
+  return target_loss(stats, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss)
 
 
-def _cpu_value(axis: int, reduction: str, z_loss: float, logits: jax.Array,
-               targets: jax.Array, weight: jax.Array | None) -> jax.Array:
+def _cpu_value(axis: int, reduction: str, z_loss: float, label_smoothing: float,
+               logits: jax.Array, targets: jax.Array, weight: jax.Array | None) -> jax.Array:
+  if label_smoothing:
+    return _cpu_smoothed(axis, reduction, z_loss, label_smoothing, logits, targets, weight)
+
   def stage(neg_inf: bool, then: Any) -> Any:
     def value(logits: jax.Array, targets: jax.Array, weight: jax.Array | None) -> jax.Array:
       v = _fused(logits, targets, weight, axis, reduction, z_loss, neg_inf)
@@ -110,13 +118,41 @@ def _cpu_value(axis: int, reduction: str, z_loss: float, logits: jax.Array,
   return out
 
 
-def _weighted(targets: jax.Array, weight: jax.Array | None, axis: int, dtype: Any) -> jax.Array:
+def _cpu_smoothed(axis: int, reduction: str, z_loss: float, label_smoothing: float,
+                  logits: jax.Array, targets: jax.Array, weight: jax.Array | None) -> jax.Array:
+  """With label smoothing: where every logit is finite, the smoothed targets
+  q = (1 - eps) t + eps / C in the plain pass. A -inf logit takes its class
+  out of the uniform part (K active classes, not C), and a non-finite value
+  (that, NaN, an overflow) hands the batch to `_exact`, first when the
+  first position has a -inf logit."""
+  exact = functools.partial(_exact, axis, reduction, z_loss, label_smoothing)
+
+  def plain(logits: jax.Array, targets: jax.Array, weight: jax.Array | None) -> jax.Array:
+    v = _fused(logits, targets, weight, axis, reduction, z_loss, False, label_smoothing)
+    out: jax.Array = jax.lax.cond(
+        jnp.all(jnp.isfinite(v)), lambda *args: v, exact, logits, targets, weight)
+    return out
+
+  out: jax.Array = jax.lax.cond(
+      _stats.first_position_masked(logits, axis), exact, plain, logits, targets, weight)
+  return out
+
+
+def _weighted(targets: jax.Array, weight: jax.Array | None, axis: int, dtype: Any,
+              label_smoothing: float = 0.0) -> jax.Array:
+  """w t, or w q with the smoothed targets q = (1 - eps) t + eps / C (at
+  eps = 1, q = 1 / C: the targets take no part, as in `target_loss`)."""
   t = targets.astype(dtype)
+  if label_smoothing:
+    uniform = label_smoothing / targets.shape[axis]
+    t = (jnp.full(t.shape, uniform, dtype) if label_smoothing == 1.0
+         else (1.0 - label_smoothing) * t + uniform)
   return t if weight is None else t * _checks.expand_to_axis(weight.astype(dtype), axis, t.ndim)
 
 
 def _fused(logits: jax.Array, targets: jax.Array, weight: jax.Array | None, axis: int,
-           reduction: str, z_loss: float, neg_inf: bool) -> jax.Array:
+           reduction: str, z_loss: float, neg_inf: bool,
+           label_smoothing: float = 0.0) -> jax.Array:
   """The loss in one fused pass, exact wherever it is not NaN. No select and
   no `where`-guarded shift: either would split XLA:CPU's kernel (and write
   out x - shift); a row with no finite max gives NaN. Reduced: one sum over
@@ -133,7 +169,7 @@ def _fused(logits: jax.Array, targets: jax.Array, weight: jax.Array | None, axis
   fallback then takes."""
   ct = _checks.compute_dtype(logits.dtype)
   x = logits.astype(ct)
-  wt = _weighted(targets, weight, axis, ct)
+  wt = _weighted(targets, weight, axis, ct, label_smoothing)
   block = _long_row_block(logits, axis)
   if block is None:
     shift = jnp.max(x, axis, keepdims=True)

@@ -15,11 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference as ref
 
 import jaxce
 from jaxce import _stats
-
-import reference as ref
 
 N, C = 6, 7
 EPS = 0.1
@@ -146,7 +145,7 @@ def test_under_vmap_eagerly_and_on_axis_1(dtype):
   want = jaxce.cross_entropy(x, y, label_smoothing=EPS, reduction="none",
                              where=jnp.ones(x.shape, bool))
   eager = jaxce.cross_entropy(x, y, label_smoothing=EPS, reduction="none")
-  per_row = jax.vmap(lambda r, l: jaxce.cross_entropy(r, l, label_smoothing=EPS))(x, y)
+  per_row = jax.vmap(lambda r, k: jaxce.cross_entropy(r, k, label_smoothing=EPS))(x, y)
   image = jaxce.cross_entropy(jnp.moveaxis(x, 1, 0)[None, :, :, None], y[None, :, None],
                               axis=1, label_smoothing=EPS, reduction="none")
   for got in (eager, per_row, image.reshape(N)):

@@ -1,6 +1,6 @@
 """Probability targets' forward on CPU (`jaxce._target_forward`): the fused
-pass where its value is exact, the `lax.cond` fallback where it is NaN, and
-no N x C temporary in either.
+pass where its value is exact, the `lax.cond` fallback where it is NaN (with
+label smoothing: not finite), and no N x C temporary in either.
 
 Reference: the same loss through the per-position statistics
 (`_target_forward._exact`, which every derivative of the loss already
@@ -76,7 +76,7 @@ def _same(got, want, rtol=2e-6):
 def _both(x, t, w, *, reduction, z_loss, weighted, path):
   """(value, exact value): the public forward, or one of its stages alone."""
   w = w if weighted else None
-  exact = _target_forward._exact(x.ndim - 1, reduction, z_loss, x, t, w)
+  exact = _target_forward._exact(x.ndim - 1, reduction, z_loss, 0.0, x, t, w)
   if path == "forward":
     got = jaxce.cross_entropy(x, t, weight=w, reduction=reduction, z_loss=z_loss)
   elif path == "exact_rows":
@@ -127,6 +127,35 @@ def test_long_rows_in_blocks(path, reduction):
     _same(got, want, rtol=2e-5)
 
 
+@pytest.mark.parametrize("path", ["forward", "pass"])
+@pytest.mark.parametrize("classes", [C, 40000], ids=["short", "long_rows_in_blocks"])
+@pytest.mark.parametrize("eps", [0.1, 1.0])
+@pytest.mark.parametrize(("reduction", "weighted", "z_loss"),
+                         [("none", False, 0.0), ("mean", True, 1e-3), ("sum", True, 0.0)])
+def test_label_smoothing_every_kind_of_row(path, classes, eps, reduction, weighted, z_loss):
+  """With label smoothing the plain pass takes the smoothed targets; where
+  it is not finite (a -inf logit takes its class out of the uniform part:
+  K active classes, not C) the forward takes the exact loss. The forward
+  equals the exact loss for every kind of row, the pass alone wherever it
+  is finite, and at eps = 1 a NaN target takes no part."""
+  cases = [()] + [(k,) for k in KINDS] + [("", k) for k in KINDS]
+  run = jax.jit(lambda x, t, w: (
+      jaxce.cross_entropy(x, t, weight=w, reduction=reduction, z_loss=z_loss,
+                          label_smoothing=eps) if path == "forward"
+      else _target_forward._fused(x, t, w, 1, reduction, z_loss, False, eps),
+      _target_forward._exact(1, reduction, z_loss, eps, x, t, w)))
+  finite_seen = 0
+  for kinds in cases:
+    x, t, w = _batch(kinds, classes=classes)
+    got, want = run(x, t, w if weighted else None)
+    if path == "pass":
+      if not np.all(np.isfinite(got)):
+        continue
+      finite_seen += 1
+    _same(got, want, rtol=2e-5)
+  assert path == "forward" or finite_seen >= 3
+
+
 def test_each_stage_takes_what_it_should():
   """Which batches each fused pass leaves to the next stage (NaN): the plain
   pass a zero target at a -inf logit, the pass with -inf terms only rows
@@ -171,14 +200,14 @@ def test_under_vmap_eagerly_and_on_axis_1(dtype):
   x, t, _ = _batch(("zero_target_at_neg_inf",))
   xs = jnp.stack([x, _batch(())[0]]).astype(dtype)
   ts = jnp.stack([t, _batch(())[1]]).astype(dtype)
-  exact = lambda x, t: _target_forward._exact(1, "mean", 0.0, x, t, None)
+  exact = lambda x, t: _target_forward._exact(1, "mean", 0.0, 0.0, x, t, None)
   _same(jax.vmap(jaxce.cross_entropy)(xs, ts), jax.vmap(exact)(xs, ts), rtol=1e-5)
   _same(jaxce.cross_entropy(xs[0], ts[0]), exact(xs[0], ts[0]), rtol=1e-5)
   x4 = jnp.moveaxis(xs.reshape(2, 3, 2, C), -1, 1)  # (2, C, 3, 2)
   t4 = jnp.moveaxis(ts.reshape(2, 3, 2, C), -1, 1)
   for reduction in ("none", "mean"):
     got = jaxce.cross_entropy(x4, t4, axis=1, reduction=reduction)
-    _same(got, _target_forward._exact(1, reduction, 0.0, x4, t4, None), rtol=1e-5)
+    _same(got, _target_forward._exact(1, reduction, 0.0, 0.0, x4, t4, None), rtol=1e-5)
 
 
 def test_empty_batch():
@@ -205,6 +234,22 @@ def test_compiled_forward_keeps_no_n_by_c_temporary(shape, dtype):
   assert ours <= peer + 64 * shape[0] + 4096, (ours, peer)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_compiled_smoothed_forward_keeps_what_the_statistics_keep(dtype):
+  """With label smoothing the fallback is the statistics path, whose N x C
+  temporaries (one float32 array, two for bfloat16) the compiled forward
+  keeps: no more than that path alone (the forward before the fused pass)."""
+  shape = (2048, 1000)
+  x = jax.ShapeDtypeStruct(shape, dtype)
+
+  def temp(f):
+    return jax.jit(f).lower(x, x).compile().memory_analysis().temp_size_in_bytes
+
+  ours = temp(lambda x, t: jaxce.cross_entropy(x, t, label_smoothing=0.1))
+  stats = temp(lambda x, t: _target_forward._exact(1, "mean", 0.0, 0.1, x, t, None))
+  assert ours <= stats + 64 * shape[0] + 4096, (ours, stats)
+
+
 def test_float64_smallest_normal_target_at_neg_inf():
   """float64 logits (x64 on): a target of the smallest normal float64 on a
   -inf logit is still target mass there (+inf), in the pass with -inf terms
@@ -217,7 +262,7 @@ def test_float64_smallest_normal_target_at_neg_inf():
     assert per[1] == np.inf
     assert np.isfinite(per[0])
     _same(jaxce.cross_entropy(x, t, reduction="none"),
-          _target_forward._exact(1, "none", 0.0, jnp.asarray(x), jnp.asarray(t), None))
+          _target_forward._exact(1, "none", 0.0, 0.0, jnp.asarray(x), jnp.asarray(t), None))
 
 
 def test_pos_inf_logit_without_target_mass():
