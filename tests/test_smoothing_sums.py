@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference as ref
+from nonfinite import assert_same
 
 import jaxce
 from jaxce import _stats
@@ -67,15 +68,6 @@ def _cases():
           + [KINDS[i:i + N] for i in range(0, len(KINDS), N)])
 
 
-def _same(got, want, rtol=2e-6):
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
-  np.testing.assert_array_equal(np.isposinf(got), np.isposinf(want))
-  np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
-  fin = np.isfinite(want)
-  np.testing.assert_allclose(got[fin], want[fin], rtol=rtol, atol=rtol)
-
-
 @jax.jit
 def _sums(x):
   """(the sums as shipped, the masked sums) about each row's largest finite
@@ -91,7 +83,7 @@ def test_sums_equal_the_masked_sums(classes):
   for kinds in _cases():
     got, want = _sums(jnp.asarray(_batch(kinds, classes)[0]))
     for g, w in zip(got, want, strict=True):
-      _same(g, w)
+      assert_same(g, w)
 
 
 @functools.partial(jax.jit, static_argnames=("reduction",))
@@ -110,8 +102,8 @@ def test_loss_and_gradient_of_every_kind_of_row(reduction):
   for kinds in _cases():
     x, y = _batch(kinds)
     (value, grad), (masked_value, masked_grad) = _losses(x, y, reduction=reduction)
-    _same(value, masked_value)
-    _same(grad, masked_grad)
+    assert_same(value, masked_value)
+    assert_same(grad, masked_grad)
     rows = _modeled(kinds)
     if reduction == "none":
       want = ref.cross_entropy_int(x, y, label_smoothing=EPS, reduction="none")
@@ -131,7 +123,7 @@ def test_probability_targets():
     t[np.isneginf(x)] = 0.0
     f = jax.jit(lambda x, t, where: jaxce.cross_entropy(
         x, t, label_smoothing=EPS, reduction="none", where=where))
-    _same(f(x, t, None), f(x, t, np.ones(x.shape, bool)))
+    assert_same(f(x, t, None), f(x, t, np.ones(x.shape, bool)))
     want = ref.cross_entropy_prob(x, t, label_smoothing=EPS, reduction="none")
     rows = _modeled(kinds)
     np.testing.assert_allclose(np.asarray(f(x, t, None))[rows], want[rows], rtol=2e-6,
@@ -149,4 +141,4 @@ def test_under_vmap_eagerly_and_on_axis_1(dtype):
   image = jaxce.cross_entropy(jnp.moveaxis(x, 1, 0)[None, :, :, None], y[None, :, None],
                               axis=1, label_smoothing=EPS, reduction="none")
   for got in (eager, per_row, image.reshape(N)):
-    _same(got, want, rtol=1e-2 if dtype == jnp.bfloat16 else 2e-6)
+    assert_same(got, want, rtol=1e-2 if dtype == jnp.bfloat16 else 2e-6)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from nonfinite import assert_same
 
 import jaxce
 from jaxce import _target_forward
@@ -63,15 +64,6 @@ def _batch(kinds, seed=0, classes=C):
   return x, t, w
 
 
-def _same(got, want, rtol=2e-6):
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
-  np.testing.assert_array_equal(np.isposinf(got), np.isposinf(want))
-  np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
-  fin = np.isfinite(want)
-  np.testing.assert_allclose(got[fin], want[fin], rtol=rtol, atol=rtol)
-
-
 @functools.partial(jax.jit, static_argnames=("reduction", "z_loss", "weighted", "path"))
 def _both(x, t, w, *, reduction, z_loss, weighted, path):
   """(value, exact value): the public forward, or one of its stages alone."""
@@ -107,7 +99,7 @@ def test_every_kind_of_row(path, reduction, weighted, z_loss):
       if np.ndim(got) == 0 and not keep:
         continue
       got, want = np.asarray(got)[keep], np.asarray(want)[keep]
-    _same(got, want)
+    assert_same(got, want)
 
 
 @pytest.mark.parametrize("path", ["forward", "pass", "neg_inf_pass"])
@@ -124,7 +116,7 @@ def test_long_rows_in_blocks(path, reduction):
       if np.ndim(got) == 0 and not keep:
         continue
       got, want = np.asarray(got)[keep], np.asarray(want)[keep]
-    _same(got, want, rtol=2e-5)
+    assert_same(got, want, rtol=2e-5)
 
 
 @pytest.mark.parametrize("path", ["forward", "pass"])
@@ -152,7 +144,7 @@ def test_label_smoothing_every_kind_of_row(path, classes, eps, reduction, weight
       if not np.all(np.isfinite(got)):
         continue
       finite_seen += 1
-    _same(got, want, rtol=2e-5)
+    assert_same(got, want, rtol=2e-5)
   assert path == "forward" or finite_seen >= 3
 
 
@@ -201,13 +193,13 @@ def test_under_vmap_eagerly_and_on_axis_1(dtype):
   xs = jnp.stack([x, _batch(())[0]]).astype(dtype)
   ts = jnp.stack([t, _batch(())[1]]).astype(dtype)
   exact = lambda x, t: _target_forward._exact(1, "mean", 0.0, 0.0, x, t, None)
-  _same(jax.vmap(jaxce.cross_entropy)(xs, ts), jax.vmap(exact)(xs, ts), rtol=1e-5)
-  _same(jaxce.cross_entropy(xs[0], ts[0]), exact(xs[0], ts[0]), rtol=1e-5)
+  assert_same(jax.vmap(jaxce.cross_entropy)(xs, ts), jax.vmap(exact)(xs, ts), rtol=1e-5)
+  assert_same(jaxce.cross_entropy(xs[0], ts[0]), exact(xs[0], ts[0]), rtol=1e-5)
   x4 = jnp.moveaxis(xs.reshape(2, 3, 2, C), -1, 1)  # (2, C, 3, 2)
   t4 = jnp.moveaxis(ts.reshape(2, 3, 2, C), -1, 1)
   for reduction in ("none", "mean"):
     got = jaxce.cross_entropy(x4, t4, axis=1, reduction=reduction)
-    _same(got, _target_forward._exact(1, reduction, 0.0, 0.0, x4, t4, None), rtol=1e-5)
+    assert_same(got, _target_forward._exact(1, reduction, 0.0, 0.0, x4, t4, None), rtol=1e-5)
 
 
 def test_empty_batch():
@@ -261,7 +253,7 @@ def test_float64_smallest_normal_target_at_neg_inf():
     per = np.asarray(fused(x, t, None, 1, "none", 0.0, True))
     assert per[1] == np.inf
     assert np.isfinite(per[0])
-    _same(jaxce.cross_entropy(x, t, reduction="none"),
+    assert_same(jaxce.cross_entropy(x, t, reduction="none"),
           _target_forward._exact(1, "none", 0.0, 0.0, jnp.asarray(x), jnp.asarray(t), None))
 
 
