@@ -36,7 +36,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from jaxce import _checks
 from jaxce._collective import match_vma, vary_like
-from jaxce._stats import LabelStats, SmoothingSums
+from jaxce._stats import LabelStats, SmoothingSums, take_at
 
 # Elements of one float32 block (16 MiB): sets the default vocabulary chunk
 # ([N, chunk] logits) and the row blocks of the dx accumulation ([rows, D]).
@@ -298,10 +298,9 @@ def _label_logit(z: jax.Array, ch: Chunk, labels: jax.Array, i: jax.Array,
     return select()
 
   def gather() -> jax.Array:
-    pos = labels - ch.start
-    here = (labels >= jnp.maximum(ch.start, i * chunk)) & (pos < chunk)
-    got = jnp.take_along_axis(z[:, 0], jnp.clip(pos, 0, chunk - 1)[:, None], axis=1)[:, 0]
-    return jnp.where(here, got, 0.0)
+    # (0 outside the chunk; columns before i * chunk were seen before)
+    got = take_at(z[:, 0], labels - ch.start, 1)
+    return jnp.where(labels >= i * chunk, got, 0.0)
 
   out: jax.Array = jax.lax.platform_dependent(cpu=gather, default=select)
   return out
