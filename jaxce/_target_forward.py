@@ -123,19 +123,12 @@ def _cpu_smoothed(axis: int, reduction: str, z_loss: float, label_smoothing: flo
   """With label smoothing: where every logit is finite, the smoothed targets
   q = (1 - eps) t + eps / C in the plain pass. A -inf logit takes its class
   out of the uniform part (K active classes, not C), and a non-finite value
-  (that, NaN, an overflow) hands the batch to `_exact`, first when the
-  first position has a -inf logit."""
-  exact = functools.partial(_exact, axis, reduction, z_loss, label_smoothing)
-
-  def plain(logits: jax.Array, targets: jax.Array, weight: jax.Array | None) -> jax.Array:
-    v = _fused(logits, targets, weight, axis, reduction, z_loss, False, label_smoothing)
-    out: jax.Array = jax.lax.cond(
-        jnp.all(jnp.isfinite(v)), lambda *args: v, exact, logits, targets, weight)
-    return out
-
-  out: jax.Array = jax.lax.cond(
-      _stats.first_position_masked(logits, axis), exact, plain, logits, targets, weight)
-  return out
+  (that, NaN, an overflow) hands the batch to `_exact` (`_stats.plain_first`:
+  first, when the first position has a -inf logit)."""
+  return _stats.plain_first(
+      logits, axis,
+      lambda: _fused(logits, targets, weight, axis, reduction, z_loss, False, label_smoothing),
+      lambda: _exact(axis, reduction, z_loss, label_smoothing, logits, targets, weight))
 
 
 def _weighted(targets: jax.Array, weight: jax.Array | None, axis: int, dtype: Any,
