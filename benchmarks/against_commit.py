@@ -13,10 +13,10 @@ The table gives the median of the same-round ratios this / base.
 A spec is kind:N:C:dtype, kind one of int, int_smooth, int_smooth_masked
 (the last 8 classes' logits -inf, no label on them), int_z, probs,
 probs_masked (the last 8 classes' logits -inf, their targets 0),
-probs_smooth, nll,
-log_softmax, logsumexp, bce, linear (`linear_cross_entropy` of x [N, 128]
-and a kernel [128, C], value_and_grad over both); dtype f32 or bf16. (1b96716 is the last commit
-before the losses became custom_jvp kernels.)
+probs_smooth, nll, log_softmax, logsumexp, bce, linear
+(`linear_cross_entropy` of x [N, 128] and a kernel [128, C], value_and_grad
+over both); dtype f32 or bf16. (1b96716 is the last commit before the
+losses became custom_jvp kernels.)
 """
 
 from __future__ import annotations
