@@ -96,6 +96,8 @@ def _exact(axis: int, reduction: str, z_loss: float, label_smoothing: float,
 
 def _cpu_value(axis: int, reduction: str, z_loss: float, label_smoothing: float,
                logits: jax.Array, targets: jax.Array, weight: jax.Array | None) -> jax.Array:
+  if logits.size == 0:  # nothing to fuse; and a sum of no terms is +0 there, not -0
+    return _exact(axis, reduction, z_loss, label_smoothing, logits, targets, weight)
   if label_smoothing:
     return _cpu_smoothed(axis, reduction, z_loss, label_smoothing, logits, targets, weight)
 

@@ -202,10 +202,14 @@ def test_under_vmap_eagerly_and_on_axis_1(dtype):
     assert_same(got, _target_forward._exact(1, reduction, 0.0, 0.0, x4, t4, None), rtol=1e-5)
 
 
-def test_empty_batch():
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_empty_batch(eps):
+  """0 (+0, as the statistics path and PyTorch give), and an empty "none"."""
   x = t = jnp.zeros((0, C))
-  assert jaxce.cross_entropy(x, t) == 0.0
-  assert jaxce.cross_entropy(x, t, reduction="sum") == 0.0
+  for reduction in ("mean", "sum"):
+    got = jaxce.cross_entropy(x, t, reduction=reduction, label_smoothing=eps)
+    assert got == 0.0, (reduction, got)
+    assert not np.signbit(got), (reduction, got)
   assert jaxce.cross_entropy(x, t, reduction="none").shape == (0,)
 
 
