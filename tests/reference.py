@@ -205,7 +205,8 @@ def cross_entropy_int(logits, labels, *, weight=None, ignore_index=-100, reducti
     count = np.maximum(np.sum(act, axis=-1), 1)
     smooth = np.where(keep, -np.sum(np.where(act, w * logp, 0.0), axis=-1) / count, 0.0)
   loss = (1.0 - eps) * nll + eps * smooth
-  loss = loss + float(z_loss) * np.where(keep, lse, 0.0) ** 2
+  with np.errstate(invalid="ignore"):  # 0 * inf on a row with a +inf logit: NaN, as it is
+    loss = loss + float(z_loss) * np.where(keep, lse, 0.0) ** 2
   loss = np.where(valid & ~s.in_range, np.nan, loss)
   return _reduce(loss, reduction, np.sum(w_y))
 
@@ -259,7 +260,8 @@ def cross_entropy_prob(logits, targets, *, weight=None, reduction="mean", label_
   with np.errstate(invalid="ignore"):
     terms = np.where(wq == 0, 0.0, -wq * s.logp)
   loss = np.where(s.alive, np.sum(terms, axis=-1), 0.0)
-  loss = loss + float(z_loss) * np.where(s.alive, s.lse, 0.0) ** 2
+  with np.errstate(invalid="ignore"):  # (as in cross_entropy_int)
+    loss = loss + float(z_loss) * np.where(s.alive, s.lse, 0.0) ** 2
   return _reduce(loss, reduction)
 
 
