@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fast_compile import compile_as_shipped
 
 import jaxce
 
@@ -600,6 +601,46 @@ def test_neg_inf_logits_log_softmax_logsumexp():
   g = jax.grad(lambda x: jnp.sum(jaxce.logsumexp(x)))(jnp.asarray(x))
   _close(g, p, rtol=1e-5, atol=1e-7)
   assert np.all(np.asarray(g)[ninf] == 0)
+
+
+@pytest.mark.parametrize("rows", ["short", "long"])
+def test_log_softmax_non_finite_rows_like_jax_nn(branches, rows):
+  # The forward has no select (`_log_softmax._plain_shift`): a row with a
+  # +inf or NaN entry is NaN throughout, as in jax.nn (and PyTorch); a row
+  # of -inf entries only is -inf (jax.nn: NaN). "long": blocked rows on CPU.
+  c = 40 if rows == "short" else 65536
+  x = np.tile(np.linspace(-3.0, 2.0, c, dtype=np.float32), (5, 1))
+  x[0, 7] = np.inf
+  x[1, 7] = np.nan
+  x[2] = -np.inf
+  x[3, ::2] = -np.inf
+  for dt in (jnp.float32, jnp.bfloat16):
+    xd = jnp.asarray(x, dt)
+    got = np.asarray(jaxce.log_softmax(xd), np.float32)
+    want = np.asarray(jax.nn.log_softmax(xd), np.float32)
+    assert np.all(np.isnan(got[:2]))
+    assert np.all(got[2] == -np.inf)
+    np.testing.assert_allclose(got[3:], want[3:], rtol=1e-6 if dt == jnp.float32 else 1e-2)
+    # logsumexp keeps its +inf (as jax.nn's does).
+    lse = np.asarray(jaxce.logsumexp(xd), np.float32)
+    assert lse[0] == np.inf
+    assert np.isnan(lse[1])
+    assert lse[2] == -np.inf
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", [(4096, 1024), (65536, 100)])
+def test_log_softmax_forward_holds_no_shifted_copy(dtype, shape):
+  # With selects (a non-finite max to 0, log(0) to -inf, a -inf output
+  # row), XLA:CPU wrote x - shift out as an N x C float32 array and read it
+  # back: 16 and 25 MiB of temp for this loss. Without them, one fusion, as
+  # jax.nn's. (Rows longer than `LONG_ROW` are summed in blocks, apart.)
+  dt = jnp.dtype(dtype)
+  args = (jax.ShapeDtypeStruct(shape, dt), jax.ShapeDtypeStruct(shape, dt))
+  lowered = jax.jit(lambda x, t: jnp.sum((jaxce.log_softmax(x) * t).astype(jnp.float32))
+                    ).lower(*args)
+  temp = compile_as_shipped(lowered).memory_analysis().temp_size_in_bytes
+  assert temp <= shape[0] * 4 * 8, temp
 
 
 def test_neg_inf_logits_half_precision():
