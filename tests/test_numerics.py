@@ -628,6 +628,36 @@ def test_log_softmax_non_finite_rows_like_jax_nn(branches, rows):
     assert lse[2] == -np.inf
 
 
+@pytest.mark.parametrize("masking", ["where", "neg_inf", "both"])
+def test_log_softmax_derivatives_like_jax_nn(branches, masking):
+  # Any cotangent, also on outputs outside `where` (dropped) and on -inf
+  # inputs (an ordinary input: derivative 1 at its own output), and any
+  # tangent: jax.nn's vjp and jvp. (The cotangent of masked outputs leaked
+  # into the other inputs' gradient before, and their tangent was not 0.)
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(6, 9)).astype(np.float32)
+  where = None
+  if masking in ("neg_inf", "both"):
+    x[:, 2] = -np.inf
+  if masking in ("where", "both"):
+    where = jnp.asarray(rng.random((6, 9)) < 0.7).at[:, 0].set(True)
+  x = jnp.asarray(x)
+  ct = jnp.asarray(rng.normal(size=(6, 9)), jnp.float32)
+  tx = jnp.asarray(rng.normal(size=(6, 9)), jnp.float32)
+  mine = functools.partial(jaxce.log_softmax, where=where)
+  theirs = functools.partial(jax.nn.log_softmax, where=where)
+  _, vjp_mine = jax.vjp(mine, x)
+  _, vjp_theirs = jax.vjp(theirs, x)
+  np.testing.assert_allclose(vjp_mine(ct)[0], vjp_theirs(ct)[0], rtol=1e-5, atol=1e-6)
+  _, t_mine = jax.jvp(mine, (x,), (tx,))
+  _, t_theirs = jax.jvp(theirs, (x,), (tx,))
+  np.testing.assert_allclose(t_mine, t_theirs, rtol=1e-5, atol=1e-6)
+  w0 = None if where is None else where[0]
+  np.testing.assert_allclose(jax.jacrev(functools.partial(jaxce.log_softmax, where=w0))(x[0]),
+                             jax.jacrev(functools.partial(jax.nn.log_softmax, where=w0))(x[0]),
+                             rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("shape", [(4096, 1024), (65536, 100)])
 def test_log_softmax_forward_holds_no_shifted_copy(dtype, shape):
