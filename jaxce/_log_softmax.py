@@ -205,15 +205,15 @@ def _log_softmax_tangent(
   # there would give 0 * inf = NaN). A -inf input is an ordinary one (p_j =
   # 0 there, so the sum drops it; its own output's derivative is 1). With
   # no `where`, no select: XLA:CPU then fuses the whole gradient into one
-  # (YNNPACK) fusion; an -inf output mask by select wrote the gradient out
+  # (YNNPACK) fusion; a -inf output mask by select wrote the gradient out
   # and selected again (as a multiply by an indicator: 1.0-1.4x the time).
   xm = masked(x, where)
-  tx = masked_tangent(tx.astype(shift.dtype), where)
+  tx = _masked_tangent(tx.astype(shift.dtype), where)
   p = tangent_probs(xm, shift, ls)
-  return masked_tangent(tx - jnp.sum(p * tx, axes, keepdims=True), where).astype(x.dtype)
+  return _masked_tangent(tx - jnp.sum(p * tx, axes, keepdims=True), where).astype(x.dtype)
 
 
-def masked_tangent(t: jax.Array, where: jax.Array | None) -> jax.Array:
+def _masked_tangent(t: jax.Array, where: jax.Array | None) -> jax.Array:
   """A tangent with 0 outside `where`."""
   return t if where is None else jnp.where(where, t, 0.0)
 
