@@ -390,6 +390,16 @@ def _labels_b(s: Shape) -> int:
   return s.n * LABEL_BYTES
 
 
+def _int_fwd_bytes(s: Shape, b: int) -> int:
+  """Integer labels' forward: read the logits and the labels."""
+  return _bytes_s(s, b) + _labels_b(s)
+
+
+def _int_fwd_bwd_bytes(s: Shape, b: int) -> int:
+  """Integer labels' value_and_grad: also write the gradient."""
+  return 2 * _bytes_s(s, b) + _labels_b(s)
+
+
 def _linear_io(s: Shape, itemsize: int) -> int:
   return (s.n * s.d + s.d * s.c) * itemsize
 
@@ -405,8 +415,8 @@ CASES: dict[str, Case] = {
             _impl("optax", _optax_int),
             _impl("naive", _naive_ce),
         ),
-        fwd_bytes=lambda s, b: _bytes_s(s, b) + _labels_b(s),
-        fwd_bwd_bytes=lambda s, b: 2 * _bytes_s(s, b) + _labels_b(s),
+        fwd_bytes=_int_fwd_bytes,
+        fwd_bwd_bytes=_int_fwd_bwd_bytes,
         reference=_ref_ce_int,
         out_view=_scalar_view,
         grad_view=_grad_rows_view,
@@ -422,8 +432,8 @@ CASES: dict[str, Case] = {
                 x, y, axis=1).mean()),
             _impl("naive", _naive_ce_nchw),
         ),
-        fwd_bytes=lambda s, b: _bytes_s(s, b) + _labels_b(s),
-        fwd_bwd_bytes=lambda s, b: 2 * _bytes_s(s, b) + _labels_b(s),
+        fwd_bytes=_int_fwd_bytes,
+        fwd_bwd_bytes=_int_fwd_bwd_bytes,
         reference=_ref_ce_nchw,
         out_view=_scalar_view,
         grad_view=_nchw_grad_view,
@@ -440,8 +450,8 @@ CASES: dict[str, Case] = {
             _impl("jaxce", lambda x, y: jaxce.cross_entropy(x, y, label_smoothing=SMOOTHING)),
             _impl("optax", _optax_smooth),
         ),
-        fwd_bytes=lambda s, b: _bytes_s(s, b) + _labels_b(s),
-        fwd_bwd_bytes=lambda s, b: 2 * _bytes_s(s, b) + _labels_b(s),
+        fwd_bytes=_int_fwd_bytes,
+        fwd_bwd_bytes=_int_fwd_bwd_bytes,
         reference=_ref_ce_smooth,
         out_view=_scalar_view,
         grad_view=_grad_rows_view,
