@@ -666,6 +666,13 @@ class _NllRows(NamedTuple):
   log_sum: jax.Array  # log_sum where live, else +inf (softmax 0) or NaN
 
 
+def _per_row_unit(shift: jax.Array, axis: int) -> jax.Array:
+  """1.0 per row, as exp(0 * shift) (the shift is finite), which XLA does
+  not fold: a tangent divided by it is unchanged (x / 1.0 is exact), and its
+  cotangent is multiplied by a per-row operand. See `_cpu_label_terms`."""
+  return jnp.exp(0.0 * jnp.squeeze(shift, axis))
+
+
 def _cpu_label_terms(
     axis: int, xm: jax.Array, labels: jax.Array, shift: jax.Array, ls: jax.Array,
     q_label: jax.Array, rows: _NllRows, txc: jax.Array,
@@ -676,7 +683,11 @@ def _cpu_label_terms(
   hot = numbered_one_hot(labels, xm.shape, axis)
   q = jnp.where(hot, _col(q_label, axis), probs(xm, shift, ls))
   # d nll = sum_c q_c dx_c (q = p - onehot) and d log_sum = d nll + dx_y.
-  t_label = jnp.sum(jnp.where(hot, txc, 0.0), axis)
+  # The label's term through a per-row 1.0 (`_per_row_unit`): with label
+  # smoothing at 65536 x 10, XLA:CPU emitted the gradient's fusion as scalar
+  # code (`<1 x float>` throughout its LLVM IR) without it, and 8 or 16 wide
+  # with it: value_and_grad 0.57-0.64x the time (float32, bfloat16).
+  t_label = jnp.sum(jnp.where(hot, txc, 0.0), axis) / _per_row_unit(shift, axis)
   t_q = jnp.sum(q * txc, axis)
   # (dead * t_q, not dead: reverse mode drops constants from a tangent)
   return t_q + t_label, t_label, jnp.where(rows.live, t_q, rows.dead * t_q)
