@@ -11,7 +11,8 @@ The table gives the median of the same-round ratios this / base.
   PYTHONPATH=. python benchmarks/against_commit.py 71ac2d0 --forward --specs probs:16384:1000:bf16
 
 A spec is kind:N:C:dtype, kind one of int, int_smooth, int_smooth_masked
-(the last 8 classes' logits -inf, no label on them), int_z, probs,
+(the last 8 classes' logits -inf, no label on them),
+int_smooth_weight (with class weights), int_z, probs,
 probs_masked (the last 8 classes' logits -inf, their targets 0),
 probs_smooth, nll, log_softmax, logsumexp, bce, linear
 (`linear_cross_entropy` of x [N, 128] and a kernel [128, C], value_and_grad
@@ -66,6 +67,9 @@ def loss(kind: str, m: Any) -> Callable[..., jax.Array]:
     return lambda x, y, t: m.cross_entropy(x, y)
   if kind in ("int_smooth", "int_smooth_masked"):
     return lambda x, y, t: m.cross_entropy(x, y, label_smoothing=0.1)
+  if kind == "int_smooth_weight":
+    return lambda x, y, t: m.cross_entropy(x, y, label_smoothing=0.1,
+                                           weight=jnp.linspace(0.5, 1.5, x.shape[-1]))
   if kind == "int_z":
     return lambda x, y, t: m.cross_entropy(x, y, z_loss=1e-4)
   if kind in ("probs", "probs_masked"):
