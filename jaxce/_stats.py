@@ -685,8 +685,8 @@ def _per_row_unit(shift: jax.Array, axis: int) -> jax.Array:
 
 
 def _cpu_label_terms(
-    axis: int, xm: jax.Array, labels: jax.Array, shift: jax.Array, ls: jax.Array,
-    q_label: jax.Array, rows: _NllRows, txc: jax.Array,
+    axis: int, smoothing: bool, xm: jax.Array, labels: jax.Array, shift: jax.Array,
+    ls: jax.Array, q_label: jax.Array, rows: _NllRows, txc: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(d log_sum, d label logit, d nll) of `_label_tangent` on XLA:CPU: one
   exp per logit serves all three, and the rows where nll is not live are
@@ -694,11 +694,14 @@ def _cpu_label_terms(
   hot = numbered_one_hot(labels, xm.shape, axis)
   q = jnp.where(hot, _col(q_label, axis), probs(xm, shift, ls))
   # d nll = sum_c q_c dx_c (q = p - onehot) and d log_sum = d nll + dx_y.
-  # The label's term through a per-row 1.0 (`_per_row_unit`): with label
-  # smoothing at 65536 x 10, XLA:CPU emitted the gradient's fusion as scalar
-  # code (`<1 x float>` throughout its LLVM IR) without it, and 8 or 16 wide
-  # with it: value_and_grad 0.57-0.64x the time (float32, bfloat16).
-  t_label = jnp.sum(jnp.where(hot, txc, 0.0), axis) / _per_row_unit(shift, axis)
+  t_label = jnp.sum(jnp.where(hot, txc, 0.0), axis)
+  if smoothing:
+    # Through a per-row 1.0 (`_per_row_unit`): with label smoothing at 2 to
+    # 16 classes XLA:CPU emitted the gradient's fusion as scalar code
+    # (`<1 x float>` throughout its LLVM IR) without it, 8 or 16 wide with
+    # it: value_and_grad 0.53-0.64x the time at 65536 x 10 and x 16 (float32,
+    # bfloat16). (Without smoothing the fusion was vectorized already.)
+    t_label = t_label / _per_row_unit(shift, axis)
   t_q = jnp.sum(q * txc, axis)
   # (dead * t_q, not dead: reverse mode drops constants from a tangent)
   return t_q + t_label, t_label, jnp.where(rows.live, t_q, rows.dead * t_q)
@@ -746,7 +749,7 @@ def _label_tangent(
   txc = tx.astype(shift.dtype)
   t_log_sum, t_label, t_nll = jax.lax.platform_dependent(
       xm, labels, shift, ls, q_label, rows, txc,
-      cpu=functools.partial(_cpu_label_terms, axis),
+      cpu=functools.partial(_cpu_label_terms, axis, smoothing),
       default=functools.partial(_label_terms, axis))
   sums = None
   if smoothing:
