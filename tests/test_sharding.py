@@ -293,6 +293,9 @@ JIT_FAMILIES = {
         {
             "mean-weight-smoothing-z_loss": _ce_fn(
                 weighted=True, label_smoothing=0.1, z_loss=0.01),
+            # (unweighted smoothing's plain-sum-first rule sliced the first
+            # position, which JAX rejects on Explicit-split rows)
+            "mean-smoothing": _ce_fn(label_smoothing=0.1),
             "sum-ignore_index": _ce_fn("labels_alt", ignore_index=3, reduction="sum"),
             "none-weight-smoothing": _ce_fn(weighted=True, label_smoothing=0.2, reduction="none"),
             "mean-plain": _ce_fn(),
@@ -310,6 +313,9 @@ JIT_FAMILIES = {
         {
             "mean-weight-smoothing-z_loss": _ce_fn(
                 weighted=True, label_smoothing=0.1, z_loss=0.01),
+            # (unweighted smoothing's plain-sum-first rule sliced the first
+            # position, which JAX rejects on Explicit-split rows)
+            "mean-smoothing": _ce_fn(label_smoothing=0.1),
             "sum-ignore_index": _ce_fn("labels_alt", ignore_index=3, reduction="sum"),
         },
         None,

@@ -1,8 +1,9 @@
-"""Label smoothing's sums without class weights on CPU
-(`_stats._cpu_unweighted_sums`): one plain sum and the count C where every
-logit is finite, and `lax.cond` hands over to `_cpu_masked_sums` (the
-arithmetic that keeps -inf classes out) where a sum is not finite, or first
-where the first position has a -inf logit.
+"""Label smoothing's sums on CPU (`_stats._cpu_unweighted_sums`, and
+`_cpu_weighted_sums` with class weights): one plain sum and the count C (and
+the weights' sum) where every logit is finite, and `lax.cond` hands over to
+`_cpu_masked_sums` / `_cpu_masked_weighted_sums` (the arithmetic that keeps
+-inf classes out) where a sum is not finite, or first where the first
+position has a -inf logit.
 
 References: the float64 version of PyTorch's formula (tests/reference.py,
 classes at -inf taking no part) where it is finite, and the masked sums
@@ -142,3 +143,81 @@ def test_under_vmap_eagerly_and_on_axis_1(dtype):
                               axis=1, label_smoothing=EPS, reduction="none")
   for got in (eager, per_row, image.reshape(N)):
     assert_same(got, want, rtol=1e-2 if dtype == jnp.bfloat16 else 2e-6)
+
+
+WEIGHT = np.linspace(0.25, 2.0, C).astype(np.float32)  # w * -float32 max overflows
+# At most 1 for the reference: w * (x - shift) of a float32-min logit (a
+# "float32_min_other" row) would overflow float32 in any formulation.
+LOSS_WEIGHT = np.linspace(0.25, 1.0, C).astype(np.float32)
+
+
+@jax.jit
+def _weighted_sums(x, w):
+  """(the weighted sums as shipped, the masked ones, the three `where`s of
+  `_smoothing_terms`) about each row's largest finite logit."""
+  finite = jnp.where(jnp.isfinite(x), x, -jnp.inf)
+  top = jnp.max(finite, axis=-1, keepdims=True)
+  shift = jnp.where(top > -jnp.inf, top, 0.0)
+  wc = w[None, :]
+  active, xs = _stats._shifted(x, shift)
+  by_select = _stats.SmoothingSums(*(jnp.sum(t, -1) for t in _stats._smoothing_terms(
+      active, xs, wc)))
+  return (_stats._cpu_weighted_sums(x, shift, wc, 1),
+          _stats._cpu_masked_weighted_sums(x, shift, wc, 1), by_select)
+
+
+@pytest.mark.parametrize("classes", [C, 40000], ids=["short", "long_rows_in_blocks"])
+def test_weighted_sums_equal_the_masked_and_the_selected_sums(classes):
+  """Shipped and masked sums agree everywhere (NaN and infinities
+  included); with the select-based sums wherever those are finite and the
+  row has no NaN or +inf logit (which the arithmetic makes NaN, where the
+  selects leave a NaN class out: the loss is NaN either way)."""
+  w = np.resize(WEIGHT, classes)
+  for kinds in _cases():
+    x = _batch(kinds, classes)[0]
+    got, masked, selected = _weighted_sums(jnp.asarray(x), jnp.asarray(w))
+    rows = ~np.any(np.isnan(x) | np.isposinf(x), axis=-1)
+    for g, m, sel in zip(got, masked, selected, strict=True):
+      assert_same(g, m, rtol=1e-5)
+      assert_same(np.asarray(g)[rows], np.asarray(sel)[rows], rtol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["labels", "probabilities"])
+def test_weighted_loss_and_gradient_against_reference(target):
+  """cross_entropy with class weights and smoothing, value and gradient,
+  against the float64 reference on the rows it models, and equal to the
+  same loss through a class mask that keeps every class."""
+  rng = np.random.default_rng(2)
+  w = jnp.asarray(LOSS_WEIGHT)
+  for kinds in _cases():
+    x, y = _batch(kinds)
+    t = rng.dirichlet(np.ones(C), N).astype(np.float32)
+    t[np.isneginf(x)] = 0.0
+    tgt = y if target == "labels" else t
+
+    def loss(x, where, tgt=tgt):
+      return jnp.sum(jaxce.cross_entropy(x, tgt, weight=w, label_smoothing=EPS,
+                                         reduction="none", where=where))
+
+    f = jax.jit(jax.value_and_grad(loss))
+    (value, grad), (masked_value, masked_grad) = f(x, None), f(x, np.ones(x.shape, bool))
+    assert_same(value, masked_value, rtol=1e-5)
+    assert_same(grad, masked_grad, rtol=1e-5)
+    rows = _modeled(kinds) & np.all(np.isfinite(x), axis=-1)
+    if not rows.any():
+      continue
+    per = np.asarray(jax.jit(lambda x, tgt=tgt: jaxce.cross_entropy(
+        x, tgt, weight=w, label_smoothing=EPS, reduction="none"))(x))
+    if target == "labels":
+      want = ref.cross_entropy_int(x, y, weight=LOSS_WEIGHT, label_smoothing=EPS,
+                                  reduction="none")
+      want_g = ref.cross_entropy_int_grad(x, y, weight=LOSS_WEIGHT, label_smoothing=EPS,
+                                          reduction="sum")
+    else:
+      want = ref.cross_entropy_prob(x, t, weight=LOSS_WEIGHT, label_smoothing=EPS,
+                                  reduction="none")
+      want_g = ref.cross_entropy_prob_grad(x, t, weight=LOSS_WEIGHT, label_smoothing=EPS,
+                                           reduction="sum")[0]
+    np.testing.assert_allclose(per[rows], want[rows], rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(grad)[rows], np.asarray(want_g)[rows], rtol=2e-5,
+                               atol=2e-6)
