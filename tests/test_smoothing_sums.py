@@ -182,6 +182,18 @@ def test_weighted_sums_equal_the_masked_and_the_selected_sums(classes):
       assert_same(np.asarray(g)[rows], np.asarray(sel)[rows], rtol=1e-5)
 
 
+@jax.jit
+def _weighted(x, tgt, w, where):
+  """(per-position losses, and value_and_grad of their sum) with class
+  weights and smoothing; one compilation per target kind and mask."""
+  def loss(x):
+    per = jaxce.cross_entropy(x, tgt, weight=w, label_smoothing=EPS, reduction="none",
+                              where=where)
+    return jnp.sum(per), per
+  (value, per), grad = jax.value_and_grad(loss, has_aux=True)(x)
+  return per, value, grad
+
+
 @pytest.mark.parametrize("target", ["labels", "probabilities"])
 def test_weighted_loss_and_gradient_against_reference(target):
   """cross_entropy with class weights and smoothing, value and gradient,
@@ -194,30 +206,23 @@ def test_weighted_loss_and_gradient_against_reference(target):
     t = rng.dirichlet(np.ones(C), N).astype(np.float32)
     t[np.isneginf(x)] = 0.0
     tgt = y if target == "labels" else t
-
-    def loss(x, where, tgt=tgt):
-      return jnp.sum(jaxce.cross_entropy(x, tgt, weight=w, label_smoothing=EPS,
-                                         reduction="none", where=where))
-
-    f = jax.jit(jax.value_and_grad(loss))
-    (value, grad), (masked_value, masked_grad) = f(x, None), f(x, np.ones(x.shape, bool))
+    per, value, grad = _weighted(x, tgt, w, None)
+    _, masked_value, masked_grad = _weighted(x, tgt, w, np.ones(x.shape, bool))
     assert_same(value, masked_value, rtol=1e-5)
     assert_same(grad, masked_grad, rtol=1e-5)
     rows = _modeled(kinds) & np.all(np.isfinite(x), axis=-1)
     if not rows.any():
       continue
-    per = np.asarray(jax.jit(lambda x, tgt=tgt: jaxce.cross_entropy(
-        x, tgt, weight=w, label_smoothing=EPS, reduction="none"))(x))
     if target == "labels":
       want = ref.cross_entropy_int(x, y, weight=LOSS_WEIGHT, label_smoothing=EPS,
-                                  reduction="none")
+                                   reduction="none")
       want_g = ref.cross_entropy_int_grad(x, y, weight=LOSS_WEIGHT, label_smoothing=EPS,
                                           reduction="sum")
     else:
       want = ref.cross_entropy_prob(x, t, weight=LOSS_WEIGHT, label_smoothing=EPS,
-                                  reduction="none")
+                                    reduction="none")
       want_g = ref.cross_entropy_prob_grad(x, t, weight=LOSS_WEIGHT, label_smoothing=EPS,
                                            reduction="sum")[0]
-    np.testing.assert_allclose(per[rows], want[rows], rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(per)[rows], want[rows], rtol=2e-5, atol=2e-6)
     np.testing.assert_allclose(np.asarray(grad)[rows], np.asarray(want_g)[rows], rtol=2e-5,
                                atol=2e-6)
