@@ -308,6 +308,8 @@ def _cpu_masked_weighted_sums(xm: jax.Array, shift: jax.Array, w: jax.Array, axi
   a finite logit, and a third for the count, exp(x/2 + min(-x/2, big)) (x/2
   is exact and its negation is too, so 1 on a finite logit and 0 at -inf),
   each written apart so that no two reductions share a subexpression."""
+  # The weights' sum reads 2w (halved after): with w in both reductions,
+  # XLA:CPU wrote w's N x C broadcast out (16 MiB at [4096, 1024]).
   (x, shift, w, w2), row_sum = _cpu_row_sums(axis, xm.astype(shift.dtype), shift, w, 2.0 * w)
   big = float(np.finfo(shift.dtype).max)
   # (w last: w * -big can overflow, -big * 0 at a -inf logit cannot)
