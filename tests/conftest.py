@@ -30,30 +30,9 @@ import pytest  # noqa: E402
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
-# One persistent compilation cache for the run, shared by the xdist workers:
-# a program that both compile is compiled once (the default suite: 307-316 s
-# -> 274-278 s on 2 cores). Made by the first process to load this file (the
-# controller under xdist, whose workers inherit the variable) and removed by
-# it at the end; nothing is kept between runs. Every compile still reports a
-# backend compile event, which the recompilation tests count.
-if "JAXCE_TEST_COMPILATION_CACHE" not in os.environ:
-  import tempfile
-
-  os.environ["JAXCE_TEST_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="jaxce-compile-cache-")
-  _OWN_CACHE = True
-else:
-  _OWN_CACHE = False
-jax.config.update("jax_compilation_cache_dir", os.environ["JAXCE_TEST_COMPILATION_CACHE"])
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
 
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
-  if _OWN_CACHE:
-    import shutil
-
-    shutil.rmtree(os.environ["JAXCE_TEST_COMPILATION_CACHE"], ignore_errors=True)
   if hasattr(config, "workerinput"):
     # A pytest-xdist worker has sent its reports and its exit status (at
     # sessionfinish) by now. The interpreter's teardown of the worker's
