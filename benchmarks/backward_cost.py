@@ -1,0 +1,94 @@
+"""What the backward of integer-label `cross_entropy` costs, against optax's.
+
+jaxce's backward recomputes the softmax from the logits and one log-sum per
+row (nothing N x C is kept between forward and backward), so its gradient
+pass computes exp(x - lse) again; optax's autodiff keeps the softmax from
+the forward and only scales it. On XLA:CPU an exp pass is what a pass over
+the logits costs, so at shapes whose logits stay in cache jaxce's
+`value_and_grad` takes longer than optax's by about one exp pass.
+
+Per shape this script times, interleaved in one process (the order shuffled
+each round): each loss's forward and `value_and_grad` (jitted, mean
+reduction), and one bare exp pass, exp(x - c) for a per-row c, written to a
+fresh buffer. It prints the medians of same-round ratios:
+
+- vg / optax vg: jaxce's `value_and_grad` time over optax's;
+- (vg - fwd) / exp: what `value_and_grad` adds to the forward, in exp passes.
+
+  PYTHONPATH=. python benchmarks/backward_cost.py
+  PYTHONPATH=. python benchmarks/backward_cost.py --shapes 1024x1024 65536x10 --rounds 31
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxce
+from jaxce.benchmark.measure import paired_ratio, round_order
+
+SHAPES = ("256x1024", "1024x1024", "4096x1024", "16384x1000", "65536x10", "65536x100",
+          "64x32000", "512x50257")
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--shapes", nargs="*", default=list(SHAPES), help="NxC")
+  p.add_argument("--dtype", default="float32")
+  p.add_argument("--rounds", type=int, default=21)
+  args = p.parse_args()
+  import optax
+
+  dt = jnp.dtype(args.dtype)
+  print(f"# {jax.devices()[0].platform}, jax {jax.__version__}, optax {optax.__version__}, "
+        f"{args.dtype}, {args.rounds} rounds")
+  print("| N x C | jaxce vg / optax vg | jaxce (vg - fwd) / exp | optax (vg - fwd) / exp "
+        "| exp pass |")
+  print("|---|---:|---:|---:|---:|")
+  for spec in args.shapes:
+    n, c = (int(s) for s in spec.split("x"))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(n, c)) * 3, dt)
+    y = jnp.asarray(rng.integers(0, c, n), jnp.int32)
+    shift = jax.nn.logsumexp(x.astype(jnp.float32), axis=-1)
+
+    def ours(x, y):  # type: ignore[no-untyped-def]
+      return jaxce.cross_entropy(x, y)
+
+    def theirs(x, y):  # type: ignore[no-untyped-def]
+      return optax.softmax_cross_entropy_with_integer_labels(x, y).mean()
+
+    def exp_pass(x, y):  # type: ignore[no-untyped-def]
+      return jnp.exp(x.astype(jnp.float32) - shift[:, None]).astype(x.dtype)
+
+    fns = {"jaxce_fwd": ours, "jaxce_vg": jax.value_and_grad(ours),
+           "optax_fwd": theirs, "optax_vg": jax.value_and_grad(theirs), "exp": exp_pass}
+    compiled = {k: jax.jit(f).lower(x, y).compile() for k, f in fns.items()}
+    times: dict[str, list[float]] = {k: [] for k in compiled}
+    reps = max(3, min(200, int(1e8 / (n * c))))
+    for k in compiled:  # warm up: first calls fault in their output pages
+      jax.block_until_ready(compiled[k](x, y))
+    for r in range(args.rounds):
+      for k in round_order(list(compiled), r):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+          out = compiled[k](x, y)
+        jax.block_until_ready(out)
+        times[k].append((time.perf_counter() - t0) / reps)
+
+    def added(who: str) -> float:
+      vg, fwd, e = times[f"{who}_vg"], times[f"{who}_fwd"], times["exp"]
+      return statistics.median((a - b) / d for a, b, d in zip(vg, fwd, e, strict=True))
+
+    print(f"| {spec} | {paired_ratio(times['jaxce_vg'], times['optax_vg']):.2f} | "
+          f"{added('jaxce'):.2f} | {added('optax'):.2f} | "
+          f"{1e6 * statistics.median(times['exp']):.0f} us |", flush=True)
+
+
+if __name__ == "__main__":
+  main()
