@@ -63,7 +63,7 @@ def main() -> None:
     def theirs(x, y):  # type: ignore[no-untyped-def]
       return optax.softmax_cross_entropy_with_integer_labels(x, y).mean()
 
-    def exp_pass(x, y):  # type: ignore[no-untyped-def]
+    def exp_pass(x, y, shift=shift):  # type: ignore[no-untyped-def]
       return jnp.exp(x.astype(jnp.float32) - shift[:, None]).astype(x.dtype)
 
     fns = {"jaxce_fwd": ours, "jaxce_vg": jax.value_and_grad(ours),
@@ -81,13 +81,15 @@ def main() -> None:
         jax.block_until_ready(out)
         times[k].append((time.perf_counter() - t0) / reps)
 
-    def added(who: str) -> float:
-      vg, fwd, e = times[f"{who}_vg"], times[f"{who}_fwd"], times["exp"]
-      return statistics.median((a - b) / d for a, b, d in zip(vg, fwd, e, strict=True))
-
     print(f"| {spec} | {paired_ratio(times['jaxce_vg'], times['optax_vg']):.2f} | "
-          f"{added('jaxce'):.2f} | {added('optax'):.2f} | "
+          f"{_added(times, 'jaxce'):.2f} | {_added(times, 'optax'):.2f} | "
           f"{1e6 * statistics.median(times['exp']):.0f} us |", flush=True)
+
+
+def _added(times: dict[str, list[float]], who: str) -> float:
+  """Median over rounds of (value_and_grad - forward) / exp pass."""
+  vg, fwd, e = times[f"{who}_vg"], times[f"{who}_fwd"], times["exp"]
+  return statistics.median((a - b) / d for a, b, d in zip(vg, fwd, e, strict=True))
 
 
 if __name__ == "__main__":
