@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jaxce
-from jaxce.benchmark.measure import paired_ratio, round_order
+from jaxce.benchmark.measure import paired_ratio, round_robin
 
 SHAPES = ("256x1024", "1024x1024", "4096x1024", "16384x1000", "65536x10", "65536x100",
           "64x32000", "512x50257")
@@ -68,19 +67,8 @@ def main() -> None:
 
     fns = {"jaxce_fwd": ours, "jaxce_vg": jax.value_and_grad(ours),
            "optax_fwd": theirs, "optax_vg": jax.value_and_grad(theirs), "exp": exp_pass}
-    compiled = {k: jax.jit(f).lower(x, y).compile() for k, f in fns.items()}
-    times: dict[str, list[float]] = {k: [] for k in compiled}
-    reps = max(3, min(200, int(1e8 / (n * c))))
-    for k in compiled:  # warm up: first calls fault in their output pages
-      jax.block_until_ready(compiled[k](x, y))
-    for r in range(args.rounds):
-      for k in round_order(list(compiled), r):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-          out = compiled[k](x, y)
-        jax.block_until_ready(out)
-        times[k].append((time.perf_counter() - t0) / reps)
-
+    units = {k: (jax.jit(f).lower(x, y).compile(), (x, y)) for k, f in fns.items()}
+    times = round_robin(units, warmup=1, repeats=args.rounds)
     print(f"| {spec} | {paired_ratio(times['jaxce_vg'], times['optax_vg']):.2f} | "
           f"{_added(times, 'jaxce'):.2f} | {_added(times, 'optax'):.2f} | "
           f"{1e6 * statistics.median(times['exp']):.0f} us |", flush=True)
