@@ -77,14 +77,19 @@ def reduction(fn: str, value: object) -> Reduction:
   return cast(Reduction, value)
 
 
-def static_float(fn: str, name: str, value: Any, lo: float, hi: float) -> float:
-  """A Python float in [lo, hi]; traced values are refused (they pick code)."""
+def static_number(fn: str, name: str, value: Any) -> float:
+  """A Python float; traced values are refused (they pick code)."""
   try:
-    number = float(value)
+    return float(value)
   except (TypeError, jax.errors.ConcretizationTypeError):
     raise TypeError(
         f"{fn}: `{name}` must be a static Python float. Got {value!r}."
     ) from None
+
+
+def static_float(fn: str, name: str, value: Any, lo: float, hi: float) -> float:
+  """A Python float in [lo, hi]; traced values are refused (they pick code)."""
+  number = static_number(fn, name, value)
   if not lo <= number <= hi:
     raise ValueError(f"{fn}: `{name}` must be in [{lo}, {hi}]. Got {number}.")
   return number
@@ -342,7 +347,7 @@ def softcap(fn: str, value: object) -> float | None:
   """None, or a positive finite static float."""
   if value is None:
     return None
-  cap = static_float(fn, "softcap", value, 0.0, float("inf"))
+  cap = static_number(fn, "softcap", value)
   if not 0.0 < cap < float("inf"):
     raise ValueError(f"{fn}: `softcap` must be positive and finite. Got {cap}.")
   return cap

@@ -122,7 +122,9 @@ def linear_cross_entropy(
     reduction: "none" (per token, `x`'s leading shape), "mean" or "sum".
     label_smoothing: In [0, 1].
     z_loss: Weight of the squared logsumexp, >= 0.
-    softcap: Optional positive logit soft-cap.
+    softcap: Optional positive, finite logit soft-cap s: each logit z
+      becomes s tanh(z / s), except that a class removed by a -inf `bias`
+      entry stays removed (its logit stays -inf rather than becoming -s).
     chunk_size: Vocabulary chunk. None picks the power of two that makes a
       float32 [N, chunk] block about 16 MiB on TPU and GPU (8 MiB in their
       backward) and 4 MiB on CPU but at least 512 columns there unless the

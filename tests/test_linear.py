@@ -956,6 +956,7 @@ BAD = {
     "softcap_zero": (dict(softcap=0.0), ValueError, "softcap"),
     "softcap_negative": (dict(softcap=-1.0), ValueError, "softcap"),
     "softcap_nan": (dict(softcap=float("nan")), ValueError, "softcap"),
+    "softcap_inf": (dict(softcap=float("inf")), ValueError, "softcap"),
     "smoothing_negative": (dict(label_smoothing=-0.1), ValueError, "label_smoothing"),
     "smoothing_above_one": (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
     "z_loss_negative": (dict(z_loss=-1e-3), ValueError, "z_loss"),
@@ -972,6 +973,15 @@ BAD = {
     "precompute_class_axis": (dict(backward="precompute", class_axis_name="model"), ValueError,
                               "backward"),
 }
+
+
+def test_bad_softcap_message():
+  # one message for every value out of (0, inf): no range that suggests 0 or inf work
+  for cap in (-1.0, 0.0, float("inf"), float("nan")):
+    with pytest.raises(ValueError, match=r"`softcap` must be positive and finite\. Got"):
+      jaxce.linear_cross_entropy(_X, _K, _Y, softcap=cap)
+  with pytest.raises(TypeError, match=r"`softcap` must be a static Python float"):
+    jax.jit(lambda c: jaxce.linear_cross_entropy(_X, _K, _Y, softcap=c))(2.0)
 
 
 @pytest.mark.parametrize("case", list(BAD))
