@@ -112,7 +112,9 @@ def softmax_cross_entropy(
 
   Args:
     logits: Unnormalized log-probabilities.
-    labels: Class probabilities of `logits`' shape.
+    labels: Class probabilities of `logits`' shape. Integer or boolean
+      labels (a one-hot, say) are taken in `logits`' dtype, as optax's
+      product with the log-probabilities promotes them.
     axis: Class axis, tuple of axes, or None for all axes.
     where: Optional boolean mask of `logits`' shape or of the batch shape.
 
@@ -121,7 +123,10 @@ def softmax_cross_entropy(
   """
   fn = "softmax_cross_entropy"
   x = _checks.float_array(fn, "logits", logits)
-  t = _checks.float_array(fn, "labels", labels)
+  t = jnp.asarray(labels)
+  if jnp.issubdtype(t.dtype, jnp.integer) or t.dtype == jnp.bool_:
+    t = t.astype(x.dtype)
+  t = _checks.float_array(fn, "labels", t)
   if t.shape != x.shape:
     raise ValueError(
         f"{fn}: `labels` are class probabilities and must have the logits' shape"

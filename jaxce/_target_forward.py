@@ -13,11 +13,12 @@ one sum per position,
     sum_c w_c t_c (log_sum - (x_c - shift)),
 
 of terms that are non-negative for non-negative targets and weights.
-Where it gives NaN, a `lax.cond` hands the batch to the next stage: a zero
-target at a -inf logit (a masked vocabulary) to the same pass with terms
-that keep such classes finite (`_fused`, `neg_inf`), and what that one
-leaves as NaN (a row with no finite logit, NaN or +inf input, target
-weights w t below -2) to `_exact_rows`, five passes with no select. (A +inf
+Where it is not finite, a `lax.cond` hands the batch to the next stage: a
+zero target at a -inf logit (a masked vocabulary) to the same pass with
+terms that keep such classes finite (`_fused`, `neg_inf`), and what that
+one leaves infinite or NaN (target mass at a -inf logit, a row with no
+finite logit, NaN or +inf input, target weights w t below -2) to
+`_exact_rows`, five passes with no select. (A +inf
 logit gives NaN there, as in optax and PyTorch; the statistics path gives
 +inf where no target mass sits on it.) No stage keeps an N x C temporary,
 except for half-precision rows of more than 32768 classes, where optax's
@@ -104,8 +105,11 @@ def _cpu_value(axis: int, reduction: str, z_loss: float, label_smoothing: float,
   def stage(neg_inf: bool, then: Any) -> Any:
     def value(logits: jax.Array, targets: jax.Array, weight: jax.Array | None) -> jax.Array:
       v = _fused(logits, targets, weight, axis, reduction, z_loss, neg_inf)
+      # Not only NaN: XLA's simplifier may take a scalar factor out of the
+      # sum, so +inf and -inf terms (mass of both signs at -inf logits) can
+      # sum to either infinity; `_exact_rows` keeps the two signs apart.
       out: jax.Array = jax.lax.cond(
-          jnp.any(jnp.isnan(v)), then, lambda *args: v, logits, targets, weight)
+          jnp.any(~jnp.isfinite(v)), then, lambda *args: v, logits, targets, weight)
       return out
     return value
 
@@ -148,7 +152,7 @@ def _weighted(targets: jax.Array, weight: jax.Array | None, axis: int, dtype: An
 def _fused(logits: jax.Array, targets: jax.Array, weight: jax.Array | None, axis: int,
            reduction: str, z_loss: float, neg_inf: bool,
            label_smoothing: float = 0.0) -> jax.Array:
-  """The loss in one fused pass, exact wherever it is not NaN. No select and
+  """The loss in one fused pass, exact wherever it is finite. No select and
   no `where`-guarded shift: either would split XLA:CPU's kernel (and write
   out x - shift); a row with no finite max gives NaN. Reduced: one sum over
   all axes, as optax's (over the classes and then the positions it took up
@@ -160,8 +164,8 @@ def _fused(logits: jax.Array, targets: jax.Array, weight: jax.Array | None, axis
   g(v) = min(v 2^127, 2) (float32; 2^1023 in float64) is 0 at v = 0 and at
   least 2 for any other non-negative v (XLA:CPU flushes subnormals to 0),
   so that the second part is 0 or overflows to +inf; and -inf for
-  -2 <= v < 0. It is NaN at a finite d only for v < -2, which the exact
-  fallback then takes."""
+  -2 <= v < 0. It is NaN at a finite d only for v < -2; that, and any
+  infinite row, the exact fallback then takes."""
   ct = _checks.compute_dtype(logits.dtype)
   x = logits.astype(ct)
   wt = _weighted(targets, weight, axis, ct, label_smoothing)

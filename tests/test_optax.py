@@ -287,6 +287,24 @@ def test_drop_in_gradient_for_one_hot_labels():
   chex.assert_trees_all_close(g_ours[1], -jax.nn.log_softmax(logits), **TOL)
 
 
+@pytest.mark.parametrize("label_dtype", [jnp.int32, jnp.uint8, jnp.bool_])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_softmax_cross_entropy_takes_integer_one_hot_labels(label_dtype, dtype):
+  """optax multiplies the labels into the log-probabilities, so integer and
+  boolean one-hots work there: the drop-in takes them in the logits' dtype."""
+  rng = np.random.default_rng(2)
+  logits = jnp.asarray(_normal(rng, (N, C)), dtype)
+  labels = jax.nn.one_hot(jnp.asarray(rng.integers(0, C, N)), C, dtype=label_dtype)
+  ours = jax.value_and_grad(lambda x: jnp.sum(jaxce.softmax_cross_entropy(x, labels)))(logits)
+  with jax.numpy_dtype_promotion("standard"):  # optax's own int x float product
+    theirs = jax.value_and_grad(lambda x: jnp.sum(optax.softmax_cross_entropy(x, labels)))(
+        logits)
+  tol = TOL if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
+  chex.assert_trees_all_close(ours[0], theirs[0].astype(jnp.float32), **tol)
+  chex.assert_trees_all_close(ours[1].astype(jnp.float32), theirs[1].astype(jnp.float32), **tol)
+  assert ours[1].dtype == dtype
+
+
 # ---------------------------------------------------------------------------
 # Swapping the import
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from fast_compile import compile_as_shipped
 from nonfinite import assert_same
 
 import jaxce
@@ -26,7 +27,8 @@ N, C = 6, 5
 KINDS = ("zero_target_at_neg_inf", "target_at_neg_inf", "negative_weight_at_neg_inf",
          "no_finite_logit", "nan_logit", "nan_target", "pos_inf_logit", "negative_target",
          "no_target_mass", "logits_near_float32_max", "weight_below_minus_2",
-         "subnormal_target_at_neg_inf")
+         "subnormal_target_at_neg_inf", "mixed_sign_mass_at_neg_inf",
+         "mixed_sign_mass_at_neg_inf_swapped")
 
 
 def _batch(kinds, seed=0, classes=C):
@@ -61,6 +63,9 @@ def _batch(kinds, seed=0, classes=C):
       w[0], t[row, 0] = -3.0, 1.0
     elif kind == "subnormal_target_at_neg_inf":
       x[row, 1], t[row, 1] = -np.inf, 1e-40
+    elif kind.startswith("mixed_sign_mass_at_neg_inf"):  # +inf - inf: NaN, in either order
+      x[row, 1:3] = -np.inf
+      t[row, 1:3] = (0.45, -0.74) if kind.endswith("swapped") else (-0.74, 0.45)
   return x, t, w
 
 
@@ -85,7 +90,7 @@ def test_every_kind_of_row(path, reduction, weighted, z_loss):
   """Each kind alone in an otherwise ordinary batch, then several at once,
   and the ordinary batch by itself: the forward (which takes the
   fused pass, the pass with -inf terms or the exact rows) equals the exact
-  loss; so do the two passes alone wherever they are not NaN (where they
+  loss; so do the two passes alone wherever they are finite (elsewhere they
   hand over to the next stage), and the exact rows everywhere."""
   # (A kind at the first position sends the forward to the pass with -inf
   # terms first; at the second, after the plain pass.)
@@ -95,7 +100,7 @@ def test_every_kind_of_row(path, reduction, weighted, z_loss):
     x, t, w = _batch(kinds)
     got, want = _both(x, t, w, reduction=reduction, z_loss=z_loss, weighted=weighted, path=path)
     if path in ("pass", "neg_inf_pass"):
-      keep = ~np.isnan(np.asarray(got))
+      keep = np.isfinite(np.asarray(got))
       if np.ndim(got) == 0 and not keep:
         continue
       got, want = np.asarray(got)[keep], np.asarray(want)[keep]
@@ -112,7 +117,7 @@ def test_long_rows_in_blocks(path, reduction):
     x, t, w = _batch(kinds, classes=40000)
     got, want = _both(x, t, w, reduction=reduction, z_loss=1e-3, weighted=True, path=path)
     if path != "forward":
-      keep = ~np.isnan(np.asarray(got))
+      keep = np.isfinite(np.asarray(got))
       if np.ndim(got) == 0 and not keep:
         continue
       got, want = np.asarray(got)[keep], np.asarray(want)[keep]
@@ -149,23 +154,40 @@ def test_label_smoothing_every_kind_of_row(path, classes, eps, reduction, weight
 
 
 def test_each_stage_takes_what_it_should():
-  """Which batches each fused pass leaves to the next stage (NaN): the plain
-  pass a zero target at a -inf logit, the pass with -inf terms only rows
-  with no finite logit, NaN or +inf input and weights below -2."""
-  def nan_at(kind, neg_inf):
+  """Which batches each fused pass leaves to the next stage (not finite): the
+  plain pass a zero target at a -inf logit, the pass with -inf terms only
+  rows with target mass at a -inf logit, no finite logit, NaN or +inf input
+  and weights below -2."""
+  def hands_over(kind, neg_inf):
     x, t, w = _batch((kind,))
     fused = jax.jit(_target_forward._fused, static_argnums=(3, 4, 5, 6))
-    return bool(np.isnan(fused(x, t, w, 1, "sum", 0.0, neg_inf)))
+    return not np.isfinite(fused(x, t, w, 1, "sum", 0.0, neg_inf))
 
-  assert nan_at("zero_target_at_neg_inf", False)
-  assert not nan_at("zero_target_at_neg_inf", True)
-  assert not nan_at("subnormal_target_at_neg_inf", True)
-  for kind in ("target_at_neg_inf", "negative_weight_at_neg_inf", "negative_target",
-               "no_target_mass", ""):
-    assert not nan_at(kind, False), kind
-  for kind in ("no_finite_logit", "nan_logit", "nan_target", "pos_inf_logit",
+  assert hands_over("zero_target_at_neg_inf", False)
+  assert not hands_over("zero_target_at_neg_inf", True)
+  assert not hands_over("subnormal_target_at_neg_inf", True)
+  for kind in ("negative_target", "no_target_mass", ""):
+    assert not hands_over(kind, False), kind
+  for kind in ("target_at_neg_inf", "negative_weight_at_neg_inf", "mixed_sign_mass_at_neg_inf",
+               "no_finite_logit", "nan_logit", "nan_target", "pos_inf_logit",
                "weight_below_minus_2"):
-    assert nan_at(kind, True), kind
+    assert hands_over(kind, True), kind
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_mixed_sign_mass_at_neg_inf_is_nan(all_branches, eps):
+  """Target mass of both signs at -inf logits: +inf - inf, NaN in either
+  class order, as -sum(t * log_softmax(x)) and PyTorch give (the fused pass
+  summed it to +inf or -inf by the order of the classes, compiled with XLA's
+  default code generation, which the suite's fast compile does not show)."""
+  ni = -np.inf
+  for t in ([1.0, 0.45, -0.74], [1.0, -0.74, 0.45]):
+    x, t = jnp.array([[0.0, ni, ni], [0.5, 1.0, 2.0]]), jnp.array([t, [0.2, 0.3, 0.5]])
+    for red in ("none", "mean"):
+      loss = functools.partial(jaxce.cross_entropy, reduction=red, label_smoothing=eps)
+      got = compile_as_shipped(jax.jit(loss).lower(x, t))(x, t)
+      assert np.isnan(np.asarray(got).ravel()[0]), (t, red, got)
+    assert np.isfinite(jaxce.cross_entropy(x, t, reduction="none", label_smoothing=eps)[1])
 
 
 def test_rules_the_exact_loss_states():
