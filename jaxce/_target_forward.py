@@ -105,9 +105,9 @@ def _cpu_value(axis: int, reduction: str, z_loss: float, label_smoothing: float,
   def stage(neg_inf: bool, then: Any) -> Any:
     def value(logits: jax.Array, targets: jax.Array, weight: jax.Array | None) -> jax.Array:
       v = _fused(logits, targets, weight, axis, reduction, z_loss, neg_inf)
-      # Not only NaN: XLA's simplifier may take a scalar factor out of the
-      # sum, so +inf and -inf terms (mass of both signs at -inf logits) can
-      # sum to either infinity; `_exact_rows` keeps the two signs apart.
+      # Not only NaN: XLA:CPU's optimized code summed +inf and -inf terms
+      # (mass of both signs at -inf logits) to one of the two infinities, by
+      # class order (NaN at LLVM -O0); `_exact_rows` keeps the signs apart.
       out: jax.Array = jax.lax.cond(
           jnp.any(~jnp.isfinite(v)), then, lambda *args: v, logits, targets, weight)
       return out
