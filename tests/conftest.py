@@ -22,7 +22,10 @@ def _xla_flags() -> str:
 
 
 if "XLA_FLAGS" not in os.environ:  # set once; pytest-xdist's workers inherit it
-  os.environ["XLA_FLAGS"] = _xla_flags()
+  if os.environ.get("JAXCE_TEST_COMPILE") == "shipped":  # .ci/shipped
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  else:
+    os.environ["XLA_FLAGS"] = _xla_flags()
 
 import jax  # noqa: E402 (after XLA_FLAGS)
 import pytest  # noqa: E402

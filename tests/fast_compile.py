@@ -9,16 +9,26 @@ the temp memory was the same and the results bitwise equal.
 conftest.py sets the same for the whole suite through XLA_FLAGS;
 `compile_fast` keeps them for a run that sets its own XLA_FLAGS, and
 `compile_as_shipped` undoes them for the checks of XLA:CPU's compiled
-program."""
+program.
+
+JAXCE_TEST_COMPILE=shipped (.ci/shipped) turns the fast options off for a
+whole run: a result can depend on the code generation (the sum of a fused
+pass's +inf and -inf terms was +inf or -inf as shipped and NaN at -O0), so
+the numerics tests also run on the programs users get."""
 
 from __future__ import annotations
 
-import jax
+import os
 
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+import jax
 
 # XLA's defaults, which users' programs compile with.
 SHIPPED = {"xla_backend_optimization_level": 3, "xla_cpu_use_fusion_emitters": True}
+
+AS_SHIPPED = os.environ.get("JAXCE_TEST_COMPILE") == "shipped"
+
+FAST_COMPILE = SHIPPED if AS_SHIPPED else {
+    "xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 
 
 def _compile(lowered, options):
