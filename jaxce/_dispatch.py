@@ -8,10 +8,15 @@ inlined: nothing changes for traced calls.
 Options named `static` are static arguments (Python values: a new value
 compiles once more); options named in `static_if_python` are static when
 given as Python scalars or None and traced otherwise (`ignore_index` may be
-an array). A call with anything jit cannot take (an unhashable option, a
-list, a string where an array goes) runs the function directly, so its own
-checks raise their usual errors; so does a host (NumPy) array of a dtype
-that jit would narrow (64-bit labels with x64 off).
+an array). A static option that is a list or a concrete array (`axis=[0, 1]`,
+`label_smoothing=jnp.float32(0.1)`) is keyed by its value and reaches the
+function as given. Lists where arrays go, and host (NumPy) arrays, go in as
+NumPy arrays: jit narrows 64-bit floats as `jnp.asarray` would with x64 off,
+and 64-bit integers (NumPy's default labels) whose values all fit in int32
+are cast to it on the host, which keeps every value. Anything else jit
+cannot take (a label beyond int32, a string, a tracer where a static option
+goes) runs the function directly, so that its own checks and its host-side
+label mapping apply (op by op: such calls compile again each time).
 """
 
 from __future__ import annotations
@@ -22,20 +27,70 @@ from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 _SCALARS = (bool, int, float, complex, np.generic)
+_INT32 = np.iinfo(np.int32)
 
 
-def _traceable(v: Any) -> bool:
-  if isinstance(v, (np.ndarray, np.generic)):
-    # A host array that jit would narrow (int64 with x64 off): the function
-    # maps such labels on the host, without wrap-around.
-    return bool(jax.dtypes.canonicalize_dtype(v.dtype) == v.dtype)
-  return v is None or isinstance(v, (jax.Array, *_SCALARS))
+class _Direct(Exception):
+  """An argument that jit cannot take as it is: run the function directly."""
+
+
+def _host_array(value: Any) -> Any:
+  """An array argument as jit takes it: jax arrays, scalars and None as they
+  are; lists and NumPy arrays as NumPy arrays, 64-bit integers cast to int32
+  where every value fits (jit would wrap the others)."""
+  if value is None or isinstance(value, (jax.Array, bool, int, float, complex)):
+    return value
+  if not isinstance(value, (np.ndarray, np.generic, list, tuple)):
+    raise _Direct
+  try:
+    array = np.asarray(value)
+  except Exception:  # ragged, tracers inside a list, ...: the function's own error
+    raise _Direct from None
+  if not (jnp.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+    raise _Direct  # (bfloat16 and the other ml_dtypes are numbers here)
+  if (jnp.issubdtype(array.dtype, np.integer)
+      and jax.dtypes.canonicalize_dtype(array.dtype) != array.dtype):
+    if array.size and (array.min() < _INT32.min or array.max() > _INT32.max):
+      raise _Direct
+    array = array.astype(np.int32)
+  return array
+
+
+def _key(value: Any) -> Any:
+  """A hashable key for a static option's value."""
+  if isinstance(value, (list, tuple)):
+    return type(value), tuple(_key(v) for v in value)
+  if isinstance(value, (np.ndarray, jax.Array)):
+    if isinstance(value, jax.core.Tracer):
+      raise _Direct
+    array = np.asarray(value)
+    return type(value), array.dtype.str, array.shape, array.tobytes()
+  try:
+    hash(value)
+  except TypeError:
+    raise _Direct from None
+  return type(value), value
+
+
+class _Static:
+  """A static option, hashed by `_key` and passed on unchanged."""
+
+  def __init__(self, value: Any) -> None:
+    self.value = value
+    self.key = _key(value)
+
+  def __hash__(self) -> int:
+    return hash(self.key)
+
+  def __eq__(self, other: object) -> bool:
+    return isinstance(other, _Static) and self.key == other.key
 
 
 def jitted(
@@ -45,8 +100,8 @@ def jitted(
     signature = inspect.signature(fn)
 
     @functools.partial(jax.jit, static_argnums=(1,))
-    def run(arrays: dict[str, Any], options: tuple[tuple[str, type, Any], ...]) -> Any:
-      return fn(**arrays, **{name: value for name, _, value in options})  # type: ignore[call-arg]
+    def run(arrays: dict[str, Any], options: tuple[tuple[str, _Static], ...]) -> Any:
+      return fn(**arrays, **{name: option.value for name, option in options})  # type: ignore[call-arg]
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -55,18 +110,14 @@ def jitted(
       except TypeError:
         return fn(*args, **kwargs)  # its own error
       arrays, options = {}, []
-      for name, value in bound.arguments.items():
-        if name in static or (name in static_if_python and (
-            value is None or isinstance(value, _SCALARS))):
-          # With the type: 1 == True == 1.0 would share one compiled entry.
-          options.append((name, type(value), value))
-        else:
-          arrays[name] = value
       try:
-        hash(tuple(options))
-      except TypeError:
-        return fn(*args, **kwargs)
-      if not all(_traceable(v) for v in arrays.values()):
+        for name, value in bound.arguments.items():
+          if name in static or (name in static_if_python and (
+              value is None or isinstance(value, _SCALARS))):
+            options.append((name, _Static(value)))
+          else:
+            arrays[name] = _host_array(value)
+      except _Direct:
         return fn(*args, **kwargs)
       out: R = run(arrays, tuple(options))
       return out

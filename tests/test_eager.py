@@ -1,0 +1,87 @@
+"""Eager calls with host inputs (NumPy arrays, lists, array-valued options)
+run through each function's cached jit, with x64 off as users run them:
+jit narrows NumPy's float64 as `jnp.asarray` would, and NumPy's int64
+labels are cast to int32 on the host only where that keeps every value."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxce
+
+_KERNEL = np.linspace(-1.0, 1.0, 30, dtype=np.float32).reshape(3, 10)
+
+
+def _rng(seed):
+  return np.random.default_rng(seed)
+
+
+class _CompileCounter:
+  def __init__(self):
+    self.count = 0
+
+  def __call__(self, event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      self.count += 1
+
+
+@pytest.mark.slow  # 5 s: `pytest -m slow` (.ci/run) runs it
+def test_eager_host_inputs_do_not_recompile():
+  """NumPy inputs (int64 labels, NumPy's default, and float64 arrays), lists,
+  a list `axis` and a concrete array option go through the cached jit too:
+  they ran op by op, compiling again on every call (label smoothing with
+  NumPy labels: 200-300 ms a call)."""
+  rng = _rng(13)
+  host_labels = lambda: rng.integers(0, 3, 4).astype(np.int64)
+  fns = {
+      "ce_int64_smoothing": lambda x: jaxce.cross_entropy(
+          x, host_labels(), label_smoothing=0.1),
+      "ce_int64_weight": lambda x: jaxce.cross_entropy(
+          x, host_labels(), weight=rng.uniform(size=3)),
+      "ce_float64_probs": lambda x: jaxce.cross_entropy(x, rng.dirichlet(np.ones(3), 4)),
+      "ce_array_option": lambda x: jaxce.cross_entropy(
+          x, host_labels(), label_smoothing=jnp.float32(0.1)),
+      "nll_int64": lambda x: jaxce.nll_loss(x, host_labels()),
+      "linear_int64": lambda x: jaxce.linear_cross_entropy(
+          x, _KERNEL, rng.integers(0, 10, 4)),
+      "log_softmax_list_axis": lambda x: jaxce.log_softmax(x, axis=[0, 1]),
+      "logsumexp_list_where": lambda x: jaxce.logsumexp(x, where=[True, False, True]),
+      "bce_float64": lambda x: jaxce.binary_cross_entropy_with_logits(
+          x, rng.uniform(size=(4, 3))),
+      "optax_int64": lambda x: jaxce.softmax_cross_entropy_with_integer_labels(
+          x, host_labels()),
+  }
+  counter = _CompileCounter()
+  jax.monitoring.register_event_duration_secs_listener(counter)
+  try:
+    for name, fn in fns.items():
+      for g in (fn, jax.grad(lambda x, fn=fn: jnp.sum(fn(x)))):
+        for i in range(3):
+          x = rng.normal(size=(4, 3))  # float64 on the host
+          before = counter.count
+          jax.block_until_ready(g(jnp.asarray(x, jnp.float32) if g is not fn else x))
+          if i:
+            assert counter.count == before, f"{name}: call {i} compiled {counter.count - before}"
+  finally:
+    jax.monitoring.unregister_event_duration_listener(counter)
+
+
+def test_host_int64_labels_keep_their_values():
+  """NumPy int64 labels are cast to int32 on the host only where every value
+  fits: ignore_index, labels past C and negative ones keep their meaning, and
+  a label beyond int32 (which a cast would wrap onto a class) stays out of
+  range."""
+  logits = jnp.asarray(_rng(14).normal(size=(5, 3)), jnp.float32)
+  labels = np.array([0, -100, 2, 7, -1], np.int64)
+  ours = jaxce.cross_entropy(logits, labels, reduction="none")
+  want = jaxce.cross_entropy(logits, jnp.asarray(labels, jnp.int32), reduction="none")
+  np.testing.assert_array_equal(ours, want)
+  np.testing.assert_array_equal(np.isnan(ours), [False, False, False, True, True])
+  assert ours[1] == 0
+  wraps = np.array([0, 2**32 + 1, 2**32 - 100], np.int64)  # int32 wraps: 1 and -100
+  out = jaxce.cross_entropy(logits[:3], wraps, reduction="none")
+  np.testing.assert_array_equal(np.isnan(out), [False, True, True])
+  out = jaxce.cross_entropy(logits[:3], wraps, reduction="none", ignore_index=2**32 - 100)
+  np.testing.assert_array_equal(np.isnan(out), [False, True, False])
+  assert out[2] == 0
