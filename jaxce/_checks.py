@@ -222,7 +222,7 @@ def _equals(labels: jax.Array, ignore: int | jax.Array | None) -> jax.Array | No
   info = np.iinfo(labels.dtype)
   if not isinstance(ignore, jax.Array):
     if not info.min <= ignore <= info.max:
-      return jnp.zeros(labels.shape, bool)
+      return jnp.zeros_like(labels, bool)
     return labels == np.asarray(ignore, labels.dtype)
   # Traced: ignore is a value of labels' dtype iff the cast round-trips and
   # keeps its sign.

@@ -113,6 +113,35 @@ def match_vma(cotangent: jax.Array | None, primal: jax.Array) -> jax.Array | Non
   return out
 
 
+def require_split(fn: str, name: str, x: jax.Array, axis_name: AxisName | None) -> None:
+  """Inside `shard_map` (with its default check of varying axes), refuses an
+  `x` that its type says is the same on every device of `axis_name`: each
+  device must pass its own slice of the classes, and a replicated array
+  would count every class once per device (a wrong loss, with no error).
+  Elsewhere (no manual axis of that name, `check_vma=False`, `pmap`, or a
+  JAX whose internals differ) nothing is checked."""
+  if axis_name is None:
+    return
+  axes = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+  try:
+    from jax._src import config
+
+    tracked = bool(config._check_vma.value)
+    manual = set(jax.sharding.get_abstract_mesh().manual_axes)
+  except Exception:  # internals of another JAX release: no check
+    return
+  if not tracked or not set(axes) <= manual:
+    return
+  same = [a for a in axes if a not in _varying_axes(x)]
+  if same:
+    raise ValueError(
+        f"{fn}: `{name}` must be this device's slice of the classes, split over"
+        f" class_axis_name={axis_name!r}. Got an array that is the same on every"
+        f" device of {', '.join(map(repr, same))} (its in_specs do not split it"
+        f" there): give shard_map a spec that splits the class axis over"
+        f" {axis_name!r}, or leave class_axis_name out.")
+
+
 def _varying_axes(x: Any) -> frozenset[str]:
   aval = jax.typeof(x)
   manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10

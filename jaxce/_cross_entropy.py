@@ -96,9 +96,11 @@ def cross_entropy(
       value the labels' dtype cannot hold ignores nothing. Not used with
       probability targets.
     reduction: "none", "mean" or "sum".
-    label_smoothing: :math:`\varepsilon \in [0, 1]`, a static float.
+    label_smoothing: :math:`\varepsilon \in [0, 1]`, a static float (a new
+      value compiles again).
     z_loss: :math:`\lambda_z \ge 0`, weight of the squared logsumexp (the
-      PaLM / t5x auxiliary loss), reduced with the same denominator.
+      PaLM / t5x auxiliary loss), reduced with the same denominator; a
+      static float (a new value compiles again).
     axis: The class axis. -1 is JAX's layout; 1 is PyTorch's ``(N, C, ...)``.
     where: Optional boolean mask broadcastable to `logits` (NumPy's rules,
       aligned at the last axis): the classes that take part in the softmax.
@@ -108,7 +110,8 @@ def cross_entropy(
     class_axis_name: Inside `shard_map`, the mesh axis over which the classes
       are split: each device passes its slice of `logits` (and of `weight`
       and `where`) and the global labels, and gets the loss over all classes.
-      Label smoothing uses the global class count.
+      Label smoothing uses the global class count. Logits that `shard_map`'s
+      types show whole on every device of the axis raise a ValueError.
 
   Returns:
     The loss in float32 (float64 for float64 logits): a scalar, or per-position
@@ -124,6 +127,7 @@ def cross_entropy(
   """
   fn = "cross_entropy"
   logits = _checks.float_array(fn, "logits", logits)
+  _collective.require_split(fn, "logits", logits, class_axis_name)
   axis = _checks.canonical_axis(fn, axis, logits.ndim)
   reduction = _checks.reduction(fn, reduction)
   eps = _checks.static_float(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
@@ -243,6 +247,7 @@ def nll_loss(
         f" Got {log_probs.dtype}."
     )
   axis = _checks.canonical_axis(fn, axis, log_probs.ndim, "log_probs")
+  _collective.require_split(fn, "log_probs", log_probs, class_axis_name)
   reduction = _checks.reduction(fn, reduction)
   num_classes = log_probs.shape[axis]
   weight = _checks.class_weight(fn, weight, num_classes)

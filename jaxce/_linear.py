@@ -122,6 +122,8 @@ def linear_cross_entropy(
     reduction: "none" (per token, `x`'s leading shape), "mean" or "sum".
     label_smoothing: In [0, 1].
     z_loss: Weight of the squared logsumexp, >= 0.
+      `label_smoothing`, `z_loss` and `softcap` are static floats: a new
+      value compiles again.
     softcap: Optional positive, finite logit soft-cap s: each logit z
       becomes s tanh(z / s), except that a class removed by a -inf `bias`
       entry stays removed (its logit stays -inf rather than becoming -s).
@@ -152,10 +154,12 @@ def linear_cross_entropy(
     class_axis_name: Inside `shard_map`, the mesh axis over which the
       vocabulary is split: each device passes its [D, V / n] slice of
       `kernel` (and of `bias` and `weight`) and gets the loss over the whole
-      vocabulary. Under `jax.jit` on an **Auto** mesh, where an array's type
-      does not say how XLA splits it, name the kernel's vocabulary axis
-      (an Auto axis of the mesh in the arrays' types) to run the same
-      per-device loop in `shard_map` over it; pass the whole arrays. Without
+      vocabulary (a kernel that `shard_map`'s types show whole on every
+      device of the axis raises a ValueError). Under `jax.jit` on an
+      **Auto** mesh, where an array's type does not say how XLA splits it,
+      name the kernel's vocabulary axis (an Auto axis of the mesh in the
+      arrays' types) to run the same per-device loop in `shard_map` over
+      it; pass the whole arrays. Without
       it a vocabulary-sharded kernel is all-gathered by XLA's partitioner on
       TPU and GPU. (Explicit meshes need no name: the split is in the type.)
     backward: "recompute", "precompute" or "auto" (see above). "precompute"
@@ -193,6 +197,7 @@ def linear_cross_entropy(
   """
   fn = "linear_cross_entropy"
   x, kernel = _checks.linear_operands(fn, x, kernel)
+  _collective.require_split(fn, "kernel", kernel, class_axis_name)
   auto_mesh = None if class_axis_name is None else _explicit.auto_class_mesh(
       class_axis_name, x, kernel)
   if auto_mesh is not None and math.prod(

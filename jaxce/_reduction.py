@@ -28,6 +28,7 @@ def reduce(
     row_axes: tuple[str, ...] = (),
     *,
     binary: bool = False,
+    present: jax.Array | None = None,
 ) -> jax.Array:
   """Applies `reduction`; "mean" divides by `denominator` (default: count).
 
@@ -36,8 +37,10 @@ def reduce(
   of `denominator` is zero (every position ignored or of zero weight, or no
   position at all): then 0.0 with zero gradient, so a padding-only batch
   cannot poison training. `binary`: every entry of `denominator` is 0 or 1,
-  so its sum is 0 only when all are. `row_axes` are mesh axes (inside
-  shard_map) over which the positions are split.
+  so its sum is 0 only when all are. `present` marks positions that are not
+  "nothing" even at weight 0 (labels outside [0, C), whose loss is NaN).
+  `row_axes` are mesh axes (inside shard_map) over which the positions are
+  split.
   """
   if reduction == "none":
     return loss
@@ -45,7 +48,7 @@ def reduce(
     return _psum(jnp.sum(loss), row_axes)
   if denominator is None:
     total_loss = _psum(jnp.sum(loss), row_axes)
-    d = _psum(jnp.sum(jnp.ones(loss.shape, loss.dtype)), row_axes)
+    d = _psum(jnp.sum(jnp.ones_like(loss)), row_axes)
     nothing = d == 0
   else:
     # One stacked reduction (and one psum) rather than one per sum: on small
@@ -53,7 +56,8 @@ def reduce(
     # the sums themselves (a kernel launch on GPU, a thunk on CPU).
     parts = [loss, denominator.astype(loss.dtype)]
     if not binary:
-      parts.append((denominator != 0).astype(loss.dtype))  # exact 0 iff all 0
+      nonzero = denominator != 0 if present is None else (denominator != 0) | present
+      parts.append(nonzero.astype(loss.dtype))  # exact 0 iff all 0
     sums = _psum(jnp.sum(jnp.stack(parts), tuple(range(1, loss.ndim + 1))), row_axes)
     total_loss, d = sums[0], sums[1]
     nothing = (d if binary else sums[2]) == 0
@@ -91,19 +95,24 @@ def integer_target_loss(
   """
   picked = stats.picked
   ct = picked.dtype
-  valid = jnp.ones(labels.shape, bool) if ignore_index is None else labels != ignore_index
+  # (`ones_like`: sharded as the labels, which an Explicit mesh requires)
+  valid = jnp.ones_like(labels, bool) if ignore_index is None else labels != ignore_index
+  # Labels outside [0, C) that are not ignored: NaN, never a plausible number.
+  bad = valid & ((labels < 0) | (labels >= classes.num_classes))
+  nan_at_bad = jnp.where(bad, jnp.nan, 1.0).astype(ct)
   w_pos = valid.astype(ct)
   w_y = label_weight(weight, classes)
   if w_y is not None:
-    w_pos = jnp.where(valid, w_y.astype(ct), 0.0)
+    # A class that does not exist has no weight: 0 (whichever device, or
+    # clipped index, would have supplied one), so that the other positions'
+    # gradients do not depend on the sharding; `reduce` still counts such a
+    # position, so that its NaN is not taken for an all-ignored batch.
+    w_pos = jnp.where(valid & ~bad, w_y.astype(ct), 0.0)
   # Positions that are ignored, or whose classes are all masked, contribute 0;
   # zeroing the statistics first keeps their gradients 0 rather than NaN.
   # (a NaN log_sum is kept: NaN inputs must give a NaN loss, not a silent 0)
   keep = valid if stats.log_sum is None else valid & (stats.log_sum != -jnp.inf)
   picked = jnp.where(keep, picked, 0.0)
-  # Labels outside [0, C) that are not ignored: NaN, never a plausible number.
-  bad = valid & ((labels < 0) | (labels >= classes.num_classes))
-  nan_at_bad = jnp.where(bad, jnp.nan, 1.0).astype(ct)
   if stats.log_sum is None:
     loss = w_pos * (0.0 - picked) * nan_at_bad  # (not -w * p: +0.0 at ignored positions)
   else:
@@ -131,7 +140,8 @@ def integer_target_loss(
       ls = log_sum if stats.nll is None or weighted_smoothing else _log_sum_through_nll(
           log_sum, stats.nll, picked, keep)
       loss = loss + z_loss * jnp.where(keep, stats.shift + ls, 0.0) ** 2
-  return reduce(loss, reduction, w_pos, row_axes, binary=w_y is None)
+  return reduce(loss, reduction, w_pos, row_axes, binary=w_y is None,
+                present=None if w_y is None else bad)
 
 
 @jax.custom_jvp

@@ -147,7 +147,10 @@ def _first_bad(bad: jax.Array, values: jax.Array) -> tuple[jax.Array, jax.Array]
   if not flat.size:
     return jnp.zeros((), jnp.int32), jnp.zeros((), values.dtype)
   position = jnp.argmax(flat).astype(jnp.int32)
-  return position, values.ravel()[position]
+  # A select and a sum rather than values[position]: an Explicit mesh has no
+  # dynamic slice of one element from a sharded axis.
+  at = jnp.arange(flat.size, dtype=jnp.int32) == position
+  return position, jnp.where(at, values.ravel(), 0).sum(dtype=values.dtype)
 
 
 @_first_bad.def_vmap

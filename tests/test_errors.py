@@ -446,6 +446,26 @@ def test_checked_shard_map_uses_the_global_class_count():
     f(logits, y.at[0].set(8))
 
 
+def test_checked_on_an_explicit_mesh_with_the_rows_split():
+  """The bad label's value is read with a select and a sum: reading it as
+  labels[position] was a dynamic slice of a split axis, which an Explicit
+  mesh refuses (ShardingTypeError, with good labels too)."""
+  from jax.sharding import PartitionSpec as P
+
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+  logits = np.random.default_rng(0).normal(size=(8, 8)).astype(np.float32)
+  y = np.array([7, 0, 5, -100, 1, 2, 3, 4], np.int32)
+  bad = y.copy()
+  bad[5] = 9
+  f = jaxce.checked.raising(jax.jit(jaxce.checked.cross_entropy))
+  for spec in (P("data", None), P("data", "model")):
+    with jax.set_mesh(mesh):
+      x, labels = jax.device_put(logits, spec), jax.device_put(y, P("data"))
+      np.testing.assert_allclose(f(x, labels), CE(logits, y), rtol=1e-6)
+      with pytest.raises(checkify.JaxRuntimeError, match=r"label 9 at flat position 5 is"):
+        f(x, jax.device_put(bad, P("data")))
+
+
 def test_checked_narrow_dtypes_and_wrap_values():
   f = jaxce.checked.raising(jax.jit(jaxce.checked.cross_entropy))
   x = jnp.zeros((2, 300), jnp.float32)

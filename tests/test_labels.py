@@ -172,6 +172,39 @@ def test_out_of_range_values_stay_out_of_range():
     assert np.isfinite(got[1]), (y.dtype, got)
 
 
+def test_weighted_mean_of_out_of_range_labels_is_nan():
+  """Class weights: a label outside [0, C) has no class and so no weight; the
+  mean is NaN, also where the weight a clip would read is 0 (it was 0.0, the
+  all-ignored value) and whatever the backward path of the fused loss."""
+  x = _logits(3)
+  w = jnp.linspace(0.5, 2.0, C).at[0].set(0.0).at[C - 1].set(0.0)
+  xs, k = jnp.asarray(_eye(3)), jnp.asarray(np.random.default_rng(1).normal(size=(D, C)),
+                                            jnp.float32)
+  for y in ([C, -1, C + 5], [C, 1, -3]):
+    y = jnp.asarray(y, jnp.int32)
+    losses = {
+        "cross_entropy": jaxce.cross_entropy(x, y, weight=w),
+        "smoothing": jaxce.cross_entropy(x, y, weight=w, label_smoothing=0.1),
+        "nll_loss": jaxce.nll_loss(jaxce.log_softmax(x), y, weight=w),
+        **{f"linear_{b}": jaxce.linear_cross_entropy(xs, k, y, weight=w, backward=b)
+           for b in ("recompute", "precompute")},
+    }
+    for name, loss in losses.items():
+      assert np.isnan(loss), (name, y, loss)
+  # Ignored labels still count for nothing: all ignored is 0.0.
+  y = jnp.asarray([IGNORE, IGNORE, IGNORE], jnp.int32)
+  assert jaxce.cross_entropy(x, y, weight=w) == 0.0
+  # One bad label among good ones weighs 0 in the denominator (as on every
+  # device of a class split; the clip read w[C - 1] here): the good rows'
+  # gradients are those of the good rows' mean, the bad row's NaN.
+  w = jnp.linspace(0.5, 2.0, C)
+  y = jnp.asarray([C, 1, 2], jnp.int32)
+  g = jax.grad(lambda x: jaxce.cross_entropy(x, y, weight=w))(x)
+  want = jax.grad(lambda x: jaxce.cross_entropy(x, y[1:], weight=w))(x[1:])
+  np.testing.assert_allclose(g[1:], want, rtol=1e-6)
+  assert np.all(np.isnan(g[0]))
+
+
 def test_any_python_int_ignore_index():
   """Like torch (any int64), and wider: a value no label can hold ignores
   nothing; no OverflowError; numpy integers too."""

@@ -119,6 +119,9 @@ ARRAYS = {
     "where": _where(),
     "where_row": _where_row(),
     "ct": _normal((N,), 4),  # cotangent of reduction="none"
+    "labels_u8": LABELS_ALT.astype(np.uint8),
+    "binary_targets": _uniform((N, C), 9, 0.0, 1.0),
+    "pos_weight": _uniform((C,), 10),
 }
 ARRAYS["log_probs"] = ARRAYS["logits"] - _logsumexp(ARRAYS["logits"])[:, None]
 # PyTorch's layout: [2, C, 8] with the classes on axis 1, and a [1, C, 1] mask.
@@ -308,7 +311,7 @@ JIT_FAMILIES = {
     "cross_entropy_int_rows": (
         ARRAYS,
         {"logits": P("data", None), "labels": P("data"), "labels_alt": P("data"),
-         "weight": P(), "ct": P("data")},
+         "labels_u8": P("data"), "weight": P(), "ct": P("data")},
         ("logits", "weight"),
         {
             "mean-weight-smoothing-z_loss": _ce_fn(
@@ -317,6 +320,10 @@ JIT_FAMILIES = {
             # position, which JAX rejects on Explicit-split rows)
             "mean-smoothing": _ce_fn(label_smoothing=0.1),
             "sum-ignore_index": _ce_fn("labels_alt", ignore_index=3, reduction="sum"),
+            # (no ignore_index: a denominator of ones had no sharding, which
+            # an Explicit mesh refused beside the row-split loss)
+            "mean-no_ignore_index": _ce_fn("labels_alt", ignore_index=None),
+            "mean-uint8-weight": _ce_fn("labels_u8", weighted=True),
         },
         None,
         ("logits",),
@@ -343,6 +350,8 @@ JIT_FAMILIES = {
             "mean-weight": _nll_fn(weighted=True),
             "sum-ignore_index": _nll_fn("labels_alt", ignore_index=3, reduction="sum"),
             "none-weight": _nll_fn(weighted=True, reduction="none"),
+            "mean-weight-no_ignore_index": _nll_fn("labels_alt", weighted=True,
+                                                   ignore_index=None),
         },
         None,
         ("log_probs",),
@@ -359,6 +368,31 @@ JIT_FAMILIES = {
         },
         None,
         ("logits",),
+    ),
+    # The binary losses, log_softmax, logsumexp and the optax drop-ins.
+    "elementwise": (
+        ARRAYS,
+        {"logits": P("data", "model"), "binary_targets": P("data", "model"),
+         "targets": P("data", "model"), "pos_weight": P("model"), "labels_alt": P("data"),
+         "ct": P("data")},
+        ("logits", "binary_targets", "pos_weight"),
+        {
+            "bce-mean-pos_weight": lambda a: jaxce.binary_cross_entropy_with_logits(
+                a["logits"], a["binary_targets"], pos_weight=a["pos_weight"]),
+            "bce-sum-weight": lambda a: jaxce.binary_cross_entropy_with_logits(
+                a["logits"], a["binary_targets"], weight=a["targets"], reduction="sum"),
+            "bce_probs-mean": lambda a: jaxce.binary_cross_entropy(
+                jax.nn.sigmoid(a["logits"]), a["binary_targets"]),
+            "log_softmax": lambda a: jnp.sum(jaxce.log_softmax(a["logits"]) * a["targets"]),
+            "logsumexp": lambda a: jaxce.logsumexp(a["logits"]),
+            "optax_int": lambda a: jaxce.softmax_cross_entropy_with_integer_labels(
+                a["logits"], a["labels_alt"]),
+            "optax_probs": lambda a: jaxce.softmax_cross_entropy(a["logits"], a["targets"]),
+            "optax_sigmoid": lambda a: jnp.mean(jaxce.sigmoid_binary_cross_entropy(
+                a["logits"], a["binary_targets"])),
+        },
+        None,
+        ("logits", "binary_targets"),
     ),
     "linear_cross_entropy": (
         LINEAR_ARRAYS,
@@ -793,6 +827,54 @@ def test_shard_map_all_ignored_batch_is_zero():
     assert float(result["loss"]) == 0.0, name
     for k, g in result["grads"].items():
       assert np.all(g == 0.0), (name, k)
+
+
+def test_weighted_mean_of_out_of_range_labels_is_nan():
+  """Only out-of-range labels, class weights, "mean": NaN inside shard_map
+  (each device's share of a missing class's weight was 0, so the mean took
+  the all-ignored 0.0) and on an Explicit mesh with the classes split."""
+  labels = np.tile(np.array([C, -1, C + 3, -7], np.int32), N // 4)
+  labels_v = np.where(labels == C, V, np.where(labels == C + 3, V + 3, labels)).astype(np.int32)
+  cases = {
+      "cross_entropy": _case(_ce_fn(weighted=True, label_smoothing=0.1), WEIGHTED_SPECS,
+                             "mean")[0],
+      "nll_loss": _case(_nll_fn(weighted=True), NLL_SPECS, "mean")[0],
+  }
+  lin = _case(_lin_fn(chunk_size=7), LINEAR_SPECS, "mean")[0]
+  out = jax.device_get(_run(lambda a, la: {**{k: c(a) for k, c in cases.items()},
+                                           "linear": lin(la)},
+                            {**ARRAYS, "labels": labels},
+                            {**LINEAR_ARRAYS, "labels": labels_v})[0])
+  with jax.set_mesh(_mesh("Explicit")):
+    logits = jax.device_put(ARRAYS["logits"], P("data", "model"))
+    weight = jax.device_put(ARRAYS["weight"], P("model"))
+    out["explicit"] = jax.jit(functools.partial(jaxce.cross_entropy, labels=labels))(
+        logits, weight=weight)
+  assert len(out) == 4
+  for name, loss in out.items():
+    assert np.isnan(loss), (name, loss)
+
+
+def test_shard_map_refuses_classes_not_split_over_the_class_axis():
+  """class_axis_name with logits (or the kernel) the same on every device of
+  that axis counted every class once per device: the fused loss returned a
+  wrong number and cross_entropy a cond type error. Now a ValueError that
+  names the argument and the axis."""
+  mesh = _mesh("Auto")
+  logits, labels = ARRAYS["logits"], ARRAYS["labels"]
+  calls = {
+      "logits": lambda a, y: jaxce.cross_entropy(a, y, class_axis_name="model"),
+      "log_probs": lambda a, y: jaxce.nll_loss(a, y, class_axis_name="model"),
+      "kernel": lambda a, y: jaxce.linear_cross_entropy(
+          LINEAR_ARRAYS["x"], a, y, class_axis_name="model"),
+  }
+  for name, call in calls.items():
+    a = LINEAR_ARRAYS["kernel"] if name == "kernel" else logits
+    y = LINEAR_ARRAYS["labels"] if name == "kernel" else labels
+    f = jax.jit(jax.shard_map(call, mesh=mesh, in_specs=(P(), P()), out_specs=P()))
+    with pytest.raises(ValueError, match=rf"`{name}` must be this device's slice of the"
+                       r" classes, split over class_axis_name='model'"):
+      f(a, y)
 
 
 def test_shard_map_out_of_range_labels_give_nan():
