@@ -159,9 +159,9 @@ def linear_cross_entropy(
       **Auto** mesh, where an array's type does not say how XLA splits it,
       name the kernel's vocabulary axis (an Auto axis of the mesh in the
       arrays' types) to run the same per-device loop in `shard_map` over
-      it; pass the whole arrays. Without
-      it a vocabulary-sharded kernel is all-gathered by XLA's partitioner on
-      TPU and GPU. (Explicit meshes need no name: the split is in the type.)
+      it; pass the whole arrays. Without it a vocabulary-sharded kernel is
+      all-gathered by XLA's partitioner on TPU and GPU. (Explicit meshes
+      need no name: the split is in the type.)
     backward: "recompute", "precompute" or "auto" (see above). "precompute"
       needs a 32-bit kernel, reduction "mean" or "sum", a concrete number of
       tokens, and no `forward_mode`, `chunk_size`, `class_axis_name` or
