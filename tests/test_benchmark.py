@@ -53,6 +53,51 @@ def test_plan_puts_each_case_in_its_sweeps():
   assert notes == ["classes sweep: N=8 C=4096 exceeds --max-elements 8192; runs with N=2"]
 
 
+def test_bad_selections_and_outputs_fail_before_the_run(tmp_path, monkeypatch):
+  """Empty selections, and an --out that cannot be written, are refused
+  before anything is measured (a bad --out failed after the whole run, and
+  an empty selection wrote empty results and exited 0); a repeated case or
+  dtype runs once."""
+  def no_run(*args, **kwargs):
+    raise AssertionError("the benchmark ran")
+
+  monkeypatch.setattr(run, "run_config", no_run)
+  blocker = tmp_path / "a_file"
+  blocker.write_text("")
+  for argv in (["--cases", ","], ["--dtypes", ""],
+               ["--cases", "ce_nchw", "--image-shapes", ""],
+               ["--cases", "bce", "--out", str(blocker / "sub")]):
+    with pytest.raises(SystemExit) as info:
+      run.main([*TINY, *argv])
+    assert info.value.code not in (0, None), argv
+  configs, _ = run.plan(run.parse_args(
+      [*TINY, "--cases", "bce,bce", "--dtypes", "float32,float32,bfloat16"]))
+  assert len(configs) == len({(c.name, dt, s) for c, dt, s, _ in configs}) == 4
+  assert report.output_folder(tmp_path / "new" / "dir").is_dir()
+  with pytest.raises(SystemExit):
+    report.output_file(tmp_path)  # a folder where a file goes
+  # The eager and acceptance benchmarks' flags too (tracebacks, or empty
+  # timings, after the run).
+  from jaxce.benchmark import acceptance, eager
+
+  for argv in (["--shape", "a"], ["--shape", "0,5"], ["--rounds", "0"], ["--hidden", "0"],
+               ["--out", str(blocker / "sub")]):
+    with pytest.raises(SystemExit) as info:
+      eager.main(argv)
+    assert info.value.code not in (0, None), argv
+  for argv in (["--repeats", "0"], ["--out", str(tmp_path)]):
+    with pytest.raises(SystemExit) as info:
+      acceptance.main(argv)
+    assert info.value.code not in (0, None), argv
+
+
+def test_zero_reference_gradient_has_zero_relative_error():
+  """One class: the gradient and its reference are 0; `grad rel` was 0/0 = nan."""
+  zero = [jax.numpy.zeros((2, 1))]
+  assert measure.grad_errors(zero, zero) == (0.0, 0.0)
+  assert measure.grad_errors([zero[0] + 1e-3], zero)[1] == float("inf")
+
+
 def test_run_records_rows_and_load(results):
   _, data = results
   rows = data["results"]

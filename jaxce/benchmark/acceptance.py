@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import optax
 
 import jaxce
+from jaxce.benchmark import report
 from jaxce.benchmark.measure import compile_jit, median, paired_ratio, round_robin
 
 MiB = 2**20
@@ -125,6 +126,10 @@ def main(argv=None) -> dict:
   parser.add_argument("--skip-speed", action="store_true", help="compile-only figures")
   parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
   args = parser.parse_args(argv)
+  if args.repeats < 1:
+    parser.error(f"--repeats must be positive. Got {args.repeats}")
+  if args.out:
+    args.out = report.output_file(args.out)  # before the run, not after it
   results = {"backend": jax.default_backend(), "jax": jax.__version__,
              "core_memory": core_memory(), "linear_memory": linear_memory()}
   if not args.skip_speed:

@@ -19,7 +19,6 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -27,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxce
-from jaxce.benchmark import measure
+from jaxce.benchmark import measure, report
 
 Case = tuple[str, Callable[..., Any], Callable[..., Any], Callable[[np.random.Generator], tuple]]
 
@@ -152,7 +151,14 @@ def main(argv: Sequence[str] | None = None) -> None:
   p.add_argument("--rounds", type=int, default=51, help="interleaved rounds (default: 51)")
   p.add_argument("--out", default="eager-results", help="output folder (default: eager-results)")
   args = p.parse_args(argv)
-  n, c = (int(v) for v in args.shape.split(","))
+  try:
+    n, c = (int(v) for v in args.shape.split(","))
+  except ValueError:
+    p.error(f"--shape must be N,C (two integers). Got {args.shape!r}")
+  if min(n, c, args.hidden, args.rounds) < 1:
+    p.error("--shape's N and C, --hidden and --rounds must be positive."
+            f" Got --shape {args.shape} --hidden {args.hidden} --rounds {args.rounds}")
+  out = report.output_folder(args.out)
   load_before = _load()
   t0 = time.perf_counter()
   rows = run(n, c, args.hidden, args.rounds)
@@ -162,8 +168,6 @@ def main(argv: Sequence[str] | None = None) -> None:
           "jax": jax.__version__, "jaxce": jaxce.__version__}
   text = markdown(rows, meta)
   print(text)
-  out = Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
   (out / "results.md").write_text(text + "\n")
   (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
 

@@ -163,7 +163,11 @@ def max_abs_err(got, ref) -> float:
 
 
 def grad_errors(got: Sequence[np.ndarray], ref: Sequence[np.ndarray]) -> tuple[float, float]:
-  """(max abs error, max abs error / max |reference|) over all the parts."""
+  """(max abs error, max abs error / max |reference|) over all the parts; where
+  the reference is all 0 (one class), the relative error is 0 if the
+  gradient is too, else inf."""
   err = max(max_abs_err(g, r) for g, r in zip(got, ref, strict=True))
   scale = max(float(np.max(np.abs(r))) for r in ref)
-  return err, (err / scale if scale > 0 else float("nan"))
+  if scale > 0:
+    return err, err / scale
+  return err, (0.0 if err == 0 else float("inf"))

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import sys
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,6 +25,45 @@ SWEEP_TITLES = {"classes": "class count", "tokens": "token count", "image": "ima
 
 # ---------------------------------------------------------------------------
 # Formatting.
+
+
+def output_folder(path: str | Path) -> Path:
+  """`--out` as a folder, created and checked writable before anything is
+  measured: a bad path fails at once, not after the run."""
+  out = Path(path)
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out):
+      pass
+  except OSError as e:
+    sys.exit(f"--out {str(path)!r}: cannot write a folder there ({e.strerror or e})")
+  return out
+
+
+def output_file(path: str | Path) -> Path:
+  """`--out` as a file: its folder created, the file checked writable first."""
+  out = Path(path)
+  if out.is_dir():
+    sys.exit(f"--out {str(path)!r} is a folder; give a file path such as"
+             f" {str(out / 'acceptance.json')!r}")
+  try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    existed = out.exists()
+    with open(out, "a"):
+      pass
+    if not existed:
+      os.remove(out)
+  except OSError as e:
+    sys.exit(f"--out {str(path)!r}: cannot write there ({e.strerror or e})")
+  return out
+
+
+def plot_files(out: Path) -> list[Path]:
+  """The PNG files `plots` writes into `out`, from this run or an earlier one."""
+  names = [p for p in out.glob("ratio_*.png")]
+  for kind in ("time", "memory"):
+    names += out.glob(f"{kind}_vs_*_*.png")
+  return sorted(names)
 
 
 def _time(s) -> str:

@@ -142,6 +142,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   for flag in ("fixed_tokens", "fixed_classes", "hidden", "max_elements", "ref_max_elements"):
     if getattr(args, flag) < 1:
       p.error(f"--{flag.replace('_', '-')} must be positive")
+  if not -2**63 <= args.seed < 2**63:
+    p.error(f"--seed must fit in 64 bits. Got {args.seed}")
   return args
 
 
@@ -172,14 +174,17 @@ def _pairs(text: str, flag: str) -> list[tuple[int, int]]:
 
 def plan(args) -> tuple[list[tuple[Case, str, Shape, tuple[str, ...]]], list[str]]:
   """Every (case, dtype, shape, sweeps) to run, and notes on adjusted shapes."""
-  names = [c.strip() for c in args.cases.split(",") if c.strip()]
+  # (dict.fromkeys: a repeated name runs once)
+  names = list(dict.fromkeys(c.strip() for c in args.cases.split(",") if c.strip()))
   unknown = [c for c in names if c not in CASES]
-  if unknown:
-    sys.exit(f"--cases: unknown {unknown}; choose from {list(CASES)}")
-  dtypes = [t.strip() for t in args.dtypes.split(",") if t.strip()]
+  if unknown or not names:
+    sys.exit(f"--cases: {f'unknown {unknown}' if unknown else 'none given'};"
+             f" choose from {list(CASES)}")
+  dtypes = list(dict.fromkeys(t.strip() for t in args.dtypes.split(",") if t.strip()))
   bad = [t for t in dtypes if t not in DTYPES]
-  if bad:
-    sys.exit(f"--dtypes: unknown {bad}; choose from {list(DTYPES)}")
+  if bad or not dtypes:
+    sys.exit(f"--dtypes: {f'unknown {bad}' if bad else 'none given'};"
+             f" choose from {list(DTYPES)}")
   wanted = {
       "classes": [(args.fixed_tokens, c) for c in _int_list(args.classes, "--classes")],
       "tokens": [(n, args.fixed_classes) for n in _int_list(args.tokens, "--tokens")],
@@ -213,6 +218,10 @@ def plan(args) -> tuple[list[tuple[Case, str, Shape, tuple[str, ...]]], list[str
       for (n, c), sweeps in ordered:
         d = args.hidden if name == "linear_ce" else None
         configs.append((case, dt, Shape(n, c, d), tuple(sorted(sweeps))))
+  if not configs:
+    sys.exit(f"nothing to run: the sweeps of --cases {','.join(names)}"
+             f" ({', '.join(sorted({s for n in names for s in CASES[n].sweeps}))}) have no"
+             " shapes; give --classes, --tokens or --image-shapes")
   return configs, sorted(set(notes))
 
 
@@ -441,6 +450,7 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   t_start = time.perf_counter()
   configs, notes = plan(args)
+  out = report.output_folder(args.out)  # before the run, not after it
   meta = environment(args, configs, notes)
   for note in notes:
     print(f"note: {note}", file=sys.stderr)
@@ -463,15 +473,21 @@ def main(argv=None) -> int:
   meta["total_wall_s"] = time.perf_counter() - t_start
   meta["loadavg_after"] = _loadavg()
 
-  out = Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
   table = report.markdown(rows, meta)
-  print(table)
   written = [report.write_json(out / "results.json", meta, rows)]
   (out / "results.md").write_text(table)
   written.append(out / "results.md")
+  # The folder holds one run: plots of an earlier run into it go.
+  stale = report.plot_files(out)
+  for path in stale:
+    path.unlink()
   if not args.no_plots:
     written += report.plots(rows, meta, out)
+  print(table)
+  gone = set(stale) - set(written)
+  if gone:
+    print(f"removed {len(gone)} plots of an earlier run from {out}: "
+          f"{', '.join(p.name for p in sorted(gone))}", file=sys.stderr)
   print(f"wrote: {', '.join(str(p) for p in written)}", file=sys.stderr)
   print(f"total {meta['total_wall_s']:.0f} s", file=sys.stderr)
   return 0
