@@ -23,10 +23,12 @@ losses became custom_jvp kernels.)
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import io
 import pathlib
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -39,7 +41,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxce.benchmark.measure import paired_ratio, round_order
+from jaxce.benchmark.measure import paired_ratio, positive_int, round_order
 
 SPECS = ("int:64:1024:f32", "int:64:32000:f32", "int:1024:1024:f32", "int:8192:1000:f32",
          "int:16384:1000:f32", "int:65536:100:f32", "int:64:32000:bf16", "int:4096:1024:bf16",
@@ -58,6 +60,7 @@ def load_base(commit: str, root: pathlib.Path) -> Any:
   for py in (where / "jaxce_base").rglob("*.py"):
     py.write_text(re.sub(r"\bjaxce\b", "jaxce_base", py.read_text()))
   sys.path.insert(0, str(where))
+  atexit.register(shutil.rmtree, where, ignore_errors=True)  # (imported by then)
   return importlib.import_module("jaxce_base")
 
 
@@ -92,13 +95,25 @@ def loss(kind: str, m: Any) -> Callable[..., jax.Array]:
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("commit")
-  p.add_argument("--specs", nargs="*", default=list(SPECS))
-  p.add_argument("--rounds", type=int, default=15)
+  p.add_argument("--specs", nargs="+", default=list(SPECS))
+  p.add_argument("--rounds", type=positive_int, default=15)
   p.add_argument("--forward", action="store_true", help="time the loss alone, not value_and_grad")
   args = p.parse_args()
   import jaxce
 
-  base = load_base(args.commit, pathlib.Path(__file__).resolve().parents[1])
+  for spec in args.specs:
+    parts = spec.split(":")
+    try:
+      loss(parts[0], jaxce)
+      ok = len(parts) == 4 and min(int(parts[1]), int(parts[2])) > 0
+    except (ValueError, IndexError):
+      ok = False
+    if not ok or parts[3] not in ("f32", "bf16"):
+      p.error(f"--specs: expected kind:N:C:f32|bf16 with a kind that `loss` names. Got {spec!r}")
+  try:
+    base = load_base(args.commit, pathlib.Path(__file__).resolve().parents[1])
+  except subprocess.CalledProcessError as e:
+    p.error(f"commit {args.commit!r}: {e.stderr.decode().strip()}")
   what = "forward" if args.forward else "value_and_grad"
   print(f"# cpu, jax {jax.__version__}, this tree / {args.commit}, {what}, {args.rounds} rounds")
   print("| kind | N x C | dtype | this / base | base | this | temp MiB base | temp MiB this |")

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxce
-from jaxce.benchmark.measure import paired_ratio, round_robin
+from jaxce.benchmark.measure import paired_ratio, positive_int, round_robin
 
 SHAPES = ("256x1024", "1024x1024", "4096x1024", "16384x1000", "65536x10", "65536x100",
           "64x32000", "512x50257")
@@ -37,9 +37,9 @@ SHAPES = ("256x1024", "1024x1024", "4096x1024", "16384x1000", "65536x10", "65536
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--shapes", nargs="*", default=list(SHAPES), help="NxC")
+  p.add_argument("--shapes", nargs="+", default=list(SHAPES), help="NxC")
   p.add_argument("--dtype", default="float32")
-  p.add_argument("--rounds", type=int, default=21)
+  p.add_argument("--rounds", type=positive_int, default=21)
   args = p.parse_args()
   import optax
 

@@ -33,7 +33,7 @@ import jaxce
 from jaxce import _stats
 from jaxce._log_softmax import row_shift
 from jaxce._sum import total
-from jaxce.benchmark.measure import paired_ratio, round_order
+from jaxce.benchmark.measure import paired_ratio, positive_int, round_order
 
 SHAPES = ("64x1024", "4096x1024", "16384x1000", "65536x10", "65536x100", "2048x4096",
           "4096x32000", "512x50257")
@@ -56,9 +56,9 @@ _SHIPPED = _stats._label_log_sum
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--shapes", nargs="*", default=list(SHAPES), help="NxC")
+  p.add_argument("--shapes", nargs="+", default=list(SHAPES), help="NxC")
   p.add_argument("--dtype", default="float32")
-  p.add_argument("--rounds", type=int, default=15)
+  p.add_argument("--rounds", type=positive_int, default=15)
   args = p.parse_args()
   import optax
 

@@ -24,6 +24,7 @@ import numpy as np
 
 import jaxce
 from jaxce import _linear_precompute
+from jaxce.benchmark.measure import positive_int
 
 SHAPES = ((2048, 512, 32768), (4096, 512, 50257), (512, 64, 2**20), (2048, 256, 131072),
           (8192, 1024, 32000))
@@ -31,8 +32,8 @@ SHAPES = ((2048, 512, 32768), (4096, 512, 50257), (512, 64, 2**20), (2048, 256, 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--rounds", type=int, default=3)
-  parser.add_argument("--shapes", nargs="*", default=None, help="N,D,V triples")
+  parser.add_argument("--rounds", type=positive_int, default=3)
+  parser.add_argument("--shapes", nargs="+", default=None, help="N,D,V triples")
   parser.add_argument("--optax", action="store_true", help="add materialized logits + optax")
   args = parser.parse_args()
   shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split(",")) for s in args.shapes]

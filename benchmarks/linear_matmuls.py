@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 import jaxce
-from jaxce.benchmark.measure import paired_ratio, round_robin
+from jaxce.benchmark.measure import paired_ratio, positive_int, round_robin
 
 SHAPES = ("64,128,32000", "64,128,65536", "64,128,256000")
 
@@ -56,9 +56,9 @@ def _row(n: int, d: int, v: int, dt: jnp.dtype, rounds: int) -> str:
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--shapes", nargs="*", default=list(SHAPES), help="N,D,V triples")
+  p.add_argument("--shapes", nargs="+", default=list(SHAPES), help="N,D,V triples")
   p.add_argument("--dtype", default="float32")
-  p.add_argument("--rounds", type=int, default=9)
+  p.add_argument("--rounds", type=positive_int, default=9)
   args = p.parse_args()
   print(f"# {jax.default_backend()}, jax {jax.__version__}, {args.dtype}, {args.rounds} rounds")
   print("| N | D | V | jaxce | optax | 3 matmuls | 4 matmuls | jaxce / optax |"

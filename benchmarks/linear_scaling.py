@@ -27,7 +27,7 @@ import numpy as np
 
 import jaxce
 from jaxce._linear_stats import cpu_chunk_size, default_chunk_size
-from jaxce.benchmark.measure import paired_ratio, round_order
+from jaxce.benchmark.measure import paired_ratio, positive_int, round_order
 
 SHAPES = ("512,64,1048576", "2048,256,262144", "8192,512,131072", "32768,256,32768",
           "4096,512,50257")
@@ -46,9 +46,9 @@ def _variants(n: int, v: int, max_logits: float, chunks: tuple[int, ...]) -> dic
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--shapes", nargs="*", default=list(SHAPES), help="N,D,V triples")
+  p.add_argument("--shapes", nargs="+", default=list(SHAPES), help="N,D,V triples")
   p.add_argument("--dtypes", default="float32,bfloat16")
-  p.add_argument("--rounds", type=int, default=3)
+  p.add_argument("--rounds", type=positive_int, default=3)
   p.add_argument("--max-logits-gib", type=float, default=2.0,
                  help="time the materialized logits up to this size (0: never)")
   p.add_argument("--chunks", default=",".join(map(str, CHUNKS)),

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxce
-from jaxce.benchmark.measure import paired_ratio, round_robin
+from jaxce.benchmark.measure import paired_ratio, positive_int, round_robin
 
 SHAPES = ("512x100277", "64x100277")
 
@@ -57,9 +57,9 @@ def cases(c: int) -> dict[str, tuple[Callable[..., Any], Callable[..., Any]]]:
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--shapes", nargs="*", default=list(SHAPES), help="NxC")
+  p.add_argument("--shapes", nargs="+", default=list(SHAPES), help="NxC")
   p.add_argument("--dtype", default="float32", help="of the logits (targets: float32)")
-  p.add_argument("--rounds", type=int, default=7)
+  p.add_argument("--rounds", type=positive_int, default=7)
   args = p.parse_args()
   import optax
 

@@ -91,6 +91,26 @@ def test_bad_selections_and_outputs_fail_before_the_run(tmp_path, monkeypatch):
     assert info.value.code not in (0, None), argv
 
 
+def test_standalone_scripts_refuse_bad_counts_and_specs():
+  """benchmarks/*.py: --rounds 0, an empty --shapes and a bad spec or commit
+  are argparse errors (exit 2), not tracebacks after the compiles."""
+  import argparse
+  import pathlib
+  import subprocess
+  import sys
+
+  assert measure.positive_int("3") == 3
+  for bad in ("0", "-2", "x"):
+    with pytest.raises(argparse.ArgumentTypeError):
+      measure.positive_int(bad)
+  script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "against_commit.py"
+  for args in (["HEAD", "--specs", "foo:1:2:f32"], ["nosuchcommit", "--rounds", "1"],
+               ["HEAD", "--rounds", "0"]):
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+    assert done.returncode == 2, (args, done.stderr[-500:])
+    assert "Traceback" not in done.stderr, args
+
+
 def test_zero_reference_gradient_has_zero_relative_error():
   """One class: the gradient and its reference are 0; `grad rel` was 0/0 = nan."""
   zero = [jax.numpy.zeros((2, 1))]

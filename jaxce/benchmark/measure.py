@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import random
 import statistics
 import time
@@ -156,6 +157,17 @@ def ratio_stats(num: Sequence[float], den: Sequence[float]) -> dict[str, float] 
       pairs[0], pairs[0], pairs[0])
   return {"median": statistics.median(pairs), "min": pairs[0], "max": pairs[-1], "q1": q1,
           "q3": q3, "rounds": len(pairs)}
+
+
+def positive_int(text: str) -> int:
+  """An argparse `type` for counts such as --rounds: an int of at least 1."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+  return value
 
 
 def max_abs_err(got, ref) -> float:
