@@ -1,7 +1,10 @@
-"""Eager calls with host inputs (NumPy arrays, lists, array-valued options)
-run through each function's cached jit, with x64 off as users run them:
+"""Eager calls compile nothing after the first: with new jax arrays of the
+same shape, and with host inputs (NumPy arrays, lists, array-valued options),
+which run through each function's cached jit, with x64 off as users run them:
 jit narrows NumPy's float64 as `jnp.asarray` would, and NumPy's int64
 labels are cast to int32 on the host only where that keeps every value."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +27,57 @@ class _CompileCounter:
   def __call__(self, event, duration, **kwargs):
     if event == "/jax/core/compile/backend_compile_duration":
       self.count += 1
+
+
+def _assert_no_compile_after_the_first(fns, rng, host):
+  """Each of `fns` and its grad, called three times with fresh (4, 3) inputs:
+  float64 NumPy arrays for the value calls if `host`, else float32 jax
+  arrays (the grads take jax arrays)."""
+  counter = _CompileCounter()
+  jax.monitoring.register_event_duration_secs_listener(counter)
+  try:
+    for name, fn in fns.items():
+      for g in (fn, jax.grad(lambda x, fn=fn: jnp.sum(fn(x)))):
+        for i in range(3):
+          x = rng.normal(size=(4, 3))
+          before = counter.count
+          jax.block_until_ready(g(x if host and g is fn else jnp.asarray(x, jnp.float32)))
+          if i:
+            assert counter.count == before, f"{name}: call {i} compiled {counter.count - before}"
+  finally:
+    jax.monitoring.unregister_event_duration_listener(counter)
+
+
+def _eager_linear(x, **kw):
+  y = jnp.asarray([0, 9, -100, 4], jnp.int32)
+  return jaxce.linear_cross_entropy(x, jnp.asarray(_KERNEL), y, **kw)
+
+
+@pytest.mark.slow  # 6 s: `pytest -m slow` (.ci/run) runs it
+def test_eager_calls_do_not_recompile():
+  """Every public function, and its grad, called eagerly three times with
+  fresh arrays of one shape: nothing compiles after the first call."""
+  rng = _rng(12)
+  y = jnp.asarray([0, 2, -100, 1], jnp.int32)
+  fns = {
+      "log_softmax": lambda x: jaxce.log_softmax(x),
+      "logsumexp": lambda x: jaxce.logsumexp(x),
+      "ce_int": lambda x: jaxce.cross_entropy(x, y, label_smoothing=0.1),
+      "ce_probs": lambda x: jaxce.cross_entropy(x, jax.nn.softmax(x), z_loss=0.1),
+      "nll": lambda x: jaxce.nll_loss(x, y),
+      "bce": lambda x: jaxce.binary_cross_entropy_with_logits(x, jnp.ones_like(x) / 2),
+      "bce_probs": lambda x: jaxce.binary_cross_entropy(jax.nn.sigmoid(x), jnp.ones_like(x) / 2),
+      "optax_int": lambda x: jaxce.softmax_cross_entropy_with_integer_labels(x, y % 3),
+      "optax_probs": lambda x: jaxce.softmax_cross_entropy(x, jax.nn.softmax(x)),
+      "optax_sigmoid": lambda x: jaxce.sigmoid_binary_cross_entropy(x, jnp.ones_like(x) / 2),
+      # The fused loss: x (4, 3) times a fixed kernel (3, 10), every backward.
+      **{f"linear_{b}": functools.partial(_eager_linear, backward=b)
+         for b in ("auto", "recompute", "precompute")},
+      "linear_chunked": functools.partial(_eager_linear, chunk_size=4),
+      "linear_forward_mode": functools.partial(_eager_linear, forward_mode=True),
+      "checked_ce": lambda x: jaxce.checked.cross_entropy(x, y),
+  }
+  _assert_no_compile_after_the_first(fns, rng, host=False)
 
 
 @pytest.mark.slow  # 5 s: `pytest -m slow` (.ci/run) runs it
@@ -52,19 +106,7 @@ def test_eager_host_inputs_do_not_recompile():
       "optax_int64": lambda x: jaxce.softmax_cross_entropy_with_integer_labels(
           x, host_labels()),
   }
-  counter = _CompileCounter()
-  jax.monitoring.register_event_duration_secs_listener(counter)
-  try:
-    for name, fn in fns.items():
-      for g in (fn, jax.grad(lambda x, fn=fn: jnp.sum(fn(x)))):
-        for i in range(3):
-          x = rng.normal(size=(4, 3))  # float64 on the host
-          before = counter.count
-          jax.block_until_ready(g(jnp.asarray(x, jnp.float32) if g is not fn else x))
-          if i:
-            assert counter.count == before, f"{name}: call {i} compiled {counter.count - before}"
-  finally:
-    jax.monitoring.unregister_event_duration_listener(counter)
+  _assert_no_compile_after_the_first(fns, rng, host=True)
 
 
 def test_host_int64_labels_keep_their_values():

@@ -1,8 +1,8 @@
 """Forward-mode autodiff of every custom_jvp loss: jvp against a float64
 plain-JAX reference and finite differences, under jit and vmap; jacfwd,
 linearize, grad of jvp and hessians; inside shard_map with class_axis_name
-and on an Explicit mesh; optax's gradient checks on the drop-ins; and no
-recompilation of eager calls."""
+and on an Explicit mesh; and optax's gradient checks on the drop-ins.
+(Eager calls' recompilation: tests/test_eager.py.)"""
 
 import functools
 
@@ -277,62 +277,3 @@ def test_optax_dropins_check_grads_both_modes():
     t = _tangents(args, seed=11)
     _close(jax.jvp(ours, args, t), jax.jvp(theirs, args, t))
 
-
-# ---------------------------------------------------------------------------
-# Eager calls with new arrays of the same shape compile nothing new.
-
-
-class _CompileCounter:
-  def __init__(self):
-    self.count = 0
-
-  def __call__(self, event, duration, **kwargs):
-    if event == "/jax/core/compile/backend_compile_duration":
-      self.count += 1
-
-
-_EAGER_KERNEL = np.linspace(-1.0, 1.0, 30, dtype=np.float32).reshape(3, 10)
-
-
-def _eager_linear(x, **kw):
-  y = jnp.asarray([0, 9, -100, 4], jnp.int32)
-  return jaxce.linear_cross_entropy(x, jnp.asarray(_EAGER_KERNEL), y, **kw)
-
-
-@pytest.mark.slow  # 6 s: `pytest -m slow` (.ci/run) runs it
-def test_eager_calls_do_not_recompile():
-  """Every public function, and its grad, called eagerly three times with
-  fresh arrays of one shape: nothing compiles after the first call."""
-  rng = _rng(12)
-  y = jnp.asarray([0, 2, -100, 1], jnp.int32)
-  fns = {
-      "log_softmax": lambda x: jaxce.log_softmax(x),
-      "logsumexp": lambda x: jaxce.logsumexp(x),
-      "ce_int": lambda x: jaxce.cross_entropy(x, y, label_smoothing=0.1),
-      "ce_probs": lambda x: jaxce.cross_entropy(x, jax.nn.softmax(x), z_loss=0.1),
-      "nll": lambda x: jaxce.nll_loss(x, y),
-      "bce": lambda x: jaxce.binary_cross_entropy_with_logits(x, jnp.ones_like(x) / 2),
-      "bce_probs": lambda x: jaxce.binary_cross_entropy(jax.nn.sigmoid(x), jnp.ones_like(x) / 2),
-      "optax_int": lambda x: jaxce.softmax_cross_entropy_with_integer_labels(x, y % 3),
-      "optax_probs": lambda x: jaxce.softmax_cross_entropy(x, jax.nn.softmax(x)),
-      "optax_sigmoid": lambda x: jaxce.sigmoid_binary_cross_entropy(x, jnp.ones_like(x) / 2),
-      # The fused loss: x (4, 3) times a fixed kernel (3, 10), every backward.
-      **{f"linear_{b}": functools.partial(_eager_linear, backward=b)
-         for b in ("auto", "recompute", "precompute")},
-      "linear_chunked": functools.partial(_eager_linear, chunk_size=4),
-      "linear_forward_mode": functools.partial(_eager_linear, forward_mode=True),
-      "checked_ce": lambda x: jaxce.checked.cross_entropy(x, y),
-  }
-  counter = _CompileCounter()
-  jax.monitoring.register_event_duration_secs_listener(counter)
-  try:
-    for name, fn in fns.items():
-      for g in (fn, jax.grad(lambda x, fn=fn: jnp.sum(fn(x)))):
-        for i in range(3):
-          x = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
-          before = counter.count
-          jax.block_until_ready(g(x))
-          if i:
-            assert counter.count == before, f"{name}: call {i} compiled {counter.count - before}"
-  finally:
-    jax.monitoring.unregister_event_duration_listener(counter)
