@@ -14,6 +14,7 @@ from typing import Any, NamedTuple, TypeVar
 import jax
 import jax.numpy as jnp
 
+from jaxce._explicit import names
 from jaxce._stats import LabelStats, SmoothingSums, TargetStats
 
 # A `shard_map` axis name, or several (a class axis split over mesh axes).
@@ -122,7 +123,7 @@ def require_split(fn: str, name: str, x: jax.Array, axis_name: AxisName | None) 
   JAX whose internals differ) nothing is checked."""
   if axis_name is None:
     return
-  axes = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+  axes = names(axis_name)
   try:
     from jax._src import config
 
