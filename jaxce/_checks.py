@@ -78,8 +78,10 @@ def reduction(fn: str, value: object) -> Reduction:
 
 
 def static_number(fn: str, name: str, value: Any) -> float:
-  """A Python float; traced values are refused (they pick code)."""
+  """A Python float; traced values (they pick code) and strings are refused."""
   try:
+    if isinstance(value, str | bytes):
+      raise TypeError
     return float(value)
   except (TypeError, jax.errors.ConcretizationTypeError):
     raise TypeError(

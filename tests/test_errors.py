@@ -211,6 +211,23 @@ CASES = {
         lambda x, m: CE(x, jnp.full((C, N), 0.2), axis=0, where=m), (_x((C, N)),
                                                                      jnp.ones(N, bool)),
         ValueError, ["where", "(4,)", "class axis 0", "where[:, None]"]),
+    # numbers given as strings (float() would parse them)
+    "ce_label_smoothing_str": (
+        lambda x, y: CE(x, y, label_smoothing="0.1"), (_x(), _y()), TypeError,
+        ["label_smoothing", "'0.1'"]),
+    "linear_softcap_str": (
+        lambda x, k, y: jaxce.linear_cross_entropy(x, k, y, softcap="30"),
+        (_x((N, 3)), _x((3, C)), _y()), TypeError, ["softcap", "'30'"]),
+    # class_axis_name that is not axis names
+    "ce_class_axis_name_int": (
+        lambda x, y: CE(x, y, class_axis_name=3), (_x(), _y()), TypeError,
+        ["class_axis_name", "Got 3"]),
+    "nll_class_axis_name_empty": (
+        lambda x, y: NLL(x, y, class_axis_name=()), (_x(), _y()), TypeError,
+        ["class_axis_name", "Got ()"]),
+    "linear_class_axis_name_mixed": (
+        lambda x, k, y: jaxce.linear_cross_entropy(x, k, y, class_axis_name=("model", 1)),
+        (_x((N, 3)), _x((3, C)), _y()), TypeError, ["class_axis_name", "('model', 1)"]),
     # PyTorch's (N, C, H, W) layout without axis=1: the message suggests it
     "ce_torch_layout_hint": (
         lambda x, y: CE(x, y), (_x((2, C, 3, 4)), _y((2, 3, 4))), ValueError,
