@@ -37,7 +37,8 @@ _STATS_JIT = {True: jax.jit(linear_label_stats, static_argnums=(5, 6, 7, 8)),
               False: jax.jit(linear_label_stats_rev, static_argnums=(5, 6, 7))}
 
 
-def _empty_vocabulary_stats(n: int, ct: np.dtype, smoothing: bool) -> LabelStats:
+def _empty_stats(n: int, ct: np.dtype, smoothing: bool) -> LabelStats:
+  """The statistics of no logits (V = 0, or N = 0): no class is active."""
   zeros = jnp.zeros((n,), ct)
   sums = SmoothingSums(zeros, zeros, zeros) if smoothing else None
   return LabelStats(zeros, jnp.full((n,), -jnp.inf, ct), zeros, sums)
@@ -259,8 +260,11 @@ def linear_cross_entropy(
     codes = labels.reshape(n)
     classes = _collective.class_slice(codes, vocab, class_axis_name)
     ct = _checks.compute_dtype(x.dtype)
-    if vocab == 0:  # what cross_entropy gives for C = 0
-      stats = _empty_vocabulary_stats(n, ct, bool(eps))
+    # V = 0: what cross_entropy gives for C = 0. N = 0: no chunk loop (over
+    # zero rows, its branches differed in type inside shard_map, and with
+    # `softcap` JAX batched the tangent of `jax.jvp(jax.vmap(...))` twice).
+    if vocab == 0 or n == 0:
+      stats = _empty_stats(n, ct, bool(eps))
     else:
       column_bytes = d * kernel.dtype.itemsize
       whole = (default_chunk_size(n, vocab, column_bytes=column_bytes) if chunk_size is None

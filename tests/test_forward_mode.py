@@ -168,6 +168,20 @@ def test_jacfwd_linearize_grad_of_jvp_hessian(name):
   _close(hess(f), hess(ref))
 
 
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_linear_zero_tokens_under_vmap_every_mode(softcap):
+  # jvp and grad of vmap over batches of zero tokens: zero tangents and
+  # gradients (with softcap the chunk loop's tangent came back batched twice)
+  kernel = jnp.ones((8, 64), jnp.float32)
+  f = lambda x: jaxce.linear_cross_entropy(
+      x, kernel, jnp.zeros((0,), jnp.int32), softcap=softcap, forward_mode=True)
+  x = jnp.ones((2, 0, 8), jnp.float32)
+  value, tangent = jax.jvp(jax.vmap(f), (x,), (x,))
+  np.testing.assert_array_equal(value, [0.0, 0.0])
+  np.testing.assert_array_equal(tangent, [0.0, 0.0])
+  assert jax.grad(lambda x: jax.vmap(f)(x).sum())(x).shape == x.shape
+
+
 def test_forward_over_forward_and_third_order():
   args, f, ref = _families()["ce_int_all"]
   t = _tangents(args)

@@ -829,6 +829,24 @@ def test_shard_map_all_ignored_batch_is_zero():
       assert np.all(g == 0.0), (name, k)
 
 
+@pytest.mark.parametrize("forward_mode", [False, True])
+def test_shard_map_linear_zero_tokens(forward_mode):
+  # no tokens, vocabulary split: loss 0 and zero gradients (the chunk loop's
+  # branches differed in type: a TypeError at trace time)
+  mesh = _mesh("Auto")
+
+  def f(x, kernel, y):
+    return jaxce.linear_cross_entropy(x, kernel, y, class_axis_name="model", softcap=30.0,
+                                      forward_mode=forward_mode)
+
+  g = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P(), P(None, "model"), P()),
+                            out_specs=P()))
+  x, kernel, y = jnp.ones((0, 8)), jnp.ones((8, 8 * MODEL)), jnp.zeros((0,), jnp.int32)
+  loss, dkernel = jax.value_and_grad(g, argnums=1)(x, kernel, y)
+  assert float(loss) == 0.0
+  assert np.all(np.asarray(dkernel) == 0.0)
+
+
 def test_weighted_mean_of_out_of_range_labels_is_nan():
   """Only out-of-range labels, class weights, "mean": NaN inside shard_map
   (each device's share of a missing class's weight was 0, so the mean took
