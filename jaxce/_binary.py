@@ -153,6 +153,8 @@ def binary_cross_entropy_with_logits(
         f"{fn}: `targets` must have the logits' shape {logits.shape}."
         f" Got {targets.shape}."
     )
+  if jnp.issubdtype(targets.dtype, jnp.complexfloating):
+    raise TypeError(f"{fn}: `targets` must be real (float, integer or bool). Got {targets.dtype}.")
   if not jnp.issubdtype(targets.dtype, jnp.floating):
     targets = targets.astype(_checks.compute_dtype(logits.dtype))
   if pos_weight is not None:

@@ -78,9 +78,10 @@ def reduction(fn: str, value: object) -> Reduction:
 
 
 def static_number(fn: str, name: str, value: Any) -> float:
-  """A Python float; traced values (they pick code) and strings are refused."""
+  """A Python float; traced values (they pick code), strings and bools are
+  refused."""
   try:
-    if isinstance(value, str | bytes):
+    if isinstance(value, str | bytes | bool | np.bool_):
       raise TypeError
     return float(value)
   except (TypeError, jax.errors.ConcretizationTypeError):
@@ -346,12 +347,15 @@ def linear_bias(fn: str, bias: ArrayLike | None, vocab: int) -> jax.Array | None
 
 
 def softcap(fn: str, value: object) -> float | None:
-  """None, or a positive finite static float."""
+  """None, or a positive static float, finite in float32 (the logits'
+  compute dtype at least: a larger one would be inf there, and the cap NaN)."""
   if value is None:
     return None
   cap = static_number(fn, "softcap", value)
-  if not 0.0 < cap < float("inf"):
-    raise ValueError(f"{fn}: `softcap` must be positive and finite. Got {cap}.")
+  largest = float(np.finfo(np.float32).max)
+  if not 0.0 < cap <= largest:
+    beyond = " (beyond float32's largest, 3.4e38)" if largest < cap < float("inf") else ""
+    raise ValueError(f"{fn}: `softcap` must be positive and finite. Got {cap}{beyond}.")
   return cap
 
 

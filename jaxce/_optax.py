@@ -195,7 +195,11 @@ def sigmoid_binary_cross_entropy(
   """
   x = _checks.float_array("sigmoid_binary_cross_entropy", "logits", logits)
   t = jnp.asarray(labels)
-  shape = jnp.broadcast_shapes(x.shape, t.shape)
+  try:
+    shape = jnp.broadcast_shapes(x.shape, t.shape)
+  except ValueError:
+    raise ValueError(f"sigmoid_binary_cross_entropy: `labels` must be broadcastable against"
+                     f" `logits`' shape {x.shape}. Got {t.shape}.") from None
   out: jax.Array = binary_cross_entropy_with_logits(
       jnp.broadcast_to(x, shape), jnp.broadcast_to(t, shape), reduction="none")
   return out

@@ -218,6 +218,18 @@ CASES = {
     "linear_softcap_str": (
         lambda x, k, y: jaxce.linear_cross_entropy(x, k, y, softcap="30"),
         (_x((N, 3)), _x((3, C)), _y()), TypeError, ["softcap", "'30'"]),
+    "ce_label_smoothing_bool": (
+        lambda x, y: CE(x, y, label_smoothing=True), (_x(), _y()), TypeError,
+        ["label_smoothing", "True"]),
+    "linear_softcap_beyond_float32": (
+        lambda x, k, y: jaxce.linear_cross_entropy(x, k, y, softcap=1e39),
+        (_x((N, 3)), _x((3, C)), _y()), ValueError, ["softcap", "float32"]),
+    "bce_complex_targets": (
+        lambda x, t: jaxce.binary_cross_entropy_with_logits(x, t),
+        (_x(), jnp.ones((N, C), jnp.complex64)), TypeError, ["targets", "complex64"]),
+    "sigmoid_bce_not_broadcastable": (
+        lambda x, t: jaxce.sigmoid_binary_cross_entropy(x, t), (_x(), jnp.ones(3)),
+        ValueError, ["sigmoid_binary_cross_entropy", "labels", "(4, 5)", "(3,)"]),
     # class_axis_name that is not axis names
     "ce_class_axis_name_int": (
         lambda x, y: CE(x, y, class_axis_name=3), (_x(), _y()), TypeError,
@@ -441,6 +453,10 @@ def test_checked_linear_and_drop_in():
   with pytest.raises(checkify.JaxRuntimeError, match=r"label -100 at flat position 1 is"
                      r" outside \[0, 12\)\."):
     drop(logits, jnp.asarray([11, -100]), (2, 1))
+  # axis=None: every axis is the class axis (24 classes), as in the plain drop-in
+  np.testing.assert_allclose(drop(logits, jnp.asarray(23), None), np.log(24), rtol=1e-6)
+  with pytest.raises(checkify.JaxRuntimeError, match=r"label 24 at flat position 0"):
+    drop(logits, jnp.asarray(24), None)
 
 
 def test_checked_shard_map_uses_the_global_class_count():
