@@ -213,10 +213,11 @@ def softmax_cross_entropy_with_integer_labels(
     axis: int | tuple[int, ...] = -1, where: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
   loss = _optax.softmax_cross_entropy_with_integer_labels(logits, labels, axis, where)
-  ndim = jnp.ndim(logits)
-  axes = tuple(range(ndim)) if axis is None else axis if isinstance(axis, tuple) else (axis,)
-  num_classes = math.prod(jnp.shape(logits)[a] for a in axes)
-  check_labels(labels, num_classes, None, fn="softmax_cross_entropy_with_integer_labels")
+  fn = "softmax_cross_entropy_with_integer_labels"
+  axes = _optax._class_axes(fn, axis, jnp.ndim(logits), TypeError)  # (checked by the loss)
+  shape = jnp.shape(logits)
+  num_classes = math.prod(shape[a] for a in axes) if isinstance(axes, tuple) else shape[axes]
+  check_labels(labels, num_classes, None, fn=fn)
   return loss
 
 
