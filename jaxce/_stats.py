@@ -630,10 +630,13 @@ def _apart_from(
   return jnp.minimum(jnp.abs(iota - _col(labels.astype(dtype), axis)), 1.0)
 
 
-@functools.partial(jax.jit, static_argnums=(3,))
-def _label_shift(
+ShiftStats = tuple[jax.Array, jax.Array, jax.Array]  # (shift, log_sum, picked)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _shift_stats(
     xm: jax.Array, labels: jax.Array, x_label: jax.Array, axis: int
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+) -> ShiftStats:
   """(shift, log_sum, picked) of integer-label stats, axis dropped.
 
   On CPU the shift is the label's logit, which saves the max's pass over
@@ -646,14 +649,34 @@ def _label_shift(
   copy of half-precision logits. The branch functions are cached per axis
   and the whole is one `jax.jit` (inlined under an outer jit), so eager
   calls, differentiated or not, reuse one executable.
+
+  Derivatives (needed from the second order on: `label_stats` has a rule of
+  its own) by `_shift_stats_jvp`, not through the cond: reverse mode would
+  send the rejected branch's zero cotangent through its exp(x - shift),
+  and 0 * inf is NaN where that sum overflowed.
   """
   near, at_max = _shift_branches(axis)
-  out: tuple[jax.Array, jax.Array, jax.Array] = jax.lax.platform_dependent(
+  out: ShiftStats = jax.lax.platform_dependent(
       xm, labels, x_label, cpu=near, default=at_max)
   return out
 
 
-ShiftStats = tuple[jax.Array, jax.Array, jax.Array]  # (shift, log_sum, picked)
+@_shift_stats.defjvp
+def _shift_stats_jvp(
+    axis: int, primals: tuple[jax.Array, ...], tangents: tuple[jax.Array, ...]
+) -> tuple[ShiftStats, ShiftStats]:
+  xm, labels, x_label = primals
+  tx, _, t_label = tangents
+  shift, ls, picked = _shift_stats(xm, labels, x_label, axis)
+  # The shift is outside autodiff; d log_sum = sum_c p_c dx_c; d picked = dx_y.
+  p = probs(xm, _col(shift, axis), _col(ls, axis))
+  t_ls = jnp.sum(p * tx.astype(p.dtype), axis)
+  inside = (labels >= 0) & (labels < xm.shape[axis])
+  t_picked = jnp.where(inside, t_label.astype(picked.dtype), 0.0)
+  return (shift, ls, picked), (_zero(shift), t_ls, t_picked)
+
+
+_label_shift = jax.jit(_shift_stats, static_argnums=(3,))
 
 
 @functools.cache

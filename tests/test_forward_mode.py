@@ -192,6 +192,45 @@ def test_forward_over_forward_and_third_order():
   _close(d3(f), d3(ref), rtol=1e-8)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, F64])
+@pytest.mark.parametrize("mode", ["grad_of_grad", "jvp_of_grad", "jvp_of_jvp"])
+@pytest.mark.parametrize("case", ["label_far_below_max", "ignored_row_large", "smoothing"])
+def test_second_order_where_the_label_shift_overflows(case, mode, dtype):
+  # On CPU the shift is the label's logit; where exp(x - shift) overflows
+  # the batch is redone at the max under a lax.cond, and second derivatives
+  # sent the rejected branch's zero cotangent through that inf: NaN.
+  far = 200.0 if dtype == jnp.float32 else 2000.0
+  x, y, kw = {
+      "label_far_below_max": ([[0.0, far], [0.3, 1.0], [1.0, -0.5]], [0, 1, 0], {}),
+      "ignored_row_large": ([[0.3, 1.0], [far / 2, far / 2 + 0.7], [0.2, -1.0]], [1, -100, 0], {}),
+      "smoothing": ([[0.0, far, 3.0], [0.5, 0.1, -0.2]], [0, 2], {"label_smoothing": 0.1}),
+  }[case]
+  x, y = jnp.asarray(x, dtype), jnp.asarray(y, jnp.int32)
+  eps = kw.get("label_smoothing", 0.0)
+
+  def ref(x):
+    valid = y != -100
+    logp = jax.nn.log_softmax(x, axis=-1)
+    nll = -jnp.take_along_axis(logp, jnp.where(valid, y, 0)[:, None], -1)[:, 0]
+    loss = (1 - eps) * nll - eps * jnp.mean(logp, -1)
+    return jnp.sum(jnp.where(valid, loss, 0.0)) / jnp.sum(valid, dtype=x.dtype)
+
+  v = jnp.asarray(_rng(7).normal(size=x.shape), dtype)
+  second = {
+      "grad_of_grad": lambda f, x, v: jax.grad(lambda x: jnp.vdot(jax.grad(f)(x), v))(x),
+      "jvp_of_grad": lambda f, x, v: jax.jvp(jax.grad(f), (x,), (v,))[1],
+      "jvp_of_jvp": lambda f, x, v: jax.jvp(lambda x: jax.jvp(f, (x,), (v,))[1], (x,), (v,))[1],
+  }[mode]
+  loss = lambda x: jaxce.cross_entropy(x, y, **kw)
+  got = second(loss, x, v)
+  want = second(ref, x.astype(F64), v.astype(F64))
+  assert got.dtype == dtype
+  assert bool(jnp.all(jnp.isfinite(got))), got
+  np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want), rtol=1e-5, atol=1e-7)
+  jitted = jax.jit(lambda x: second(loss, x, v))(x)
+  np.testing.assert_allclose(np.asarray(jitted, np.float64), np.asarray(want), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("name",
                          ["ce_int_all", "ce_probs", "nll_log_softmax", "log_softmax", "bce"])
 def test_remat_pmap_export_and_linear_transpose(name):
