@@ -108,7 +108,7 @@ def _binary_terms_jvp(
   return _binary_terms(*primals), _binary_tangent(logits, targets, pos_weight, tx, tt, tpw)
 
 
-@_dispatch.jitted(static=("reduction",))
+@_dispatch.jitted(static=("reduction",), constant_if_empty="logits")
 def binary_cross_entropy_with_logits(
     logits: ArrayLike,
     targets: ArrayLike,

@@ -66,7 +66,7 @@ def _tangent(
   return out
 
 
-@_dispatch.jitted(static=("reduction",))
+@_dispatch.jitted(static=("reduction",), constant_if_empty="probs")
 def binary_cross_entropy(
     probs: jax.typing.ArrayLike,
     targets: jax.typing.ArrayLike,

@@ -14,7 +14,7 @@ from jaxce._reduction import integer_target_loss, target_loss
 
 @_dispatch.jitted(
     static=("reduction", "label_smoothing", "z_loss", "axis", "class_axis_name"),
-    static_if_python=("ignore_index",))
+    static_if_python=("ignore_index",), constant_if_empty="logits")
 def cross_entropy(
     logits: ArrayLike,
     labels: ArrayLike,
@@ -193,7 +193,7 @@ def cross_entropy(
 
 @_dispatch.jitted(
     static=("reduction", "axis", "class_axis_name"),
-    static_if_python=("ignore_index",))
+    static_if_python=("ignore_index",), constant_if_empty="log_probs")
 def nll_loss(
     log_probs: ArrayLike,
     labels: ArrayLike,

@@ -94,13 +94,24 @@ class _Static:
 
 
 def jitted(
-    static: tuple[str, ...], static_if_python: tuple[str, ...] = ()
+    static: tuple[str, ...], static_if_python: tuple[str, ...] = (),
+    constant_if_empty: str | None = None,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
+  """`constant_if_empty`: the argument (the logits) without which the
+  function's value is a constant: when it has no element, the arguments go
+  in through `jax.lax.stop_gradient`. Their derivatives are zero then
+  anyway, and with the custom_jvp kernels left undifferentiated JAX can
+  differentiate the function under `jax.vmap`: with empty arrays some
+  kernels' values come out unbatched (`jnp.where` returns an empty operand
+  as it is) while their tangents are batched, and `jax.jvp` or `jax.grad`
+  of the batched jit failed on the mismatch (a rank error)."""
   def decorate(fn: Callable[P, R]) -> Callable[P, R]:
     signature = inspect.signature(fn)
 
     @functools.partial(jax.jit, static_argnums=(1,))
     def run(arrays: dict[str, Any], options: tuple[tuple[str, _Static], ...]) -> Any:
+      if constant_if_empty is not None and getattr(arrays.get(constant_if_empty), "size", 1) == 0:
+        arrays = jax.tree.map(jax.lax.stop_gradient, arrays)
       return fn(**arrays, **{name: option.value for name, option in options})  # type: ignore[call-arg]
 
     @functools.wraps(fn)

@@ -285,7 +285,7 @@ def _axes(fn: str, axis: int | Sequence[int] | None, ndim: int) -> Axes:
   return tuple(sorted(axes))
 
 
-@_dispatch.jitted(static=("axis",))
+@_dispatch.jitted(static=("axis",), constant_if_empty="x")
 def log_softmax(
     x: ArrayLike,
     axis: int | Sequence[int] | None = -1,
@@ -338,7 +338,7 @@ def log_softmax(
   return _log_softmax(x, mask, axes)
 
 
-@_dispatch.jitted(static=("axis", "keepdims"))
+@_dispatch.jitted(static=("axis", "keepdims"), constant_if_empty="x")
 def logsumexp(
     x: ArrayLike,
     axis: int | Sequence[int] | None = -1,

@@ -1111,6 +1111,34 @@ def test_zero_classes_and_empty_batch_cross_entropy(c):
   assert jaxce.softmax_cross_entropy(x3, x3, axis=(1, 2)).shape == (0,)
 
 
+@pytest.mark.parametrize("shape", [(0, 3), (3, 0)])
+def test_zero_size_under_vmap_with_jvp_and_grad(shape):
+  # jvp or grad of a vmapped loss of empty logits raised a rank error: some
+  # kernels' empty values were unbatched, their tangents batched.
+  n, c = shape
+  y = jnp.zeros((n,), jnp.int32)
+  t = jnp.zeros(shape)
+  losses = {
+      "ce": lambda x: jaxce.cross_entropy(x, y),
+      "ce_smooth_weight": lambda x: jaxce.cross_entropy(
+          x, y, label_smoothing=0.1, weight=jnp.ones(c), z_loss=1e-3),
+      "ce_axis0": lambda x: jaxce.cross_entropy(x.T, y, axis=0),
+      "ce_probs": lambda x: jaxce.cross_entropy(x, t, label_smoothing=0.1),
+      "nll": lambda x: jaxce.nll_loss(x, y, ignore_index=None),
+      "drop_in": lambda x: jnp.sum(jaxce.softmax_cross_entropy_with_integer_labels(x, y)),
+      "log_softmax": lambda x: jnp.sum(jaxce.log_softmax(x)),
+      "logsumexp": lambda x: jnp.sum(jaxce.logsumexp(x)),
+      "bce": lambda x: jaxce.binary_cross_entropy_with_logits(x, t),
+  }
+  xs = jnp.zeros((2, *shape))
+  for name, f in losses.items():
+    value, tangent = jax.jvp(jax.vmap(f), (xs,), (xs,))
+    assert value.shape == tangent.shape == (2,), name
+    np.testing.assert_array_equal(tangent, 0.0, err_msg=name)
+    g = jax.grad(lambda xs, f=f: jnp.sum(jax.vmap(f)(xs)))(xs)
+    assert g.shape == xs.shape, name
+
+
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 def test_zero_classes_with_class_weights_like_without(reduction):
   # C = 0: every label not ignored is out of range (NaN), an ignored one
