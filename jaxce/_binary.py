@@ -147,7 +147,7 @@ def binary_cross_entropy_with_logits(
   fn = "binary_cross_entropy_with_logits"
   logits = _checks.float_array(fn, "logits", logits)
   reduction = _checks.reduction(fn, reduction)
-  targets = jnp.asarray(targets)
+  targets = _checks.as_array(fn, "targets", targets)
   if targets.shape != logits.shape:
     raise ValueError(
         f"{fn}: `targets` must have the logits' shape {logits.shape}."

@@ -125,7 +125,7 @@ def binary_cross_entropy(
   fn = "binary_cross_entropy"
   probs = _checks.float_array(fn, "probs", probs)
   reduction = _checks.reduction(fn, reduction)
-  targets = jnp.asarray(targets)
+  targets = _checks.as_array(fn, "targets", targets)
   if not jnp.issubdtype(targets.dtype, jnp.floating):
     raise TypeError(
         f"{fn}: `targets` must be floating probabilities in [0, 1], as in PyTorch. Got"
@@ -140,6 +140,6 @@ def binary_cross_entropy(
   loss = _terms(probs, targets, ct)
   if weight is not None:
     weight = _checks.float_array(fn, "weight", weight)
-    loss = _checks.broadcastable(fn, "weight", weight, probs.shape).astype(ct) * loss
+    loss = _checks.broadcastable(fn, "weight", weight, probs.shape, of="probs").astype(ct) * loss
   out: jax.Array = reduce(loss, reduction)
   return out

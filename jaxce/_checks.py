@@ -20,9 +20,22 @@ Reduction = Literal["none", "mean", "sum"]
 REDUCTIONS = ("none", "mean", "sum")
 
 
+def as_array(fn: str, name: str, value: Any) -> jax.Array:
+  """`value` as a JAX array, or an error naming `fn` and the argument where
+  it is not one (None, a string, a ragged nested list)."""
+  if value is None:
+    raise TypeError(f"{fn}: `{name}` must be an array. Got None.")
+  try:
+    return jnp.asarray(value)
+  except (TypeError, ValueError) as e:
+    raise type(e)(
+        f"{fn}: `{name}` must be an array of numbers. Got {type(value).__name__}: {e}"
+    ) from None
+
+
 def float_array(fn: str, name: str, x: ArrayLike) -> jax.Array:
   """`x` as an array with a floating dtype."""
-  x = jnp.asarray(x)
+  x = as_array(fn, name, x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(
         f"{fn}: `{name}` must have a floating dtype. Got {x.dtype}."
@@ -32,7 +45,7 @@ def float_array(fn: str, name: str, x: ArrayLike) -> jax.Array:
 
 def int_array(fn: str, name: str, x: ArrayLike) -> jax.Array:
   """`x` as an array with an integer dtype."""
-  x = jnp.asarray(x)
+  x = as_array(fn, name, x)
   if not jnp.issubdtype(x.dtype, jnp.integer):
     raise TypeError(
         f"{fn}: `{name}` must have an integer dtype. Got {x.dtype}."
@@ -63,7 +76,7 @@ def canonical_axis(fn: str, axis: Any, ndim: int, name: str = "logits") -> int:
     )
   if not -ndim <= index < ndim:
     raise ValueError(
-        f"{fn}: `axis` must be in [{-ndim}, {ndim}) for logits of rank {ndim}."
+        f"{fn}: `axis` must be in [{-ndim}, {ndim}) for `{name}` of rank {ndim}."
         f" Got {index}."
     )
   return index % ndim
@@ -102,32 +115,32 @@ def positions_shape(shape: Sequence[int], axis: int) -> tuple[int, ...]:
   return tuple(shape[:axis]) + tuple(shape[axis + 1:])
 
 
-def as_labels(labels: Any) -> jax.Array | np.ndarray:
+def as_labels(fn: str, labels: Any) -> jax.Array | np.ndarray:
   """`labels` as an array, except host arrays of a 64-bit dtype that JAX
   would truncate (x64 disabled): those stay numpy for `class_labels`."""
   if (isinstance(labels, (np.ndarray, np.generic))
       and jax.dtypes.canonicalize_dtype(labels.dtype) != labels.dtype):
     return np.asarray(labels)
-  return jnp.asarray(labels)
+  return as_array(fn, "labels", labels)
 
 
 def integer_labels(
     fn: str, labels: Any, logits_shape: Sequence[int], axis: int, num_classes: int,
-    ignore_index: Any = None,
+    ignore_index: Any = None, of: str = "logits",
 ) -> tuple[jax.Array, int | None]:
   """Integer class indices with the logits' shape without the class axis, as
   `class_labels` returns them: ``(int32 labels, ignore_index to pass on)``."""
-  labels = as_labels(labels)
+  labels = as_labels(fn, labels)
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise TypeError(f"{fn}: `labels` must have an integer dtype. Got {labels.dtype}.")
   want = positions_shape(logits_shape, axis)
   if labels.shape != want:
     hint = ""
     if axis != 1 and len(logits_shape) > 2 and labels.shape == positions_shape(logits_shape, 1):
-      hint = (" They match the logits' shape without axis 1: for PyTorch's (N, C, ...)"
+      hint = (f" They match the shape of `{of}` without axis 1: for PyTorch's (N, C, ...)"
               " layout, pass axis=1.")
     raise ValueError(
-        f"{fn}: `labels` must have shape {want} (the logits' shape"
+        f"{fn}: `labels` must have shape {want} (`{of}` of shape"
         f" {tuple(logits_shape)} without axis {axis}). Got {labels.shape}.{hint}"
     )
   return class_labels(fn, labels, num_classes, ignore_index)
@@ -157,7 +170,11 @@ def ignore_value(fn: str, ignore_index: Any) -> int | jax.Array | None:
     raise TypeError(f"{fn}: `ignore_index` must be an int or None. Got {ignore_index!r}.")
   if isinstance(ignore_index, (int, np.integer)):
     return int(ignore_index)
-  value = jnp.asarray(ignore_index) if not isinstance(ignore_index, jax.Array) else ignore_index
+  if not isinstance(ignore_index, (jax.Array, np.ndarray, np.generic)):
+    raise TypeError(
+        f"{fn}: `ignore_index` must be an int, an integer scalar array or None. Got"
+        f" {type(ignore_index).__name__}.")
+  value = jnp.asarray(ignore_index)
   if not jnp.issubdtype(value.dtype, jnp.integer) or value.shape != ():
     raise TypeError(
         f"{fn}: `ignore_index` must be an int, an integer scalar array or None. Got"
@@ -256,25 +273,27 @@ def class_weight(fn: str, weight: ArrayLike | None, num_classes: int) -> jax.Arr
   return weight
 
 
-def broadcastable(fn: str, name: str, x: ArrayLike, shape: Sequence[int]) -> jax.Array:
+def broadcastable(
+    fn: str, name: str, x: ArrayLike, shape: Sequence[int], of: str = "logits"
+) -> jax.Array:
   """`x` with `shape`'s rank (leading 1s added, nothing copied), or an error
   naming both shapes if it does not broadcast to `shape`. Kept unbroadcast so
   that a custom_vjp saving it saves only its own size."""
-  x = jnp.asarray(x)
+  x = as_array(fn, name, x)
   try:
     ok = jnp.broadcast_shapes(x.shape, tuple(shape)) == tuple(shape)
   except ValueError:
     ok = False
   if not ok:
     raise ValueError(
-        f"{fn}: `{name}` must be broadcastable to the logits' shape"
+        f"{fn}: `{name}` must be broadcastable to `{of}` of shape"
         f" {tuple(shape)}. Got {x.shape}."
     )
   return x.reshape((1,) * (len(shape) - x.ndim) + x.shape)
 
 
 def class_mask(
-    fn: str, where: Any, shape: Sequence[int], axis: int | None = None
+    fn: str, where: Any, shape: Sequence[int], axis: int | None = None, of: str = "logits"
 ) -> jax.Array | None:
   """A boolean `where` broadcastable to `shape` (NumPy's rules: aligned at the
   last axis). With a class `axis` other than the last, a 1-D `where` is
@@ -282,18 +301,18 @@ def class_mask(
   applies to the class axis."""
   if where is None:
     return None
-  where = jnp.asarray(where)
+  where = as_array(fn, "where", where)
   if where.dtype != jnp.bool_:
     raise TypeError(f"{fn}: `where` must be boolean. Got {where.dtype}.")
   if axis is not None and where.ndim == 1 and len(shape) > 1 and axis != len(shape) - 1:
     hint = (len(shape) - 1 - axis) * ", None"
     raise ValueError(
         f"{fn}: a 1-D `where` of shape {where.shape} would broadcast along the"
-        f" logits' last axis, not the class axis {axis} (logits of shape"
+        f" last axis of `{of}`, not the class axis {axis} (`{of}` of shape"
         f" {tuple(shape)}). For a mask over the classes pass `where[:{hint}]`;"
-        " otherwise give `where` the logits' rank."
+        f" otherwise give `where` the rank of `{of}`."
     )
-  return broadcastable(fn, "where", where, shape)
+  return broadcastable(fn, "where", where, shape, of)
 
 
 def expand_to_axis(x: jax.Array, axis: int, ndim: int) -> jax.Array:
@@ -311,7 +330,11 @@ def linear_operands(fn: str, x: ArrayLike, kernel: ArrayLike) -> tuple[jax.Array
   """`x` [..., D] and `kernel` [D, V], floating, of one dtype."""
   x = float_array(fn, "x", x)
   kernel = float_array(fn, "kernel", kernel)
-  if x.ndim < 1 or kernel.ndim != 2 or kernel.shape[0] != x.shape[-1]:
+  if x.ndim < 1:
+    raise ValueError(
+        f"{fn}: `x` must have at least one axis (the features, last). Got a 0-d array"
+        " (rank 0).")
+  if kernel.ndim != 2 or kernel.shape[0] != x.shape[-1]:
     raise ValueError(
         f"{fn}: `kernel` must have shape (D, V) with D = x.shape[-1]. Got x"
         f" {x.shape} and kernel {kernel.shape}."

@@ -101,6 +101,24 @@ def combine(stats: S, axis_name: AxisName | None, owned: jax.Array | None = None
       jax.lax.psum(stats.target_logits + stats.target_mass * delta, axis_name), smoothing)
 
 
+def require_bound(fn: str, axis_name: AxisName | None, name: str = "logits") -> None:
+  """Refuses a `class_axis_name` that names no axis bound where the loss
+  runs (outside `shard_map`, `pmap` and a named `vmap`), which would fail
+  later inside JAX as "unbound axis name"."""
+  for a in names(axis_name):
+    try:
+      jax.lax.axis_size(a)
+    except NameError:
+      raise ValueError(
+          f"{fn}: class_axis_name={axis_name!r} names an axis ({a!r}) that is not bound"
+          " here. Call the loss inside jax.shard_map (or jax.pmap) over that mesh axis,"
+          f" each device passing its slice of `{name}`; under jax.jit alone, shard"
+          f" `{name}` with a NamedSharding and leave class_axis_name out."
+      ) from None
+    except Exception:  # internals of another JAX release: no check
+      return
+
+
 def match_vma(cotangent: jax.Array | None, primal: jax.Array) -> jax.Array | None:
   """Sums a custom_vjp cotangent over the `shard_map` axes along which it
   varies but its primal does not (a class weight shared by devices holding

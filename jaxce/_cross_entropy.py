@@ -128,6 +128,7 @@ def cross_entropy(
   fn = "cross_entropy"
   logits = _checks.float_array(fn, "logits", logits)
   _collective.require_split(fn, "logits", logits, class_axis_name)
+  _collective.require_bound(fn, class_axis_name)
   axis = _checks.canonical_axis(fn, axis, logits.ndim)
   reduction = _checks.reduction(fn, reduction)
   eps = _checks.static_float(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
@@ -137,7 +138,7 @@ def cross_entropy(
   where = _checks.class_mask(fn, where, logits.shape, axis)
   ignore_index = _checks.ignore_value(fn, ignore_index)
   label_ignore: int | None = None  # ignore_index as integer_target_loss takes it
-  labels = _checks.as_labels(labels)
+  labels = _checks.as_labels(fn, labels)
   probabilities = jnp.issubdtype(labels.dtype, jnp.floating)
   if probabilities and labels.shape != logits.shape:
     raise TypeError(
@@ -240,7 +241,7 @@ def nll_loss(
     0.2761297
   """
   fn = "nll_loss"
-  log_probs = jnp.asarray(log_probs)
+  log_probs = _checks.as_array(fn, "log_probs", log_probs)
   if not jnp.issubdtype(log_probs.dtype, jnp.floating):
     raise TypeError(
         f"{fn}: `log_probs` must have a floating dtype (log-probabilities)."
@@ -248,12 +249,13 @@ def nll_loss(
     )
   axis = _checks.canonical_axis(fn, axis, log_probs.ndim, "log_probs")
   _collective.require_split(fn, "log_probs", log_probs, class_axis_name)
+  _collective.require_bound(fn, class_axis_name, "log_probs")
   reduction = _checks.reduction(fn, reduction)
   num_classes = log_probs.shape[axis]
   weight = _checks.class_weight(fn, weight, num_classes)
   labels, ignore_index = _checks.integer_labels(
       fn, labels, log_probs.shape, axis, _checks.global_classes(num_classes, class_axis_name),
-      ignore_index)
+      ignore_index, of="log_probs")
 
   def impl(
       log_probs: jax.Array, labels: jax.Array, weight: jax.Array | None,

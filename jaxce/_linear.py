@@ -223,12 +223,14 @@ def linear_cross_entropy(
           backward=backward)
 
     vocab_spec = P(class_axis_name)
-    labels = jnp.asarray(labels)
-    extras = [None if a is None else jnp.asarray(a) for a in (bias, weight)]
+    labels = _checks.as_array(fn, "labels", labels)
+    extras = [None if v is None else _checks.as_array(fn, name, v)
+              for name, v in (("bias", bias), ("weight", weight))]
     auto_specs = (P(), P(None, class_axis_name), P(), vocab_spec, vocab_spec, P())
     out: jax.Array = _explicit.run_auto(local, auto_mesh, class_axis_name,
                                         (x, kernel, labels, *extras, ignore), auto_specs, P())
     return out
+  _collective.require_bound(fn, class_axis_name, "kernel")
   reduction = _checks.reduction(fn, reduction)
   eps = _checks.static_float(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
   z = _checks.static_float(fn, "z_loss", z_loss, 0.0, math.inf)
@@ -239,7 +241,7 @@ def linear_cross_entropy(
                               forward_mode=forward_mode, chunk_size=chunk_size,
                               class_axis_name=class_axis_name)
   lead, vocab = x.shape[:-1], kernel.shape[1]
-  labels = _checks.as_labels(labels)
+  labels = _checks.as_labels(fn, labels)
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise TypeError(f"{fn}: `labels` must have an integer dtype. Got {labels.dtype}.")
   if labels.shape != lead:

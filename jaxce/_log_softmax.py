@@ -273,13 +273,13 @@ def _axes(fn: str, axis: int | Sequence[int] | None, ndim: int) -> Axes:
     raise TypeError(f"{fn}: `axis` must be an int, a tuple of ints or None. Got bool.")
   try:
     # A sequence raises TypeError here and is handled below.
-    return (_checks.canonical_axis(fn, operator.index(axis), ndim),)  # type: ignore[arg-type]
+    return (_checks.canonical_axis(fn, operator.index(axis), ndim, "x"),)  # type: ignore[arg-type]
   except TypeError:
     pass
   if not isinstance(axis, (tuple, list)) or any(isinstance(a, bool) for a in axis):
     raise TypeError(
         f"{fn}: `axis` must be an int, a tuple of ints or None. Got {type(axis).__name__}.")
-  axes = [_checks.canonical_axis(fn, a, ndim) for a in axis]
+  axes = [_checks.canonical_axis(fn, a, ndim, "x") for a in axis]
   if len(set(axes)) != len(axes):
     raise ValueError(f"{fn}: `axis` has repeated axes. Got {tuple(axis)}.")
   return tuple(sorted(axes))
@@ -334,7 +334,7 @@ def log_softmax(
   """
   x = _checks.float_array("log_softmax", "x", x)
   axes = _axes("log_softmax", axis, x.ndim)
-  mask = _checks.class_mask("log_softmax", where, x.shape)
+  mask = _checks.class_mask("log_softmax", where, x.shape, of="x")
   return _log_softmax(x, mask, axes)
 
 
@@ -379,6 +379,6 @@ def logsumexp(
   axes = _axes("logsumexp", axis, x.ndim)
   if not isinstance(keepdims, (bool, np.bool_)):
     raise TypeError(f"logsumexp: `keepdims` must be a bool. Got {type(keepdims).__name__}.")
-  mask = _checks.class_mask("logsumexp", where, x.shape)
+  mask = _checks.class_mask("logsumexp", where, x.shape, of="x")
   out = _logsumexp(x, mask, axes)
   return jnp.expand_dims(out, axes) if keepdims else out

@@ -64,7 +64,7 @@ def _one_class_axis(
   batch_axes = tuple(a for a in range(logits.ndim) if a not in class_axes)
   batch_shape = tuple(shape[a] for a in batch_axes)
   if where is not None:
-    where = jnp.asarray(where)
+    where = _checks.as_array(fn, "where", where)
     if where.dtype != jnp.bool_:
       raise TypeError(f"{fn}: `where` must be boolean. Got {where.dtype}.")
     expanded = where.shape if where.ndim == logits.ndim else _expanded(where.shape, axis)
@@ -123,7 +123,7 @@ def softmax_cross_entropy(
   """
   fn = "softmax_cross_entropy"
   x = _checks.float_array(fn, "logits", logits)
-  t = jnp.asarray(labels)
+  t = _checks.as_array(fn, "labels", labels)
   if jnp.issubdtype(t.dtype, jnp.integer) or t.dtype == jnp.bool_:
     t = t.astype(x.dtype)
   t = _checks.float_array(fn, "labels", t)
@@ -166,7 +166,7 @@ def softmax_cross_entropy_with_integer_labels(
   axes = _class_axes(fn, axis, x.ndim, TypeError)
   class_axes = (axes,) if isinstance(axes, int) else axes
   num_classes = math.prod(x.shape[a] for a in class_axes)
-  y = _checks.as_labels(labels)
+  y = _checks.as_labels(fn, labels)
   if not jnp.issubdtype(y.dtype, jnp.integer):
     raise TypeError(f"{fn}: `labels` must have an integer dtype. Got {y.dtype}.")
   want = tuple(n for a, n in enumerate(x.shape) if a not in class_axes)
@@ -193,8 +193,9 @@ def sigmoid_binary_cross_entropy(
   Returns:
     The elementwise loss, of the broadcast shape of both.
   """
-  x = _checks.float_array("sigmoid_binary_cross_entropy", "logits", logits)
-  t = jnp.asarray(labels)
+  fn = "sigmoid_binary_cross_entropy"
+  x = _checks.float_array(fn, "logits", logits)
+  t = _checks.as_array(fn, "labels", labels)
   try:
     shape = jnp.broadcast_shapes(x.shape, t.shape)
   except ValueError:

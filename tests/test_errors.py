@@ -247,6 +247,30 @@ CASES = {
     "nll_torch_layout_hint": (
         lambda x, y: NLL(x, y), (_x((2, C, 3)), _y((2, 3))), ValueError,
         ["labels", "(2, 5)", "(2, 3)", "axis=1"]),
+    # class_axis_name where no such axis is bound (JAX: "unbound axis name")
+    "ce_class_axis_name_unbound": (
+        lambda x, y: CE(x, y, class_axis_name="model"), (_x(), _y()), ValueError,
+        ["cross_entropy", "class_axis_name='model'", "not bound", "shard_map"]),
+    "nll_class_axis_name_unbound": (
+        lambda x, y: NLL(x, y, class_axis_name=("data", "model")), (_x(), _y()), ValueError,
+        ["nll_loss", "'data'", "not bound", "`log_probs`"]),
+    "linear_class_axis_name_unbound": (
+        lambda x, k, y: jaxce.linear_cross_entropy(x, k, y, class_axis_name="model"),
+        (_x((N, 3)), _x((3, C)), _y()), ValueError,
+        ["linear_cross_entropy", "'model'", "not bound", "`kernel`"]),
+    # messages name the argument as the function calls it
+    "linear_x_0d": (
+        lambda x, k, y: jaxce.linear_cross_entropy(x, k, y), (_x(()), _x((3, C)), _y(())),
+        ValueError, ["`x`", "0-d"]),
+    "log_softmax_where_names_x": (
+        lambda x, m: jaxce.log_softmax(x, where=m), (_x(), jnp.ones((3, C), bool)), ValueError,
+        ["log_softmax", "`where`", "`x` of shape (4, 5)", "(3, 5)"]),
+    "logsumexp_axis_names_x": (
+        lambda x: jaxce.logsumexp(x, axis=2), (_x(),), ValueError,
+        ["logsumexp", "`x` of rank 2", "Got 2"]),
+    "nll_labels_names_log_probs": (
+        lambda x, y: NLL(x, y), (_x(), _y((N + 1,))), ValueError,
+        ["`log_probs` of shape (4, 5)"]),
 }
 
 
@@ -254,6 +278,44 @@ CASES = {
 def test_bad_input_raises(case):
   fn, args, exc, fragments = case
   _assert_raises(fn, args, exc, fragments)
+
+
+# Arguments that are no array at all (jit takes none of them as an argument:
+# they are closed over). name: (call, exception, message fragments)
+NOT_ARRAYS = {
+    "ce_logits_none": (lambda: CE(None, _y()), TypeError,
+                       ["cross_entropy", "`logits` must be an array", "None"]),
+    "ce_labels_str": (lambda: CE(_x(), "0"), TypeError, ["cross_entropy", "`labels`", "str"]),
+    "ce_labels_ragged": (lambda: CE(_x(), [[0], [1, 2]]), ValueError,
+                         ["cross_entropy", "`labels`", "list"]),
+    "ce_weight_str": (lambda: CE(_x(), _y(), weight="w"), TypeError, ["`weight`", "str"]),
+    "ce_where_none_list": (lambda: CE(_x(), _y(), where=[None]), ValueError, ["`where`", "list"]),
+    "ce_ignore_index_str": (lambda: CE(_x(), _y(), ignore_index="-100"), TypeError,
+                            ["`ignore_index`", "str"]),
+    "nll_log_probs_none": (lambda: NLL(None, _y()), TypeError, ["nll_loss", "`log_probs`"]),
+    "log_softmax_none": (lambda: jaxce.log_softmax(None), TypeError, ["log_softmax", "`x`"]),
+    "logsumexp_str": (lambda: jaxce.logsumexp("x"), TypeError, ["logsumexp", "`x`", "str"]),
+    "bce_targets_none": (lambda: BCE(_x(), None), TypeError,
+                         ["binary_cross_entropy_with_logits", "`targets`"]),
+    "bce_probs_none": (lambda: jaxce.binary_cross_entropy(None, _x()), TypeError,
+                       ["binary_cross_entropy", "`probs`"]),
+    "linear_kernel_none": (lambda: jaxce.linear_cross_entropy(_x((N, 3)), None, _y()),
+                           TypeError, ["linear_cross_entropy", "`kernel`"]),
+    "drop_in_labels_none": (lambda: jaxce.softmax_cross_entropy(_x(), None), TypeError,
+                            ["softmax_cross_entropy", "`labels`"]),
+    "sigmoid_bce_labels_str": (lambda: jaxce.sigmoid_binary_cross_entropy(_x(), "1"),
+                               TypeError, ["sigmoid_binary_cross_entropy", "`labels`", "str"]),
+}
+
+
+@pytest.mark.parametrize("case", NOT_ARRAYS.values(), ids=NOT_ARRAYS.keys())
+def test_not_an_array_names_the_argument(case):
+  call, exc, fragments = case
+  for mode, f in (("eager", call), ("jit", jax.jit(call))):
+    with pytest.raises(exc) as info:
+      f()
+    for frag in fragments:
+      assert frag in str(info.value), f"{mode}: {frag!r} not in {str(info.value)!r}"
 
 
 @pytest.mark.parametrize("name", ["cross_entropy", "nll_loss", "log_softmax", "logsumexp",
