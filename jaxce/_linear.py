@@ -230,7 +230,6 @@ def linear_cross_entropy(
     out: jax.Array = _explicit.run_auto(local, auto_mesh, class_axis_name,
                                         (x, kernel, labels, *extras, ignore), auto_specs, P())
     return out
-  _collective.require_bound(fn, class_axis_name, "kernel")
   reduction = _checks.reduction(fn, reduction)
   eps = _checks.static_float(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
   z = _checks.static_float(fn, "z_loss", z_loss, 0.0, math.inf)
@@ -240,6 +239,7 @@ def linear_cross_entropy(
   backward = _checks.backward(fn, backward, kernel_dtype=kernel.dtype, reduction=reduction,
                               forward_mode=forward_mode, chunk_size=chunk_size,
                               class_axis_name=class_axis_name)
+  _collective.require_bound(fn, class_axis_name, "kernel")
   lead, vocab = x.shape[:-1], kernel.shape[1]
   labels = _checks.as_labels(fn, labels)
   if not jnp.issubdtype(labels.dtype, jnp.integer):

@@ -939,7 +939,7 @@ BAD = {
     "D_mismatch": (dict(kernel=np.zeros((D + 1, V), np.float32)), ValueError, "kernel"),
     "kernel_rank1": (dict(kernel=np.zeros((D,), np.float32)), ValueError, "kernel"),
     "kernel_rank3": (dict(kernel=np.zeros((1, D, V), np.float32)), ValueError, "kernel"),
-    "x_scalar": (dict(x=np.float32(1.0)), ValueError, "kernel"),
+    "x_scalar": (dict(x=np.float32(1.0)), ValueError, "x"),
     "x_kernel_dtypes": (dict(kernel=_K.astype(jnp.bfloat16)), TypeError, "kernel"),
     "x_int": (dict(x=_X.astype(np.int32), kernel=_K.astype(np.int32)), TypeError, "x"),
     "labels_shape": (dict(labels=np.zeros((5,), np.int32)), ValueError, "labels"),
