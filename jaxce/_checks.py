@@ -53,6 +53,14 @@ def int_array(fn: str, name: str, x: ArrayLike) -> jax.Array:
   return x
 
 
+def bool_array(fn: str, name: str, x: Any) -> jax.Array:
+  """`x` as a boolean array (a mask)."""
+  mask = as_array(fn, name, x)
+  if mask.dtype != jnp.bool_:
+    raise TypeError(f"{fn}: `{name}` must be boolean. Got {mask.dtype}.")
+  return mask
+
+
 def compute_dtype(dtype: DTypeLike) -> np.dtype[Any]:
   """At least float32: half-precision inputs are reduced in float32."""
   dt = np.dtype(dtype)
@@ -170,17 +178,14 @@ def ignore_value(fn: str, ignore_index: Any) -> int | jax.Array | None:
     raise TypeError(f"{fn}: `ignore_index` must be an int or None. Got {ignore_index!r}.")
   if isinstance(ignore_index, (int, np.integer)):
     return int(ignore_index)
-  if not isinstance(ignore_index, (jax.Array, np.ndarray, np.generic)):
-    raise TypeError(
-        f"{fn}: `ignore_index` must be an int, an integer scalar array or None. Got"
-        f" {type(ignore_index).__name__}.")
-  value = jnp.asarray(ignore_index)
-  if not jnp.issubdtype(value.dtype, jnp.integer) or value.shape != ():
-    raise TypeError(
-        f"{fn}: `ignore_index` must be an int, an integer scalar array or None. Got"
-        f" {value.dtype} of shape {value.shape}."
-    )
-  return value
+  got = type(ignore_index).__name__
+  if isinstance(ignore_index, (jax.Array, np.ndarray, np.generic)):
+    value = jnp.asarray(ignore_index)
+    if jnp.issubdtype(value.dtype, jnp.integer) and value.shape == ():
+      return value
+    got = f"{value.dtype} of shape {value.shape}"
+  raise TypeError(
+      f"{fn}: `ignore_index` must be an int, an integer scalar array or None. Got {got}.")
 
 
 def class_labels(
@@ -301,9 +306,7 @@ def class_mask(
   applies to the class axis."""
   if where is None:
     return None
-  where = as_array(fn, "where", where)
-  if where.dtype != jnp.bool_:
-    raise TypeError(f"{fn}: `where` must be boolean. Got {where.dtype}.")
+  where = bool_array(fn, "where", where)
   if axis is not None and where.ndim == 1 and len(shape) > 1 and axis != len(shape) - 1:
     hint = (len(shape) - 1 - axis) * ", None"
     raise ValueError(

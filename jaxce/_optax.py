@@ -64,9 +64,7 @@ def _one_class_axis(
   batch_axes = tuple(a for a in range(logits.ndim) if a not in class_axes)
   batch_shape = tuple(shape[a] for a in batch_axes)
   if where is not None:
-    where = _checks.as_array(fn, "where", where)
-    if where.dtype != jnp.bool_:
-      raise TypeError(f"{fn}: `where` must be boolean. Got {where.dtype}.")
+    where = _checks.bool_array(fn, "where", where)
     expanded = where.shape if where.ndim == logits.ndim else _expanded(where.shape, axis)
     try:
       ok = expanded is not None and jnp.broadcast_shapes(expanded, shape) == shape
