@@ -167,24 +167,36 @@ def run_auto(body: Callable[..., Any], mesh: Any, class_axis_name: Any, args: Se
                           axis_names=set(names(class_axis_name)))
 
 
-def linear_split(x: jax.Array, kernel: jax.Array, reduction: str) -> Split | None:
+def linear_split(fn: str, x: jax.Array, kernel: jax.Array, reduction: str) -> Split | None:
   """`class_split` for the fused loss: the vocabulary is the kernel's dim 1
   and the positions are `x`'s leading dims. Also used when only the rows
-  are sharded, so that the chunk loop runs on local arrays."""
+  are sharded, or only x's features (gathered: the chunk loop's matmuls
+  would otherwise contract a split dim), so that it runs on local arrays."""
   kernel_spec = spec_of(kernel)
   x_spec = spec_of(x)
   if kernel_spec is None and x_spec is None:
     return None
   kernel_spec = kernel_spec or PartitionSpec(None, None)
-  row_entries = list(x_spec or PartitionSpec(*(None,) * x.ndim))[:-1]
+  x_spec = x_spec or PartitionSpec(*(None,) * x.ndim)
+  row_entries = list(x_spec)[:-1]
   row_spec = PartitionSpec(*row_entries)
-  if kernel_spec[1] is None and not any(row_entries):
+  if kernel_spec[1] is None and not any(row_entries) and x_spec[-1] is None:
     return None
+  row_axes = tuple(n for e in row_entries for n in names(e))
+  shared = [n for n in names(kernel_spec[1]) if n in row_axes]
+  if shared:
+    # Each device would hold some rows and some classes, but not the classes
+    # of its rows: `x @ kernel` itself is rejected so on an Explicit mesh.
+    raise ValueError(
+        f"{fn}: mesh axis {shared[0]!r} splits both the positions of `x`"
+        f" ({x_spec}) and the vocabulary of `kernel` ({kernel_spec})."
+        " Reshard one of them so that no axis splits both, e.g."
+        f" `jax.sharding.reshard(kernel, P(None, None))`.")
   return Split(
       spec=kernel_spec,
       row_spec=row_spec,
       class_spec=PartitionSpec(kernel_spec[1]),
       out_spec=row_spec if reduction == "none" else PartitionSpec(),
       class_axis_name=entry(names(kernel_spec[1])),
-      row_axes=tuple(n for e in row_entries for n in names(e)),
+      row_axes=row_axes,
   )

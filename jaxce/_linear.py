@@ -304,7 +304,7 @@ def linear_cross_entropy(
   args = (x, kernel, labels, bias, weight)
   if class_axis_name is not None:
     return impl(*args, class_axis_name)
-  split = _explicit.linear_split(x, kernel, reduction)
+  split = _explicit.linear_split(fn, x, kernel, reduction)
   if split is not None:
     if backward == "precompute":
       raise ValueError(

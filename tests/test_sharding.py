@@ -579,6 +579,46 @@ def test_jit_auto_linear_named_vocabulary_axis_of_size_one(data):
   _assert_same(_run(f("model"), *args)[0], expected)
 
 
+@pytest.mark.parametrize("x_spec", [P(None, "model"), P(None, ("data", "model")),
+                                    P("data", "model")])
+def test_jit_explicit_linear_features_split(x_spec):
+  """x's feature dim split on an Explicit mesh, the kernel's vocabulary not:
+  the loss and the gradients of one device (x's features are gathered, as
+  for a split vocabulary). (The gradient failed before with an internal
+  "dynamic_update_slice operand sharding must be equal to update sharding".)"""
+  x, kernel = _normal((N, 8), 5), _normal((8, V), 6, 0.5)  # 8 features: split 8 ways
+  f = jax.value_and_grad(
+      lambda x, k: jaxce.linear_cross_entropy(x, k, LABELS_V, label_smoothing=0.1),
+      argnums=(0, 1))
+  expected = jax.device_get(_run(f, x, kernel)[0])
+  mesh = _mesh("Explicit")
+  args = [jax.device_put(x, NamedSharding(mesh, x_spec)),
+          jax.device_put(kernel, NamedSharding(mesh, P(None, None)))]
+  with jax.set_mesh(mesh):
+    out = _run(f, *args)[0]
+  _assert_same(out, expected)
+  assert out[1][0].sharding.is_equivalent_to(args[0].sharding, 2)
+
+
+@pytest.mark.parametrize(("x_spec", "kernel_spec", "axis"), [
+    (P("data", None), P(None, "data"), "data"),
+    (P(("data", "model"), None), P(None, "model"), "model"),
+    (P("model", "data"), P(None, ("data", "model")), "model"),
+])
+def test_jit_explicit_linear_axis_splitting_rows_and_vocabulary(x_spec, kernel_spec, axis):
+  """A mesh axis that splits both x's positions and the kernel's vocabulary
+  leaves no device with its rows' classes (`x @ kernel` is itself rejected
+  there): a ValueError naming the axis. (Gave a wrong loss before: the
+  per-class sums were combined across devices holding different rows.)"""
+  mesh = _mesh("Explicit")
+  a = LINEAR_ARRAYS
+  x = jax.device_put(a["x"], NamedSharding(mesh, x_spec))
+  kernel = jax.device_put(a["kernel"], NamedSharding(mesh, kernel_spec))
+  with jax.set_mesh(mesh), pytest.raises(
+      ValueError, match=rf"linear_cross_entropy: mesh axis '{axis}' splits both the positions"):
+    jax.jit(lambda x, k: jaxce.linear_cross_entropy(x, k, a["labels"]))(x, kernel)
+
+
 # ---------------------------------------------------------------------------
 # Inside shard_map: class_axis_name="model".
 
