@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
-from jaxce import _checks, _dispatch
+from jaxce import _checks, _dispatch, _explicit
 from jaxce._reduction import reduce
 from jaxce._stats import given
 
@@ -157,11 +157,14 @@ def binary_cross_entropy_with_logits(
     raise TypeError(f"{fn}: `targets` must be real (float, integer or bool). Got {targets.dtype}.")
   if not jnp.issubdtype(targets.dtype, jnp.floating):
     targets = targets.astype(_checks.compute_dtype(logits.dtype))
+  targets = _explicit.like(logits, targets)
   if pos_weight is not None:
     pos_weight = _checks.float_array(fn, "pos_weight", pos_weight)
-    pos_weight = _checks.broadcastable(fn, "pos_weight", pos_weight, logits.shape)
+    pos_weight = _explicit.like(
+        logits, _checks.broadcastable(fn, "pos_weight", pos_weight, logits.shape))
   loss = _binary_terms(logits, targets, pos_weight)
   if weight is not None:
     weight = _checks.float_array(fn, "weight", weight)
-    loss = _checks.broadcastable(fn, "weight", weight, logits.shape).astype(loss.dtype) * loss
+    weight = _explicit.like(logits, _checks.broadcastable(fn, "weight", weight, logits.shape))
+    loss = weight.astype(loss.dtype) * loss
   return reduce(loss, reduction)

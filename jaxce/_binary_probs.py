@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
-from jaxce import _checks, _dispatch
+from jaxce import _checks, _dispatch, _explicit
 from jaxce._reduction import reduce
 
 # PyTorch's clamp of both log terms (so p = 0 or 1 gives a finite loss) and
@@ -137,9 +137,10 @@ def binary_cross_entropy(
     )
   wide = np.dtype(np.float64) in (probs.dtype, targets.dtype)
   ct = np.dtype(np.float64) if wide else _checks.compute_dtype(probs.dtype)
-  loss = _terms(probs, targets, ct)
+  loss = _terms(probs, _explicit.like(probs, targets), ct)
   if weight is not None:
     weight = _checks.float_array(fn, "weight", weight)
-    loss = _checks.broadcastable(fn, "weight", weight, probs.shape, of="probs").astype(ct) * loss
+    weight = _checks.broadcastable(fn, "weight", weight, probs.shape, of="probs")
+    loss = _explicit.like(probs, weight).astype(ct) * loss
   out: jax.Array = reduce(loss, reduction)
   return out

@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
 from jaxce import _checks, _collective, _dispatch, _explicit, _stats, _target_forward
@@ -151,6 +152,13 @@ def cross_entropy(
         fn, labels, logits.shape, axis, _checks.global_classes(num_classes, class_axis_name),
         ignore_index)
 
+  spec = _explicit.spec_of(logits)
+  if spec is not None:
+    label_spec = spec if probabilities else _explicit.without(spec, axis)
+    labels = _explicit.like(logits, labels, label_spec)
+    weight = _explicit.like(logits, weight, P(spec[axis]))
+    where = _explicit.like(logits, where)
+
   # `labels`: probabilities may be a host float64 array (see _checks.as_labels).
   def impl(
       logits: jax.Array, labels: Any, weight: jax.Array | None, where: jax.Array | None,
@@ -275,6 +283,11 @@ def nll_loss(
         reduction=reduction,
         row_axes=row_axes,
     )
+
+  spec = _explicit.spec_of(log_probs)
+  if spec is not None:
+    labels = _explicit.like(log_probs, labels, _explicit.without(spec, axis))
+    weight = _explicit.like(log_probs, weight, P(spec[axis]))
 
   args = (log_probs, labels, weight)
   if class_axis_name is None:

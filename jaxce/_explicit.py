@@ -37,6 +37,29 @@ def spec_for_shape(spec: PartitionSpec, shape: Sequence[int]) -> PartitionSpec:
   return PartitionSpec(*(None if n == 1 else e for e, n in zip(spec, shape, strict=True)))
 
 
+def like(ref: Any, value: Any, spec: PartitionSpec | None = None) -> Any:
+  """`value` resharded to go with `ref` on ref's Explicit mesh: to `spec`, by
+  default ref's own (value broadcastable to ref, of its rank; its size-1 dims
+  unsplit). Labels, weights, targets and masks given with another sharding
+  than the logits' (replicated labels beside batch-split logits, say) would
+  otherwise meet them in ops that an Explicit mesh rejects. As is when `ref`
+  is on no Explicit mesh or `value` already has that spec."""
+  ref_spec = spec_of(ref)
+  if value is None or ref_spec is None:
+    return value
+  spec = spec_for_shape(ref_spec, value.shape) if spec is None else spec
+  if spec_of(value) == spec:
+    return value
+  mesh = jax.typeof(ref).sharding.mesh
+  with jax.sharding.use_abstract_mesh(getattr(mesh, "abstract_mesh", mesh)):
+    return jax.sharding.reshard(value, spec)
+
+
+def without(spec: PartitionSpec | None, axis: int) -> PartitionSpec | None:
+  """`spec` of an array without its dim `axis` (the positions of the logits)."""
+  return None if spec is None else PartitionSpec(*(e for d, e in enumerate(spec) if d != axis))
+
+
 def names(entry: str | Sequence[str] | None) -> Names:
   if entry is None:
     return ()

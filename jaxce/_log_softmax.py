@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from jaxce import _checks, _dispatch
+from jaxce import _checks, _dispatch, _explicit
 from jaxce._sum import block_shape, block_size, blocked_total, total
 
 Axes = tuple[int, ...]
@@ -334,7 +334,7 @@ def log_softmax(
   """
   x = _checks.float_array("log_softmax", "x", x)
   axes = _axes("log_softmax", axis, x.ndim)
-  mask = _checks.class_mask("log_softmax", where, x.shape, of="x")
+  mask = _explicit.like(x, _checks.class_mask("log_softmax", where, x.shape, of="x"))
   return _log_softmax(x, mask, axes)
 
 
@@ -379,6 +379,6 @@ def logsumexp(
   axes = _axes("logsumexp", axis, x.ndim)
   if not isinstance(keepdims, (bool, np.bool_)):
     raise TypeError(f"logsumexp: `keepdims` must be a bool. Got {type(keepdims).__name__}.")
-  mask = _checks.class_mask("logsumexp", where, x.shape, of="x")
+  mask = _explicit.like(x, _checks.class_mask("logsumexp", where, x.shape, of="x"))
   out = _logsumexp(x, mask, axes)
   return jnp.expand_dims(out, axes) if keepdims else out

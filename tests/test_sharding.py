@@ -579,6 +579,52 @@ def test_jit_auto_linear_named_vocabulary_axis_of_size_one(data):
   _assert_same(_run(f("model"), *args)[0], expected)
 
 
+@pytest.mark.parametrize("logits_spec", [P("data", None), P("data", "model"), P(None, None)])
+def test_jit_explicit_side_arrays_sharded_otherwise(logits_spec):
+  """Labels, weights, targets and masks given with other shardings than the
+  logits' on an Explicit mesh (replicated labels beside batch-split logits,
+  a weight split over "data", targets split the other way): resharded to go
+  with the logits, so the values and gradients are those of one device.
+  (Each raised a ShardingTypeError from inside the loss before, such as
+  "select cases must have the same shardings" or "cond branches must have
+  equal output types", unless the classes were split.)"""
+  a = ARRAYS
+  names = ("logits", "labels", "weight", "targets", "where", "binary_targets", "pos_weight")
+  other = {"labels": P("model"), "weight": P("data"), "targets": P("model", "data"),
+           "where": P(None, "data"), "binary_targets": P(None, "data"), "pos_weight": P("data")}
+  if logits_spec == P(None, None):
+    other["labels"] = P("data")
+
+  def f(x, y, w, t, m, bt, pw):
+    losses = {
+        "ce": jaxce.cross_entropy(x, y, weight=w, label_smoothing=0.1, reduction="none"),
+        "ce_where": jaxce.cross_entropy(x, y, where=m, reduction="none"),
+        "ce_targets": jaxce.cross_entropy(x, t, weight=w, reduction="none"),
+        "nll": jaxce.nll_loss(x, y, weight=w, reduction="none"),
+        "bce": jaxce.binary_cross_entropy_with_logits(x, bt, weight=t, pos_weight=pw,
+                                                      reduction="none"),
+        "bce_probs": jaxce.binary_cross_entropy(jax.nn.sigmoid(x), bt, weight=t),
+        "log_softmax": jnp.nan_to_num(jaxce.log_softmax(x, where=m), neginf=0.0),
+        "logsumexp": jaxce.logsumexp(x, where=m),
+        "optax": jaxce.softmax_cross_entropy(x, t, where=m),
+    }
+    return {k: jnp.sum(v) for k, v in losses.items()}
+
+  def program(*args):
+    return {k: jax.value_and_grad(lambda x, k=k: f(x, *args[1:])[k])(args[0])
+            for k in f(*args)}
+
+  expected = jax.device_get(_run(program, *(a[k] for k in names))[0])
+  mesh = _mesh("Explicit")
+  specs = {"logits": logits_spec, **other}
+  args = [jax.device_put(a[k], NamedSharding(mesh, specs[k])) for k in names]
+  with jax.set_mesh(mesh):
+    out = _run(program, *args)[0]
+  _assert_same(out, expected)
+  for name, (_, grad) in out.items():
+    assert grad.sharding.is_equivalent_to(args[0].sharding, 2), (name, grad.sharding)
+
+
 @pytest.mark.parametrize("x_spec", [P(None, "model"), P(None, ("data", "model")),
                                     P("data", "model")])
 def test_jit_explicit_linear_features_split(x_spec):
