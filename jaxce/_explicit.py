@@ -193,8 +193,9 @@ def run_auto(body: Callable[..., Any], mesh: Any, class_axis_name: Any, args: Se
 def linear_split(fn: str, x: jax.Array, kernel: jax.Array, reduction: str) -> Split | None:
   """`class_split` for the fused loss: the vocabulary is the kernel's dim 1
   and the positions are `x`'s leading dims. Also used when only the rows
-  are sharded, or only x's features (gathered: the chunk loop's matmuls
-  would otherwise contract a split dim), so that it runs on local arrays."""
+  are sharded, or only the features (x's last dim or the kernel's first:
+  gathered, since the chunk loop's matmuls would otherwise contract a split
+  dim), so that it runs on local arrays."""
   kernel_spec = spec_of(kernel)
   x_spec = spec_of(x)
   if kernel_spec is None and x_spec is None:
@@ -203,7 +204,7 @@ def linear_split(fn: str, x: jax.Array, kernel: jax.Array, reduction: str) -> Sp
   x_spec = x_spec or PartitionSpec(*(None,) * x.ndim)
   row_entries = list(x_spec)[:-1]
   row_spec = PartitionSpec(*row_entries)
-  if kernel_spec[1] is None and not any(row_entries) and x_spec[-1] is None:
+  if kernel_spec == PartitionSpec(None, None) and not any(x_spec):
     return None
   row_axes = tuple(n for e in row_entries for n in names(e))
   shared = [n for n in names(kernel_spec[1]) if n in row_axes]

@@ -314,6 +314,11 @@ def linear_cross_entropy(
     specs = (P(*split.row_spec, None), P(None, split.class_spec[0]), split.row_spec,
              split.class_spec, split.class_spec)
     return _explicit.run_split(impl, split, args, specs)
+  ref = x if _explicit.spec_of(x) is not None else kernel
+  if _explicit.spec_of(ref) is not None:  # x and kernel unsplit on an Explicit mesh
+    labels, bias, weight = (None if v is None else _explicit.like(ref, v, P(*(None,) * v.ndim))
+                            for v in (labels, bias, weight))
+    args = (x, kernel, labels, bias, weight)
   # Under jit, a kernel that XLA's partitioner may have split over its
   # vocabulary axis: as many groups as possible up to one per device, so
   # that any mesh axis size dividing both V and the device count lines up

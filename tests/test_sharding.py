@@ -625,25 +625,40 @@ def test_jit_explicit_side_arrays_sharded_otherwise(logits_spec):
     assert grad.sharding.is_equivalent_to(args[0].sharding, 2), (name, grad.sharding)
 
 
-@pytest.mark.parametrize("x_spec", [P(None, "model"), P(None, ("data", "model")),
-                                    P("data", "model")])
-def test_jit_explicit_linear_features_split(x_spec):
-  """x's feature dim split on an Explicit mesh, the kernel's vocabulary not:
-  the loss and the gradients of one device (x's features are gathered, as
-  for a split vocabulary). (The gradient failed before with an internal
-  "dynamic_update_slice operand sharding must be equal to update sharding".)"""
+@pytest.mark.parametrize(("x_spec", "kernel_spec"), [
+    (P(None, "model"), P(None, None)),
+    (P(None, ("data", "model")), P(None, None)),
+    (P("data", "model"), P(None, None)),
+    (P(None, None), P("data", None)),
+    (P("data", None), P("model", None)),
+    (P(None, None), P(None, None)),
+])
+def test_jit_explicit_linear_features_split(x_spec, kernel_spec):
+  """Features split on an Explicit mesh (x's last dim or the kernel's first)
+  while the vocabulary is not, with the labels, bias and class weights
+  sharded otherwise than x: the loss and the gradients of one device (the
+  features are gathered, as for a split vocabulary; the other arguments
+  resharded to go with x). (The gradient failed before with internal
+  ShardingTypeErrors: "dynamic_update_slice operand sharding must be equal to
+  update sharding", "scan body function carry input and carry output must
+  have equal types".)"""
   x, kernel = _normal((N, 8), 5), _normal((8, V), 6, 0.5)  # 8 features: split 8 ways
+  a = LINEAR_ARRAYS
   f = jax.value_and_grad(
-      lambda x, k: jaxce.linear_cross_entropy(x, k, LABELS_V, label_smoothing=0.1),
-      argnums=(0, 1))
-  expected = jax.device_get(_run(f, x, kernel)[0])
+      lambda x, k, y, b, w: jaxce.linear_cross_entropy(x, k, y, bias=b, weight=w,
+                                                       label_smoothing=0.1),
+      argnums=(0, 1, 3))
+  arrays = (x, kernel, LABELS_V, a["bias"], a["weight"])
+  expected = jax.device_get(_run(f, *arrays)[0])
   mesh = _mesh("Explicit")
-  args = [jax.device_put(x, NamedSharding(mesh, x_spec)),
-          jax.device_put(kernel, NamedSharding(mesh, P(None, None)))]
+  specs = (x_spec, kernel_spec, P("data") if x_spec[0] is None else P(None), P("model"),
+           P("data"))
+  args = [jax.device_put(v, NamedSharding(mesh, s)) for v, s in zip(arrays, specs, strict=True)]
   with jax.set_mesh(mesh):
     out = _run(f, *args)[0]
   _assert_same(out, expected)
-  assert out[1][0].sharding.is_equivalent_to(args[0].sharding, 2)
+  for grad, arg in zip(out[1], (args[0], args[1], args[3]), strict=True):
+    assert grad.sharding.is_equivalent_to(arg.sharding, arg.ndim)
 
 
 @pytest.mark.parametrize(("x_spec", "kernel_spec", "axis"), [
