@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar, cast
 
 import jax
 from jax.sharding import AxisType, PartitionSpec
 
 Names = tuple[str, ...]
+T = TypeVar("T")
 
 
 def spec_of(x: Any) -> PartitionSpec | None:
@@ -37,7 +38,7 @@ def spec_for_shape(spec: PartitionSpec, shape: Sequence[int]) -> PartitionSpec:
   return PartitionSpec(*(None if n == 1 else e for e, n in zip(spec, shape, strict=True)))
 
 
-def like(ref: Any, value: Any, spec: PartitionSpec | None = None) -> Any:
+def like(ref: Any, value: T, spec: PartitionSpec | None = None) -> T:
   """`value` resharded to go with `ref` on ref's Explicit mesh: to `spec`, by
   default ref's own (value broadcastable to ref, of its rank; its size-1 dims
   unsplit). Labels, weights, targets and masks given with another sharding
@@ -47,12 +48,13 @@ def like(ref: Any, value: Any, spec: PartitionSpec | None = None) -> Any:
   ref_spec = spec_of(ref)
   if value is None or ref_spec is None:
     return value
-  spec = spec_for_shape(ref_spec, value.shape) if spec is None else spec
-  if spec_of(value) == spec:
+  v: Any = value
+  spec = spec_for_shape(ref_spec, v.shape) if spec is None else spec
+  if spec_of(v) == spec:
     return value
   mesh = jax.typeof(ref).sharding.mesh
   with jax.sharding.use_abstract_mesh(getattr(mesh, "abstract_mesh", mesh)):
-    return jax.sharding.reshard(value, spec)
+    return cast(T, jax.sharding.reshard(v, spec))
 
 
 def without(spec: PartitionSpec | None, axis: int) -> PartitionSpec | None:

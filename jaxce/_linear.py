@@ -316,8 +316,9 @@ def linear_cross_entropy(
     return _explicit.run_split(impl, split, args, specs)
   ref = x if _explicit.spec_of(x) is not None else kernel
   if _explicit.spec_of(ref) is not None:  # x and kernel unsplit on an Explicit mesh
-    labels, bias, weight = (None if v is None else _explicit.like(ref, v, P(*(None,) * v.ndim))
-                            for v in (labels, bias, weight))
+    labels = _explicit.like(ref, labels, P(*(None,) * len(lead)))
+    bias = _explicit.like(ref, bias, P(None))
+    weight = _explicit.like(ref, weight, P(None))
     args = (x, kernel, labels, bias, weight)
   # Under jit, a kernel that XLA's partitioner may have split over its
   # vocabulary axis: as many groups as possible up to one per device, so
