@@ -18,6 +18,14 @@ from jax.typing import ArrayLike, DTypeLike
 # The `reduction` argument's values, for type checkers.
 Reduction = Literal["none", "mean", "sum"]
 REDUCTIONS = ("none", "mean", "sum")
+_INT32 = np.iinfo(np.int32)
+
+
+def static(*dims: object) -> bool:
+  """Whether every dimension is a number. Under `jax.export` with symbolic
+  shapes one may not be; the shape-dependent layouts (CPU blocks, chunk
+  sizes) then take their generic path."""
+  return all(isinstance(d, int | np.integer) for d in dims)
 
 
 def as_array(fn: str, name: str, value: Any) -> jax.Array:
@@ -208,6 +216,9 @@ def class_labels(
     if not np.issubdtype(labels.dtype, np.integer):
       raise TypeError(f"{fn}: `labels` must have an integer dtype. Got {labels.dtype}.")
     if not isinstance(ignore, jax.Array):
+      if not static(num_classes):  # symbolic: the bound is compared on device
+        out = jnp.asarray(_host_class_labels(labels, _INT32.max + 1, ignore))
+        return class_labels(fn, out, num_classes, _passed_on(ignore))
       return jnp.asarray(_host_class_labels(labels, num_classes, ignore)), _passed_on(ignore)
     # A traced ignore_index has at most 32 bits here (x64 is off): compare
     # the values that int32 holds, and those only uint32 holds, separately.
@@ -220,15 +231,21 @@ def class_labels(
     high_ignored = _equals(jnp.asarray(np.where(high, labels, 0).astype(np.uint32)), ignore)
     return jnp.where(high & high_ignored, IGNORED, out), passed_on
   labels = int_array(fn, "labels", labels)
-  x64 = jax.dtypes.canonicalize_dtype(np.int64) == np.int64
-  if num_classes > np.iinfo(np.int32).max and not x64:
-    raise ValueError(
-        f"{fn}: {num_classes} classes need 64-bit labels; enable jax_enable_x64.")
-  out_dtype = jnp.int32 if num_classes <= np.iinfo(np.int32).max else jnp.int64
-  info = np.iinfo(labels.dtype)
   valid = labels >= 0
-  if num_classes <= info.max:
-    valid = valid & (labels < np.asarray(num_classes, labels.dtype))
+  if not static(num_classes):
+    # A symbolic class count (jax.export), taken to fit int32. Compared as
+    # unsigned, where it and every label that passed `valid` are exact.
+    wide = jnp.uint64 if labels.dtype.itemsize > 4 else jnp.uint32
+    valid = valid & (labels.astype(wide) < jnp.asarray(num_classes).astype(wide))
+    out_dtype: Any = jnp.int32
+  else:
+    x64 = jax.dtypes.canonicalize_dtype(np.int64) == np.int64
+    if num_classes > _INT32.max and not x64:
+      raise ValueError(
+          f"{fn}: {num_classes} classes need 64-bit labels; enable jax_enable_x64.")
+    out_dtype = jnp.int32 if num_classes <= _INT32.max else jnp.int64
+    if num_classes <= np.iinfo(labels.dtype).max:
+      valid = valid & (labels < np.asarray(num_classes, labels.dtype))
   out = jnp.where(valid, labels.astype(out_dtype), OUT_OF_RANGE)
   ignored = _equals(labels, ignore)
   if ignored is not None:

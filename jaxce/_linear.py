@@ -269,10 +269,17 @@ def linear_cross_entropy(
       stats = _empty_stats(n, ct, bool(eps))
     else:
       column_bytes = d * kernel.dtype.itemsize
+      if chunk_size is not None and not _checks.static(vocab):
+        raise ValueError(
+            f"{fn}: `chunk_size` needs a concrete vocabulary size. Got kernel of shape"
+            f" {kernel.shape}; pass chunk_size=None (one chunk of the whole vocabulary"
+            " under jax.export with a symbolic one).")
       whole = (default_chunk_size(n, vocab, column_bytes=column_bytes) if chunk_size is None
                else min(chunk_size, vocab))
 
       def per_group(c: int) -> int:
+        if not _checks.static(vocab):  # symbolic: one group, one chunk
+          return vocab
         return min(max(1, c // groups), vocab // groups)
 
       operands = (x.reshape(n, d), kernel, bias, classes.local_labels, weight if eps else None)
@@ -324,7 +331,7 @@ def linear_cross_entropy(
   # vocabulary axis: as many groups as possible up to one per device, so
   # that any mesh axis size dividing both V and the device count lines up
   # (on XLA:CPU; other backends run one group, see `_linear_stats.Plan`).
-  groups = max(1, math.gcd(vocab, _devices(x, kernel)))
+  groups = max(1, math.gcd(vocab, _devices(x, kernel))) if _checks.static(vocab) else 1
   n = math.prod(lead)
 
   def recompute(x: jax.Array, kernel: jax.Array, labels: jax.Array, bias: jax.Array | None,
@@ -338,10 +345,11 @@ def linear_cross_entropy(
         chunk_size=chunk_size, class_sharded=False, groups=groups)
   if backward != "precompute" or vocab == 0:  # (V = 0: no logits, nothing to precompute)
     return recompute(*args)
-  if not isinstance(n, int):
+  if not _checks.static(n, vocab):
     raise ValueError(
-        f'{fn}: `backward`="precompute" needs a concrete number of tokens. Got x of shape'
-        f' {x.shape}; use backward="recompute" or "auto" under jax.export.')
+        f'{fn}: `backward`="precompute" needs a concrete number of tokens and vocabulary'
+        f' size. Got x of shape {x.shape} and kernel of shape {kernel.shape}; use'
+        ' backward="recompute" or "auto" under jax.export.')
   options = _linear_precompute.Options(ignore_index, reduction, eps, z, softcap)
 
   def precompute(x: jax.Array, kernel: jax.Array, labels: jax.Array, bias: jax.Array | None,

@@ -97,7 +97,7 @@ def auto_backward(
   """
   if (np.dtype(kernel_dtype).itemsize < 4 or reduction == "none" or forward_mode
       or chunk_size is not None or class_sharded or groups != 1
-      or not isinstance(num_tokens, int | np.integer) or vocab == 0):
+      or not _checks.static(num_tokens, vocab) or vocab == 0):
     return "recompute"
   return "precompute" if ROW_BLOCK_ELEMENTS // vocab >= MIN_ROWS else "recompute"
 

@@ -81,7 +81,8 @@ def default_chunk_size(num_tokens: Any, vocab: int, block_elements: int | None =
   The power of two that makes one float32 [N, chunk] block about 16 MiB
   (`block_elements`, default `BLOCK_ELEMENTS` = 2**22 elements), at least 128
   (a TPU lane multiple) and at most V. A symbolic N (`jax.export`) gets
-  `SYMBOLIC_CHUNK` columns.
+  `SYMBOLIC_CHUNK` columns; a symbolic V, all of it (one chunk: the loop
+  needs a chunk known to fit in V).
 
   The whole vocabulary when a float32 [N, V] block takes no more bytes than
   the kernel (4 N <= `column_bytes`, the kernel's bytes per column: D times
@@ -92,6 +93,8 @@ def default_chunk_size(num_tokens: Any, vocab: int, block_elements: int | None =
   in chunks, 1.00x whole; bfloat16 N=64, V=262144 0.94x in chunks, 0.70x
   whole, both at most the materialized logits' temp memory.
   """
+  if not _checks.static(vocab):
+    return vocab
   if not isinstance(num_tokens, int | np.integer):
     return max(1, min(vocab, SYMBOLIC_CHUNK))
   block = BLOCK_ELEMENTS if block_elements is None else block_elements
@@ -113,7 +116,7 @@ def cpu_chunk_size(num_tokens: Any, vocab: int, column_bytes: int | None = None)
   `CPU_MIN_CHUNK` columns (and at most V). bfloat16 value_and_grad at
   D=128, V=1024: N=2048 in one chunk (8 MiB) took 0.77x the time of two,
   N=4096 in one (16 MiB) 1.44x."""
-  if not isinstance(num_tokens, int | np.integer):
+  if not _checks.static(num_tokens, vocab):
     return default_chunk_size(num_tokens, vocab)
   n = int(num_tokens)
   if (_whole_vocabulary(n, vocab, column_bytes, BLOCK_ELEMENTS)
@@ -124,7 +127,9 @@ def cpu_chunk_size(num_tokens: Any, vocab: int, column_bytes: int | None = None)
 
 
 def _whole_vocabulary(n: int, vocab: int, column_bytes: int | None, block: int) -> bool:
-  return column_bytes is not None and 4 * n <= column_bytes and n * vocab <= 4 * block
+  # (a symbolic D, under jax.export: not known to be large enough)
+  return (column_bytes is not None and _checks.static(column_bytes) and 4 * n <= column_bytes
+          and n * vocab <= 4 * block)
 
 
 def soft_cap(z: jax.Array, cap: float) -> tuple[jax.Array, jax.Array]:
@@ -546,7 +551,7 @@ def _add_rows_matmul(acc: jax.Array, a: jax.Array, b: jax.Array,
   n, d = shape
   product: Callable[[jax.Array], jax.Array] = lambda rows: matmul(
       rows.astype(b.dtype), b, (1, 2), (1, 2))
-  if not isinstance(n, int):  # symbolic (jax.export): one block
+  if not _checks.static(n, d):  # symbolic (jax.export): one block
     return acc + product(a)
   elements = BLOCK_ELEMENTS if block_elements is None else block_elements
   block = max(1, min(n, elements // max(d, 1)))
@@ -604,8 +609,9 @@ def _panel_chunks(kernel: jax.Array, chunk: int, per_group: int, groups: int,
   """Chunks per panel of the CPU backward's 16-bit dkernel (see
   `_rev_bwd_loop`), at most all of them (one panel of the whole kernel when
   it fits), or 0 for direct writes: with fewer than two chunks a panel saves
-  no pass."""
-  if panel_bytes is None or kernel.dtype.itemsize != 2:
+  no pass. Symbolic shapes (`jax.export`) write directly."""
+  if (panel_bytes is None or kernel.dtype.itemsize != 2
+      or not _checks.static(*kernel.shape, chunk, per_group)):
     return 0
   n = -(-per_group // chunk)
   k = min(n, panel_bytes // (kernel.shape[0] * groups * chunk * 2))

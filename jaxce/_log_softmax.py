@@ -121,7 +121,7 @@ def shifted_stats(
   and -inf, and (x - shift) - log_sum is -inf there all the same.
   """
   block = block_size(x.shape[axes[0]]) if len(axes) == 1 else None
-  if block is not None and x.shape[axes[0]] > LONG_ROW:
+  if block is not None and long_row(x.shape[axes[0]]):
     out: tuple[jax.Array, jax.Array] = jax.lax.platform_dependent(
         x, cpu=functools.partial(_blocked_stats, axes[0], block, plain),
         default=functools.partial(_flat_stats, axes, plain))
@@ -130,6 +130,12 @@ def shifted_stats(
 
 
 LONG_ROW = 32768
+
+
+def long_row(num_classes: Any) -> bool:
+  """Whether a class count is known and above `LONG_ROW` (a symbolic one,
+  under `jax.export`, takes the one-stage path)."""
+  return _checks.static(num_classes) and num_classes > LONG_ROW
 
 
 def _flat_stats(axes: Axes, plain: bool, x: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -40,6 +40,7 @@ from jaxce._log_softmax import (
   LONG_ROW,
   accelerator_probs,
   log_of_sum,
+  long_row,
   masked,
   probs,
   remat,
@@ -112,7 +113,10 @@ def numbered_one_hot(labels: jax.Array, shape: tuple[int, ...], axis: int) -> ja
   32-bit class numbers loaded from memory. A constant starting at 0 would be
   folded back into an iota. (1 + labels wraps at the int32 maximum, to a
   negative number that matches nothing, as does any label outside [0, C).)
+  A symbolic C (`jax.export`) takes the iota.
   """
+  if not _checks.static(shape[axis]):
+    return one_hot_at(labels, shape, axis)
   numbers = _class_numbers(shape[axis]).reshape([-1 if d == axis else 1 for d in range(len(shape))])
   return jnp.asarray(numbers) == jnp.expand_dims(_int32(labels) + 1, axis)
 
@@ -180,7 +184,7 @@ def _cpu_row_sums(
   in two, `_sum.blocked_total`). `others` broadcast against `x`, with `axis`
   of length C (targets, class weights) or 1 (a shift)."""
   num_classes = x.shape[axis]
-  block = block_size(num_classes) if num_classes > LONG_ROW else None
+  block = block_size(num_classes) if long_row(num_classes) else None
   if block is None:
     return (x, *others), lambda a: total(a, axis)
   views = tuple(v.reshape(block_shape(v.shape, axis, block)) if v.shape[axis] == num_classes
@@ -483,7 +487,8 @@ def _label_log_sum(
     if shift is None:
       shift = jnp.squeeze(row_shift(xm, (axis,)), axis)
     z = jnp.exp(xm.astype(ct) - _col(shift, axis))
-    if exclude == "cpu" and num_classes < 2**24:  # no blocks (`_cpu_block_size`)
+    if exclude == "cpu" and _checks.static(num_classes) and num_classes < 2**24:
+      # (no blocks, `_cpu_block_size`; the mask's class numbers are exact)
       others = total(z * _apart_from(labels, xm.shape, axis, ct), axis)
     else:
       others = total(jnp.where(one_hot_at(labels, xm.shape, axis), 0.0, z), axis)
@@ -495,8 +500,8 @@ def _takes_row_chunks(xm: jax.Array, axis: int) -> bool:
   """Whether `_in_row_chunks` takes `xm` (with no blocks): rows longer than
   `LONG_ROW` on the last axis, a static shape, and a process with one CPU
   device (`one_cpu_device`)."""
-  return (xm.shape[axis] > LONG_ROW and axis == xm.ndim - 1
-          and all(isinstance(d, int) for d in xm.shape) and one_cpu_device())
+  return (_checks.static(*xm.shape) and xm.shape[axis] > LONG_ROW
+          and axis == xm.ndim - 1 and one_cpu_device())
 
 
 @functools.cache
@@ -577,6 +582,8 @@ def _cpu_block_size(xm: jax.Array, axis: int) -> int | None:
   pay (1.00-1.09x at 256 to 4096 rows of 1024); on axis 1 of (N, C, H, W)
   logits the mask took 1.3-1.9x the forward's time."""
   num_classes = xm.shape[axis]
+  if not _checks.static(num_classes):  # symbolic (jax.export): no blocks
+    return None
   if jnp.dtype(xm.dtype).itemsize < 4 and num_classes <= LONG_ROW:
     return None
   many = isinstance(xm.size, int) and xm.size >= MANY_LOGITS  # (symbolic N: blocks)

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxce import _checks
+
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def total(a: jax.Array, axis: int | tuple[int, ...]) -> jax.Array:
@@ -49,7 +51,9 @@ def block_size(num_classes: int) -> int | None:
   _others_in_blocks`, `_log_softmax.shifted_stats`): a divisor of C in
   [64, 2048] with at least 4 blocks, closest to 2 sqrt(C) (the label's
   gathered block and the per-block sums stay a few percent of the logits);
-  None if C has none."""
+  None if C has none, or is symbolic (`jax.export`)."""
+  if not _checks.static(num_classes):
+    return None
   target = 2.0 * num_classes**0.5
   sizes = [b for b in range(64, min(2048, num_classes // 4) + 1) if num_classes % b == 0]
   return min(sizes, key=lambda b: abs(math.log(b / target)), default=None)

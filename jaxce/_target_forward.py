@@ -221,7 +221,7 @@ def _long_row_block(logits: jax.Array, axis: int) -> int | None:
   stay flat: their blocks' float32 views were written out (twice optax's
   temp memory, and slower)."""
   num_classes = logits.shape[axis]
-  if jnp.dtype(logits.dtype).itemsize < 4 or num_classes <= _log_softmax.LONG_ROW:
+  if jnp.dtype(logits.dtype).itemsize < 4 or not _log_softmax.long_row(num_classes):
     return None
   return block_size(num_classes)
 
