@@ -147,6 +147,14 @@ def cross_entropy(
         f" logits' shape {logits.shape}. Got {labels.shape}. For class"
         " indices, pass an integer array."
     )
+  if not probabilities and labels.shape == logits.shape and logits.shape[axis] != 1:
+    raise TypeError(
+        f"{fn}: `labels` has the logits' shape {labels.shape} and dtype"
+        f" {labels.dtype}: class probabilities must have a floating dtype; cast"
+        f" them (e.g. `labels.astype(jnp.{logits.dtype.name})`). Class indices have"
+        f" the logits' shape without axis {axis},"
+        f" {_checks.positions_shape(logits.shape, axis)}."
+    )
   if not probabilities:
     labels, label_ignore = _checks.integer_labels(
         fn, labels, logits.shape, axis, _checks.global_classes(num_classes, class_axis_name),

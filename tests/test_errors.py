@@ -53,6 +53,11 @@ CASES = {
         lambda x, y: CE(x, y), (_x(), _y((N, 1))), ValueError, ["labels", "(4,)", "(4, 1)"]),
     "nll_labels_shape": (
         lambda x, y: NLL(x, y), (_x(), _y((N + 1,))), ValueError, ["labels", "(4,)", "(5,)"]),
+    # one-hot integer targets: probabilities must be floating (PyTorch's rule)
+    "ce_integer_probabilities": (
+        lambda x, y: CE(x, y), (_x(), jnp.eye(C, dtype=jnp.int32)[:N]), TypeError,
+        ["`labels` has the logits' shape (4, 5) and dtype int32",
+         "must have a floating dtype", "labels.astype(jnp.float32)", "(4,)"]),
     "ce_bool_labels": (
         lambda x, y: CE(x, y), (_x(), jnp.zeros(N, bool)), TypeError, ["labels", "bool"]),
     # class weights
