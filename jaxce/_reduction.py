@@ -10,10 +10,12 @@ difference of two large logsumexp-sized numbers.
 
 from __future__ import annotations
 
-from typing import TypeVar
+import functools
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from jaxce._collective import ClassSlice, label_weight
 from jaxce._stats import LabelStats, SmoothingSums, TargetStats
@@ -50,18 +52,57 @@ def reduce(
     total_loss = _psum(jnp.sum(loss), row_axes)
     d = _psum(jnp.sum(jnp.ones_like(loss)), row_axes)
     nothing = d == 0
-  else:
-    # One stacked reduction (and one psum) rather than one per sum: on small
-    # and short-row inputs each separate per-position pass costs as much as
-    # the sums themselves (a kernel launch on GPU, a thunk on CPU).
-    parts = [loss, denominator.astype(loss.dtype)]
-    if not binary:
-      nonzero = denominator != 0 if present is None else (denominator != 0) | present
-      parts.append(nonzero.astype(loss.dtype))  # exact 0 iff all 0
-    sums = _psum(jnp.sum(jnp.stack(parts), tuple(range(1, loss.ndim + 1))), row_axes)
-    total_loss, d = sums[0], sums[1]
-    nothing = (d if binary else sums[2]) == 0
-  return jnp.where(nothing, 0.0, total_loss / jnp.where(nothing, 1.0, d))
+    return jnp.where(nothing, 0.0, total_loss / jnp.where(nothing, 1.0, d))
+  counted = None
+  if not binary:
+    counted = denominator != 0 if present is None else (denominator != 0) | present
+  out: jax.Array = _weighted_mean(loss, denominator.astype(loss.dtype), counted, row_axes)
+  return out
+
+
+def _weighted_sums(
+    loss: jax.Array, weights: jax.Array, counted: jax.Array | None, row_axes: tuple[str, ...]
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(sum of loss, sum of weights, whether nothing counts) in one stacked
+  reduction (and one psum) rather than one per sum: on small and short-row
+  inputs each separate per-position pass costs as much as the sums
+  themselves (a kernel launch on GPU, a thunk on CPU). Without `counted`,
+  every weight is 0 or 1."""
+  parts = [loss, weights]
+  if counted is not None:
+    parts.append(counted.astype(loss.dtype))  # exact 0 iff all 0
+  sums = _psum(jnp.sum(jnp.stack(parts), tuple(range(1, loss.ndim + 1))), row_axes)
+  return sums[0], sums[1], sums[-1] == 0
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _weighted_mean(
+    loss: jax.Array, weights: jax.Array, counted: jax.Array | None, row_axes: tuple[str, ...]
+) -> jax.Array:
+  """sum(loss) / sum(weights), 0 where nothing counts (see `reduce`)."""
+  total, d, nothing = _weighted_sums(loss, weights, counted, row_axes)
+  return jnp.where(nothing, 0.0, total / jnp.where(nothing, 1.0, d))
+
+
+@functools.partial(_weighted_mean.defjvp, symbolic_zeros=True)
+def _weighted_mean_jvp(
+    row_axes: tuple[str, ...], primals: tuple[Any, ...], tangents: tuple[Any, ...]
+) -> tuple[jax.Array, jax.Array]:
+  # The weights' term only where they have a tangent: through the stacked
+  # sum, autodiff gave their sum a zero tangent, and an infinite mean (a
+  # label on a -inf logit) times that zero made the whole tangent NaN where
+  # reverse mode's gradient was finite.
+  loss, weights, counted = primals
+  t_loss, t_weights, _ = tangents
+  total, d, nothing = _weighted_sums(loss, weights, counted, row_axes)
+  d = jnp.where(nothing, 1.0, d)
+  mean = jnp.where(nothing, 0.0, total / d)
+  t = jnp.zeros_like(mean)
+  if not isinstance(t_loss, SymbolicZero):
+    t = t + _psum(jnp.sum(t_loss), row_axes)
+  if not isinstance(t_weights, SymbolicZero):
+    t = t - mean * _psum(jnp.sum(t_weights), row_axes)
+  return mean, jnp.where(nothing, 0.0, t / d)
 
 
 def _psum(x: T, axes: tuple[str, ...]) -> T:

@@ -391,7 +391,7 @@ def _label_primal(
     shift, ls, picked = _label_shift(xm, labels, x_label, axis)
     sums = None
   live, dead = _row_nll(labels, xm.shape[axis], ls)
-  return LabelStats(shift, ls, picked, sums, jnp.where(live, ls - picked, dead))
+  return LabelStats(shift, ls, picked, sums, jnp.where(live, _live_nll(live, ls, picked), dead))
 
 
 _SmoothedStats = tuple[jax.Array, jax.Array, jax.Array, SmoothingSums]
@@ -444,6 +444,13 @@ def _log_sum_apart(
   none = s_minus_1 == -1.0  # no class left: -inf, with finite derivatives
   log_sum = jnp.where(none, -jnp.inf, jnp.log1p(jnp.where(none, 0.0, s_minus_1)))
   return log_sum, picked
+
+
+def _live_nll(live: jax.Array, log_sum: jax.Array, picked: jax.Array) -> jax.Array:
+  """log_sum - picked where `live`, else 0: a row with no class left (-inf
+  minus -inf) makes no NaN, even one that a select drops (which
+  `checkify.float_checks` would report)."""
+  return jnp.where(live, log_sum, 0.0) - jnp.where(live, picked, 0.0)
 
 
 def _row_nll(
@@ -808,13 +815,16 @@ def _label_tangent(
   assert stats.log_sum is not None  # label_stats always has one (None is NLL's)
   shift, ls = _col(stats.shift, axis), _col(stats.log_sum, axis)
   xm = masked(logits, where)
-  # p - 1 at the label as expm1(log p_y): exact where p_y is close to 1.
-  q_label = jnp.expm1(stats.picked - stats.log_sum)
+  # p - 1 at the label as expm1(log p_y): exact where p_y is close to 1. (A
+  # row with no class has log_sum -inf: -inf - -inf would make a NaN that
+  # the selects below drop, but `checkify.float_checks` reports.)
+  no_class = stats.log_sum == -jnp.inf
+  q_label = jnp.expm1(stats.picked - jnp.where(no_class, 0.0, stats.log_sum))
   live, dead = _row_nll(labels, xm.shape[axis], stats.log_sum)
   rows = _NllRows(live, dead, jnp.where(live, q_label, dead), jnp.where(
       live, stats.log_sum, jnp.where(jnp.isnan(dead), dead, jnp.inf)))
   # CPU's d log_sum = d nll + dx_y: -1 keeps it 0 on rows with no class.
-  q_label = jnp.where(stats.log_sum == -jnp.inf, -1.0, q_label)
+  q_label = jnp.where(no_class, -1.0, q_label)
   txc = tx.astype(shift.dtype)
   t_log_sum, t_label, t_nll = jax.lax.platform_dependent(
       xm, labels, shift, ls, q_label, rows, txc,

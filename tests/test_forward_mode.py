@@ -330,3 +330,46 @@ def test_optax_dropins_check_grads_both_modes():
     t = _tangents(args, seed=11)
     _close(jax.jvp(ours, args, t), jax.jvp(theirs, args, t))
 
+
+
+# Positions with an infinite loss (a label on a -inf logit or outside
+# `where`) beside finite ones: the mean is +inf and reverse mode's gradient
+# is finite. Forward mode must agree with it (jvp = <grad, t>); the mean's
+# weights-sum took a zero tangent through the stacked reduction, and inf * 0
+# made every such jvp NaN.
+INFINITE_LOSS = {
+    "ce_minus_inf_label": lambda x, w: jaxce.cross_entropy(
+        x.at[1, 3].set(-jnp.inf), jnp.asarray(LABELS)),
+    "ce_outside_where": lambda x, w: jaxce.cross_entropy(
+        x, jnp.asarray(LABELS), where=jnp.asarray(WHERE).at[3, 4].set(False), weight=w),
+    "ce_all_options": lambda x, w: jaxce.cross_entropy(
+        x.at[1, 3].set(-jnp.inf), jnp.asarray(LABELS), weight=w, label_smoothing=0.1,
+        z_loss=1e-3),
+    "nll": lambda x, w: jaxce.nll_loss(
+        x.at[1, 3].set(-jnp.inf), jnp.asarray(LABELS), weight=w),
+    "linear": lambda x, w: jaxce.linear_cross_entropy(
+        x, jnp.eye(C, dtype=x.dtype), jnp.asarray(LABELS), weight=w,
+        bias=jnp.zeros(C, x.dtype).at[3].set(-jnp.inf), forward_mode=True),
+}
+
+
+@pytest.mark.parametrize("name", INFINITE_LOSS)
+def test_jvp_matches_grad_beside_infinite_losses(name):
+  x, _, w = _inputs()
+  f = functools.partial(INFINITE_LOSS[name], w=w)
+  t = jnp.asarray(_rng(7).normal(size=x.shape), F64)
+  value, tangent = jax.jit(lambda x, t: jax.jvp(f, (x,), (t,)))(x, t)
+  assert value == np.inf
+  grad = jax.jit(jax.grad(f))(x)
+  assert np.all(np.isfinite(grad))
+  np.testing.assert_allclose(tangent, jnp.vdot(grad, t), rtol=1e-12)
+  # The class weights' own tangent still counts: d/dw of the mean on the
+  # finite positions, against the plain ratio sum(w_y l) / sum(w_y).
+  y = jnp.asarray(LABELS)
+  keep = (y >= 0) & (y != 1) & (y != 4)  # no infinite loss at these positions
+  loss = lambda w: jaxce.cross_entropy(x, jnp.where(keep, y, -100), weight=w)
+  ref = lambda w: (jnp.sum(jnp.where(keep, w[jnp.clip(y, 0)] * jaxce.cross_entropy(
+      x, jnp.clip(y, 0), reduction="none"), 0.0)) / jnp.sum(jnp.where(keep, w[jnp.clip(y, 0)], 0)))
+  tw = jnp.asarray(_rng(8).normal(size=w.shape), F64)
+  np.testing.assert_allclose(jax.jvp(loss, (w,), (tw,))[1], jax.jvp(ref, (w,), (tw,))[1],
+                             rtol=1e-12)

@@ -730,6 +730,32 @@ def test_fully_masked_rows_integer_targets(opts, how):
     assert np.all(np.isfinite(gw))
 
 
+@pytest.mark.parametrize("num_classes", [4, 40000])  # (40000: CPU's blocked sums)
+@pytest.mark.parametrize("how", ["where", "neg_inf"])
+def test_fully_masked_rows_make_no_nan_inside(how, num_classes):
+  """A row with no class left takes no NaN anywhere in the computation, not
+  even one a select drops: `checkify.float_checks` (which reports any NaN a
+  primitive makes) passes on the loss and its gradient. log_sum - picked
+  (-inf - -inf) in the forward and picked - log_sum in the backward made
+  one."""
+  from jax.experimental import checkify
+
+  rng = np.random.default_rng(31)
+  x = rng.normal(size=(3, num_classes)).astype(np.float32)
+  y = jnp.array([0, 1, 2])
+  where = np.ones(x.shape, bool)
+  where[0] = False
+  kw = {"where": jnp.asarray(where)} if how == "where" else {}
+  x = jnp.asarray(np.where(where, x, -np.inf) if how == "neg_inf" else x)
+  w = jnp.linspace(0.5, 2.0, num_classes)
+  for opts in ({}, {"weight": w, "label_smoothing": 0.1, "z_loss": 1e-3}):
+    f = lambda x, opts=opts: jaxce.cross_entropy(x, y, **kw, **opts)
+    for g in (f, jax.grad(f)):
+      err, out = jax.jit(checkify.checkify(g, errors=checkify.float_checks))(x)
+      assert err.get() is None, (opts, err.get())
+      assert np.all(np.isfinite(out))
+
+
 @pytest.mark.parametrize("eps", [0.0, 0.2])
 def test_fully_masked_rows_probability_targets(eps):
   x, _, where = _dead_rows_case()
