@@ -91,12 +91,13 @@ def _weighted_mean_jvp(
   # The weights' term only where they have a tangent: through the stacked
   # sum, autodiff gave their sum a zero tangent, and an infinite mean (a
   # label on a -inf logit) times that zero made the whole tangent NaN where
-  # reverse mode's gradient was finite.
+  # reverse mode's gradient was finite. The mean through this rule again,
+  # for the same reason at the second order (forward over forward).
   loss, weights, counted = primals
   t_loss, t_weights, _ = tangents
-  total, d, nothing = _weighted_sums(loss, weights, counted, row_axes)
+  mean = _weighted_mean(loss, weights, counted, row_axes)
+  _, d, nothing = _weighted_sums(loss, weights, counted, row_axes)
   d = jnp.where(nothing, 1.0, d)
-  mean = jnp.where(nothing, 0.0, total / d)
   t = jnp.zeros_like(mean)
   if not isinstance(t_loss, SymbolicZero):
     t = t + _psum(jnp.sum(t_loss), row_axes)

@@ -378,6 +378,13 @@ def _label_primal(
   labels = _int32(labels)
   # Gathered from the input dtype: exact, and no upcast copy to gather from.
   x_label = take_at(xm, labels, axis)
+  if where is not None:
+    # A label outside `where` reads as a -inf logit (`label_stats`' rule
+    # gives it the derivative of one), here too: this code is what the
+    # rule's own derivative (second order) differentiates.
+    raw = take_at(logits, labels, axis)
+    x_label = raw + jax.lax.stop_gradient(jnp.where(x_label == raw, 0.0, -jnp.inf)).astype(
+        raw.dtype)
   if smoothing:
     def apart(xm: jax.Array, labels: jax.Array, x_label: jax.Array) -> _SmoothedStats:
       shift, ls, picked = _label_shift(xm, labels, x_label, axis)

@@ -83,8 +83,11 @@ def _losses():
   }
 
 
-@pytest.mark.parametrize("name", list(_losses()))
-@pytest.mark.parametrize("symbolic", ["c", "n, c"])
+CLASS_CASES = [(name, "n, c") for name in _losses()] + [
+    ("cross_entropy_options", "c"), ("cross_entropy_probs", "c"), ("nll_loss", "c")]
+
+
+@pytest.mark.parametrize(("name", "symbolic"), CLASS_CASES)
 def test_symbolic_classes(name, symbolic):
   """Each loss, exported with a symbolic class count (and rows), matches
   the jitted loss, value and gradient; before, each raised
@@ -111,8 +114,9 @@ def test_symbolic_classes_long_rows(c, dtype):
     _check(f, [{"x": x, "y": y, "t": t, "w": w}[k] for k in which], {c: "c"}, **tol)
 
 
-@pytest.mark.parametrize("dtype", ["uint8", "int8", "uint16", "int16", "uint32", "int32"])
-@pytest.mark.parametrize("c", [7, 300])
+@pytest.mark.parametrize(("dtype", "c"), [
+    ("uint8", 7), ("uint8", 300), ("int8", 7), ("uint16", 300), ("int16", 300),
+    ("uint32", 300), ("int32", 7)])
 def test_symbolic_classes_labels_of_any_dtype(dtype, c):
   """Labels of every integer dtype against a symbolic class count: out of
   range (C or above, or a negative that is not ignore_index) is NaN, as with
@@ -176,14 +180,19 @@ LINEAR_OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("options", list(LINEAR_OPTIONS))
-@pytest.mark.parametrize("dtype", [F32, BF16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("symbolic", ["v", "d", "n, d, v"])
+LINEAR_CASES = [("plain", dtype, symbolic) for dtype in ("f32", "bf16")
+                for symbolic in ("v", "d", "n, d, v")] + [
+    (options, "f32", "n, d, v") for options in ("softcap_smoothing_z", "sum")] + [
+    ("softcap_smoothing_z", "bf16", "v")]
+
+
+@pytest.mark.parametrize(("options", "dtype", "symbolic"), LINEAR_CASES)
 def test_linear_symbolic_shapes(options, dtype, symbolic):
   """linear_cross_entropy with a symbolic vocabulary (one chunk of all of
   it), feature size (one row block) or all three: value and gradients of
   x, kernel and bias match the jitted loss."""
   n, d, v = 6, 16, 40
+  dtype = {"f32": F32, "bf16": BF16}[dtype]
   rng = _rng(6)
   x = jnp.asarray(rng.normal(size=(n, d)), dtype)
   kernel = jnp.asarray(rng.normal(size=(d, v)) * 0.3, dtype)

@@ -363,6 +363,11 @@ def test_jvp_matches_grad_beside_infinite_losses(name):
   grad = jax.jit(jax.grad(f))(x)
   assert np.all(np.isfinite(grad))
   np.testing.assert_allclose(tangent, jnp.vdot(grad, t), rtol=1e-12)
+  # Forward over forward: the first-order tangent again, as the outer
+  # tangent of the value (it was NaN there too).
+  (_, tangent2), (again, _) = jax.jvp(lambda x: jax.jvp(f, (x,), (t,)), (x,), (t,))
+  np.testing.assert_allclose(tangent2, tangent, rtol=1e-12)
+  np.testing.assert_allclose(again, tangent, rtol=1e-12)
   # The class weights' own tangent still counts: d/dw of the mean on the
   # finite positions, against the plain ratio sum(w_y l) / sum(w_y).
   y = jnp.asarray(LABELS)

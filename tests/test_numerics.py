@@ -730,6 +730,38 @@ def test_fully_masked_rows_integer_targets(opts, how):
     assert np.all(np.isfinite(gw))
 
 
+@pytest.mark.parametrize("opts", [{}, {"label_smoothing": 0.1, "weight": True}])
+def test_label_outside_where_is_a_neg_inf_logit_at_every_order(opts):
+  """A label outside `where` reads as a label on a -inf logit: the same
+  +inf loss and the same gradient (the softmax minus the one-hot label,
+  docs/guides/differences.md), and forward mode agrees at the first and the
+  second order (forward over forward gave the first-order tangent without
+  the label's term: the rule's primal took the masked logit's zero
+  derivative)."""
+  rng = np.random.default_rng(33)
+  x = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
+  y = jnp.array([1, 4, 0])
+  where = jnp.ones((3, 5), bool).at[1, 4].set(False).at[1, 0].set(False)
+  kw = dict(opts)
+  if kw.pop("weight", False):
+    kw["weight"] = jnp.linspace(0.5, 2.0, 5)
+  masked = lambda x: jaxce.cross_entropy(x, y, where=where, reduction="none", **kw)
+  neg_inf = lambda x: jaxce.cross_entropy(x, y, reduction="none", **kw)
+  ct = jnp.array([0.5, 1.0, 2.0])
+  per, vjp = jax.vjp(masked, x)
+  per_inf, vjp_inf = jax.vjp(neg_inf, jnp.where(where, x, -jnp.inf))  # (at those logits)
+  assert per[1] == np.inf
+  _close(per, per_inf, rtol=1e-6)
+  g = vjp(ct)[0]
+  _close(g, vjp_inf(ct)[0], rtol=1e-6, atol=1e-7)
+  assert g[1, 4] < 0  # the label's term
+  assert g[1, 0] == 0.0  # a class outside `where`
+  t = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  (_, t1), (again, _) = jax.jvp(lambda x: jax.jvp(masked, (x,), (t,)), (x,), (t,))
+  _close(jnp.vdot(ct, t1), jnp.vdot(g, t), rtol=1e-5, atol=1e-6)
+  _close(again, t1, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("num_classes", [4, 40000])  # (40000: CPU's blocked sums)
 @pytest.mark.parametrize("how", ["where", "neg_inf"])
 def test_fully_masked_rows_make_no_nan_inside(how, num_classes):
