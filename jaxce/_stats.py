@@ -890,6 +890,10 @@ def _target_primal(
   t = targets.astype(ct)
   if where is not None:
     t = jnp.where(where, t, 0.0)
+  # Targets on -inf logits have no derivative in `target_stats`' rule; none
+  # here either, where the rule's own derivative (second order) reads this
+  # code. (To XLA the select is t itself.)
+  t = jnp.where(xm > -jnp.inf, t, jax.lax.stop_gradient(t))
   w = _class_weights(weight, axis, xm.ndim, ct)
 
   def target_sums(cpu: bool, xm: jax.Array, t: jax.Array, w: jax.Array, shift: jax.Array

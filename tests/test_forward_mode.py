@@ -378,3 +378,21 @@ def test_jvp_matches_grad_beside_infinite_losses(name):
   tw = jnp.asarray(_rng(8).normal(size=w.shape), F64)
   np.testing.assert_allclose(jax.jvp(loss, (w,), (tw,))[1], jax.jvp(ref, (w,), (tw,))[1],
                              rtol=1e-12)
+
+
+@pytest.mark.parametrize("opts", [{}, {"label_smoothing": 0.1, "z_loss": 1e-3}])
+def test_forward_over_forward_targets_beside_neg_inf_logits(opts):
+  """Probability targets differentiated beside -inf logits (zero target
+  mass there): the value's tangent at the second order (forward over
+  forward) is the first-order tangent, which gives the targets on a -inf
+  logit no derivative (the rule's primal gave them one)."""
+  x, t, w = _inputs()
+  x = x.at[1, 3].set(-jnp.inf).at[4, 0].set(-jnp.inf)
+  t = jnp.where(jnp.isfinite(x), t, 0.0)
+  f = lambda x, t: jaxce.cross_entropy(x, t, weight=w, **opts)
+  tx, tt = _rng(11).normal(size=x.shape), _rng(12).normal(size=x.shape)
+  ux, ut = _rng(13).normal(size=x.shape), _rng(14).normal(size=x.shape)
+  inner = lambda x, t: jax.jvp(f, (x, t), (tx, tt))
+  (_, _), (again, _) = jax.jvp(inner, (x, t), (ux, ut))
+  _, first = jax.jvp(f, (x, t), (ux, ut))
+  np.testing.assert_allclose(again, first, rtol=1e-12)
