@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from jaxce._collective import ClassSlice, label_weight
-from jaxce._stats import LabelStats, SmoothingSums, TargetStats
+from jaxce._stats import LabelStats, SmoothingSums, TargetStats, derivative_of
 
 T = TypeVar("T")
 
@@ -186,27 +186,14 @@ def integer_target_loss(
                 present=None if w_y is None else bad)
 
 
-@jax.custom_jvp
-def _derivative_of(x: jax.Array) -> jax.Array:
-  """0, with the derivative of `x` (whatever `x`'s value, inf and NaN
-  included): adds a derivative to a value taken from elsewhere."""
-  return jnp.where(jnp.isfinite(x), x, 0.0) * 0  # keeps x's shard_map axes
-
-
-@_derivative_of.defjvp
-def _derivative_of_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]
-                       ) -> tuple[jax.Array, jax.Array]:
-  return _derivative_of(primals[0]), tangents[0]
-
-
 def _log_sum_through_nll(
     log_sum: jax.Array, nll: jax.Array, picked: jax.Array, keep: jax.Array
 ) -> jax.Array:
   """`log_sum`, differentiated as nll + picked (equal on kept rows; nll and
   its derivative are 0 elsewhere), so that the gradient takes one exp, the
   nll's (see `_smoothed_through_nll`)."""
-  return jax.lax.stop_gradient(log_sum) + _derivative_of(nll) + jnp.where(
-      keep, _derivative_of(picked), 0.0)
+  return jax.lax.stop_gradient(log_sum) + derivative_of(nll) + jnp.where(
+      keep, derivative_of(picked), 0.0)
 
 
 def _nll_through_log_sum(
@@ -223,7 +210,7 @@ def _nll_through_log_sum(
   against optax's 256 MiB, 257 against 128). `nan_at_bad` keeps nll's NaN
   derivative at labels outside [0, C)."""
   return jax.lax.stop_gradient(nll) + jnp.where(
-      keep, (_derivative_of(log_sum) - _derivative_of(picked)) * nan_at_bad, 0.0)
+      keep, (derivative_of(log_sum) - derivative_of(picked)) * nan_at_bad, 0.0)
 
 
 def _smoothed_through_nll(
@@ -240,8 +227,8 @@ def _smoothed_through_nll(
   also where the sum would lose digits (eps near 1) or be inf - inf (a
   label at a -inf logit)."""
   mean = sums.weighted_sum / jnp.maximum(sums.num_active, 1.0)
-  routed = _derivative_of(nll) + eps * jnp.where(
-      keep, _derivative_of(picked) - _derivative_of(mean), 0.0)
+  routed = derivative_of(nll) + eps * jnp.where(
+      keep, derivative_of(picked) - derivative_of(mean), 0.0)
   return jax.lax.stop_gradient(smoothed) + routed
 
 

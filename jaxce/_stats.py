@@ -382,9 +382,7 @@ def _label_primal(
     # A label outside `where` reads as a -inf logit (`label_stats`' rule
     # gives it the derivative of one), here too: this code is what the
     # rule's own derivative (second order) differentiates.
-    raw = take_at(logits, labels, axis)
-    x_label = raw + jax.lax.stop_gradient(jnp.where(x_label == raw, 0.0, -jnp.inf)).astype(
-        raw.dtype)
+    x_label = jax.lax.stop_gradient(x_label) + derivative_of(take_at(logits, labels, axis))
   if smoothing:
     def apart(xm: jax.Array, labels: jax.Array, x_label: jax.Array) -> _SmoothedStats:
       shift, ls, picked = _label_shift(xm, labels, x_label, axis)
@@ -451,6 +449,19 @@ def _log_sum_apart(
   none = s_minus_1 == -1.0  # no class left: -inf, with finite derivatives
   log_sum = jnp.where(none, -jnp.inf, jnp.log1p(jnp.where(none, 0.0, s_minus_1)))
   return log_sum, picked
+
+
+@jax.custom_jvp
+def derivative_of(x: jax.Array) -> jax.Array:
+  """0, with the derivative of `x` (whatever `x`'s value, inf and NaN
+  included): adds a derivative to a value taken from elsewhere."""
+  return jnp.where(jnp.isfinite(x), x, 0.0) * 0  # keeps x's shard_map axes
+
+
+@derivative_of.defjvp
+def _derivative_of_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]
+                       ) -> tuple[jax.Array, jax.Array]:
+  return derivative_of(primals[0]), tangents[0]
 
 
 def _live_nll(live: jax.Array, log_sum: jax.Array, picked: jax.Array) -> jax.Array:

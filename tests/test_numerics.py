@@ -760,6 +760,10 @@ def test_label_outside_where_is_a_neg_inf_logit_at_every_order(opts):
   (_, t1), (again, _) = jax.jvp(lambda x: jax.jvp(masked, (x,), (t,)), (x,), (t,))
   _close(jnp.vdot(ct, t1), jnp.vdot(g, t), rtol=1e-5, atol=1e-6)
   _close(again, t1, rtol=1e-6, atol=1e-7)
+  # A +inf logit outside `where` takes no part either, the label's included.
+  per_big = masked(x.at[1, 4].set(jnp.inf).at[1, 0].set(jnp.inf))
+  assert per_big[1] == np.inf
+  _close(per_big, per, rtol=1e-6)
 
 
 @pytest.mark.parametrize("num_classes", [4, 40000])  # (40000: CPU's blocked sums)
