@@ -479,8 +479,11 @@ def _row_nll(
   class left) or NaN (a label `_checks.OUT_OF_RANGE`: never a plausible
   loss, nor gradient)."""
   live = (labels >= 0) & (labels < num_classes) & (log_sum != -jnp.inf)
-  dead = jnp.where(labels == _checks.OUT_OF_RANGE, jnp.nan, 0.0).astype(log_sum.dtype)
-  return live, dead
+  # (NaN with a NaN derivative there, also where the rules' own code is
+  # differentiated (second order): a NaN constant's would be 0. Elsewhere
+  # the derivative term is 0 * d log_sum, no NaN in either direction.)
+  nan = jnp.where(labels == _checks.OUT_OF_RANGE, jnp.nan, 0.0).astype(log_sum.dtype)
+  return live, nan + nan * derivative_of(log_sum)
 
 
 def _label_log_sum(
