@@ -31,7 +31,6 @@ from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 from jaxce import _checks
@@ -95,7 +94,7 @@ def default_chunk_size(num_tokens: Any, vocab: int, block_elements: int | None =
   """
   if not _checks.static(vocab):
     return vocab
-  if not isinstance(num_tokens, int | np.integer):
+  if not _checks.static(num_tokens):
     return max(1, min(vocab, SYMBOLIC_CHUNK))
   block = BLOCK_ELEMENTS if block_elements is None else block_elements
   n = int(num_tokens)

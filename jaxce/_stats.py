@@ -614,7 +614,7 @@ def _cpu_block_size(xm: jax.Array, axis: int) -> int | None:
     return None
   if jnp.dtype(xm.dtype).itemsize < 4 and num_classes <= LONG_ROW:
     return None
-  many = isinstance(xm.size, int) and xm.size >= MANY_LOGITS  # (symbolic N: blocks)
+  many = _checks.static(xm.size) and xm.size >= MANY_LOGITS  # (symbolic N: blocks)
   if num_classes <= SHORT_ROW and many and axis == xm.ndim - 1:
     return None
   return block_size(num_classes)
