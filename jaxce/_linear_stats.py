@@ -237,17 +237,21 @@ def _cpu_barrier(kernel: jax.Array) -> jax.Array:
   return out
 
 
-def _cpu_loop_barrier(operands: tuple[Any, ...]) -> tuple[Any, ...]:
-  """`_cpu_barrier` for a loop-invariant kernel that is not in the carry:
-  behind one barrier with the loop index, the kernel reads as loop-variant,
-  so XLA:CPU cannot hoist a float32 copy of it out of the loop."""
-  if all(a is None or a.dtype.itemsize >= 4 for a in operands[:-1]):
-    return operands
+def _cpu_loop_barrier(invariant: tuple[Any, ...], variant: tuple[Any, ...]
+                      ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+  """`_cpu_barrier` for loop-invariant arrays that are not in the carry:
+  behind one barrier with loop-variant values, they read as loop-variant, so
+  XLA:CPU cannot hoist a float32 copy of them out of the loop. `variant` is
+  the loop index for primals and the carry for tangents: JAX (0.11) cannot
+  transpose a barrier that mixes a tangent with a primal ("has no attribute
+  accum" in reverse mode over forward mode)."""
+  if all(a is None or a.dtype.itemsize >= 4 for a in invariant):
+    return invariant, variant
   # Inside shard_map (an Explicit mesh's vocabulary split included) the
-  # barrier's outputs vary along the union of its operands' axes: the index
-  # too, so that both branches return the same types.
-  operands = vary_like(operands, *operands)
-  out: tuple[Any, ...] = jax.lax.platform_dependent(
+  # barrier's outputs vary along the union of its operands' axes: the
+  # variant ones too, so that both branches return the same types.
+  operands = vary_like((invariant, variant), *invariant, *variant)
+  out: tuple[tuple[Any, ...], tuple[Any, ...]] = jax.lax.platform_dependent(
       operands, cpu=jax.lax.optimization_barrier, default=lambda ops: ops)
   return out
 
@@ -406,8 +410,10 @@ def _tangent(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: ja
   # copy of a bf16 kernel out of the transposed loop: 424 vs 2412 MiB)
   @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable)
   def step(carry: Tangents4, i: jax.Array) -> tuple[Tangents4, None]:
-    k, i = _cpu_loop_barrier((kernel, i))
-    dk = None if dkernel is None else _cpu_loop_barrier((dkernel, i))[0]
+    (k,), (i,) = _cpu_loop_barrier((kernel,), (i,))
+    dk = None
+    if dkernel is not None:
+      (dk,), carry = _cpu_loop_barrier((dkernel,), carry)
     ch = chunk_logits(x, k, bias, i, chunk, softcap, groups)
     dz = jnp.zeros((), ct)
     if dx is not None:

@@ -129,6 +129,28 @@ def test_run_records_rows_and_load(results):
   assert len(meta["loadavg_before"]) == 3
   assert len(meta["loadavg_after"]) == 3
   assert meta["sweeps"]["image"] == [[256, 3]]
+  assert meta["complete"] is True
+
+
+def test_a_stopped_run_keeps_what_it_measured(tmp_path, monkeypatch):
+  """results.json is written after every configuration: a run cut off by a
+  time limit (the GPU run of benchmarks/gpu.sh) keeps the configurations it
+  finished, marked incomplete in the JSON and the markdown."""
+  done = []
+
+  def fake_run(case, dt, shape, *args):
+    if done:
+      raise KeyboardInterrupt  # as a time limit's signal would stop it
+    done.append(shape)
+    return [{"case": case.name, "impl": "jaxce", "n": shape.n, "c": shape.c}]
+
+  monkeypatch.setattr(run, "run_config", fake_run)
+  with pytest.raises(KeyboardInterrupt):
+    run.main(["--cases", "bce", *TINY, "--classes", "16,32", "--out", str(tmp_path)])
+  data = json.loads((tmp_path / "results.json").read_text())
+  assert data["meta"]["complete"] is False
+  assert [(r["n"], r["c"]) for r in data["results"]] == [(8, 16)]
+  assert "**incomplete**" in "\n".join(report._header(data["meta"]))
 
 
 def test_ratios_are_jaxce_over_peer_from_the_same_round(results):

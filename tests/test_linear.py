@@ -600,7 +600,16 @@ def test_forward_mode_jvp_runs_in_every_dtype(branches, dtype, chunk_size):
   kw = dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0)
   lin = lambda x, k: _lin_loss(x, k, labels, forward_mode=True, chunk_size=chunk_size, **kw)
   ref = lambda x, k: _plain_loss(x.astype(jnp.float32), k.astype(jnp.float32), labels, **kw)
-  (v1, t1), (v2, t2) = (jax.jvp(f, (x, kernel), (tx, tk)) for f in (lin, ref))
+  try:
+    (v1, t1), (v2, t2) = (jax.block_until_ready(jax.jvp(f, (x, kernel), (tx, tk)))
+                          for f in (lin, ref))
+  except jax.errors.JaxRuntimeError as e:
+    # The TPU branch's bf16 product over both first axes, executed by
+    # XLA:CPU: jaxlib 0.11's runtime has no such dot (0.10's ran it). TPUs
+    # run it; on CPU jaxce takes the widened CPU branch (the "cpu" case).
+    if branches == "tpu" and "Unsupported element type for DotThunk" in str(e):
+      pytest.skip(f"XLA:CPU of jaxlib {jax.__version__} cannot execute the TPU branch: {e}")
+    raise
   assert t1.dtype == jnp.float32
   _assert_close(v1, v2, rtol=1e-5, atol=1e-5, what="value")
   _assert_close(t1, t2, rtol=1e-4, atol=1e-4, what="jvp")

@@ -192,6 +192,9 @@ def _header(meta) -> list[str]:
   ]
   for note in meta.get("shape_notes", []):
     lines.append(f"- note: {note}")
+  if meta.get("complete") is False:  # results.json of a run that was stopped
+    lines.append("- **incomplete**: the run stopped before its last configuration; these"
+                 " are the configurations it finished")
   lines += ["", "Bytes model (S = N*C*itemsize, L = 4N):", ""]
   for case, model in meta["bytes_model"].items():
     lines.append(f"- {case}: fwd {model['fwd']}; fwd+bwd {model['fwd_bwd']}")

@@ -470,8 +470,13 @@ def main(argv=None) -> int:
 
       rows.extend(run_config(case, dt, shape, sweeps, args, copies, phase))
       bar.update(1)
+      # results.json after every configuration: a run stopped by a time limit
+      # or an out-of-memory kill keeps what it measured ("complete": false).
+      meta["total_wall_s"] = time.perf_counter() - t_start
+      report.write_json(out / "results.json", {**meta, "complete": False}, rows)
   meta["total_wall_s"] = time.perf_counter() - t_start
   meta["loadavg_after"] = _loadavg()
+  meta["complete"] = True
 
   table = report.markdown(rows, meta)
   written = [report.write_json(out / "results.json", meta, rows)]
