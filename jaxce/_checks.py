@@ -244,7 +244,7 @@ def class_labels(
       raise ValueError(
           f"{fn}: {num_classes} classes need 64-bit labels; enable jax_enable_x64.")
     out_dtype = jnp.int32 if num_classes <= _INT32.max else jnp.int64
-    if num_classes <= np.iinfo(labels.dtype).max:
+    if num_classes <= jnp.iinfo(labels.dtype).max:
       valid = valid & (labels < np.asarray(num_classes, labels.dtype))
   out = jnp.where(valid, labels.astype(out_dtype), OUT_OF_RANGE)
   ignored = _equals(labels, ignore)
@@ -261,7 +261,7 @@ def _equals(labels: jax.Array, ignore: int | jax.Array | None) -> jax.Array | No
   """labels == ignore as integers: never true through a wrap-around."""
   if ignore is None:
     return None
-  info = np.iinfo(labels.dtype)
+  info = jnp.iinfo(labels.dtype)
   if not isinstance(ignore, jax.Array):
     if not info.min <= ignore <= info.max:
       return jnp.zeros_like(labels, bool)
@@ -274,7 +274,7 @@ def _equals(labels: jax.Array, ignore: int | jax.Array | None) -> jax.Array | No
 
 
 def _host_class_labels(labels: np.ndarray, num_classes: int, ignore: int | None) -> np.ndarray:
-  info = np.iinfo(labels.dtype)
+  info = jnp.iinfo(labels.dtype)
   valid = (labels >= 0) & (labels < num_classes) if num_classes <= info.max else labels >= 0
   out = np.where(valid, labels, 0).astype(np.int32)
   out = np.where(valid, out, np.int32(OUT_OF_RANGE))

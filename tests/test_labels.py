@@ -17,14 +17,17 @@ import jaxce
 C = 300  # more classes than uint8 / int8 can name
 D = 4
 IGNORE = -100
-DTYPES = ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"]
+# (the sub-byte ones: ml_dtypes' int4/uint4/int2/uint2, which JAX arrays take;
+# numpy's iinfo does not know them)
+DTYPES = ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+          "int4", "uint4", "int2", "uint2"]
 
 
 def _boundary_values(dtype):
   """Label values at the edges: classes 0 and C - 1, C, the dtype's extremes,
   and the values that wrap to -100 (or to 300 - 100) in a narrower or wider
   dtype, kept if the dtype holds them."""
-  info = np.iinfo(dtype)
+  info = jnp.iinfo(dtype)
   candidates = [0, 1, C - 1, C, C + 1, info.max, info.min, IGNORE, -1,
                 IGNORE % 2**8, IGNORE % 2**16, IGNORE % 2**32, IGNORE % 2**64,
                 IGNORE + 2**32, IGNORE - 2**32, C + 2**8, C + 2**16, C + 2**32, 2**31, -2**31]
@@ -93,9 +96,9 @@ def test_every_dtype_gives_the_int32_result(x64):
     cases = {}
     for dtype in DTYPES:
       values = _boundary_values(dtype)
-      cases[dtype] = (values, _logits(len(values)), np.array(values, dtype))
+      cases[dtype] = (values, _logits(len(values)), np.array(values, jnp.dtype(dtype)))
     # JAX would truncate host 64-bit arrays without x64: only eager calls see them.
-    host = {d for d in DTYPES if not x64 and np.dtype(d).itemsize == 8}
+    host = {d for d in DTYPES if not x64 and jnp.dtype(d).itemsize == 8}
     ignore = jnp.asarray(IGNORE)
     args = {d: (x, jnp.asarray(y)) for d, (_, x, y) in cases.items() if d not in host}
     everything = lambda args, k, ii: {d: _all_losses(x, k, y, ii) for d, (x, y) in args.items()}
@@ -266,7 +269,7 @@ def test_checked_uses_the_same_rule(dtype):
     values = _boundary_values(dtype)
     x = _logits(len(values))
     kinds = _expected(values, IGNORE)
-    y = jnp.asarray(np.array(values, dtype))
+    y = jnp.asarray(np.array(values, jnp.dtype(dtype)))
     f = jax.jit(lambda x, y: jaxce.checked.cross_entropy(x, y, reduction="none"))
     err, _ = checkify.checkify(f)(x, y)
     bad = [v for v, k in zip(values, kinds, strict=True) if k == "bad"]
@@ -274,6 +277,7 @@ def test_checked_uses_the_same_rule(dtype):
       assert f"label {bad[0]} at flat position {values.index(bad[0])}" in err.get()
     else:
       assert err.get() is None
-    ok = np.array([v for v, k in zip(values, kinds, strict=True) if k != "bad"], dtype)
+    ok = np.array([v for v, k in zip(values, kinds, strict=True) if k != "bad"],
+                  jnp.dtype(dtype))
     err, _ = checkify.checkify(f)(_logits(len(ok)), jnp.asarray(ok))
     assert err.get() is None, err.get()
