@@ -244,7 +244,7 @@ def class_labels(
       raise ValueError(
           f"{fn}: {num_classes} classes need 64-bit labels; enable jax_enable_x64.")
     out_dtype = jnp.int32 if num_classes <= _INT32.max else jnp.int64
-    if num_classes <= jnp.iinfo(labels.dtype).max:
+    if num_classes <= int_range(labels.dtype)[1]:
       valid = valid & (labels < np.asarray(num_classes, labels.dtype))
   out = jnp.where(valid, labels.astype(out_dtype), OUT_OF_RANGE)
   ignored = _equals(labels, ignore)
@@ -257,13 +257,20 @@ def _passed_on(ignore: int | jax.Array | None) -> int | None:
   return None if ignore is None else IGNORED
 
 
+def int_range(dtype: Any) -> tuple[int, int]:
+  """(min, max) of an integer dtype; jnp.iinfo, since numpy's does not know
+  the sub-byte dtypes (int4, uint2, ...) that JAX arrays take."""
+  info = jnp.iinfo(dtype)  # type: ignore[no-untyped-call]
+  return int(info.min), int(info.max)
+
+
 def _equals(labels: jax.Array, ignore: int | jax.Array | None) -> jax.Array | None:
   """labels == ignore as integers: never true through a wrap-around."""
   if ignore is None:
     return None
-  info = jnp.iinfo(labels.dtype)
+  low, high = int_range(labels.dtype)
   if not isinstance(ignore, jax.Array):
-    if not info.min <= ignore <= info.max:
+    if not low <= ignore <= high:
       return jnp.zeros_like(labels, bool)
     return labels == np.asarray(ignore, labels.dtype)
   # Traced: ignore is a value of labels' dtype iff the cast round-trips and
@@ -274,11 +281,11 @@ def _equals(labels: jax.Array, ignore: int | jax.Array | None) -> jax.Array | No
 
 
 def _host_class_labels(labels: np.ndarray, num_classes: int, ignore: int | None) -> np.ndarray:
-  info = jnp.iinfo(labels.dtype)
-  valid = (labels >= 0) & (labels < num_classes) if num_classes <= info.max else labels >= 0
+  low, high = int_range(labels.dtype)
+  valid = (labels >= 0) & (labels < num_classes) if num_classes <= high else labels >= 0
   out = np.where(valid, labels, 0).astype(np.int32)
   out = np.where(valid, out, np.int32(OUT_OF_RANGE))
-  if ignore is not None and info.min <= ignore <= info.max:
+  if ignore is not None and low <= ignore <= high:
     out = np.where(labels == np.asarray(ignore, labels.dtype), np.int32(IGNORED), out)
   return out
 

@@ -1064,7 +1064,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f" logits when XLA fuses the loss's backward into them).")
   result = {
       "command": " ".join(sys.argv),
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
       "host": platform.node(), "cpus": os.cpu_count(), "versions": _versions(),
       "elapsed_s": elapsed, "load_before": load_before, "load_after": os.getloadavg(),
       "xla_flags": os.environ.get("XLA_FLAGS"), "workers": workers, "rows": rows,

@@ -406,7 +406,7 @@ def environment(args, configs, notes) -> dict:
       "platform": platform.platform(),
       "cpu_count": os.cpu_count(),
       "loadavg_before": _loadavg(),
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
       "argv": sys.argv,
       "flags": {k: v for k, v in vars(args).items()},
       "shapes": sorted({(s.n, s.c) for _, _, s, _ in configs}),
