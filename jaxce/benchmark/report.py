@@ -327,7 +327,12 @@ def _jsonable(x):
 
 
 def write_json(path: Path, meta, rows) -> Path:
-  path.write_text(json.dumps(_jsonable({"meta": meta, "results": rows}), indent=1) + "\n")
+  """Written beside `path` and renamed over it: a run killed while writing
+  (the benchmark rewrites it after every configuration) leaves the previous
+  complete file, never a truncated one."""
+  tmp = path.with_name(f".{path.name}.tmp")
+  tmp.write_text(json.dumps(_jsonable({"meta": meta, "results": rows}), indent=1) + "\n")
+  os.replace(tmp, path)
   return path
 
 
