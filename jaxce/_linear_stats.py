@@ -367,6 +367,22 @@ def _cpu_transposed(x: jax.Array) -> jax.Array:
   return out
 
 
+def _rows_product(x_t: jax.Array, x: jax.Array, dz: jax.Array) -> jax.Array:
+  """x^T . dz over the rows ([D, ...]): on CPU from `_cpu_transposed`;
+  elsewhere as (dz^T . x) moved to [D, ...], which reads x in its own
+  layout. Written x^T . dz, XLA:TPU keeps a column-major copy of x for the
+  loop (64 MiB at the Llama-3 head), which libtpu 0.0.50 no longer places in
+  dx's output buffer."""
+  def x_first(x_t: jax.Array, x: jax.Array, dz: jax.Array) -> jax.Array:
+    return matmul(x_t, dz, (1,), (0,))
+
+  def dz_first(x_t: jax.Array, x: jax.Array, dz: jax.Array) -> jax.Array:
+    return jnp.moveaxis(matmul(dz, x, (0,), (0,)), -1, 0)
+
+  out: jax.Array = jax.lax.platform_dependent(x_t, x, dz, cpu=x_first, default=dz_first)
+  return out
+
+
 def _first_axes_product(x_t: jax.Array, cols: jax.Array) -> jax.Array:
   """x_t . cols over both first axes, accumulated in float32. On CPU
   half-precision operands are widened first: XLA:CPU (jaxlib 0.10) leaves
@@ -675,7 +691,7 @@ def _rev_bwd_loop(chunk: int, block_elements: int | None, softcap: float | None,
       dz = dz * (1.0 - ch.raw_tanh**2)
     w_chunk = kernel_cols(kernel, ch.start, chunk, groups)
     dx = _add_rows_matmul(dx, jnp.where(ch.fresh, dz, 0.0), w_chunk, block_elements)
-    dk = matmul(x_t, dz.astype(x.dtype), (1,), (0,)).astype(kernel.dtype)
+    dk = _rows_product(x_t, x, dz.astype(x.dtype)).astype(kernel.dtype)
     dkernel = _write_cols(dkernel, _bits(dk) if bits else dk, ch.start - origin, groups)
     if dbias is not None:
       dbias = _write_cols(dbias, jnp.sum(dz, axis=0), ch.start, groups)
