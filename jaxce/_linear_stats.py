@@ -38,11 +38,13 @@ from jaxce._collective import match_vma, vary_like
 from jaxce._stats import LabelStats, SmoothingSums, take_at
 
 # Elements of one float32 block (16 MiB): sets the default vocabulary chunk
-# ([N, chunk] logits) and the row blocks of the dx accumulation ([rows, D]).
+# ([N, chunk] logits) and, on CPU, the row blocks of the dx accumulation
+# ([rows, D]; `_add_rows_matmul`).
 BLOCK_ELEMENTS = 2**22
 
-# The same for the recomputing backward off CPU (`_rev_bwd`): half the
-# elements, i.e. half the vocabulary chunk and half the dx row block. At the
+# The vocabulary chunk of the recomputing backward off CPU (`_rev_bwd`): half
+# the elements. (These figures were taken with dx in row blocks of the same
+# size, which that backward no longer uses: see `_add_rows_matmul`.) At the
 # Llama-3 head (N=8192, D=4096, bf16) the backward's float32 [N, D] dx
 # accumulator is 128 MiB and every float32 [N, chunk] block the compilers keep
 # beside it counts: XLA:GPU (H100, H200) kept 169 MiB of temp memory with
@@ -371,8 +373,8 @@ def _rows_product(x_t: jax.Array, x: jax.Array, dz: jax.Array) -> jax.Array:
   """x^T . dz over the rows ([D, ...]): on CPU from `_cpu_transposed`;
   elsewhere as (dz^T . x) moved to [D, ...], which reads x in its own
   layout. Written x^T . dz, XLA:TPU keeps a column-major copy of x for the
-  loop (64 MiB at the Llama-3 head), which libtpu 0.0.50 no longer places in
-  dx's output buffer."""
+  loop and XLA:GPU a transposed one (64 MiB at the Llama-3 head; libtpu
+  0.0.50 no longer places the TPU's in dx's output buffer)."""
   def x_first(x_t: jax.Array, x: jax.Array, dz: jax.Array) -> jax.Array:
     return matmul(x_t, dz, (1,), (0,))
 
@@ -516,9 +518,9 @@ class Plan(NamedTuple):
   XLA's partitioner where it lives. Other backends take one group (the grouped
   view is a relayout copy of the whole kernel in their tiled layouts: 1 GiB at
   the Llama-3 head on a TPU v5e slice), `forward` columns per step in the
-  forward and `backward` in the backward, whose dx accumulates in row blocks
-  of `ACCEL_BLOCK_ELEMENTS`. Decided by the platform the program is lowered
-  for (`lax.platform_dependent`), not by the host's."""
+  forward and `backward` in the backward, whose dx takes one product per
+  chunk (no row blocks: `_add_rows_matmul`). Decided by the platform the
+  program is lowered for (`lax.platform_dependent`), not by the host's."""
 
   chunk: int
   groups: int
@@ -527,7 +529,7 @@ class Plan(NamedTuple):
 
   @classmethod
   def single(cls, chunk: int) -> Plan:
-    """The same chunk and one group everywhere (and the CPU row blocks)."""
+    """The same chunk and one group everywhere."""
     return cls(chunk, 1, chunk, chunk)
 
 
@@ -563,19 +565,26 @@ def _rev_fwd(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: ja
 
 
 def _add_rows_matmul(acc: jax.Array, a: jax.Array, b: jax.Array,
-                     block_elements: int | None = None) -> jax.Array:
-  """acc + a . b over their last two axes (a float32, cast to b's dtype), in
-  blocks of rows of about `block_elements` (default `BLOCK_ELEMENTS`)
-  elements: a [N, D] float32 product beside the [N, D] float32 accumulator
-  would double the backward's largest buffer."""
+                     block_elements: int | None) -> jax.Array:
+  """acc + a . b over their last two axes (a float32, cast to b's dtype).
+
+  On CPU (`block_elements` given) in blocks of rows of about that many
+  elements: XLA:CPU would keep a [N, D] float32 product beside the [N, D]
+  float32 accumulator. Elsewhere (None) one product: XLA:TPU fuses the sum
+  into the matmul and XLA:GPU into its GEMM, and row blocks (dynamic slices
+  of the token axis) made XLA's partitioner replicate dx on a batch-sharded
+  mesh: the whole float32 dx on every device and an all-gather of each
+  chunk's dz (value_and_grad at the Llama-3 head on a v5p 2x2x1 slice, batch
+  sharded: 145 MiB of temp memory with row blocks, 39 without)."""
   shape: tuple[Any, ...] = acc.shape  # a dim may be symbolic (jax.export)
   n, d = shape
   product: Callable[[jax.Array], jax.Array] = lambda rows: matmul(
       rows.astype(b.dtype), b, (1, 2), (1, 2))
   if not _checks.static(n, d):  # symbolic (jax.export): one block
     return acc + product(a)
-  elements = BLOCK_ELEMENTS if block_elements is None else block_elements
-  block = max(1, min(n, elements // max(d, 1)))
+  if block_elements is None:
+    return acc + product(a)
+  block = max(1, min(n, block_elements // max(d, 1)))
   if block >= n:
     return acc + product(a)
 
@@ -611,17 +620,14 @@ RevCarry = tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]
 def _rev_bwd(plan: Plan, softcap: float | None, smoothing: bool, res: LinearResiduals,
              g: LabelStats) -> tuple[jax.Array | None, ...]:
   def cpu() -> tuple[jax.Array | None, ...]:
-    return _rev_bwd_loop(plan.chunk, None, softcap, smoothing, plan.groups, res, g,
+    return _rev_bwd_loop(plan.chunk, BLOCK_ELEMENTS, softcap, smoothing, plan.groups, res, g,
                          panel_bytes=CPU_PANEL_BYTES)
 
-  if (plan.groups == 1 and plan.backward == plan.chunk
-      and ACCEL_BLOCK_ELEMENTS == BLOCK_ELEMENTS):
-    return cpu()
-  # Off CPU: one group and smaller blocks (see `Plan`, ACCEL_BLOCK_ELEMENTS),
+  # Off CPU: one group, the backward's chunk and no row blocks (see `Plan`),
   # decided by the platform the program is lowered for.
   out: tuple[jax.Array | None, ...] = jax.lax.platform_dependent(
-      cpu=cpu, default=lambda: _rev_bwd_loop(plan.backward, ACCEL_BLOCK_ELEMENTS, softcap,
-                                             smoothing, 1, res, g))
+      cpu=cpu, default=lambda: _rev_bwd_loop(plan.backward, None, softcap, smoothing, 1, res,
+                                             g))
   return out
 
 
