@@ -580,9 +580,8 @@ def _add_rows_matmul(acc: jax.Array, a: jax.Array, b: jax.Array,
   n, d = shape
   product: Callable[[jax.Array], jax.Array] = lambda rows: matmul(
       rows.astype(b.dtype), b, (1, 2), (1, 2))
-  if not _checks.static(n, d):  # symbolic (jax.export): one block
-    return acc + product(a)
-  if block_elements is None:
+  # one block off CPU, and for symbolic sizes (jax.export)
+  if block_elements is None or not _checks.static(n, d):
     return acc + product(a)
   block = max(1, min(n, block_elements // max(d, 1)))
   if block >= n:
