@@ -127,6 +127,15 @@ def static_float(fn: str, name: str, value: Any, lo: float, hi: float) -> float:
   return number
 
 
+def z_loss(fn: str, value: Any) -> float:
+  """A static float in [0, inf): an infinite weight gives ignored positions
+  (0 * inf) NaN."""
+  z = static_float(fn, "z_loss", value, 0.0, float("inf"))
+  if z == float("inf"):
+    raise ValueError(f"{fn}: `z_loss` must be finite (in [0.0, inf)). Got {z}.")
+  return z
+
+
 def positions_shape(shape: Sequence[int], axis: int) -> tuple[int, ...]:
   return tuple(shape[:axis]) + tuple(shape[axis + 1:])
 
@@ -163,11 +172,17 @@ def integer_labels(
 
 
 def global_classes(num_local: int, class_axis_name: str | None) -> int:
-  """The number of classes over all devices of `class_axis_name` (inside
-  shard_map), or `num_local` without one."""
+  """The number of classes over all devices of `class_axis_name` inside
+  shard_map; `num_local` without a name or where the axis is not bound
+  (`linear_cross_entropy` naming an Auto mesh's axis under `jax.jit`: the
+  kernel is whole there)."""
   if class_axis_name is None:
     return num_local
-  return num_local * int(jax.lax.axis_size(class_axis_name))
+  try:
+    size = jax.lax.axis_size(class_axis_name)
+  except NameError:
+    return num_local
+  return num_local * int(size)
 
 
 # After `class_labels`, the label values that stand for "ignored" and for
@@ -217,9 +232,9 @@ def class_labels(
       raise TypeError(f"{fn}: `labels` must have an integer dtype. Got {labels.dtype}.")
     if not isinstance(ignore, jax.Array):
       if not static(num_classes):  # symbolic: the bound is compared on device
-        out = jnp.asarray(_host_class_labels(labels, _INT32.max + 1, ignore))
+        out = jnp.asarray(host_class_labels(labels, _INT32.max + 1, ignore))
         return class_labels(fn, out, num_classes, _passed_on(ignore))
-      return jnp.asarray(_host_class_labels(labels, num_classes, ignore)), _passed_on(ignore)
+      return jnp.asarray(host_class_labels(labels, num_classes, ignore)), _passed_on(ignore)
     # A traced ignore_index has at most 32 bits here (x64 is off): compare
     # the values that int32 holds, and those only uint32 holds, separately.
     i32, u32 = np.iinfo(np.int32), np.iinfo(np.uint32)
@@ -280,7 +295,7 @@ def _equals(labels: jax.Array, ignore: int | jax.Array | None) -> jax.Array | No
   return fits & (labels == cast)
 
 
-def _host_class_labels(labels: np.ndarray, num_classes: int, ignore: int | None) -> np.ndarray:
+def host_class_labels(labels: np.ndarray, num_classes: int, ignore: int | None) -> np.ndarray:
   low, high = int_range(labels.dtype)
   valid = (labels >= 0) & (labels < num_classes) if num_classes <= high else labels >= 0
   out = np.where(valid, labels, 0).astype(np.int32)

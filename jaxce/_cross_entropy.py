@@ -99,7 +99,7 @@ def cross_entropy(
     reduction: "none", "mean" or "sum".
     label_smoothing: :math:`\varepsilon \in [0, 1]`, a static float (a new
       value compiles again).
-    z_loss: :math:`\lambda_z \ge 0`, weight of the squared logsumexp (the
+    z_loss: a finite :math:`\lambda_z \ge 0`, weight of the squared logsumexp (the
       PaLM / t5x auxiliary loss), reduced with the same denominator; a
       static float (a new value compiles again).
     axis: The class axis. -1 is JAX's layout; 1 is PyTorch's ``(N, C, ...)``.
@@ -133,7 +133,7 @@ def cross_entropy(
   axis = _checks.canonical_axis(fn, axis, logits.ndim)
   reduction = _checks.reduction(fn, reduction)
   eps = _checks.static_float(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
-  z = _checks.static_float(fn, "z_loss", z_loss, 0.0, float("inf"))
+  z = _checks.z_loss(fn, z_loss)
   num_classes = logits.shape[axis]
   weight = _checks.class_weight(fn, weight, num_classes)
   where = _checks.class_mask(fn, where, logits.shape, axis)

@@ -54,6 +54,21 @@ def _devices(*arrays: jax.Array) -> int:
   return max([s for s in sizes if s] or [jax.device_count()])
 
 
+def _pad_vocabulary(fn: str, kernel: jax.Array, bias: jax.Array | None,
+                    weight: jax.Array | None, pad: int
+                    ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  """The kernel with `pad` zero columns whose bias is -inf, so that a mesh
+  axis divides its vocabulary. A -inf logit is a masked class: it takes no
+  part in the loss (label smoothing's sums included) nor in any gradient.
+  The cost is a padded copy of the kernel (and of its gradient)."""
+  vocab = kernel.shape[1]
+  bias, weight = _checks.linear_bias(fn, bias, vocab), _checks.class_weight(fn, weight, vocab)
+  return (jnp.pad(kernel, ((0, 0), (0, pad))),
+          jnp.pad(jnp.zeros((vocab,), jnp.float32) if bias is None else bias, (0, pad),
+                  constant_values=-jnp.inf),
+          None if weight is None else jnp.pad(weight, (0, pad)))
+
+
 @_dispatch.jitted(
     static=("reduction", "label_smoothing", "z_loss", "softcap", "chunk_size", "forward_mode",
             "class_axis_name", "backward"),
@@ -161,7 +176,9 @@ def linear_cross_entropy(
       name the kernel's vocabulary axis (an Auto axis of the mesh in the
       arrays' types) to run the same per-device loop in `shard_map` over
       it; pass the whole arrays. Without it a vocabulary-sharded kernel is
-      all-gathered by XLA's partitioner on TPU and GPU. (Explicit meshes
+      all-gathered by XLA's partitioner on TPU and GPU. A vocabulary that
+      the axis does not divide is padded with -inf-logit columns (a padded
+      copy of the kernel and of its gradient per device). (Explicit meshes
       need no name: the split is in the type.)
     backward: "recompute", "precompute" or "auto" (see above). "precompute"
       needs a 32-bit kernel, reduction "mean" or "sum", a concrete number of
@@ -211,28 +228,33 @@ def linear_cross_entropy(
   if auto_mesh is not None:
     assert class_axis_name is not None
     # Outside shard_map, on an Auto mesh: run per device over the named axes.
-    ignore = jnp.asarray(ignore_index) if isinstance(ignore_index, jax.Array) else None
+    # The labels are checked against V here (the kernel may be padded below),
+    # and the local calls get them with a static ignore_index.
+    labels, ignore_index = _checks.class_labels(
+        fn, _checks.as_labels(fn, labels), kernel.shape[1], ignore_index)
+    bias, weight = (None if v is None else _checks.as_array(fn, name, v)
+                    for name, v in (("bias", bias), ("weight", weight)))
+    split = math.prod(auto_mesh.shape[a] for a in _explicit.names(class_axis_name))
+    if _checks.static(kernel.shape[1]) and kernel.shape[1] % split:
+      kernel, bias, weight = _pad_vocabulary(fn, kernel, bias, weight, -kernel.shape[1] % split)
 
     def local(x: jax.Array, kernel: jax.Array, labels: jax.Array, bias: jax.Array | None,
-              weight: jax.Array | None, ignore: jax.Array | None) -> jax.Array:
+              weight: jax.Array | None) -> jax.Array:
       return linear_cross_entropy(
           _collective.vary_widened(x, class_axis_name), kernel, labels, bias=bias, weight=weight,
-          ignore_index=ignore_index if ignore is None else ignore, reduction=reduction,
+          ignore_index=ignore_index, reduction=reduction,
           label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
           chunk_size=chunk_size, forward_mode=forward_mode, class_axis_name=class_axis_name,
           backward=backward)
 
     vocab_spec = P(class_axis_name)
-    labels = _checks.as_array(fn, "labels", labels)
-    extras = [None if v is None else _checks.as_array(fn, name, v)
-              for name, v in (("bias", bias), ("weight", weight))]
-    auto_specs = (P(), P(None, class_axis_name), P(), vocab_spec, vocab_spec, P())
+    auto_specs = (P(), P(None, class_axis_name), P(), vocab_spec, vocab_spec)
     out: jax.Array = _explicit.run_auto(local, auto_mesh, class_axis_name,
-                                        (x, kernel, labels, *extras, ignore), auto_specs, P())
+                                        (x, kernel, labels, bias, weight), auto_specs, P())
     return out
   reduction = _checks.reduction(fn, reduction)
   eps = _checks.static_float(fn, "label_smoothing", label_smoothing, 0.0, 1.0)
-  z = _checks.static_float(fn, "z_loss", z_loss, 0.0, math.inf)
+  z = _checks.z_loss(fn, z_loss)
   softcap = _checks.softcap(fn, softcap)
   chunk_size = _checks.chunk_size(fn, chunk_size)
   forward_mode = _checks.static_bool(fn, "forward_mode", forward_mode)

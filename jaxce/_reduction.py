@@ -226,7 +226,7 @@ def _smoothed_through_nll(
   against optax's 256 MiB of temp). The value stays `smoothed`'s, exact
   also where the sum would lose digits (eps near 1) or be inf - inf (a
   label at a -inf logit)."""
-  mean = sums.weighted_sum / jnp.maximum(sums.num_active, 1.0)
+  mean = sums.weighted_sum / _active_classes(sums, keep)
   routed = derivative_of(nll) + eps * jnp.where(
       keep, derivative_of(picked) - derivative_of(mean), 0.0)
   return jax.lax.stop_gradient(smoothed) + routed
@@ -236,8 +236,15 @@ def _uniform_ce(log_sum: jax.Array, sums: SmoothingSums, keep: jax.Array) -> jax
   """-(1/K) sum_c w_c log p_c over the K active classes, from the sums:
   (sum_c w_c) log_sum - sum_c w_c (x_c - shift), two non-negative terms."""
   weighted_sum = jnp.where(keep, sums.weighted_sum, 0.0)
-  return jnp.where(keep, sums.weight_sum * log_sum - weighted_sum, 0.0) / jnp.maximum(
-      sums.num_active, 1.0)
+  return jnp.where(keep, sums.weight_sum * log_sum - weighted_sum, 0.0) / _active_classes(
+      sums, keep)
+
+
+def _active_classes(sums: SmoothingSums, keep: jax.Array) -> jax.Array:
+  """K, at least 1; 1 on rows not kept, where a NaN or +inf logit can make
+  the count NaN (XLA:CPU's arithmetic count) and 0 / NaN would give an
+  ignored row a NaN loss (PyTorch: 0) and other arguments' gradients NaN."""
+  return jnp.where(keep, jnp.maximum(sums.num_active, 1.0), 1.0)
 
 
 def _target_ce(mass: jax.Array, log_sum: jax.Array, target_logits: jax.Array, keep: jax.Array

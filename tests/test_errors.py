@@ -162,6 +162,13 @@ CASES = {
         ValueError, ["label_smoothing", "2.0"]),
     "ce_z_loss_negative": (
         lambda x, y: CE(x, y, z_loss=-1e-4), (_x(), _y()), ValueError, ["z_loss", "-0.0001"]),
+    "ce_z_loss_inf": (
+        lambda x, y: CE(x, y, z_loss=float("inf")), (_x(), _y()), ValueError,
+        ["z_loss", "finite", "inf"]),
+    "linear_z_loss_inf": (
+        lambda x, y: jaxce.linear_cross_entropy(x, jnp.ones((C, 3)), y % 3,
+                                                z_loss=float("inf")),
+        (_x(), _y()), ValueError, ["z_loss", "finite", "inf"]),
     "ce_probs_z_loss_negative": (
         lambda x, t: CE(x, t, z_loss=-1.0), (_x(), jnp.full((N, C), 0.2)), ValueError,
         ["z_loss", "-1.0"]),

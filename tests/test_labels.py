@@ -281,3 +281,26 @@ def test_checked_uses_the_same_rule(dtype):
                   jnp.dtype(dtype))
     err, _ = checkify.checkify(f)(_logits(len(ok)), jnp.asarray(ok))
     assert err.get() is None, err.get()
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_checked_host_int64_labels(jit):
+  """numpy's default integer labels (int64, which JAX truncates without x64,
+  also as arguments of jax.jit: here they are constants of the function)
+  under `checked.raising`: checked on the host copy, whose values the error
+  names (the check read a traced mask and failed on every call); with a
+  traced ignore_index, compared on device and the position named."""
+  x = _logits(3)
+  wrap = jax.jit if jit else (lambda f: f)
+
+  def checked(y):
+    return jaxce.checked.raising(wrap(lambda x, ii: jaxce.checked.cross_entropy(
+        x, y, ignore_index=IGNORE if ii is None else ii)))
+
+  good = np.array([0, IGNORE, C - 1])
+  np.testing.assert_allclose(checked(good)(x, None),
+                             jaxce.cross_entropy(x, jnp.asarray(good, jnp.int32)), rtol=1e-6)
+  with pytest.raises(Exception, match=rf"label {2**40} at flat position 1 is outside \[0, {C}\)"):
+    checked(np.array([0, 2**40, 1]))(x, None)
+  with pytest.raises(Exception, match=rf"the label at flat position 1 is outside \[0, {C}\)"):
+    checked(np.array([0, 2**32 + IGNORE, 1]))(x, jnp.asarray(IGNORE))

@@ -921,6 +921,33 @@ def test_all_ignored_mean_is_zero(opts):
   assert w is None or np.all(np.asarray(gw) == 0)
 
 
+@pytest.mark.parametrize("opts", [
+    pytest.param(v, id=k, marks=() if "smoothing" in k else pytest.mark.slow)
+    for k, v in ALL_IGNORED_OPTIONS.items()])  # without smoothing: `pytest -m slow` (.ci/run)
+def test_ignored_rows_with_nan_or_inf_logits_add_nothing(opts):
+  """PyTorch multiplies every term by [y != ignore_index]: an ignored row
+  adds 0 whatever its logits (padding, say). With label smoothing, XLA:CPU's
+  count of such a row's classes was NaN, and 0 / NaN made the loss NaN.
+  The kept rows' loss and logits gradients are those without the row."""
+  kw = dict(opts)
+  ignore = kw.get("ignore_index", -100)
+  x = jnp.asarray(_rng(17).normal(size=(4, 5)), jnp.float32)
+  x = x.at[1, 0].set(jnp.nan).at[2, 3].set(jnp.inf)
+  y = jnp.asarray([0, ignore, ignore, 4], jnp.int32)
+  w = jnp.linspace(0.5, 2.0, 5, dtype=jnp.float32) if kw.pop("weight", False) else None
+  if kw.pop("where", False):
+    kw["where"] = jnp.asarray(np.arange(5) != 1)[None, :]
+  kept = jnp.asarray([0, 3])
+  per, loss, gx, _ = _ce_eval(x, y, w, **kw)
+  want_per, want, want_gx, _ = _ce_eval(x[kept], y[kept], w, **kw)
+  np.testing.assert_array_equal(per[1:3], 0.0)
+  np.testing.assert_allclose(per[kept], want_per, rtol=1e-6)
+  np.testing.assert_allclose(loss, want, rtol=1e-6)
+  np.testing.assert_allclose(gx[kept], want_gx, rtol=1e-5, atol=1e-7)
+  total = jaxce.cross_entropy(x, y, weight=w, reduction="sum", **kw)
+  np.testing.assert_allclose(total, jnp.sum(want_per), rtol=1e-6)
+
+
 @pytest.mark.parametrize("dt", [jnp.float16, jnp.bfloat16], ids=["float16", "bfloat16"])
 def test_all_ignored_half_precision(dt):
   x = jnp.zeros((2, 3), dt)

@@ -529,6 +529,67 @@ def test_jit_auto_linear_named_vocabulary_axis(reduction):
   assert_no_gather_of(compiled.as_text(), {"kernel": (D, V)})
 
 
+def test_jit_auto_linear_named_vocabulary_axis_not_dividing_the_vocabulary():
+  """V = 94 over a "model" axis of 4 (real vocabularies such as 50257 are
+  rarely multiples of it; JAX places no array split unevenly, so such a
+  kernel is whole on every device): the kernel is padded to 96 with columns
+  whose logit is -inf, which no part of the loss sees, and each device
+  takes its 24 columns. Loss and gradients of one device, label smoothing
+  included; labels 94 and 95, classes only of the padded kernel, stay out
+  of range (NaN); the forward gathers nothing of the kernel's size."""
+  a, vocab = LINEAR_ARRAYS, 94
+  kernel, bias, weight = a["kernel"][:, :vocab], a["bias"][:vocab], a["weight"][:vocab]
+  labels = np.where(a["labels"] >= vocab, 3, a["labels"]).astype(np.int32)
+  beyond = labels.copy()
+  beyond[:2] = vocab, vocab + 1
+  kw = dict(label_smoothing=0.1, z_loss=0.01, softcap=5.0, chunk_size=8)
+
+  def loss(name):
+    def f(x, k, b, w):
+      return jaxce.linear_cross_entropy(x, k, labels, bias=b, weight=w, class_axis_name=name,
+                                        **kw)
+    return f
+
+  def per_row(name):  # default chunks, no bias: the padding adds one
+    return lambda x, k: jaxce.linear_cross_entropy(x, k, beyond, reduction="none",
+                                                   class_axis_name=name)
+
+  def both(name):
+    def f(x, k, b, w):
+      grads = jax.value_and_grad(loss(name), argnums=(0, 1, 2, 3))(x, k, b, w)
+      rows = jax.value_and_grad(lambda x, k: jnp.nansum(per_row(name)(x, k)),
+                                argnums=(0, 1))(x, k)
+      return grads, rows, per_row(name)(x, k)
+    return f
+
+  args = (a["x"], kernel, bias, weight)
+  expected = jax.device_get(_run(both(None), *args)[0])
+  assert np.isnan(expected[2][:2]).all()
+  assert np.isfinite(expected[2][2:]).all()
+  mesh = _mesh("Auto")
+  args = (jax.device_put(a["x"], NamedSharding(mesh, P("data", None))),
+          *(jax.device_put(v, NamedSharding(mesh, P())) for v in args[1:]))
+  _assert_same(_run(both("model"), *args)[0], expected)
+  assert_no_gather_of(_run(loss("model"), *args)[1].as_text(), {"kernel": (D, vocab)})
+
+
+def test_checked_linear_named_vocabulary_axis_on_an_auto_mesh():
+  """jaxce.checked's fused loss with class_axis_name under jax.jit on an
+  Auto mesh checks the labels against the whole kernel's vocabulary (it
+  asked the unbound axis for its size and failed)."""
+  a = LINEAR_ARRAYS
+  mesh = _mesh("Auto")
+  kernel = jax.device_put(a["kernel"], NamedSharding(mesh, P(None, "model")))
+  f = jaxce.checked.raising(jax.jit(lambda k, y: jaxce.checked.linear_cross_entropy(
+      a["x"], k, y, class_axis_name="model")))
+  labels = np.where(a["labels"] == IGNORE, 0, a["labels"]).astype(np.int32)
+  want = jaxce.linear_cross_entropy(a["x"], a["kernel"], labels)
+  np.testing.assert_allclose(f(kernel, labels), want, rtol=1e-5)
+  labels[3] = V
+  with pytest.raises(Exception, match=rf"label {V} at flat position 3 is outside \[0, {V}\)"):
+    f(kernel, labels)
+
+
 @pytest.mark.parametrize("forward_mode", [False, True])
 def test_jit_auto_linear_named_vocabulary_axis_bfloat16(forward_mode):
   """bfloat16 with class_axis_name on an Auto mesh: value_and_grad (and jvp
