@@ -242,8 +242,8 @@ def _uniform_ce(log_sum: jax.Array, sums: SmoothingSums, keep: jax.Array) -> jax
 
 def _active_classes(sums: SmoothingSums, keep: jax.Array) -> jax.Array:
   """K, at least 1; 1 on rows not kept, where a NaN or +inf logit can make
-  the count NaN (XLA:CPU's arithmetic count) and 0 / NaN would give an
-  ignored row a NaN loss (PyTorch: 0) and other arguments' gradients NaN."""
+  the count NaN (XLA:CPU's arithmetic count), and 0 / NaN gave an ignored
+  row a NaN loss (PyTorch: 0)."""
   return jnp.where(keep, jnp.maximum(sums.num_active, 1.0), 1.0)
 
 
