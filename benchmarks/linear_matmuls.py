@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 import jaxce
-from jaxce.benchmark.measure import paired_ratio, positive_int, round_robin
+from jaxce.benchmark.measure import paired_ratio, positive_int, positive_ints, round_robin
 
 SHAPES = ("64,128,32000", "64,128,65536", "64,128,256000")
 
@@ -56,7 +56,8 @@ def _row(n: int, d: int, v: int, dt: jnp.dtype, rounds: int) -> str:
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--shapes", nargs="+", default=list(SHAPES), help="N,D,V triples")
+  p.add_argument("--shapes", nargs="+", type=positive_ints(",", 3),
+                 default=[positive_ints(",", 3)(s) for s in SHAPES], help="N,D,V triples")
   p.add_argument("--dtype", default="float32")
   p.add_argument("--rounds", type=positive_int, default=9)
   args = p.parse_args()
@@ -64,8 +65,7 @@ def main() -> None:
   print("| N | D | V | jaxce | optax | 3 matmuls | 4 matmuls | jaxce / optax |"
         " optax / 3 matmuls | 4 / 3 matmuls |")
   print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
-  for spec in args.shapes:
-    n, d, v = (int(s) for s in spec.split(","))
+  for n, d, v in args.shapes:
     print(_row(n, d, v, jnp.dtype(args.dtype), args.rounds), flush=True)
 
 

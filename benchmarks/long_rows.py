@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxce
-from jaxce.benchmark.measure import paired_ratio, positive_int, round_robin
+from jaxce.benchmark.measure import paired_ratio, positive_int, positive_ints, round_robin
 
 SHAPES = ("512x100277", "64x100277")
 
@@ -57,7 +57,8 @@ def cases(c: int) -> dict[str, tuple[Callable[..., Any], Callable[..., Any]]]:
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--shapes", nargs="+", default=list(SHAPES), help="NxC")
+  p.add_argument("--shapes", nargs="+", type=positive_ints("x", 2),
+                 default=[positive_ints("x", 2)(s) for s in SHAPES], help="NxC")
   p.add_argument("--dtype", default="float32", help="of the logits (targets: float32)")
   p.add_argument("--rounds", type=positive_int, default=7)
   args = p.parse_args()
@@ -68,8 +69,7 @@ def main() -> None:
         f"optax {optax.__version__}, {args.dtype}, {args.rounds} rounds, value_and_grad")
   print("| N x C | loss | jaxce | peer | jaxce / peer | temp MiB jaxce / peer |")
   print("|---|---|---:|---:|---:|---:|")
-  for spec in args.shapes:
-    n, c = (int(s) for s in spec.split("x"))
+  for n, c in args.shapes:
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(n, c)) * 3, dt)
     y = jnp.asarray(rng.integers(0, c, n), jnp.int32)
@@ -83,7 +83,7 @@ def main() -> None:
     times = round_robin(units, warmup=1, repeats=args.rounds)
     for name in cases(c):
       mine, peer = times[f"{name}/jaxce"], times[f"{name}/peer"]
-      print(f"| {spec} | {name} | {statistics.median(mine) * 1e3:.1f} ms | "
+      print(f"| {n}x{c} | {name} | {statistics.median(mine) * 1e3:.1f} ms | "
             f"{statistics.median(peer) * 1e3:.1f} ms | {paired_ratio(mine, peer):.2f} | "
             f"{temp[name, 'jaxce']:.1f} / {temp[name, 'peer']:.1f} |", flush=True)
 

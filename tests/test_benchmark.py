@@ -8,6 +8,7 @@ import json
 import statistics
 
 import jax
+import numpy as np
 import pytest
 
 pytest.importorskip("optax")
@@ -116,6 +117,10 @@ def test_zero_reference_gradient_has_zero_relative_error():
   zero = [jax.numpy.zeros((2, 1))]
   assert measure.grad_errors(zero, zero) == (0.0, 0.0)
   assert measure.grad_errors([zero[0] + 1e-3], zero)[1] == float("inf")
+  # float64 rounding in the reference (label smoothing at one class): still 0
+  rounded = [np.full((2, 1), 3.5e-18)]
+  assert measure.grad_errors(zero, rounded) == (3.5e-18, 0.0)
+  assert measure.grad_errors([zero[0] + 1e-3], rounded)[1] == float("inf")
 
 
 def test_run_records_rows_and_load(results):
@@ -133,24 +138,33 @@ def test_run_records_rows_and_load(results):
 
 
 def test_a_stopped_run_keeps_what_it_measured(tmp_path, monkeypatch):
-  """results.json is written after every configuration: a run cut off by a
-  time limit (the GPU run of benchmarks/gpu.sh) keeps the configurations it
-  finished, marked incomplete in the JSON and the markdown."""
+  """results.json and results.md are written after every configuration: a
+  run cut off by a time limit (the GPU run of benchmarks/gpu.sh) keeps the
+  configurations it finished, marked incomplete in both, and no table or
+  plot of an earlier run into the folder stays beside them."""
   done = []
+  measured = run.run_config
 
-  def fake_run(case, dt, shape, *args):
+  def stopped_after_one(case, dt, shape, *args):
     if done:
       raise KeyboardInterrupt  # as a time limit's signal would stop it
     done.append(shape)
-    return [{"case": case.name, "impl": "jaxce", "n": shape.n, "c": shape.c}]
+    return measured(case, dt, shape, *args)
 
-  monkeypatch.setattr(run, "run_config", fake_run)
+  earlier = [tmp_path / "results.md", tmp_path / "ratio_float32.png",
+             tmp_path / "time_vs_classes_float32.png"]
+  for path in earlier:
+    path.write_text("an earlier run")
+  monkeypatch.setattr(run, "run_config", stopped_after_one)
   with pytest.raises(KeyboardInterrupt):
     run.main(["--cases", "bce", *TINY, "--classes", "16,32", "--out", str(tmp_path)])
   data = json.loads((tmp_path / "results.json").read_text())
   assert data["meta"]["complete"] is False
-  assert [(r["n"], r["c"]) for r in data["results"]] == [(8, 16)]
-  assert "**incomplete**" in "\n".join(report._header(data["meta"]))
+  assert {(r["n"], r["c"]) for r in data["results"]} == {(8, 16)}
+  table = (tmp_path / "results.md").read_text()
+  assert "**incomplete**" in table
+  assert "an earlier run" not in table
+  assert not any(p.exists() for p in earlier[1:])
 
 
 def test_ratios_are_jaxce_over_peer_from_the_same_round(results):
@@ -284,10 +298,31 @@ def test_rounds_run_in_a_seeded_shuffled_order():
   assert all(len(b) > 1 for b in before.values()), before
 
 
-def test_aot_workers_below_one_are_refused(capsys):
+def test_aot_flags_are_checked_before_compiling(capsys, tmp_path):
+  """Bad flags of the accelerator-compiler benchmark end in one line naming
+  the flag, before anything compiles (they raised tracebacks, some only
+  after compiling: a 0 in --shape divided by zero in the report)."""
   from jaxce.benchmark import aot
   assert aot.parse_args(["--workers", "2"]).workers == 2
-  for bad in ("0", "-1"):
+  assert aot.parse_args(["--shape", "8,4,16"]).shape == [8, 4, 16]
+  refused = {("--workers", "0"): "must be at least 1. Got 0.",
+             ("--workers", "-1"): "must be at least 1. Got -1.",
+             ("--shape", "0,8,16"): "positive integers",
+             ("--shape=-8,8,16",): "positive integers",
+             ("--shape", "8,16"): "must be N,D,C",
+             ("--linear-vocab", "0"): "positive integers",
+             ("--linear-vocab", "1,x"): "positive integers"}
+  for argv, message in refused.items():
     with pytest.raises(SystemExit):
-      aot.parse_args(["--workers", bad])
-    assert f"must be at least 1. Got {bad}." in capsys.readouterr().err
+      aot.parse_args(list(argv))
+    assert message in capsys.readouterr().err, argv
+  a_file = tmp_path / "results.json"
+  a_file.write_text(json.dumps({"meta": {}, "results": []}))  # the other benchmark's
+  for argv, message in (
+      (["--from-json", str(tmp_path / "missing.json")], "cannot read it"),
+      (["--from-json", str(a_file)], "not a results.json of this benchmark"),
+      (["--targets", "h100", "--out", str(a_file)], "cannot write a folder there")):
+    with pytest.raises(SystemExit, match=message):
+      aot.main([*argv, "--no-plots"])
+
+

@@ -29,7 +29,7 @@ import optax
 
 import jaxce
 from jaxce.benchmark import report
-from jaxce.benchmark.measure import compile_jit, median, paired_ratio, round_robin
+from jaxce.benchmark.measure import compile_jit, median, paired_ratio, positive_int, round_robin
 
 MiB = 2**20
 
@@ -121,8 +121,10 @@ def linear_speed(repeats: int) -> dict:
 
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--repeats", type=int, default=9, help="timed interleaved rounds")
+  parser = argparse.ArgumentParser(prog="python -m jaxce.benchmark.acceptance",
+                                   description=__doc__.split("\n\n")[0])
+  parser.add_argument("--repeats", type=positive_int, default=9,
+                      help="timed interleaved rounds (default: 9)")
   parser.add_argument("--skip-speed", action="store_true", help="compile-only figures")
   parser.add_argument("--out", type=Path, help="also write the figures as JSON here")
   args = parser.parse_args(argv)

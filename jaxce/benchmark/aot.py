@@ -52,6 +52,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxce
+from jaxce.benchmark import report
 
 # libtpu takes a lock file so that one process owns the TPU; compiling needs no TPU,
 # and without this a second compiling process (a test run beside a benchmark) fails.
@@ -828,6 +829,7 @@ QUICK = {
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(
+      prog="python -m jaxce.benchmark.aot",
       description="Compile jaxce's losses and their peers (value_and_grad through"
                   " h @ W) for TPU and GPU targets with no accelerator, and report the"
                   " compiler's memory figures and what the optimized HLO shows."
@@ -863,9 +865,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
       setattr(args, key, value)
   if args.workers is not None and args.workers < 1:
     p.error(f"--workers must be at least 1. Got {args.workers}.")
+  try:
+    args.shape = _positive_ints(args.shape)
+    args.linear_vocab = _positive_ints(args.linear_vocab)
+  except ValueError:
+    p.error(f"--shape must be N,D,C and --linear-vocab a comma list, of positive integers."
+            f" Got --shape {args.shape!r}, --linear-vocab {args.linear_vocab!r}.")
+  if len(args.shape) != 3:
+    p.error(f"--shape must be N,D,C. Got {','.join(map(str, args.shape))!r}.")
   if args.targets == "all":
     args.targets = ",".join(TARGETS)
   return args
+
+
+def _positive_ints(text: str) -> list[int]:
+  values = [int(v) for v in text.split(",")]
+  if not values or min(values) < 1:
+    raise ValueError(text)
+  return values
 
 
 def _pick(text: str, known: Iterable[str], flag: str) -> list[str]:
@@ -880,11 +897,8 @@ def plan(args: argparse.Namespace) -> list[tuple[Case, Shape, str, Target]]:
   targets = [TARGETS[t] for t in _pick(args.targets, TARGETS, "--targets")]
   cases = [CASES[c] for c in _pick(args.losses, CASES, "--losses")]
   dtypes = _pick(args.dtypes, DTYPES, "--dtypes")
-  try:
-    n, d, c = (int(v) for v in args.shape.split(","))
-    vocab = [int(v) for v in args.linear_vocab.split(",")]
-  except ValueError:
-    sys.exit("--shape: expected N,D,C; --linear-vocab: a comma list of integers")
+  n, d, c = args.shape
+  vocab = args.linear_vocab
   jobs = []
   for target in targets:
     for case in cases:
@@ -998,8 +1012,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
   from tqdm import tqdm
   pairs = plan(args)
-  out_dir = Path(args.out)
-  out_dir.mkdir(parents=True, exist_ok=True)
+  out_dir = report.output_folder(args.out)
   rows: list[dict[str, Any]] = []
   jobs: list[Job] = []
   owner: list[tuple[dict[str, Any], str]] = []  # each job's row and impl
@@ -1090,7 +1103,13 @@ def merge(args: argparse.Namespace) -> None:
   rows: dict[tuple[str, ...], dict[str, Any]] = {}
   runs = []
   for path in args.from_json:
-    run_ = json.loads(Path(path).read_text())
+    try:
+      run_ = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+      sys.exit(f"--from-json {path!r}: cannot read it ({getattr(e, 'strerror', None) or e})")
+    if not isinstance(run_, dict) or "rows" not in run_:
+      sys.exit(f"--from-json {path!r}: not a results.json of this benchmark (no \"rows\";"
+               " `python -m jaxce.benchmark` writes another kind)")
     # A merged file lists its runs; merging it again keeps them.
     own = [{k: v for k, v in run_.items() if k != "rows"}]
     runs.extend(run_.get("runs", own))
@@ -1103,8 +1122,7 @@ def merge(args: argparse.Namespace) -> None:
   order = {t: i for i, t in enumerate(TARGETS)}
   merged = sorted(rows.values(), key=lambda r: order.get(r["target"], len(order)))
   targets = list(dict.fromkeys(r["target"] for r in merged))
-  out_dir = Path(args.out)
-  out_dir.mkdir(parents=True, exist_ok=True)
+  out_dir = report.output_folder(args.out)
   header = ("Compiled value_and_grad memory per device, jaxce vs peer: compiler figures, not"
             " timings. Merged from: " + "; ".join(
                 f"`{r['command']}` ({r['date']}, {r['elapsed_s'] / 60:.0f} min, load"

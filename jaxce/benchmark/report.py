@@ -327,11 +327,15 @@ def _jsonable(x):
 
 
 def write_json(path: Path, meta, rows) -> Path:
+  return write_text(path, json.dumps(_jsonable({"meta": meta, "results": rows}), indent=1) + "\n")
+
+
+def write_text(path: Path, text: str) -> Path:
   """Written beside `path` and renamed over it: a run killed while writing
-  (the benchmark rewrites it after every configuration) leaves the previous
-  complete file, never a truncated one."""
+  (the benchmark rewrites its results after every configuration) leaves the
+  previous complete file, never a truncated one."""
   tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(json.dumps(_jsonable({"meta": meta, "results": rows}), indent=1) + "\n")
+  tmp.write_text(text)
   os.replace(tmp, path)
   return path
 

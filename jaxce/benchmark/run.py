@@ -459,6 +459,15 @@ def main(argv=None) -> int:
 
   from tqdm import tqdm  # the bench extra; imported only when the benchmark runs
 
+  # The folder holds one run: an earlier run's table and plots go now, so
+  # that a run stopped early leaves no stale file beside its results.json.
+  stale = [p for p in (out / "results.md", *report.plot_files(out)) if p.exists()]
+  for path in stale:
+    path.unlink()
+  if stale:
+    print(f"removed {len(stale)} files of an earlier run from {out}: "
+          f"{', '.join(p.name for p in sorted(stale))}", file=sys.stderr)
+
   rows: list[dict] = []
   copies: dict = {}
   with tqdm(total=len(configs), unit="cfg", file=sys.stderr, dynamic_ncols=True) as bar:
@@ -470,29 +479,22 @@ def main(argv=None) -> int:
 
       rows.extend(run_config(case, dt, shape, sweeps, args, copies, phase))
       bar.update(1)
-      # results.json after every configuration: a run stopped by a time limit
+      # The results after every configuration: a run stopped by a time limit
       # or an out-of-memory kill keeps what it measured ("complete": false).
       meta["total_wall_s"] = time.perf_counter() - t_start
-      report.write_json(out / "results.json", {**meta, "complete": False}, rows)
+      partial = {**meta, "complete": False}
+      report.write_json(out / "results.json", partial, rows)
+      report.write_text(out / "results.md", report.markdown(rows, partial))
   meta["total_wall_s"] = time.perf_counter() - t_start
   meta["loadavg_after"] = _loadavg()
   meta["complete"] = True
 
   table = report.markdown(rows, meta)
-  written = [report.write_json(out / "results.json", meta, rows)]
-  (out / "results.md").write_text(table)
-  written.append(out / "results.md")
-  # The folder holds one run: plots of an earlier run into it go.
-  stale = report.plot_files(out)
-  for path in stale:
-    path.unlink()
+  written = [report.write_json(out / "results.json", meta, rows),
+             report.write_text(out / "results.md", table)]
   if not args.no_plots:
     written += report.plots(rows, meta, out)
   print(table)
-  gone = set(stale) - set(written)
-  if gone:
-    print(f"removed {len(gone)} plots of an earlier run from {out}: "
-          f"{', '.join(p.name for p in sorted(gone))}", file=sys.stderr)
   print(f"wrote: {', '.join(str(p) for p in written)}", file=sys.stderr)
   print(f"total {meta['total_wall_s']:.0f} s", file=sys.stderr)
   return 0
