@@ -6,7 +6,8 @@ axis of the logits (`cross_entropy`, `nll_loss`) or of the kernel
 `value_and_grad` compiles, equals the single-device result (on an Explicit
 mesh each gradient is also sharded like its input), and the compiled HLO
 never all-gathers the logits, the targets or the kernel. A vocabulary that
-divides by the "model" axis but not by the device count is checked too.
+divides by the "model" axis but not by the device count is checked too, and
+one that the axis does not divide (the fused loss pads it).
 
 Inside `shard_map` with `class_axis_name="model"`: each device passes its
 slice of the classes (and of weight / bias / where) with the global labels;
