@@ -79,25 +79,25 @@ def check_labels(
   where = f"at flat position {{position}} is outside [0, {num_classes}){ignored}."
   message = f"jaxce.checked.{fn}: label {{value}} {where}"
   ignore = _checks.ignore_value(fn, ignore_index)
-  if isinstance(labels, np.ndarray) and jax.dtypes.canonicalize_dtype(labels.dtype) != labels.dtype:
+  host = labels if (isinstance(labels, np.ndarray)
+                    and jax.dtypes.canonicalize_dtype(labels.dtype) != labels.dtype) else None
+  if host is not None and not isinstance(ignore, jax.Array) and _checks.static(num_classes):
     # Host labels JAX would truncate: checked on the host, where their values
     # are (a jax copy would hold truncated ones, and is not readable under
     # checkify's trace).
-    if not isinstance(ignore, jax.Array) and _checks.static(num_classes):
-      flat_bad = (_checks.host_class_labels(labels, num_classes, ignore)
-                  == _checks.OUT_OF_RANGE).ravel()
-      position = int(np.argmax(flat_bad)) if flat_bad.size else 0
-      value = labels.ravel()[position] if flat_bad.size else 0
-      _check(jnp.asarray(not flat_bad.any()), message.format(value=value, position=position), fn)
-      return
-    # A traced ignore_index: compared on device; the value is not reported.
-    safe, _ = _checks.class_labels(fn, labels, num_classes, ignore_index)
-    bad = safe == _checks.OUT_OF_RANGE
-    position, _ = _first_bad(bad, jnp.zeros(bad.shape, jnp.int32))
-    _check(~jnp.any(bad), f"jaxce.checked.{fn}: the label {where}", fn, position=position)
+    flat_bad = (_checks.host_class_labels(host, num_classes, ignore)
+                == _checks.OUT_OF_RANGE).ravel()
+    position = int(np.argmax(flat_bad)) if flat_bad.size else 0
+    value = host.ravel()[position] if flat_bad.size else 0
+    _check(jnp.asarray(not flat_bad.any()), message.format(value=value, position=position), fn)
     return
   safe, _ = _checks.class_labels(fn, labels, num_classes, ignore_index)
   bad = safe == _checks.OUT_OF_RANGE
+  if host is not None:  # a traced ignore_index: the position only (a jax copy's
+    # values are truncated)
+    position, _ = _first_bad(bad, jnp.zeros(bad.shape, jnp.int32))
+    _check(~jnp.any(bad), f"jaxce.checked.{fn}: the label {where}", fn, position=position)
+    return
   position, value = _first_bad(bad, jnp.asarray(labels))
   _check(~jnp.any(bad), message, fn, value=value, position=position)
 
