@@ -230,7 +230,8 @@ def nll_loss(
   with :math:`v_n = [y_n \ne \text{ignore\_index}]`. As in :func:`cross_entropy`,
   "mean" over all-ignored positions is 0.0 (PyTorch: NaN) and labels outside
   [0, C) give NaN. Differentiation: a `jax.custom_jvp` (forward and reverse
-  mode, any order); reverse mode keeps only the labels.
+  mode, any order); reverse mode keeps the labels and a few float32
+  numbers per position.
 
   Args:
     log_probs: Log-probabilities (e.g. from :func:`log_softmax`), floating,

@@ -105,8 +105,9 @@ def linear_cross_entropy(
   * ``backward="recompute"``: the forward streams vocabulary chunks with an
     online logsumexp; the derivative recomputes each chunk's logits (four
     matmuls in all). What is kept for the backward is `x`, `kernel`, `bias`,
-    `labels` (the class weight with label smoothing) and two float32
-    numbers per token (a shift and the log-sum-exp above it); the largest
+    `labels` (the class weight with label smoothing) and a few float32
+    numbers per token (a shift, the log-sum-exp above it, the label's logit
+    and the reduction's weights); the largest
     temporaries are a few float32 [N, chunk] blocks and a float32 dx
     accumulator of `x`'s size. Nothing grows with V.
   * ``backward="precompute"``: the forward streams blocks of tokens, computes

@@ -20,7 +20,8 @@ turn into the loss as for every other loss. They differ in the derivative:
   mode, which JAX gets by transposing it, keeps the same residuals.
 
 Residuals in both: x, kernel, bias, int32 labels, the class weight (label
-smoothing only) and two float32 numbers per token (shift, log_sum).
+smoothing only) and two float32 numbers per token (shift, log_sum); the
+reduction after them keeps a few more per token.
 """
 
 from __future__ import annotations
