@@ -53,6 +53,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxce
 from jaxce.benchmark import report
+from jaxce.benchmark.measure import positive_ints
 
 # libtpu takes a lock file so that one process owns the TPU; compiling needs no TPU,
 # and without this a second compiling process (a test run beside a benchmark) fails.
@@ -865,24 +866,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
       setattr(args, key, value)
   if args.workers is not None and args.workers < 1:
     p.error(f"--workers must be at least 1. Got {args.workers}.")
-  try:
-    args.shape = _positive_ints(args.shape)
-    args.linear_vocab = _positive_ints(args.linear_vocab)
-  except ValueError:
-    p.error(f"--shape must be N,D,C and --linear-vocab a comma list, of positive integers."
-            f" Got --shape {args.shape!r}, --linear-vocab {args.linear_vocab!r}.")
-  if len(args.shape) != 3:
-    p.error(f"--shape must be N,D,C. Got {','.join(map(str, args.shape))!r}.")
+  for flag, key, form, count in (("--shape", "shape", "N,D,C", 3),
+                                 ("--linear-vocab", "linear_vocab", "a comma list", None)):
+    try:
+      setattr(args, key, list(positive_ints(",", count)(getattr(args, key))))
+    except argparse.ArgumentTypeError as e:
+      p.error(f"{flag} must be {form}: {e}")
   if args.targets == "all":
     args.targets = ",".join(TARGETS)
   return args
-
-
-def _positive_ints(text: str) -> list[int]:
-  values = [int(v) for v in text.split(",")]
-  if not values or min(values) < 1:
-    raise ValueError(text)
-  return values
 
 
 def _pick(text: str, known: Iterable[str], flag: str) -> list[str]:

@@ -159,18 +159,19 @@ def ratio_stats(num: Sequence[float], den: Sequence[float]) -> dict[str, float] 
           "q3": q3, "rounds": len(pairs)}
 
 
-def positive_ints(sep: str, count: int) -> Callable[[str], tuple[int, ...]]:
+def positive_ints(sep: str, count: int | None = None) -> Callable[[str], tuple[int, ...]]:
   """An argparse `type` for a shape such as NxC (sep "x", count 2): `count`
-  positive ints."""
+  positive ints (None: one or more)."""
 
   def parse(text: str) -> tuple[int, ...]:
     try:
       values = tuple(int(v) for v in text.split(sep))
     except ValueError:
       values = ()
-    if len(values) != count or min(values) < 1:
+    if not values or (count is not None and len(values) != count) or min(values) < 1:
+      how_many = "" if count is None else f"{count} "
       raise argparse.ArgumentTypeError(
-          f"expected {count} positive integers separated by {sep!r}, got {text!r}")
+          f"expected {how_many}positive integers separated by {sep!r}, got {text!r}")
     return values
   return parse
 
