@@ -192,7 +192,8 @@ def test_forward_over_forward_and_third_order():
   _close(d3(f), d3(ref), rtol=1e-8)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, F64])
+@pytest.mark.parametrize(  # float64 (the same rules at 2000): `pytest -m slow`
+    "dtype", [jnp.float32, pytest.param(F64, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("mode", ["grad_of_grad", "jvp_of_grad", "jvp_of_jvp"])
 @pytest.mark.parametrize("case", ["label_far_below_max", "ignored_row_large", "smoothing"])
 def test_second_order_where_the_label_shift_overflows(case, mode, dtype):

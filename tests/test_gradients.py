@@ -163,8 +163,9 @@ PROB_OPTIONS = {
 
 
 @pytest.mark.parametrize("opts", [
-    # reductions "none" and "sum" (wired as for integer labels): `pytest -m slow`
-    pytest.param(v, marks=pytest.mark.slow) if k in ("none", "sum") else v
+    # reductions "none" and "sum" (wired as for integer labels), and smoothing
+    # without `where` (where_smoothing covers it): `pytest -m slow`
+    pytest.param(v, marks=pytest.mark.slow) if k in ("none", "sum", "smoothing") else v
     for k, v in PROB_OPTIONS.items()], ids=PROB_OPTIONS.keys())
 def test_check_grads_cross_entropy_probs(opts):
   x, t, w = _logits((N, C)), _probs((N, C)), _weight(C)

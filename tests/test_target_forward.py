@@ -128,7 +128,9 @@ def test_long_rows_in_blocks(path, reduction):
 @pytest.mark.parametrize("classes", [C, 40000], ids=["short", "long_rows_in_blocks"])
 @pytest.mark.parametrize("eps", [0.1, 1.0])
 @pytest.mark.parametrize(("reduction", "weighted", "z_loss"),
-                         [("none", False, 0.0), ("mean", True, 1e-3), ("sum", True, 0.0)])
+                         [("none", False, 0.0), ("mean", True, 1e-3),
+                          # (the weighted sum the mean divides): `pytest -m slow`
+                          pytest.param("sum", True, 0.0, marks=pytest.mark.slow)])
 def test_label_smoothing_every_kind_of_row(path, classes, eps, reduction, weighted, z_loss):
   """With label smoothing the plain pass takes the smoothed targets; where
   it is not finite (a -inf logit takes its class out of the uniform part:
