@@ -412,15 +412,19 @@ def linear_bias(fn: str, bias: ArrayLike | None, vocab: int) -> jax.Array | None
 
 
 def softcap(fn: str, value: object) -> float | None:
-  """None, or a positive static float, finite in float32 (the logits'
-  compute dtype at least: a larger one would be inf there, and the cap NaN)."""
+  """None, or a positive static float, a normal float32 number (the logits'
+  compute dtype at least): a larger one would be inf there, and a subnormal
+  one 0 on XLA:CPU (flushed), and either made the capped logits NaN."""
   if value is None:
     return None
   cap = static_number(fn, "softcap", value)
-  largest = float(np.finfo(np.float32).max)
-  if not 0.0 < cap <= largest:
-    beyond = " (beyond float32's largest, 3.4e38)" if largest < cap < float("inf") else ""
-    raise ValueError(f"{fn}: `softcap` must be positive and finite. Got {cap}{beyond}.")
+  f32 = np.finfo(np.float32)
+  largest, smallest = float(f32.max), float(f32.smallest_normal)
+  if not smallest <= cap <= largest:
+    beyond = (" (beyond float32's largest, 3.4e38)" if largest < cap < float("inf")
+              else " (below float32's smallest normal number, 1.2e-38)" if cap > 0.0 else "")
+    raise ValueError(
+        f"{fn}: `softcap` must be positive, finite and a normal float32 number. Got {cap}{beyond}.")
   return cap
 
 

@@ -236,6 +236,9 @@ CASES = {
     "linear_softcap_beyond_float32": (
         lambda x, k, y: jaxce.linear_cross_entropy(x, k, y, softcap=1e39),
         (_x((N, 3)), _x((3, C)), _y()), ValueError, ["softcap", "float32"]),
+    "linear_softcap_below_float32_normal": (  # (0 on XLA:CPU: the capped logits NaN)
+        lambda x, k, y: jaxce.linear_cross_entropy(x, k, y, softcap=1e-39),
+        (_x((N, 3)), _x((3, C)), _y()), ValueError, ["softcap", "smallest normal"]),
     "bce_complex_targets": (
         lambda x, t: jaxce.binary_cross_entropy_with_logits(x, t),
         (_x(), jnp.ones((N, C), jnp.complex64)), TypeError, ["targets", "complex64"]),

@@ -986,8 +986,9 @@ BAD = {
 
 def test_bad_softcap_message():
   # one message for every value out of (0, inf): no range that suggests 0 or inf work
-  for cap in (-1.0, 0.0, float("inf"), float("nan")):
-    with pytest.raises(ValueError, match=r"`softcap` must be positive and finite\. Got"):
+  for cap in (-1.0, 0.0, float("inf"), float("nan"), 1e-39):
+    with pytest.raises(ValueError, match=(
+        r"`softcap` must be positive, finite and a normal float32 number\. Got")):
       jaxce.linear_cross_entropy(_X, _K, _Y, softcap=cap)
   with pytest.raises(TypeError, match=r"`softcap` must be a static Python float"):
     jax.jit(lambda c: jaxce.linear_cross_entropy(_X, _K, _Y, softcap=c))(2.0)
