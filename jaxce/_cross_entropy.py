@@ -50,7 +50,8 @@ def cross_entropy(
 
   * "mean" over positions that are all ignored, or all of zero class weight,
     returns 0.0 with zero gradients (PyTorch returns NaN), so a padding-only
-    micro-batch cannot poison training. Otherwise "mean" divides by the sum
+    micro-batch of finite logits cannot poison training (a NaN or +inf
+    logit of an ignored position still has a NaN gradient, as in PyTorch). Otherwise "mean" divides by the sum
     of the weights as PyTorch does, even when weights of both signs cancel
     (giving +-inf or NaN).
   * Integer labels outside [0, C) that are not `ignore_index` make that
