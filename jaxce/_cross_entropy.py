@@ -51,9 +51,9 @@ def cross_entropy(
   * "mean" over positions that are all ignored, or all of zero class weight,
     returns 0.0 with zero gradients (PyTorch returns NaN), so a padding-only
     micro-batch of finite logits cannot poison training (a NaN or +inf
-    logit of an ignored position still has a NaN gradient, as in PyTorch). Otherwise "mean" divides by the sum
-    of the weights as PyTorch does, even when weights of both signs cancel
-    (giving +-inf or NaN).
+    logit of an ignored position still has a NaN gradient, as in PyTorch).
+    Otherwise "mean" divides by the sum of the weights as PyTorch does, even
+    when weights of both signs cancel (giving +-inf or NaN).
   * Integer labels outside [0, C) that are not `ignore_index` make that
     position's loss NaN (PyTorch raises). Use :mod:`jaxce.checked` to raise an
     error naming the bad label instead, even under `jax.jit`.
