@@ -985,7 +985,8 @@ BAD = {
 
 
 def test_bad_softcap_message():
-  # one message for every value out of (0, inf): no range that suggests 0 or inf work
+  # one message for every value outside [float32 smallest normal, float32 max]: no range
+  # that suggests 0 or inf work
   for cap in (-1.0, 0.0, float("inf"), float("nan"), 1e-39):
     with pytest.raises(ValueError, match=(
         r"`softcap` must be positive, finite and a normal float32 number\. Got")):
