@@ -19,6 +19,7 @@ from jax.typing import ArrayLike, DTypeLike
 Reduction = Literal["none", "mean", "sum"]
 REDUCTIONS = ("none", "mean", "sum")
 _INT32 = np.iinfo(np.int32)
+_F32 = np.finfo(np.float32)
 
 
 def static(*dims: object) -> bool:
@@ -99,7 +100,7 @@ def canonical_axis(fn: str, axis: Any, ndim: int, name: str = "logits") -> int:
 
 
 def reduction(fn: str, value: object) -> Reduction:
-  if value not in REDUCTIONS:
+  if not isinstance(value, str) or value not in REDUCTIONS:
     raise ValueError(
         f"{fn}: `reduction` must be one of {REDUCTIONS}. Got {value!r}."
     )
@@ -117,6 +118,10 @@ def static_number(fn: str, name: str, value: Any) -> float:
     raise TypeError(
         f"{fn}: `{name}` must be a static Python float. Got {value!r}."
     ) from None
+  except OverflowError:  # an int beyond any float
+    raise ValueError(
+        f"{fn}: `{name}` must be a finite float. Got an int of {len(str(abs(value)))}"
+        " digits, beyond float64's range.") from None
 
 
 def static_float(fn: str, name: str, value: Any, lo: float, hi: float) -> float:
@@ -128,11 +133,13 @@ def static_float(fn: str, name: str, value: Any, lo: float, hi: float) -> float:
 
 
 def z_loss(fn: str, value: Any) -> float:
-  """A static float in [0, inf): an infinite weight gives ignored positions
-  (0 * inf) NaN."""
-  z = static_float(fn, "z_loss", value, 0.0, float("inf"))
-  if z == float("inf"):
-    raise ValueError(f"{fn}: `z_loss` must be finite (in [0.0, inf)). Got {z}.")
+  """A static float in [0, float32's largest]: an infinite weight (also one
+  that only float32, the losses' compute dtype at least, rounds to inf)
+  gives ignored positions (0 * inf) NaN."""
+  z = static_number(fn, "z_loss", value)
+  if not 0.0 <= z <= float(_F32.max):
+    why = ": an infinite weight makes ignored positions NaN" if z > 0.0 else ""
+    raise ValueError(f"{fn}: `z_loss` must be in [0, 3.4e38], finite in float32. Got {z}{why}.")
   return z
 
 
@@ -142,7 +149,18 @@ def positions_shape(shape: Sequence[int], axis: int) -> tuple[int, ...]:
 
 def as_labels(fn: str, labels: Any) -> jax.Array | np.ndarray:
   """`labels` as an array, except host arrays of a 64-bit dtype that JAX
-  would truncate (x64 disabled): those stay numpy for `class_labels`."""
+  would truncate (x64 disabled): those stay numpy for `class_labels`, as do
+  Python ints (and lists of them) beyond int32."""
+  if isinstance(labels, int | list | tuple) and not isinstance(labels, bool):
+    try:
+      host = np.asarray(labels)
+    except (TypeError, ValueError, OverflowError):  # ragged: as_array's error below
+      host = None
+    if host is not None and host.dtype == object:
+      raise TypeError(f"{fn}: `labels` must be an array of numbers; Python ints beyond"
+                      " 64 bits are not.")
+    if host is not None and np.issubdtype(host.dtype, np.integer):
+      labels = host
   if (isinstance(labels, (np.ndarray, np.generic))
       and jax.dtypes.canonicalize_dtype(labels.dtype) != labels.dtype):
     return np.asarray(labels)
@@ -171,7 +189,21 @@ def integer_labels(
   return class_labels(fn, labels, num_classes, ignore_index)
 
 
-def global_classes(num_local: int, class_axis_name: str | None) -> int:
+def class_axis_name(fn: str, value: object) -> str | tuple[str, ...] | None:
+  """None, a mesh axis name, or a tuple of distinct ones (a list is taken as
+  a tuple: the name is a static option and goes on into JAX's collectives)."""
+  if value is None or isinstance(value, str):
+    return value
+  if isinstance(value, tuple | list) and value and all(isinstance(a, str) for a in value):
+    axes = tuple(value)
+    if len(set(axes)) != len(axes):
+      raise ValueError(f"{fn}: `class_axis_name` must name each mesh axis once. Got {value!r}.")
+    return axes
+  raise TypeError(f"{fn}: `class_axis_name` must be a mesh axis name (a str) or a"
+                  f" tuple of them. Got {value!r}.")
+
+
+def global_classes(num_local: int, class_axis_name: str | tuple[str, ...] | None) -> int:
   """The number of classes over all devices of `class_axis_name` inside
   shard_map; `num_local` without a name or where the axis is not bound
   (`linear_cross_entropy` naming an Auto mesh's axis under `jax.jit`: the
@@ -201,6 +233,9 @@ def ignore_value(fn: str, ignore_index: Any) -> int | jax.Array | None:
     raise TypeError(f"{fn}: `ignore_index` must be an int or None. Got {ignore_index!r}.")
   if isinstance(ignore_index, (int, np.integer)):
     return int(ignore_index)
+  if (isinstance(ignore_index, np.ndarray) and ignore_index.shape == ()
+      and np.issubdtype(ignore_index.dtype, np.integer)):
+    return int(ignore_index)  # a host value: as a Python int, never cut to 32 bits
   got = type(ignore_index).__name__
   if isinstance(ignore_index, (jax.Array, np.ndarray, np.generic)):
     value = jnp.asarray(ignore_index)
@@ -412,20 +447,26 @@ def linear_bias(fn: str, bias: ArrayLike | None, vocab: int) -> jax.Array | None
 
 
 def softcap(fn: str, value: object) -> float | None:
-  """None, or a positive static float, a normal float32 number (the logits'
-  compute dtype at least): a larger one would be inf there, and a subnormal
-  one 0 on XLA:CPU (flushed), and either made the capped logits NaN."""
+  """None, or a static float in [2**-126, 2**102]. Below, float32 (the
+  logits' compute dtype at least) flushes the cap to 0 on XLA:CPU, and a
+  zero logit gave 0 / 0. Above, XLA:CPU flushes z / cap to 0 for logits
+  smaller than cap * 2**-126 in magnitude (from 2**126 on, for every logit:
+  the loss was log V with zero gradients); at 2**102 that is under 6e-8, a
+  rounding error of float32 logits near 1. Such a cap changes no logit:
+  `None` is the uncapped loss."""
   if value is None:
     return None
   cap = static_number(fn, "softcap", value)
-  f32 = np.finfo(np.float32)
-  largest, smallest = float(f32.max), float(f32.smallest_normal)
-  if not smallest <= cap <= largest:
-    beyond = (" (beyond float32's largest, 3.4e38)" if largest < cap < float("inf")
-              else " (below float32's smallest normal number, 1.2e-38)" if cap > 0.0 else "")
+  if not SOFTCAP_RANGE[0] <= cap <= SOFTCAP_RANGE[1]:
+    why = ("" if not cap > 0.0 else
+           " (below float32's smallest normal number)" if cap < SOFTCAP_RANGE[0] else
+           " (XLA flushes z / softcap to 0 for small logits; pass None for no cap)")
     raise ValueError(
-        f"{fn}: `softcap` must be positive, finite and a normal float32 number. Got {cap}{beyond}.")
+        f"{fn}: `softcap` must be in [1.2e-38, 5.1e30] (2**-126 to 2**102). Got {cap}{why}.")
   return cap
+
+
+SOFTCAP_RANGE = (2.0**-126, 2.0**102)
 
 
 def chunk_size(fn: str, value: object) -> int | None:

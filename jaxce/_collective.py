@@ -133,8 +133,7 @@ def match_vma(cotangent: jax.Array | None, primal: jax.Array) -> jax.Array | Non
 
 
 def require_split(fn: str, name: str, x: jax.Array, axis_name: AxisName | None) -> None:
-  """Refuses a `class_axis_name` that is not axis names. Inside `shard_map`
-  (with its default check of varying axes), refuses an
+  """Inside `shard_map` (with its default check of varying axes), refuses an
   `x` that its type says is the same on every device of `axis_name`: each
   device must pass its own slice of the classes, and a replicated array
   would count every class once per device (a wrong loss, with no error).
@@ -142,11 +141,6 @@ def require_split(fn: str, name: str, x: jax.Array, axis_name: AxisName | None) 
   JAX whose internals differ) nothing is checked."""
   if axis_name is None:
     return
-  if not (isinstance(axis_name, str) or (
-      isinstance(axis_name, tuple | list) and axis_name
-      and all(isinstance(a, str) for a in axis_name))):
-    raise TypeError(f"{fn}: `class_axis_name` must be a mesh axis name (a str) or a"
-                    f" tuple of them. Got {axis_name!r}.")
   axes = names(axis_name)
   try:
     from jax._src import config

@@ -27,7 +27,7 @@ def cross_entropy(
     z_loss: float = 0.0,
     axis: int = -1,
     where: ArrayLike | None = None,
-    class_axis_name: str | None = None,
+    class_axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
   r"""Softmax cross-entropy with PyTorch's options, for integer or probability
   targets.
@@ -100,18 +100,22 @@ def cross_entropy(
     reduction: "none", "mean" or "sum".
     label_smoothing: :math:`\varepsilon \in [0, 1]`, a static float (a new
       value compiles again).
-    z_loss: a finite :math:`\lambda_z \ge 0`, weight of the squared logsumexp (the
-      PaLM / t5x auxiliary loss), reduced with the same denominator; a
-      static float (a new value compiles again).
+    z_loss: :math:`\lambda_z \in [0, 3.4 \cdot 10^{38}]` (finite in float32),
+      weight of the squared logsumexp (the PaLM / t5x auxiliary loss),
+      reduced with the same denominator; a static float (a new value
+      compiles again).
     axis: The class axis. -1 is JAX's layout; 1 is PyTorch's ``(N, C, ...)``.
     where: Optional boolean mask broadcastable to `logits` (NumPy's rules,
       aligned at the last axis): the classes that take part in the softmax.
+      A position left with no class contributes 0 but still counts in
+      "mean" (to drop positions, give them `ignore_index`).
       With `axis` not the last axis, a 1-D `where` is refused as ambiguous
       (a 1-D `weight` applies to `axis`); give it the logits' rank, e.g.
       ``where[:, None, None]`` for ``(N, C, H, W)`` logits and ``axis=1``.
-    class_axis_name: Inside `shard_map`, the mesh axis over which the classes
-      are split: each device passes its slice of `logits` (and of `weight`
-      and `where`) and the global labels, and gets the loss over all classes.
+    class_axis_name: Inside `shard_map`, the mesh axis (or a tuple of axes)
+      over which the classes are split: each device passes its slice of
+      `logits` (and of `weight` and `where`) and the global labels, and gets
+      the loss over all classes.
       Label smoothing uses the global class count. Logits that `shard_map`'s
       types show whole on every device of the axis raise a ValueError.
 
@@ -128,6 +132,7 @@ def cross_entropy(
     0.2761297
   """
   fn = "cross_entropy"
+  class_axis_name = _checks.class_axis_name(fn, class_axis_name)
   logits = _checks.float_array(fn, "logits", logits)
   _collective.require_split(fn, "logits", logits, class_axis_name)
   _collective.require_bound(fn, class_axis_name)
@@ -220,7 +225,7 @@ def nll_loss(
     ignore_index: int | ArrayLike | None = -100,
     reduction: _checks.Reduction = "mean",
     axis: int = -1,
-    class_axis_name: str | None = None,
+    class_axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
   r"""Negative log-likelihood of integer labels, as `torch.nn.functional.nll_loss`.
 
@@ -259,6 +264,7 @@ def nll_loss(
     0.2761297
   """
   fn = "nll_loss"
+  class_axis_name = _checks.class_axis_name(fn, class_axis_name)
   log_probs = _checks.as_array(fn, "log_probs", log_probs)
   if not jnp.issubdtype(log_probs.dtype, jnp.floating):
     raise TypeError(

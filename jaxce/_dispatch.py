@@ -45,6 +45,9 @@ def _host_array(value: Any) -> Any:
   """An array argument as jit takes it: jax arrays, scalars and None as they
   are; lists and NumPy arrays as NumPy arrays, 64-bit integers cast to int32
   where every value fits (jit would wrap the others)."""
+  if isinstance(value, int) and not isinstance(value, bool) and not (
+      _INT32.min <= value <= _INT32.max):
+    raise _Direct  # (jit would overflow; the function's host path keeps it)
   if value is None or isinstance(value, (jax.Array, bool, int, float, complex)):
     return value
   if not isinstance(value, (np.ndarray, np.generic, list, tuple)):

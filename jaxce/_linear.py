@@ -87,7 +87,7 @@ def linear_cross_entropy(
     softcap: float | None = None,
     chunk_size: int | None = None,
     forward_mode: bool = False,
-    class_axis_name: str | None = None,
+    class_axis_name: str | tuple[str, ...] | None = None,
     backward: Literal["auto", "recompute", "precompute"] = "auto",
 ) -> jax.Array:
   r"""`cross_entropy(x @ kernel + bias, labels, ...)` without the [N, V] logits.
@@ -148,11 +148,12 @@ def linear_cross_entropy(
       as integers, never through a wrap-around (as in :func:`cross_entropy`).
     reduction: "none" (per token, `x`'s leading shape), "mean" or "sum".
     label_smoothing: In [0, 1].
-    z_loss: Weight of the squared logsumexp, >= 0.
+    z_loss: Weight of the squared logsumexp, in [0, 3.4e38] (finite in float32).
       `label_smoothing`, `z_loss` and `softcap` are static floats: a new
       value compiles again.
-    softcap: Optional logit soft-cap s, positive, finite and at least
-      float32's smallest normal number (1.2e-38): each logit z
+    softcap: Optional logit soft-cap s in [2**-126, 2**102] (1.2e-38 to
+      5.1e30; beyond, XLA:CPU flushes z / s to 0 for small logits, and for
+      every logit from 2**126 on): each logit z
       becomes s tanh(z / s), except that a class removed by a -inf `bias`
       entry stays removed (its logit stays -inf rather than becoming -s).
     chunk_size: Vocabulary chunk. None picks the power of two that makes a
@@ -179,8 +180,8 @@ def linear_cross_entropy(
       and about 1.25x the default's time (float32, N=2048, D=512, V=32768).
       `jax.jvp` itself takes 324 MiB (bfloat16, a float32 copy of x on
       CPU) and 200 MiB (float32).
-    class_axis_name: Inside `shard_map`, the mesh axis over which the
-      vocabulary is split: each device passes its [D, V / n] slice of
+    class_axis_name: Inside `shard_map`, the mesh axis (or a tuple of axes)
+      over which the vocabulary is split: each device passes its [D, V / n] slice of
       `kernel` (and of `bias` and `weight`) and gets the loss over the whole
       vocabulary (a kernel that `shard_map`'s types show whole on every
       device of the axis raises a ValueError). Under `jax.jit` on an
@@ -226,6 +227,7 @@ def linear_cross_entropy(
     -0.9000
   """
   fn = "linear_cross_entropy"
+  class_axis_name = _checks.class_axis_name(fn, class_axis_name)
   x, kernel = _checks.linear_operands(fn, x, kernel)
   _collective.require_split(fn, "kernel", kernel, class_axis_name)
   auto_mesh = None if class_axis_name is None else _explicit.auto_class_mesh(
@@ -244,8 +246,9 @@ def linear_cross_entropy(
     # and the local calls get them with a static ignore_index.
     labels, ignore_index = _checks.class_labels(
         fn, _checks.as_labels(fn, labels), kernel.shape[1], ignore_index)
-    bias, weight = (None if v is None else _checks.as_array(fn, name, v)
-                    for name, v in (("bias", bias), ("weight", weight)))
+    # (checked against the whole vocabulary here: the local calls see slices)
+    bias = _checks.linear_bias(fn, bias, kernel.shape[1])
+    weight = _checks.class_weight(fn, weight, kernel.shape[1])
     split = math.prod(auto_mesh.shape[a] for a in _explicit.names(class_axis_name))
     if _checks.static(kernel.shape[1]) and kernel.shape[1] % split:
       kernel, bias, weight = _pad_vocabulary(fn, kernel, bias, weight, -kernel.shape[1] % split)
@@ -289,7 +292,7 @@ def linear_cross_entropy(
   bias = _checks.linear_bias(fn, bias, vocab)
 
   def impl(x: jax.Array, kernel: jax.Array, labels: jax.Array, bias: jax.Array | None,
-           weight: jax.Array | None, class_axis_name: str | None,
+           weight: jax.Array | None, class_axis_name: str | tuple[str, ...] | None,
            row_axes: tuple[str, ...] = (), groups: int = 1) -> jax.Array:
     lead, (d, vocab) = x.shape[:-1], kernel.shape  # this device's share
     n = math.prod(lead)

@@ -194,10 +194,12 @@ def sigmoid_binary_cross_entropy(
   fn = "sigmoid_binary_cross_entropy"
   x = _checks.float_array(fn, "logits", logits)
   t = _checks.as_array(fn, "labels", labels)
+  if jnp.issubdtype(t.dtype, jnp.complexfloating):
+    raise TypeError(f"{fn}: `labels` must be real (float, integer or bool). Got {t.dtype}.")
   try:
     shape = jnp.broadcast_shapes(x.shape, t.shape)
   except ValueError:
-    raise ValueError(f"sigmoid_binary_cross_entropy: `labels` must be broadcastable against"
+    raise ValueError(f"{fn}: `labels` must be broadcastable against"
                      f" `logits`' shape {x.shape}. Got {t.shape}.") from None
   out: jax.Array = binary_cross_entropy_with_logits(
       jnp.broadcast_to(x, shape), jnp.broadcast_to(t, shape), reduction="none")

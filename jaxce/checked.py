@@ -73,6 +73,12 @@ def check_labels(
     ignore_index: The label value that is skipped, or None.
     fn: The function named in the error message.
   """
+  if isinstance(num_classes, bool | np.bool_) or not (
+      _checks.static(num_classes) or jax.export.is_symbolic_dim(num_classes)):
+    raise TypeError(f"jaxce.checked.{fn}: `num_classes` must be an int. Got {num_classes!r}.")
+  if _checks.static(num_classes) and num_classes < 0:
+    raise ValueError(
+        f"jaxce.checked.{fn}: `num_classes` must be non-negative. Got {num_classes}.")
   ignored = "" if ignore_index is None else " and is not ignore_index"
   if isinstance(ignore_index, (int, np.integer)):
     ignored += f"={int(ignore_index)}"

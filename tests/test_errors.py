@@ -233,12 +233,27 @@ CASES = {
     "ce_label_smoothing_bool": (
         lambda x, y: CE(x, y, label_smoothing=True), (_x(), _y()), TypeError,
         ["label_smoothing", "True"]),
-    "linear_softcap_beyond_float32": (
-        lambda x, k, y: jaxce.linear_cross_entropy(x, k, y, softcap=1e39),
-        (_x((N, 3)), _x((3, C)), _y()), ValueError, ["softcap", "float32"]),
+    "linear_softcap_beyond_2_102": (  # (XLA:CPU flushed every z / cap to 0 from 2**126 on)
+        lambda x, k, y: jaxce.linear_cross_entropy(x, k, y, softcap=1e31),
+        (_x((N, 3)), _x((3, C)), _y()), ValueError, ["softcap", "5.1e30", "1e+31", "None"]),
     "linear_softcap_below_float32_normal": (  # (0 on XLA:CPU: the capped logits NaN)
         lambda x, k, y: jaxce.linear_cross_entropy(x, k, y, softcap=1e-39),
         (_x((N, 3)), _x((3, C)), _y()), ValueError, ["softcap", "smallest normal"]),
+    "sigmoid_bce_complex_labels": (
+        lambda x, t: jaxce.sigmoid_binary_cross_entropy(x, t),
+        (_x(), jnp.ones((N, C), jnp.complex64)), TypeError,
+        ["sigmoid_binary_cross_entropy", "`labels`", "complex64"]),
+    "ce_z_loss_beyond_float32": (  # (inf in float32: ignored positions 0 * inf = NaN)
+        lambda x, y: CE(x, y, z_loss=1e39), (_x(), _y()), ValueError,
+        ["z_loss", "3.4e38", "1e+39"]),
+    "ce_label_smoothing_beyond_float64": (
+        lambda x, y: CE(x, y, label_smoothing=10**400), (_x(), _y()), ValueError,
+        ["label_smoothing", "401 digits"]),
+    "ce_labels_beyond_int64": (
+        lambda x: CE(x, [0, 1, 2, 2**70]), (_x(),), TypeError, ["labels", "64 bits"]),
+    "linear_reduction_array": (  # (== is elementwise: an array passed the old check)
+        lambda x, k, y: jaxce.linear_cross_entropy(x, k, y, reduction=np.array("mean")),
+        (_x((N, 3)), _x((3, C)), _y()), ValueError, ["reduction", "array('mean'"]),
     "bce_complex_targets": (
         lambda x, t: jaxce.binary_cross_entropy_with_logits(x, t),
         (_x(), jnp.ones((N, C), jnp.complex64)), TypeError, ["targets", "complex64"]),
@@ -249,6 +264,9 @@ CASES = {
     "ce_class_axis_name_int": (
         lambda x, y: CE(x, y, class_axis_name=3), (_x(), _y()), TypeError,
         ["class_axis_name", "Got 3"]),
+    "ce_class_axis_name_repeated": (
+        lambda x, y: CE(x, y, class_axis_name=("model", "model")), (_x(), _y()), ValueError,
+        ["cross_entropy", "class_axis_name", "once", "('model', 'model')"]),
     "nll_class_axis_name_empty": (
         lambda x, y: NLL(x, y, class_axis_name=()), (_x(), _y()), TypeError,
         ["class_axis_name", "Got ()"]),
@@ -477,6 +495,15 @@ def test_checked_eager_raises_and_plain_jit_refuses():
     with pytest.raises(ValueError, match=r"jaxce.checked.raising\(jax.jit\(f\)\)") as info:
       f(x, bad)
     assert "not functionalized" not in str(info.value)
+
+
+def test_check_labels_num_classes_must_be_an_int():
+  # (4.5 and True were taken: "outside [0, True)"; None and "5" gave JAX's errors)
+  for bad in (4.5, True, None, "5", jnp.int32(3)):
+    with pytest.raises(TypeError, match=r"check_labels: `num_classes` must be an int"):
+      jaxce.checked.check_labels(jnp.asarray([0, 1]), bad)
+  with pytest.raises(ValueError, match=r"`num_classes` must be non-negative\. Got -1"):
+    jaxce.checked.check_labels(jnp.asarray([0, 1]), -1)
 
 
 def test_check_labels_under_checkify():

@@ -214,16 +214,36 @@ def test_any_python_int_ignore_index():
   x = _logits(3)
   y = jnp.asarray([5, 1, 2], jnp.int32)
   table = _ce_table(x)
-  for ignore_index in (2**31, 2**63, -2**31 - 1, 2**70, -2**70, np.int64(5), np.uint64(2**63)):
+  for ignore_index in (2**31, 2**63, -2**31 - 1, 2**70, -2**70, np.int64(5), np.uint64(2**63),
+                       np.array(2**32 + 1), np.array(2**32 + 5, np.uint64), np.array(5)):
     got = jaxce.cross_entropy(x, y, ignore_index=ignore_index, reduction="none")
     want = table[np.arange(3), [5, 1, 2]]
     if int(ignore_index) == 5:
       want[0] = 0.0
     np.testing.assert_allclose(got, want, rtol=1e-5)
+  # (0-d NumPy arrays beyond int32 were cut to 32 bits: 2**32 + 1 ignored class 1)
+  lp = jaxce.log_softmax(x)
+  np.testing.assert_allclose(
+      jaxce.nll_loss(lp, y, ignore_index=np.array(2**32 + 1), reduction="none"),
+      -np.asarray(lp)[np.arange(3), [5, 1, 2]], rtol=1e-6)
   # The fused linear path too (it takes ignore_index as a static option).
   xs, k = jnp.asarray(_eye(3)), jnp.ones((D, C), jnp.float32)
-  np.testing.assert_allclose(jaxce.linear_cross_entropy(xs, k, y, ignore_index=2**40),
-                             np.log(C), rtol=1e-6)
+  for ignore_index in (2**40, np.array(2**32 + 1)):
+    np.testing.assert_allclose(
+        jaxce.linear_cross_entropy(xs, k, y, ignore_index=ignore_index), np.log(C), rtol=1e-6)
+
+
+def test_python_labels_beyond_int32():
+  """Python ints (and lists of them) beyond int32 are labels outside [0, C),
+  NaN at their position as for a NumPy int64 array, not an OverflowError."""
+  x = _logits(2)
+  want = np.array([_ce_table(x)[0, 1], np.nan])
+  for labels in ([1, 2**32 + 1], (1, 2**40), np.array([1, 2**32 + 1])):
+    np.testing.assert_allclose(jaxce.cross_entropy(x, labels, reduction="none"), want,
+                               rtol=1e-6)
+  assert np.isnan(jaxce.cross_entropy(x[0], 2**32 + 1))
+  xs, k = jnp.asarray(_eye(2)), jnp.ones((D, C), jnp.float32)
+  assert np.isnan(jaxce.linear_cross_entropy(xs, k, [0, 2**32 + 1], reduction="none")[1])
 
 
 @pytest.mark.parametrize("ignore_dtype", ["int32", "uint32", "int8"])

@@ -985,12 +985,20 @@ BAD = {
 
 
 def test_bad_softcap_message():
-  # one message for every value outside [float32 smallest normal, float32 max]: no range
-  # that suggests 0 or inf work
-  for cap in (-1.0, 0.0, float("inf"), float("nan"), 1e-39):
+  # one message for every value outside [2**-126, 2**102] (a subnormal cap is 0 on
+  # XLA:CPU; above 2**102, z / cap of small logits is flushed to 0, and from 2**126 on
+  # every capped logit was 0), with no range that suggests 0 or inf work
+  for cap in (-1.0, 0.0, float("inf"), float("nan"), 1e-39, 1e31, 9e37, 3e38, 1e39):
     with pytest.raises(ValueError, match=(
-        r"`softcap` must be positive, finite and a normal float32 number\. Got")):
+        r"`softcap` must be in \[1\.2e-38, 5\.1e30\] \(2\*\*-126 to 2\*\*102\)\. Got")):
       jaxce.linear_cross_entropy(_X, _K, _Y, softcap=cap)
+  # the ends work, and a cap of 2**102 changes no logit near 1 (nor its gradient)
+  rng = np.random.default_rng(0)
+  x, k = rng.normal(size=_X.shape).astype(np.float32), rng.normal(size=_K.shape).astype(np.float32)
+  for cap in (2.0**-126, 2.0**102):
+    assert np.isfinite(jaxce.linear_cross_entropy(x, k, _Y, softcap=cap))
+  for f in (jaxce.linear_cross_entropy, jax.grad(jaxce.linear_cross_entropy)):
+    np.testing.assert_allclose(f(x, k, _Y, softcap=2.0**102), f(x, k, _Y), rtol=1e-5, atol=1e-7)
   with pytest.raises(TypeError, match=r"`softcap` must be a static Python float"):
     jax.jit(lambda c: jaxce.linear_cross_entropy(_X, _K, _Y, softcap=c))(2.0)
 

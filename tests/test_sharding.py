@@ -591,6 +591,34 @@ def test_checked_linear_named_vocabulary_axis_on_an_auto_mesh():
     f(kernel, labels)
 
 
+def test_class_axis_name_list_and_whole_vocabulary_checks():
+  """`class_axis_name=["model"]` is `("model",)` (cross_entropy and the fused
+  loss failed on it with "unhashable type: 'list'"); on an Auto mesh, the
+  fused loss checks `weight` and `bias` against the whole vocabulary (it
+  named per-device shapes, or gave shard_map's divisibility error)."""
+  mesh = _mesh("Auto")
+  a, la = ARRAYS, LINEAR_ARRAYS
+  specs = (P(None, "model"), P(), P(None, "model"))
+
+  def body(logits, labels, kernel):
+    return (jaxce.cross_entropy(logits, labels, class_axis_name=["model"]),
+            jaxce.nll_loss(logits, labels, class_axis_name=["model"]),
+            jaxce.linear_cross_entropy(la["x"], kernel, la["labels"], class_axis_name=["model"]))
+
+  got = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=P()))(
+      a["logits"], a["labels"], la["kernel"])
+  want = (jaxce.cross_entropy(a["logits"], a["labels"]),
+          jaxce.nll_loss(a["logits"], a["labels"]),
+          jaxce.linear_cross_entropy(la["x"], la["kernel"], la["labels"]))
+  _assert_same(got, want)
+  kernel = jax.device_put(la["kernel"], NamedSharding(mesh, P(None, "model")))
+  for bad, shape in (("weight", (V + 2,)), ("weight", (V + 1,)), ("bias", ()), ("bias", (1, V))):
+    want = rf"`{bad}` must have shape \({V},\).*Got {re.escape(str(shape))}"
+    with pytest.raises(ValueError, match=want):
+      jax.jit(lambda k, bad=bad, shape=shape: jaxce.linear_cross_entropy(
+          la["x"], k, la["labels"], class_axis_name="model", **{bad: jnp.ones(shape)}))(kernel)
+
+
 @pytest.mark.parametrize("forward_mode", [False, True])
 def test_jit_auto_linear_named_vocabulary_axis_bfloat16(forward_mode):
   """bfloat16 with class_axis_name on an Auto mesh: value_and_grad (and jvp
