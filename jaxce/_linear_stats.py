@@ -277,6 +277,27 @@ def _scan_chunks(step: Callable[[Any, jax.Array, jax.Array], Any], carry: Any,
   return carry
 
 
+def _while_chunks(step: Callable[[Any, jax.Array, jax.Array], Any], carry: Any,
+                  kernel: jax.Array, chunk: int, per_group: int) -> Any:
+  """`_scan_chunks` over all chunks as a `lax.while_loop`, for the forward
+  statistics, which JAX never differentiates through the loop (their custom
+  rules give the derivatives). Under a user's `jax.checkpoint`, a scan
+  whose outputs must be recomputed in the backward keeps what the policy
+  allows of its body: `dots_saveable` kept every chunk's logits, the [N, V]
+  array the fused loss exists to avoid. A while loop is recomputed whole.
+  XLA compiles a scan to a while loop: the program is the same."""
+
+  def body(state: tuple[jax.Array, Any, jax.Array]) -> tuple[jax.Array, Any, jax.Array]:
+    i, carry, kernel = state
+    kernel = _cpu_barrier(kernel)
+    return i + 1, step(carry, kernel, i), kernel
+
+  n = -(-per_group // chunk)
+  _, carry, _ = jax.lax.while_loop(lambda state: state[0] < n, body,
+                                   (jnp.zeros((), jnp.int32), carry, kernel))
+  return carry
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7, 8))
 def linear_label_stats(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
                        labels: jax.Array, weight: jax.Array | None, chunk: int,
@@ -353,7 +374,7 @@ def _primal(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax
   init: PrimalCarry = (
       jnp.full((n,), -jnp.inf, ct), zeros, zeros, (zeros,) * 3 if smoothing else ())
   init = vary_like(init, x, kernel, bias, labels, weight)
-  m, s, picked, sums = _scan_chunks(step, init, kernel, chunk, kernel.shape[1] // groups)
+  m, s, picked, sums = _while_chunks(step, init, kernel, chunk, kernel.shape[1] // groups)
   shift = _finite(m)
   inside = (labels >= 0) & (labels < kernel.shape[1])
   picked = jnp.where(inside, picked - shift, 0.0)
@@ -481,7 +502,9 @@ _remat_tangent: Callable[..., Tangents4] = jax.checkpoint(
 def _jvp(chunk: int, softcap: float | None, smoothing: bool, groups: int,
          primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> tuple[LabelStats, LabelStats]:
   x, kernel, bias, labels, weight = primals
-  stats = _primal(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups)
+  # (through the rule itself: differentiating the rule, e.g. grad of grad,
+  # then takes this rule again rather than the while loop)
+  stats = linear_label_stats(x, kernel, bias, labels, weight, chunk, softcap, smoothing, groups)
   dx, dkernel, dbias, _, dweight = (None if _zero(t) else t for t in tangents)
   zeros = jnp.zeros_like(stats.shift)
   if dx is None and dkernel is None and dbias is None and (dweight is None or not smoothing):
@@ -537,14 +560,18 @@ class Plan(NamedTuple):
 def _primal_planned(x: jax.Array, kernel: jax.Array, bias: jax.Array | None,
                     labels: jax.Array, weight: jax.Array | None, plan: Plan,
                     softcap: float | None, smoothing: bool) -> LabelStats:
+  """The statistics as `plan` streams them, with `linear_label_stats`'
+  derivatives (taken only when the custom_vjp's forward is differentiated:
+  grad of grad)."""
   def cpu() -> LabelStats:
-    return _primal(x, kernel, bias, labels, weight, plan.chunk, softcap, smoothing, plan.groups)
+    return linear_label_stats(x, kernel, bias, labels, weight, plan.chunk, softcap, smoothing,
+                              plan.groups)
 
   if plan.groups == 1 and plan.forward == plan.chunk:
     return cpu()
   out: LabelStats = jax.lax.platform_dependent(
-      cpu=cpu, default=lambda: _primal(x, kernel, bias, labels, weight, plan.forward, softcap,
-                                       smoothing, 1))
+      cpu=cpu, default=lambda: linear_label_stats(x, kernel, bias, labels, weight, plan.forward,
+                                                  softcap, smoothing, 1))
   return out
 
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxce import _checks
+from jaxce import _checks, _dispatch
 from jaxce._binary import binary_cross_entropy_with_logits
 from jaxce._cross_entropy import cross_entropy
 
@@ -99,6 +99,7 @@ def _expanded(where_shape: tuple[int, ...], axis: Any) -> tuple[int, ...] | None
     return None
 
 
+@_dispatch.jitted(static=("axis",), constant_if_empty="logits")
 def softmax_cross_entropy(
     logits: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -138,6 +139,7 @@ def softmax_cross_entropy(
   return cross_entropy(flat_x, t, reduction="none", axis=class_axis, where=mask)
 
 
+@_dispatch.jitted(static=("axis",), constant_if_empty="logits")
 def softmax_cross_entropy_with_integer_labels(
     logits: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -179,6 +181,7 @@ def softmax_cross_entropy_with_integer_labels(
       flat_x, y, reduction="none", axis=class_axis, where=mask, ignore_index=None)
 
 
+@_dispatch.jitted(static=(), constant_if_empty="logits")
 def sigmoid_binary_cross_entropy(
     logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike
 ) -> jax.Array:

@@ -80,6 +80,37 @@ def test_eager_calls_do_not_recompile():
   _assert_no_compile_after_the_first(fns, rng, host=False)
 
 
+def test_eager_calls_transfer_nothing():
+  """Called eagerly on device arrays, after the first call, every public
+  function moves nothing from the host (one cached jit; the optax drop-ins
+  ran op by op, with host constants). `jaxce.checked` aside: checkify runs
+  its checks eagerly."""
+  x = jax.device_put(jnp.asarray(_rng(3).normal(size=(6, 5)), jnp.float32))
+  y, t = jax.device_put(jnp.asarray([0, 1, 2, 3, 4, -100])), jax.device_put(jax.nn.softmax(x))
+  kernel = jax.device_put(jnp.ones((5, 7), jnp.float32))
+  y5 = jax.device_put(jnp.asarray([0, 1, 2, 3, 4, 1]))
+  fns = {
+      "log_softmax": lambda: jaxce.log_softmax(x),
+      "logsumexp": lambda: jaxce.logsumexp(x),
+      "ce_int": lambda: jaxce.cross_entropy(x, y, label_smoothing=0.1),
+      "ce_probs": lambda: jaxce.cross_entropy(x, t),
+      "nll": lambda: jaxce.nll_loss(x, y),
+      "bce": lambda: jaxce.binary_cross_entropy_with_logits(x, t),
+      "bce_probs": lambda: jaxce.binary_cross_entropy(t, t),
+      "linear": lambda: jaxce.linear_cross_entropy(x, kernel, y),
+      "optax_int": lambda: jaxce.softmax_cross_entropy_with_integer_labels(x, y5),
+      "optax_probs": lambda: jaxce.softmax_cross_entropy(x, t),
+      "optax_sigmoid": lambda: jaxce.sigmoid_binary_cross_entropy(x, t),
+  }
+  for name, f in fns.items():
+    jax.block_until_ready(f())
+    with jax.transfer_guard("disallow"):
+      try:
+        jax.block_until_ready(f())
+      except Exception as e:
+        raise AssertionError(f"{name}: {e}") from None
+
+
 @pytest.mark.slow  # 5 s: `pytest -m slow` (.ci/run) runs it
 def test_eager_host_inputs_do_not_recompile():
   """NumPy inputs (int64 labels, NumPy's default, and float64 arrays), lists,

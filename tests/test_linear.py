@@ -633,7 +633,11 @@ def fresh_caches():
 
 
 def _scan_lengths(jaxpr_text):
-  return sorted(int(n) for n in re.findall(r"length=(\d+)", jaxpr_text))
+  """Trip counts of the chunk loops: scans' lengths, and the bound of the
+  forward statistics' while loops (`_linear_stats._while_chunks`)."""
+  scans = re.findall(r"length=(\d+)", jaxpr_text)
+  whiles = re.findall(r"cond_jaxpr=\{ lambda ;[^}]*?= lt \w+ (\d+):i32\[\]", jaxpr_text)
+  return sorted(int(n) for n in scans + whiles)
 
 
 @pytest.mark.parametrize(
@@ -865,6 +869,27 @@ def test_saved_residuals_hold_no_logits(options, dtype):
       assert size <= RES_N, (dt, shape, origin, res)  # computed: per-token arrays only
   args = {o.split()[-1] for _, _, o in res if o.startswith("from the argument")}
   assert {"x", "kernel"} <= args, res  # the backward recomputes the logits from them
+
+
+@pytest.mark.parametrize("policy", ["dots_saveable", "dots_with_no_batch_dims_saveable"])
+@pytest.mark.parametrize("options", ["default", "all"])
+def test_checkpoint_policies_save_no_chunk_logits(options, policy):
+  """Under a user's `jax.checkpoint` whose policy saves matmul outputs, the
+  recomputing backward still keeps no logits: the forward statistics' loop
+  is a while loop, which remat recomputes whole (as a scan it kept every
+  chunk's logits, stacked: an [N, V] array)."""
+  x, kernel, bias, weight, labels = _res_inputs(jnp.dtype("bfloat16"))
+  kw = {**RES_OPTIONS[options], "backward": "recompute"}
+
+  def loss(x, kernel, bias, weight):
+    return jaxce.linear_cross_entropy(x, kernel, labels, bias=bias, weight=weight, **kw)
+
+  res = saved_residuals(
+      jax.checkpoint(loss, policy=getattr(jax.checkpoint_policies, policy)),
+      x, kernel, bias, weight)
+  for dt, shape, origin in res:
+    if not origin.startswith(("from the argument", "from a constant", "from a literal")):
+      assert math.prod(shape) <= RES_N, (dt, shape, origin, res)
 
 
 def test_saved_residuals_control():
