@@ -884,7 +884,9 @@ def _label_stats_jvp(
 ) -> tuple[LabelStats, LabelStats]:
   logits, labels, weight, where = primals
   tx, tw = given(tangents[0], logits), given(tangents[2])
-  stats = _label_primal(logits, labels, weight, where, axis, smoothing)
+  # (through the kernel, not its passes: a second derivative then takes this
+  # rule again; through the smoothing sums' branches it kept N x C arrays)
+  stats = label_stats(logits, labels, weight, where, axis, smoothing)
   t_log_sum, t_picked, t_nll, t_sums = _label_tangent(
       logits, labels, weight, where, stats._replace(smoothing=None, nll=None), tx,
       tw if weight is not None else None, axis, smoothing)
@@ -1029,7 +1031,7 @@ def _target_stats_jvp(
 ) -> tuple[TargetStats, TargetStats]:
   logits, targets, weight, where = primals
   tx, tt, tw = given(tangents[0], logits), given(tangents[1]), given(tangents[2])
-  stats = _target_primal(logits, targets, weight, where, axis, smoothing)
+  stats = target_stats(logits, targets, weight, where, axis, smoothing)  # (as label_stats)
   t_log_sum, t_mass, t_logits, t_sums = _target_tangent(
       logits, targets, weight, where, stats._replace(smoothing=None), tx, tt,
       tw if weight is not None else None, axis, smoothing)
