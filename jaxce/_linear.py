@@ -181,10 +181,10 @@ def linear_cross_entropy(
       `jax.jvp` itself takes 324 MiB (bfloat16, a float32 copy of x on
       CPU) and 200 MiB (float32).
     class_axis_name: Inside `shard_map`, the mesh axis (or a tuple of axes)
-      over which the vocabulary is split: each device passes its [D, V / n] slice of
-      `kernel` (and of `bias` and `weight`) and gets the loss over the whole
-      vocabulary (a kernel that `shard_map`'s types show whole on every
-      device of the axis raises a ValueError). Under `jax.jit` on an
+      over which the vocabulary is split: each device passes its [D, V / n]
+      slice of `kernel` (and of `bias` and `weight`) and gets the loss over
+      the whole vocabulary (a kernel that `shard_map`'s types show whole on
+      every device of the axis raises a ValueError). Under `jax.jit` on an
       **Auto** mesh, where an array's type does not say how XLA splits it,
       name the kernel's vocabulary axis (an Auto axis of the mesh in the
       arrays' types) to run the same per-device loop in `shard_map` over
