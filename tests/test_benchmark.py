@@ -92,6 +92,7 @@ def test_bad_selections_and_outputs_fail_before_the_run(tmp_path, monkeypatch):
     assert info.value.code not in (0, None), argv
 
 
+@pytest.mark.slow  # each script in a subprocess: `pytest -m slow` (.ci/run) runs it
 def test_standalone_scripts_refuse_bad_counts_and_specs():
   """benchmarks/*.py: --rounds 0, an empty --shapes and a bad spec or commit
   are argparse errors (exit 2), not tracebacks after the compiles."""

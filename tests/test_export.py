@@ -83,8 +83,9 @@ def _losses():
   }
 
 
-CLASS_CASES = [(name, "n, c") for name in _losses()] + [
-    ("cross_entropy_options", "c"), ("cross_entropy_probs", "c"), ("nll_loss", "c")]
+CLASS_CASES = [(name, "n, c") for name in _losses()] + [  # (C alone: `pytest -m slow`)
+    pytest.param(name, "c", marks=pytest.mark.slow)
+    for name in ("cross_entropy_options", "cross_entropy_probs", "nll_loss")]
 
 
 @pytest.mark.parametrize(("name", "symbolic"), CLASS_CASES)

@@ -219,7 +219,8 @@ def test_second_order_with_smoothing_keeps_no_logits_per_pass(targets):
 
 @pytest.mark.parametrize(  # float64 (the same rules at 2000): `pytest -m slow`
     "dtype", [jnp.float32, pytest.param(F64, marks=pytest.mark.slow)])
-@pytest.mark.parametrize("mode", ["grad_of_grad", "jvp_of_grad", "jvp_of_jvp"])
+@pytest.mark.parametrize("mode", [  # (jvp of jvp: `pytest -m slow`)
+    "grad_of_grad", "jvp_of_grad", pytest.param("jvp_of_jvp", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("case", ["label_far_below_max", "ignored_row_large", "smoothing"])
 def test_second_order_where_the_label_shift_overflows(case, mode, dtype):
   # On CPU the shift is the label's logit; where exp(x - shift) overflows
@@ -296,7 +297,7 @@ def _sharded_case():
   return x, y, t, w
 
 
-@pytest.mark.parametrize("targets", ["int", "probs"])
+@pytest.mark.parametrize("targets", ["int", pytest.param("probs", marks=pytest.mark.slow)])
 def test_forward_mode_in_shard_map(targets):
   x, y, t, w = _sharded_case()
   lab, lab_spec = (y, P("data")) if targets == "int" else (t, P("data", "model"))

@@ -584,7 +584,7 @@ def test_forward_mode_jacfwd_hessian_vmap():
     _assert_close(a, b, rtol=1e-10, atol=1e-10, what=what)
 
 
-@pytest.mark.parametrize("chunk_size", [None, 128])
+@pytest.mark.parametrize("chunk_size", [None, pytest.param(128, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_forward_mode_jvp_runs_in_every_dtype(branches, dtype, chunk_size):
   """jax.jvp of forward_mode=True, executed (not only compiled) in bfloat16

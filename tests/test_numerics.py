@@ -767,7 +767,7 @@ def test_label_outside_where_is_a_neg_inf_logit_at_every_order(opts):
 
 
 @pytest.mark.parametrize(("how", "num_classes"), [  # (40000: CPU's blocked sums)
-    ("where", 4), ("neg_inf", 4), ("where", 40000),
+    ("where", 4), ("neg_inf", 4), pytest.param("where", 40000, marks=pytest.mark.slow),
     pytest.param("neg_inf", 40000, marks=pytest.mark.slow)])  # `pytest -m slow`
 def test_fully_masked_rows_make_no_nan_inside(how, num_classes):
   """A row with no class left takes no NaN anywhere in the computation, not

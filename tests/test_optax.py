@@ -254,9 +254,11 @@ def _all_cases(mode):
 EAGER = {"sce-where-batch", "sce-int-tuple-axis", "ce-none-int-axis1", "ce-none-prob",
          "log_softmax-where", "logsumexp", "sbce"}
 MODES = [(c, m) for c in CASES for m in ("eager", "jit", "vmap") if m != "eager" or c.name in EAGER]
+# (vmap, one program of every case: `pytest -m slow`, which .ci/run runs)
+PARAMS = [pytest.param(c, m, marks=pytest.mark.slow) if m == "vmap" else (c, m) for c, m in MODES]
 
 
-@pytest.mark.parametrize(("case", "mode"), MODES, ids=[f"{c.name}-{m}" for c, m in MODES])
+@pytest.mark.parametrize(("case", "mode"), PARAMS, ids=[f"{c.name}-{m}" for c, m in MODES])
 def test_matches_optax(case, mode):
   if mode == "eager":
     args, cot = _inputs(case, mode)

@@ -413,8 +413,14 @@ def _jit_reference(family: str):
   return _single_device(ref_cases or cases, arrays, diff)
 
 
-@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
-@pytest.mark.parametrize("family", list(JIT_FAMILIES))
+# Explicit meshes of the families beside the two main ones: `pytest -m slow` (.ci/run)
+_SLOW_EXPLICIT = {"cross_entropy_int_rows", "cross_entropy_probs", "cross_entropy_axis1_where",
+                  "nll_loss", "elementwise"}
+
+
+@pytest.mark.parametrize(("family", "axis_type"), [
+    pytest.param(f, t, marks=pytest.mark.slow) if t == "Explicit" and f in _SLOW_EXPLICIT
+    else (f, t) for f in JIT_FAMILIES for t in ("Auto", "Explicit")])
 def test_jit_named_sharding(family, axis_type):
   arrays, specs, diff, cases, _, never_gathered = JIT_FAMILIES[family]
   mesh = _mesh(axis_type)
@@ -669,7 +675,8 @@ def test_jit_auto_linear_named_vocabulary_axis_of_size_one(data):
   _assert_same(_run(f("model"), *args)[0], expected)
 
 
-@pytest.mark.parametrize("logits_spec", [P("data", None), P("data", "model"), P(None, None)])
+@pytest.mark.parametrize("logits_spec", [  # (unsplit logits: `pytest -m slow`)
+    P("data", None), P("data", "model"), pytest.param(P(None, None), marks=pytest.mark.slow)])
 def test_jit_explicit_side_arrays_sharded_otherwise(logits_spec):
   """Labels, weights, targets and masks given with other shardings than the
   logits' on an Explicit mesh (replicated labels beside batch-split logits,

@@ -126,7 +126,7 @@ def test_long_rows_in_blocks(path, reduction):
 
 @pytest.mark.parametrize("path", ["forward", "pass"])
 @pytest.mark.parametrize("classes", [C, 40000], ids=["short", "long_rows_in_blocks"])
-@pytest.mark.parametrize("eps", [0.1, 1.0])
+@pytest.mark.parametrize("eps", [0.1, pytest.param(1.0, marks=pytest.mark.slow)])  # (slow: .ci/run)
 @pytest.mark.parametrize(("reduction", "weighted", "z_loss"),
                          [("none", False, 0.0), ("mean", True, 1e-3),
                           # (the weighted sum the mean divides): `pytest -m slow`
