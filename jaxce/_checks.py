@@ -446,6 +446,9 @@ def linear_bias(fn: str, bias: ArrayLike | None, vocab: int) -> jax.Array | None
   return bias
 
 
+SOFTCAP_RANGE = (2.0**-126, 2.0**102)
+
+
 def softcap(fn: str, value: object) -> float | None:
   """None, or a static float in [2**-126, 2**102]. Below, float32 (the
   logits' compute dtype at least) flushes the cap to 0 on XLA:CPU, and a
@@ -464,9 +467,6 @@ def softcap(fn: str, value: object) -> float | None:
     raise ValueError(
         f"{fn}: `softcap` must be in [1.2e-38, 5.1e30] (2**-126 to 2**102). Got {cap}{why}.")
   return cap
-
-
-SOFTCAP_RANGE = (2.0**-126, 2.0**102)
 
 
 def chunk_size(fn: str, value: object) -> int | None:
