@@ -54,15 +54,14 @@ def _devices(*arrays: jax.Array) -> int:
   return max([s for s in sizes if s] or [jax.device_count()])
 
 
-def _pad_vocabulary(fn: str, kernel: jax.Array, bias: jax.Array | None,
-                    weight: jax.Array | None, pad: int
-                    ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+def _pad_vocabulary(kernel: jax.Array, bias: jax.Array | None, weight: jax.Array | None,
+                    pad: int) -> tuple[jax.Array, jax.Array, jax.Array | None]:
   """The kernel with `pad` zero columns whose bias is -inf, so that a mesh
   axis divides its vocabulary. A -inf logit is a masked class: it takes no
   part in the loss (label smoothing's sums included) nor in any gradient.
-  The cost is a padded copy of the kernel (and of its gradient)."""
+  The cost is a padded copy of the kernel (and of its gradient). `bias` and
+  `weight` are checked against the kernel's vocabulary by the caller."""
   vocab = kernel.shape[1]
-  bias, weight = _checks.linear_bias(fn, bias, vocab), _checks.class_weight(fn, weight, vocab)
   return (jnp.pad(kernel, ((0, 0), (0, pad))),
           jnp.pad(jnp.zeros((vocab,), jnp.float32) if bias is None else bias, (0, pad),
                   constant_values=-jnp.inf),
@@ -251,7 +250,7 @@ def linear_cross_entropy(
     weight = _checks.class_weight(fn, weight, kernel.shape[1])
     split = math.prod(auto_mesh.shape[a] for a in _explicit.names(class_axis_name))
     if _checks.static(kernel.shape[1]) and kernel.shape[1] % split:
-      kernel, bias, weight = _pad_vocabulary(fn, kernel, bias, weight, -kernel.shape[1] % split)
+      kernel, bias, weight = _pad_vocabulary(kernel, bias, weight, -kernel.shape[1] % split)
 
     def local(x: jax.Array, kernel: jax.Array, labels: jax.Array, bias: jax.Array | None,
               weight: jax.Array | None) -> jax.Array:
