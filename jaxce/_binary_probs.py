@@ -90,10 +90,12 @@ def binary_cross_entropy(
   keeps only input-sized arrays.
 
   Prefer :func:`binary_cross_entropy_with_logits` whenever the logits are at
-  hand: :math:`\sigma(x)` rounds to exactly 0 or 1 in float32 once
-  :math:`|x|` exceeds about 17 (float64: about 37), after which this loss
-  sees a clamped -100 and a gradient floored by :math:`10^{-12}` instead of
-  the true values, while the logits version computes
+  hand: :math:`\sigma(x)` rounds to exactly 1 in float32 once :math:`x`
+  exceeds about 17 (float64: about 37), after which a target below 1 sees a
+  clamped -100 instead of the true loss; below :math:`x \approx -27.6`,
+  :math:`p (1 - p)` is under the :math:`10^{-12}` floor, so the gradient is
+  too small (the loss stays exact until :math:`p` underflows to 0, near -88
+  in float32 and -745 in float64), while the logits version computes
   :math:`\mathrm{softplus}(\pm x)` exactly for any finite logit and its
   gradient :math:`\sigma(x) - t` never saturates. Use this function when the
   model outputs probabilities (or to match a PyTorch `BCELoss` exactly).

@@ -65,8 +65,9 @@ def cross_entropy(
     targets on such a class is 0 too (not :math:`w_c \log\sum e^x`), and
     target mass on a -inf logit makes the loss +inf (and the gradient
     there that of :math:`-w_c t_c x_c`) on any position, also one whose
-    logits are all -inf, as :math:`-\sum_c t_c \log p_c` of
-    :func:`log_softmax`'s all -inf row is (target mass outside `where` is
+    logits are all -inf (there :math:`-\sum_c t_c \log p_c` over
+    :func:`log_softmax`'s all -inf row is +inf only if every class has
+    target mass, and NaN otherwise; target mass outside `where` is
     dropped, and so is mass that does not count: at a class of weight 0,
     or with ``label_smoothing=1``, where :math:`q = 1 / C_n`).
 

@@ -117,9 +117,9 @@ def linear_cross_entropy(
     forward until the backward (all of them whenever the loss is
     differentiated, even with respect to `x` alone); each block rereads and
     rewrites that dkernel.
-  * ``backward="auto"`` (default) picks precompute for 32-bit kernels with
-    "mean" or "sum", without `forward_mode`, `chunk_size` or a vocabulary
-    split over devices, when V <= 52428 (a block then holds at least 320
+  * ``backward="auto"`` (default) picks precompute for float32 and float64
+    kernels with "mean" or "sum", without `forward_mode`, `chunk_size` or a
+    vocabulary split over devices, when V <= 52428 (a block then holds at least 320
     rows), and recompute otherwise, and always in a program compiled for
     TPU (see `backward` below).
 
@@ -193,8 +193,8 @@ def linear_cross_entropy(
       copy of the kernel and of its gradient per device). (Explicit meshes
       need no name: the split is in the type.)
     backward: "recompute", "precompute" or "auto" (see above). "precompute"
-      needs a 32-bit kernel, reduction "mean" or "sum", a concrete number of
-      tokens, and no `forward_mode`, `chunk_size`, `class_axis_name` or
+      needs a float32 or float64 kernel, reduction "mean" or "sum", a
+      concrete number of tokens, and no `forward_mode`, `chunk_size`, `class_axis_name` or
       Explicit-mesh sharding (ValueError otherwise); it keeps a gradient of
       the kernel's size (plus x's, bias's and weight's) from the forward to
       the backward. "auto" decides at trace time from static shapes and

@@ -9,8 +9,8 @@ logits are one float32 [rows, V] temporary; its statistics are
 autodiff of `_reduction.integer_target_loss` (the same function that forms
 the loss), and autodiff of `label_stats` turns it into the block's logit
 cotangent, from which dx (written per block), dkernel (accumulated in the
-kernel's 32-bit dtype), dbias and dweight follow. The custom_vjp keeps the
-gradients (`PrecomputedGrads`) and its backward scales them by the
+kernel's own 32- or 64-bit dtype), dbias and dweight follow. The custom_vjp
+keeps the gradients (`PrecomputedGrads`) and its backward scales them by the
 cotangent: a kernel-sized array lives from the forward to the backward.
 """
 
@@ -81,8 +81,8 @@ def auto_backward(
 ) -> Literal["precompute", "recompute"]:
   """What `backward="auto"` runs: "precompute" or "recompute".
 
-  Precompute when the kernel is 32-bit (a bf16 kernel would need a float32
-  dkernel accumulator: twice its memory), the reduction is "mean" or "sum"
+  Precompute when the kernel is 32- or 64-bit (a bf16 kernel would need a
+  float32 dkernel accumulator: twice its memory), the reduction is "mean" or "sum"
   (the gradient must be known in the forward), forward mode is off, no
   `chunk_size` is given (a vocabulary chunk asks for the streamed path),
   the vocabulary is not split over devices (no `class_axis_name`, no

@@ -251,8 +251,9 @@ def _target_ce(mass: jax.Array, log_sum: jax.Array, target_logits: jax.Array, ke
                ) -> jax.Array:
   """mass * log_sum - target_logits per row; a row with no active class
   (`keep` false) has only the second term: 0, or +inf when target mass sits
-  on its -inf logits, as on any row with target mass on a -inf logit (and as
-  the cross-entropy of log_softmax's all -inf row is).
+  on its -inf logits, as on any row with target mass on a -inf logit (the
+  sum over log_softmax's all -inf row is +inf only with mass on every class:
+  0 * -inf is NaN).
 
   `target_logits` is not masked, so its cotangent is one scalar and the
   gradient's fusion has two per-row operands, which XLA:TPU fuses into the

@@ -19,7 +19,9 @@ whatever their dtype (a uint8 156 is never ``ignore_index=-100``), and, inside
 `shard_map` with `class_axis_name`, against the global number of classes.
 The error names the first bad label and its flat (row-major) position; under
 `jax.vmap` the position counts over the whole batched labels, mapped axes
-first.
+first, and inside `shard_map` within the device's own block of labels. Inside
+`shard_map` without checkify, JAX's own error ("Cannot abstractly evaluate a
+checkify.check") comes instead of the ``ValueError``.
 
 `jax.eval_shape` traces like `jax.jit`, so it needs the wrapper too (or the
 plain losses). With x64 disabled, `jax.jit` itself truncates host (numpy)
@@ -181,11 +183,19 @@ def _first_bad_vmap(
 
 
 def _forward(loss: F) -> Callable[[F], F]:
-  """functools.wraps, keeping the wrapper's own __module__ for doctest."""
+  """functools.wraps, keeping the wrapper's own __module__ for doctest, with
+  a first paragraph saying how the checked function differs."""
 
   def wrap(wrapper: F) -> F:
     wrapped = functools.wraps(loss)(wrapper)
     wrapped.__module__ = __name__
+    unless = " (other than `ignore_index`)" if "ignore_index" in (loss.__doc__ or "") else ""
+    wrapped.__doc__ = (
+        f"Checked :func:`jaxce.{loss.__name__}`: labels outside [0, C){unless}\n"
+        "  fail a `checkify` check (run it under\n"
+        "  :func:`jaxce.checked.raising`; called eagerly, it raises at once)\n"
+        "  where the text below says they give NaN.\n\n"
+        f"  {loss.__doc__}")
     return cast(F, wrapped)
 
   return wrap

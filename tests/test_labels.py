@@ -5,6 +5,8 @@ linear_cross_entropy on both of its paths, the optax drop-in and
 jaxce.checked), with and without jax_enable_x64, for jax and numpy labels.
 """
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -326,3 +328,13 @@ def test_checked_host_int64_labels(jit):
     checked(np.array([0, 2**40, 1]))(x, None)
   with pytest.raises(Exception, match=rf"the label at flat position 1 is outside \[0, {C}\)"):
     checked(np.array([0, 2**32 + IGNORE, 1]))(x, jnp.asarray(IGNORE))
+
+
+def test_checked_docstrings_say_they_check():
+  """help() of a checked loss starts by saying that it checks the labels
+  (its body is the plain loss's, which says such labels give NaN)."""
+  for name in ("cross_entropy", "nll_loss", "linear_cross_entropy",
+               "softmax_cross_entropy_with_integer_labels"):
+    doc = inspect.getdoc(getattr(jaxce.checked, name))
+    assert doc.startswith(f"Checked :func:`jaxce.{name}`: labels outside [0, C)"), doc[:80]
+    assert inspect.getdoc(getattr(jaxce, name)) in doc
