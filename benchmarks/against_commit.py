@@ -11,7 +11,9 @@ The table gives the median of the same-round ratios this / base.
   PYTHONPATH=. python benchmarks/against_commit.py 71ac2d0 --forward --specs probs:16384:1000:bf16
 
 A spec is kind:N:C:dtype, kind one of int, int_smooth, int_smooth_masked
-(the last 8 classes' logits -inf, no label on them),
+(the last 8 classes' logits -inf, no label on them), int_where and
+int_smooth_where (the last 8 classes outside `where=`, no label on them),
+int_vmap (`jax.vmap` over 16 groups of N / 16 rows),
 int_smooth_weight (with class weights), int_z, probs,
 probs_masked (the last 8 classes' logits -inf, their targets 0),
 probs_smooth, nll, log_softmax, logsumexp, bce, linear
@@ -70,9 +72,18 @@ def loss(kind: str, m: Any) -> Callable[..., jax.Array]:
     return lambda x, y, t: m.cross_entropy(x, y)
   if kind in ("int_smooth", "int_smooth_masked"):
     return lambda x, y, t: m.cross_entropy(x, y, label_smoothing=0.1)
+  if kind in ("int_where", "int_smooth_where"):
+    smoothing = 0.1 if kind == "int_smooth_where" else 0.0
+    return lambda x, y, t: m.cross_entropy(
+        x, y, label_smoothing=smoothing, where=jnp.arange(x.shape[-1]) < x.shape[-1] - 8)
   if kind == "int_smooth_weight":
     return lambda x, y, t: m.cross_entropy(x, y, label_smoothing=0.1,
                                            weight=jnp.linspace(0.5, 1.5, x.shape[-1]))
+  if kind == "int_vmap":
+    def grouped(x: jax.Array, y: jax.Array, t: jax.Array) -> jax.Array:
+      split = lambda a: a.reshape(16, -1, *a.shape[1:])
+      return jnp.mean(jax.vmap(m.cross_entropy)(split(x), split(y)))
+    return grouped
   if kind == "int_z":
     return lambda x, y, t: m.cross_entropy(x, y, z_loss=1e-4)
   if kind in ("probs", "probs_masked"):
@@ -132,6 +143,8 @@ def main() -> None:
       x, t = x.at[:, -8:].set(-jnp.inf), t.at[:, -8:].set(0)
     if kind == "int_smooth_masked":
       x, y = x.at[:, -8:].set(-jnp.inf), y % (c - 8)
+    if kind in ("int_where", "int_smooth_where"):
+      y = y % (c - 8)
     argnums: int | tuple[int, ...] = 0
     if kind == "linear":
       x = jax.random.normal(k[0], (n, 128)).astype(dt)

@@ -385,7 +385,7 @@ def _label_primal(
     x_label = jax.lax.stop_gradient(x_label) + derivative_of(take_at(logits, labels, axis))
   if smoothing:
     def apart(xm: jax.Array, labels: jax.Array, x_label: jax.Array) -> _SmoothedStats:
-      shift, ls, picked = _label_shift(xm, labels, x_label, axis)
+      shift, ls, picked = _label_shift(xm, labels, x_label, axis, where is not None)
       sums = _smoothing_stats(xm, _col(shift, axis), weight, axis, where is not None)
       return shift, ls, picked, sums
 
@@ -393,7 +393,7 @@ def _label_primal(
     shift, ls, picked, sums = jax.lax.platform_dependent(
         xm, labels, x_label, cuda=gpu, rocm=gpu, default=apart)
   else:
-    shift, ls, picked = _label_shift(xm, labels, x_label, axis)
+    shift, ls, picked = _label_shift(xm, labels, x_label, axis, where is not None)
     sums = None
   live, dead = _row_nll(labels, xm.shape[axis], ls)
   return LabelStats(shift, ls, picked, sums, jnp.where(live, _live_nll(live, ls, picked), dead))
@@ -593,7 +593,7 @@ def _in_row_chunks(
 ROW_CHUNK = 2**18
 
 
-def _cpu_block_size(xm: jax.Array, axis: int) -> int | None:
+def _cpu_block_size(xm: jax.Array, axis: int, masked: bool = False) -> int | None:
   """The block length of the CPU log-sum (`_others_in_blocks`), or None for
   the arithmetic mask. Half-precision rows up to `LONG_ROW` classes take the
   mask: as fast there (0.78-1.10x the blocks' time, bf16 value_and_grad),
@@ -608,11 +608,18 @@ def _cpu_block_size(xm: jax.Array, axis: int) -> int | None:
   1.9 MiB at 16384x1000 (optax: 0.50). Below that size the
   gather runs beside the block sums on a second core and the mask does not
   pay (1.00-1.09x at 256 to 4096 rows of 1024); on axis 1 of (N, C, H, W)
-  logits the mask took 1.3-1.9x the forward's time."""
+  logits the mask took 1.3-1.9x the forward's time.
+
+  `masked` (a `where` mask): rows up to `LONG_ROW` take the arithmetic mask.
+  The blocks' view of the masked logits is written out (XLA:CPU's block
+  reductions do not fuse the select that masks them): value_and_grad kept
+  1x the logits of temp memory, and took 1.11-1.82x optax's time on the
+  same masked logits at 256 x 4096 to 4096 x 2048, against 1.03-1.17x
+  with the mask."""
   num_classes = xm.shape[axis]
   if not _checks.static(num_classes):  # symbolic (jax.export): no blocks
     return None
-  if jnp.dtype(xm.dtype).itemsize < 4 and num_classes <= LONG_ROW:
+  if (masked or jnp.dtype(xm.dtype).itemsize < 4) and num_classes <= LONG_ROW:
     return None
   many = _checks.static(xm.size) and xm.size >= MANY_LOGITS  # (symbolic N: blocks)
   if num_classes <= SHORT_ROW and many and axis == xm.ndim - 1:
@@ -668,9 +675,9 @@ def _apart_from(
 ShiftStats = tuple[jax.Array, jax.Array, jax.Array]  # (shift, log_sum, picked)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
 def _shift_stats(
-    xm: jax.Array, labels: jax.Array, x_label: jax.Array, axis: int
+    xm: jax.Array, labels: jax.Array, x_label: jax.Array, axis: int, masked: bool = False
 ) -> ShiftStats:
   """(shift, log_sum, picked) of integer-label stats, axis dropped.
 
@@ -690,7 +697,7 @@ def _shift_stats(
   send the rejected branch's zero cotangent through its exp(x - shift),
   and 0 * inf is NaN where that sum overflowed.
   """
-  near, at_max = _shift_branches(axis)
+  near, at_max = _shift_branches(axis, masked)
   out: ShiftStats = jax.lax.platform_dependent(
       xm, labels, x_label, cpu=near, default=at_max)
   return out
@@ -698,11 +705,11 @@ def _shift_stats(
 
 @_shift_stats.defjvp
 def _shift_stats_jvp(
-    axis: int, primals: tuple[jax.Array, ...], tangents: tuple[jax.Array, ...]
+    axis: int, masked: bool, primals: tuple[jax.Array, ...], tangents: tuple[jax.Array, ...]
 ) -> tuple[ShiftStats, ShiftStats]:
   xm, labels, x_label = primals
   tx, _, t_label = tangents
-  shift, ls, picked = _shift_stats(xm, labels, x_label, axis)
+  shift, ls, picked = _shift_stats(xm, labels, x_label, axis, masked)
   # The shift is outside autodiff; d log_sum = sum_c p_c dx_c; d picked = dx_y.
   p = probs(xm, _col(shift, axis), _col(ls, axis))
   t_ls = jnp.sum(p * tx.astype(p.dtype), axis)
@@ -711,16 +718,19 @@ def _shift_stats_jvp(
   return (shift, ls, picked), (_zero(shift), t_ls, t_picked)
 
 
-_label_shift = jax.jit(_shift_stats, static_argnums=(3,))
+_label_shift = jax.jit(_shift_stats, static_argnums=(3, 4))
 
 
 @functools.cache
-def _shift_branches(axis: int) -> tuple[Callable[..., ShiftStats], Callable[..., ShiftStats]]:
+def _shift_branches(
+    axis: int, masked: bool = False
+) -> tuple[Callable[..., ShiftStats], Callable[..., ShiftStats]]:
   def at_max(
       xm: jax.Array, labels: jax.Array, x_label: jax.Array, exclude: str = "select"
   ) -> ShiftStats:
     return _label_log_sum(xm, labels, None, x_label, axis, exclude)
 
+  @jax.custom_batching.custom_vmap
   def near(xm: jax.Array, labels: jax.Array, x_label: jax.Array) -> ShiftStats:
     ct = _checks.compute_dtype(xm.dtype)
     shift = jax.lax.stop_gradient(x_label.astype(ct))
@@ -729,7 +739,7 @@ def _shift_branches(axis: int) -> tuple[Callable[..., ShiftStats], Callable[...,
     # half-precision input to a float32 copy per view, and the cond's operand
     # in the input dtype would be one more (XLA:CPU computes the logits of a
     # bf16 matmul in float32 anyway).
-    block = _cpu_block_size(xm, axis)
+    block = _cpu_block_size(xm, axis, masked)
     if block is None:
       # (row chunks convert their rows themselves)
       view = xm if _takes_row_chunks(xm, axis) else xm.astype(ct)
@@ -742,6 +752,17 @@ def _shift_branches(axis: int) -> tuple[Callable[..., ShiftStats], Callable[...,
     out: ShiftStats = jax.lax.cond(
         usable, accept, fallback, view, labels, x_label, shift, ls, picked)
     return out
+
+  @near.def_vmap
+  def _near_vmap(
+      axis_size: int, in_batched: tuple[bool, bool, bool], *args: jax.Array
+  ) -> tuple[ShiftStats, tuple[bool, bool, bool]]:
+    # The mapped axis as one more row axis, so that one cond decides for the
+    # whole batch: vmap's own rule made the cond a select that ran both
+    # branches (value_and_grad of 16 x 512 x 1000, float32: 1.4x the time).
+    args = tuple(a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
+                 for a, batched in zip(args, in_batched, strict=True))
+    return _shift_branches(axis + 1, masked)[0](*args), (True, True, True)
 
   def accept(
       view: jax.Array, labels: jax.Array, x_label: jax.Array, shift: jax.Array, ls: jax.Array,

@@ -673,6 +673,21 @@ def test_log_softmax_forward_holds_no_shifted_copy(dtype, shape):
   assert temp <= shape[0] * 4 * 8, temp
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_where_keeps_no_masked_copy(smoothing):
+  # The blocks' view of the masked logits was written out (XLA:CPU's block
+  # sums do not fuse the select): 1x the logits of temp memory, 17.6 MiB
+  # here. With `where`, rows up to LONG_ROW take the arithmetic mask.
+  n, c = 4096, 1024
+  where = jnp.arange(c) < c - 8
+  f = jax.value_and_grad(lambda x, y: jaxce.cross_entropy(
+      x, y, where=where, label_smoothing=smoothing))
+  lowered = jax.jit(f).lower(jax.ShapeDtypeStruct((n, c), jnp.float32),
+                             jax.ShapeDtypeStruct((n,), jnp.int32))
+  temp = compile_as_shipped(lowered).memory_analysis().temp_size_in_bytes
+  assert temp <= n * 4 * 16, temp
+
+
 def test_neg_inf_logits_half_precision():
   x, y, ninf = _neg_inf_case()
   for dt in (jnp.float16, jnp.bfloat16):
@@ -1339,6 +1354,28 @@ def test_dominant_label_losses_accurate_to_their_own_magnitude(c, offset):
   np.testing.assert_allclose(np.asarray(per, np.float64), ref, rtol=4 * EPS32, atol=0)
   scale = np.max(np.abs(ref_g), axis=1, keepdims=True)
   assert np.all(np.abs(np.asarray(g, np.float64) - ref_g) <= 4 * EPS32 * scale)
+
+
+@pytest.mark.parametrize("far", [False, True], ids=["label_shift", "max_fallback"])
+def test_vmap_keeps_one_cond(far):
+  """Under jax.vmap the CPU label-shift's cond stays a cond (its rule maps
+  the batch to rows), where vmap's own rule made it a select that ran both
+  branches; the values stay exact, also when one group needs the fallback."""
+  x, y = _dominant_label_inputs(1000, 0.0)
+  if not far:
+    x, y = x[:3], y[:3]  # (no row far below its max)
+  ref, ref_g = _ref_rows(x, y)
+  split = lambda a: jnp.asarray(a).reshape(3, -1, *a.shape[1:])
+  one = lambda x, y: jaxce.cross_entropy(x, y, reduction="none")
+  f = jax.vmap(one)
+  conds = lambda f, *a: str(jax.make_jaxpr(f)(*a)).count("cond[")  # (also the platform's)
+  assert conds(f, split(x), split(y)) == conds(one, split(x)[0], split(y)[0]) == 2
+  per, g = jax.jit(lambda x, y: (f(x, y), jax.grad(lambda x: f(x, y).sum())(x)))(
+      split(x), split(y))
+  np.testing.assert_allclose(np.asarray(per, np.float64).ravel(), ref, rtol=4 * EPS32, atol=0)
+  scale = np.max(np.abs(ref_g), axis=1, keepdims=True)
+  g = np.asarray(g, np.float64).reshape(ref_g.shape)
+  assert np.all(np.abs(g - ref_g) <= 4 * EPS32 * scale)
 
 
 @pytest.mark.parametrize("far_label", [False, pytest.param(True, marks=pytest.mark.slow)],
