@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
 from jaxce import _checks, _dispatch, _explicit
+from jaxce._narrow import flat_when_narrow
 from jaxce._reduction import reduce
 from jaxce._stats import given
 
@@ -162,9 +163,14 @@ def binary_cross_entropy_with_logits(
     pos_weight = _checks.float_array(fn, "pos_weight", pos_weight)
     pos_weight = _explicit.like(
         logits, _checks.broadcastable(fn, "pos_weight", pos_weight, logits.shape))
-  loss = _binary_terms(logits, targets, pos_weight)
   if weight is not None:
     weight = _checks.float_array(fn, "weight", weight)
     weight = _explicit.like(logits, _checks.broadcastable(fn, "weight", weight, logits.shape))
-    loss = weight.astype(loss.dtype) * loss
-  return reduce(loss, reduction)
+
+  def loss(logits: jax.Array, targets: jax.Array, pos_weight: jax.Array | None,
+           weight: jax.Array | None) -> jax.Array:
+    out = _binary_terms(logits, targets, pos_weight)
+    return reduce(out if weight is None else weight.astype(out.dtype) * out, reduction)
+
+  return flat_when_narrow(loss, logits.shape, logits.shape if reduction == "none" else (),
+                          logits, targets, pos_weight, weight)

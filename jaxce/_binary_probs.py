@@ -11,6 +11,7 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 from jaxce import _checks, _dispatch, _explicit
+from jaxce._narrow import flat_when_narrow
 from jaxce._reduction import reduce
 
 # PyTorch's clamp of both log terms (so p = 0 or 1 gives a finite loss) and
@@ -139,10 +140,14 @@ def binary_cross_entropy(
     )
   wide = np.dtype(np.float64) in (probs.dtype, targets.dtype)
   ct = np.dtype(np.float64) if wide else _checks.compute_dtype(probs.dtype)
-  loss = _terms(probs, _explicit.like(probs, targets), ct)
   if weight is not None:
     weight = _checks.float_array(fn, "weight", weight)
-    weight = _checks.broadcastable(fn, "weight", weight, probs.shape, of="probs")
-    loss = _explicit.like(probs, weight).astype(ct) * loss
-  out: jax.Array = reduce(loss, reduction)
-  return out
+    weight = _explicit.like(
+        probs, _checks.broadcastable(fn, "weight", weight, probs.shape, of="probs"))
+
+  def loss(probs: jax.Array, targets: jax.Array, weight: jax.Array | None) -> jax.Array:
+    out = _terms(probs, targets, ct)
+    return reduce(out if weight is None else weight.astype(ct) * out, reduction)
+
+  return flat_when_narrow(loss, probs.shape, probs.shape if reduction == "none" else (),
+                          probs, _explicit.like(probs, targets), weight)
