@@ -8,9 +8,11 @@ temp memory and the rows of a precompute block.
 
   PYTHONPATH=. python benchmarks/linear_backward.py        # the five shapes, 3 rounds
   PYTHONPATH=. python benchmarks/linear_backward.py --optax --shapes 2048,512,32768
+  PYTHONPATH=. python benchmarks/linear_backward.py --optax --bias --shapes 1024,128,16384
 
 (`--optax` adds optax's softmax_cross_entropy_with_integer_labels on the
-materialized logits x @ kernel to each round.)
+materialized logits x @ kernel to each round; `--bias` adds a [V] bias to
+every loss, and differentiates it too.)
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def main() -> None:
   parser.add_argument("--rounds", type=positive_int, default=3)
   parser.add_argument("--shapes", nargs="+", default=None, help="N,D,V triples")
   parser.add_argument("--optax", action="store_true", help="add materialized logits + optax")
+  parser.add_argument("--bias", action="store_true", help="a [V] bias in every loss")
   args = parser.parse_args()
   shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split(",")) for s in args.shapes]
   optax_head = " optax s | pre/optax, re/optax per round |" if args.optax else ""
@@ -46,24 +49,26 @@ def main() -> None:
     x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
     kernel = jnp.asarray(rng.normal(size=(d, v)) / np.sqrt(d), jnp.float32)
     labels = jnp.asarray(rng.integers(0, v, size=(n,)), jnp.int32)
+    bias = jnp.asarray(rng.normal(size=(v,)), jnp.float32) if args.bias else None
     fns, temps = {}, {}
-    losses = {b: lambda x, k, y, b=b: jaxce.linear_cross_entropy(x, k, y, backward=b)
+    losses = {b: lambda x, k, y, c, b=b: jaxce.linear_cross_entropy(x, k, y, bias=c, backward=b)
               for b in ("precompute", "recompute")}
     if args.optax:
       import optax
-      losses["optax"] = lambda x, k, y: optax.softmax_cross_entropy_with_integer_labels(
-          x @ k, y).mean()
+      losses["optax"] = lambda x, k, y, c: optax.softmax_cross_entropy_with_integer_labels(
+          x @ k if c is None else x @ k + c, y).mean()
+    inputs = (x, kernel, labels, bias)
     for backward, loss in losses.items():
-      f = jax.jit(jax.value_and_grad(loss, (0, 1)))
-      compiled = f.lower(x, kernel, labels).compile()
+      f = jax.jit(jax.value_and_grad(loss, (0, 1) if bias is None else (0, 1, 3)))
+      compiled = f.lower(*inputs).compile()
       temps[backward] = compiled.memory_analysis().temp_size_in_bytes / 2**20
-      jax.block_until_ready(compiled(x, kernel, labels))  # warm-up
+      jax.block_until_ready(compiled(*inputs))  # warm-up
       fns[backward] = compiled
     times = {b: [] for b in fns}
     for _ in range(args.rounds):
       for b, f in fns.items():
         t0 = time.perf_counter()
-        jax.block_until_ready(f(x, kernel, labels))
+        jax.block_until_ready(f(*inputs))
         times[b].append(time.perf_counter() - t0)
     ratios = [p / r for p, r in zip(times["precompute"], times["recompute"], strict=True)]
     print(f"| {n} | {d} | {v} | {_linear_precompute.block_rows(n, v)} |"

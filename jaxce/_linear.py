@@ -118,10 +118,10 @@ def linear_cross_entropy(
     differentiated, even with respect to `x` alone); each block rereads and
     rewrites that dkernel.
   * ``backward="auto"`` (default) picks precompute for float32 and float64
-    kernels with "mean" or "sum", without `forward_mode`, `chunk_size` or a
-    vocabulary split over devices, when V <= 52428 (a block then holds at least 320
-    rows), and recompute otherwise, and always in a program compiled for
-    TPU (see `backward` below).
+    kernels with "mean" or "sum", without `bias`, `forward_mode`,
+    `chunk_size` or a vocabulary split over devices, when V <= 52428 (a
+    block then holds at least 320 rows), and recompute otherwise, and
+    always in a program compiled for TPU (see `backward` below).
 
   Under `jax.vmap` over examples that share the kernel, JAX batches the
   backward, and a dkernel is computed per mapped example before they are
@@ -378,7 +378,7 @@ def linear_cross_entropy(
   if auto:
     backward = _linear_precompute.auto_backward(
         kernel.dtype, n, vocab, reduction=reduction, forward_mode=forward_mode,
-        chunk_size=chunk_size, class_sharded=False, groups=groups)
+        chunk_size=chunk_size, class_sharded=False, groups=groups, bias=bias is not None)
   if backward != "precompute" or vocab == 0:  # (V = 0: no logits, nothing to precompute)
     return recompute(*args)
   if not _checks.static(n, vocab):

@@ -78,6 +78,7 @@ def auto_backward(
     chunk_size: int | None,
     class_sharded: bool,
     groups: int,
+    bias: bool = False,
 ) -> Literal["precompute", "recompute"]:
   """What `backward="auto"` runs: "precompute" or "recompute".
 
@@ -89,14 +90,19 @@ def auto_backward(
   Explicit-mesh split, and no number of devices (the mesh in the arrays'
   types, else the device count) sharing a factor with V, under which XLA
   may have split the kernel: `groups` == 1), the number of tokens
-  is concrete, V > 0, and a row block holds at least `MIN_ROWS` rows
-  (``V <= ROW_BLOCK_ELEMENTS / MIN_ROWS`` = 52428): with fewer, rereading
-  and rewriting the [D, V] dkernel accumulator per block costs more than the
-  matmul it saves. Decided from static shapes and dtypes only; in a program
-  lowered for TPU `linear_cross_entropy` recomputes instead (see there).
+  is concrete, V > 0, there is no bias, and a row block holds at least
+  `MIN_ROWS` rows (``V <= ROW_BLOCK_ELEMENTS / MIN_ROWS`` = 52428): with
+  fewer, rereading and rewriting the [D, V] dkernel accumulator per block
+  costs more than the matmul it saves. With a bias, XLA:CPU writes the
+  block's biased logits out beside the matmul's (192 MiB of temp against
+  64 at N=1024, D=128, V=16384), and recompute was faster at every shape
+  measured: precompute / recompute 1.03-2.49 in each round, N=256 to 4096,
+  V=8192 to 50000 (`benchmarks/linear_backward.py --optax --bias`).
+  Decided from static shapes and dtypes only; in a program lowered for TPU
+  `linear_cross_entropy` recomputes instead (see there).
   """
   if (np.dtype(kernel_dtype).itemsize < 4 or reduction == "none" or forward_mode
-      or chunk_size is not None or class_sharded or groups != 1
+      or chunk_size is not None or class_sharded or groups != 1 or bias
       or not _checks.static(num_tokens, vocab) or vocab == 0):
     return "recompute"
   return "precompute" if ROW_BLOCK_ELEMENTS // vocab >= MIN_ROWS else "recompute"

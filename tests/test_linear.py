@@ -1483,7 +1483,7 @@ def test_auto_backward_rule():
   for vocab in (limit + 1, 65536, 131072, 2**20):
     assert rule(F32, 2048, vocab, **base) == "recompute", vocab
   for change in (dict(reduction="none"), dict(forward_mode=True), dict(chunk_size=1024),
-                 dict(class_sharded=True), dict(groups=2)):
+                 dict(class_sharded=True), dict(groups=2), dict(bias=True)):
     assert rule(F32, 2048, 32000, **{**base, **change}) == "recompute", change
   for dtype in (jnp.bfloat16, jnp.float16):
     assert rule(dtype, 2048, 32000, **base) == "recompute", dtype
@@ -1502,12 +1502,15 @@ def test_auto_backward_rule():
     (dict(forward_mode=True), "recompute"),
     (dict(vocab=40), "recompute"),  # gcd(40, 8) = 8: a kernel XLA may have split
     (dict(vocab=52429), "recompute"),  # a block would hold fewer than MIN_ROWS rows
+    (dict(bias=True), "recompute"),
     (dict(backward="recompute"), "recompute"),
     (dict(backward="precompute", vocab=40), "precompute"),
 ])
 def test_auto_backward_is_what_runs(monkeypatch, case, expected):
   case = dict(case)
   dtype, vocab = case.pop("dtype", F32), case.pop("vocab", V)
+  if case.pop("bias", False):
+    case["bias"] = jnp.zeros((vocab,), dtype)
   calls = []
   real = _linear_precompute.precomputed_loss
   monkeypatch.setattr(_linear_precompute, "precomputed_loss",

@@ -419,30 +419,34 @@ def test_bce_narrow_rows_values(shape, cpu_devices):
   x = rng.normal(size=shape) * 4
   t = rng.uniform(size=shape)
   w = rng.uniform(0.5, 2.0, size=shape)
+  for reduction, pw, weight in [("none", None, None), ("mean", [1.5], w), ("sum", None, 2.0)]:
+    _check_bce(x, t, reduction, pw, weight)
+
+
+def _check_bce(x, t, reduction, pw, weight):
   f32 = lambda a: None if a is None else jnp.asarray(a, jnp.float32)
   p = np.asarray(f32(np_sigmoid(x)), np.float64)  # (the float32 probabilities)
-  for reduction, pw, weight in [("none", None, None), ("mean", [1.5], w), ("sum", None, 2.0)]:
-    loss, _, g = ref_bce(x, t, weight, pos_weight=None if pw is None else np.asarray(pw))
-    kw = {"pos_weight": None if pw is None else f32(pw), "reduction": reduction}
-    total = {"none": lambda a: a, "mean": np.mean, "sum": np.sum}[reduction]
-    scale = x.size if reduction == "mean" else 1
-    f = lambda x, t, w: jaxce.binary_cross_entropy_with_logits(x, t, weight=w, **kw)
-    _close(jax.jit(f)(f32(x), f32(t), f32(weight)), total(loss), rtol=2e-6, atol=1e-7)
-    gx, gt = jax.grad(lambda *a: jnp.sum(f(*a)), (0, 1))(f32(x), f32(t), f32(weight))
-    _close(gx, g * x.size / scale, rtol=2e-5, atol=1e-7)
-    pwf = 1.0 if pw is None else np.asarray(pw)
-    wf = 1.0 if weight is None else weight
-    _close(gt, wf * (pwf * np_softplus(-x) - np_softplus(x)) / scale, rtol=2e-5, atol=1e-7)
-    if weight is not None:
-      gw = jax.grad(lambda w: jnp.sum(f(f32(x), f32(t), w)))(f32(weight))
-      _close(gw, (loss / wf if np.ndim(wf) else np.sum(loss / wf)) / scale, rtol=2e-5, atol=1e-6)
-    _, tangent = jax.jvp(lambda x: jnp.sum(f(x, f32(t), f32(weight))), (f32(x),), (f32(t),))
-    _close(tangent, np.sum(g * x.size / scale * t), rtol=2e-5, atol=1e-6)
-    fp = lambda p, t: jaxce.binary_cross_entropy(p, t, weight=f32(weight), reduction=reduction)
-    want = wf * -(t * np.log(p) + (1 - t) * np.log1p(-p))
-    _close(jax.jit(fp)(f32(p), f32(t)), total(want), rtol=2e-5, atol=1e-6)
-    gp = jax.grad(lambda p: jnp.sum(fp(p, f32(t))))(f32(p))
-    _close(gp, wf * (p - t) / (p * (1 - p)) / scale, rtol=1e-4, atol=1e-6)
+  loss, _, g = ref_bce(x, t, weight, pos_weight=None if pw is None else np.asarray(pw))
+  total = {"none": lambda a: a, "mean": np.mean, "sum": np.sum}[reduction]
+  scale = x.size if reduction == "mean" else 1
+  f = lambda x, t, w: jaxce.binary_cross_entropy_with_logits(
+      x, t, weight=w, pos_weight=f32(pw), reduction=reduction)
+  _close(jax.jit(f)(f32(x), f32(t), f32(weight)), total(loss), rtol=2e-6, atol=1e-7)
+  gx, gt = jax.grad(lambda *a: jnp.sum(f(*a)), (0, 1))(f32(x), f32(t), f32(weight))
+  _close(gx, g * x.size / scale, rtol=2e-5, atol=1e-7)
+  pwf = 1.0 if pw is None else np.asarray(pw)
+  wf = 1.0 if weight is None else weight
+  _close(gt, wf * (pwf * np_softplus(-x) - np_softplus(x)) / scale, rtol=2e-5, atol=1e-7)
+  if weight is not None:
+    gw = jax.grad(lambda w: jnp.sum(f(f32(x), f32(t), w)))(f32(weight))
+    _close(gw, (loss / wf if np.ndim(wf) else np.sum(loss / wf)) / scale, rtol=2e-5, atol=1e-6)
+  _, tangent = jax.jvp(lambda x: jnp.sum(f(x, f32(t), f32(weight))), (f32(x),), (f32(t),))
+  _close(tangent, np.sum(g * x.size / scale * t), rtol=2e-5, atol=1e-6)
+  fp = lambda p, t: jaxce.binary_cross_entropy(p, t, weight=f32(weight), reduction=reduction)
+  want = wf * -(t * np.log(p) + (1 - t) * np.log1p(-p))
+  _close(jax.jit(fp)(f32(p), f32(t)), total(want), rtol=2e-5, atol=1e-6)
+  gp = jax.grad(lambda p: jnp.sum(fp(p, f32(t))))(f32(p))
+  _close(gp, wf * (p - t) / (p * (1 - p)) / scale, rtol=1e-4, atol=1e-6)
 
 
 def test_bfloat16_nll_log_softmax_logsumexp_accuracy():
