@@ -12,7 +12,9 @@ temp memory and the rows of a precompute block.
 
 (`--optax` adds optax's softmax_cross_entropy_with_integer_labels on the
 materialized logits x @ kernel to each round; `--bias` adds a [V] bias to
-every loss, and differentiates it too.)
+every loss, and differentiates it too; `--forward-mode` adds
+`forward_mode=True`, timed against recompute; `--softcap S` caps every
+loss's logits, optax's too.)
 """
 
 from __future__ import annotations
@@ -38,12 +40,17 @@ def main() -> None:
   parser.add_argument("--shapes", nargs="+", default=None, help="N,D,V triples")
   parser.add_argument("--optax", action="store_true", help="add materialized logits + optax")
   parser.add_argument("--bias", action="store_true", help="a [V] bias in every loss")
+  parser.add_argument("--forward-mode", action="store_true", help="add forward_mode=True")
+  parser.add_argument("--softcap", type=float, default=None, help="softcap of every loss")
   args = parser.parse_args()
   shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split(",")) for s in args.shapes]
   optax_head = " optax s | pre/optax, re/optax per round |" if args.optax else ""
+  fm_head = " forward_mode/re per round |" if args.forward_mode else ""
   print("| N | D | V | rows/block | precompute s | recompute s | ratio per round (pre/re) |"
-        " temp MiB pre / re |" + optax_head)
-  print("|---|---|---|---|---|---|---|---|" + ("---|---|" if args.optax else ""))
+        " temp MiB pre / re |" + optax_head + fm_head)
+  print("|---|---|---|---|---|---|---|---|" + ("---|---|" if args.optax else "")
+        + ("---|" if args.forward_mode else ""))
+  cap = args.softcap
   for n, d, v in shapes:
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
@@ -51,12 +58,22 @@ def main() -> None:
     labels = jnp.asarray(rng.integers(0, v, size=(n,)), jnp.int32)
     bias = jnp.asarray(rng.normal(size=(v,)), jnp.float32) if args.bias else None
     fns, temps = {}, {}
-    losses = {b: lambda x, k, y, c, b=b: jaxce.linear_cross_entropy(x, k, y, bias=c, backward=b)
-              for b in ("precompute", "recompute")}
+    losses = {b: lambda x, k, y, c, b=b: jaxce.linear_cross_entropy(
+        x, k, y, bias=c, softcap=cap, backward=b) for b in ("precompute", "recompute")}
     if args.optax:
       import optax
-      losses["optax"] = lambda x, k, y, c: optax.softmax_cross_entropy_with_integer_labels(
-          x @ k if c is None else x @ k + c, y).mean()
+
+      def materialized(x: jax.Array, k: jax.Array, y: jax.Array, c: jax.Array | None
+                       ) -> jax.Array:
+        logits = x @ k if c is None else x @ k + c
+        if cap is not None:
+          logits = cap * jnp.tanh(logits / cap)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+      losses["optax"] = materialized
+    if args.forward_mode:
+      losses["forward_mode"] = lambda x, k, y, c: jaxce.linear_cross_entropy(
+          x, k, y, bias=c, softcap=cap, forward_mode=True)
     inputs = (x, kernel, labels, bias)
     for backward, loss in losses.items():
       f = jax.jit(jax.value_and_grad(loss, (0, 1) if bias is None else (0, 1, 3)))
@@ -74,8 +91,15 @@ def main() -> None:
     print(f"| {n} | {d} | {v} | {_linear_precompute.block_rows(n, v)} |"
           f" {min(times['precompute']):.2f} | {min(times['recompute']):.2f} |"
           f" {', '.join(f'{r:.2f}' for r in ratios)} |"
-          f" {temps['precompute']:.0f} / {temps['recompute']:.0f} |" + _optax_cols(times),
-          flush=True)
+          f" {temps['precompute']:.0f} / {temps['recompute']:.0f} |" + _optax_cols(times)
+          + _forward_mode_cols(times), flush=True)
+
+
+def _forward_mode_cols(times: dict[str, list[float]]) -> str:
+  if "forward_mode" not in times:
+    return ""
+  rounds = zip(times["forward_mode"], times["recompute"], strict=True)
+  return f" {', '.join(f'{f / r:.2f}' for f, r in rounds)} |"
 
 
 def _optax_cols(times: dict[str, list[float]]) -> str:
