@@ -111,6 +111,11 @@ def test_standalone_scripts_refuse_bad_counts_and_specs():
     done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
     assert done.returncode == 2, (args, done.stderr[-500:])
     assert "Traceback" not in done.stderr, args
+  script = script.with_name("outside_sweep.py")
+  for args in (["--cases", "foo"], ["--rounds", "0"]):
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+    assert done.returncode == 2, (args, done.stderr[-500:])
+    assert "Traceback" not in done.stderr, args
 
 
 def test_zero_reference_gradient_has_zero_relative_error():
