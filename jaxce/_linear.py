@@ -195,14 +195,15 @@ def linear_cross_entropy(
       need no name: the split is in the type.)
     backward: "recompute", "precompute" or "auto" (see above). "precompute"
       needs a float32 or float64 kernel, reduction "mean" or "sum", a
-      concrete number of tokens, and no `forward_mode`, `chunk_size`, `class_axis_name` or
-      Explicit-mesh sharding (ValueError otherwise); it keeps a gradient of
-      the kernel's size (plus x's, bias's and weight's) from the forward to
-      the backward. "auto" decides at trace time from static shapes and
-      dtypes: precompute when all of those hold, the number of devices (the
-      size of the mesh in the arrays' types, else the device count) shares
-      no factor with V (a kernel XLA may have split over its vocabulary
-      axis), and ``V <= 2**24 / 320``; recompute otherwise (bfloat16 kernels
+      concrete number of tokens, and no `forward_mode`, `chunk_size`,
+      `class_axis_name` or Explicit-mesh sharding (ValueError otherwise); it
+      keeps a gradient of the kernel's size (plus x's, bias's and weight's)
+      from the forward to the backward. "auto" decides at trace time from
+      static shapes and dtypes: precompute when all of those hold, the
+      number of devices (the size of the mesh in the arrays' types, else the
+      device count) shares no factor with V (a kernel XLA may have split
+      over its vocabulary axis), there is no `bias`, and
+      ``V <= 2**24 / 320``; recompute otherwise (bfloat16 kernels
       always: a float32 dkernel accumulator would double the kernel's
       memory). On TPU (the platform the program is lowered for) "auto"
       always recomputes: XLA:TPU's default-precision matmuls read a float32

@@ -83,8 +83,8 @@ def auto_backward(
   """What `backward="auto"` runs: "precompute" or "recompute".
 
   Precompute when the kernel is 32- or 64-bit (a bf16 kernel would need a
-  float32 dkernel accumulator: twice its memory), the reduction is "mean" or "sum"
-  (the gradient must be known in the forward), forward mode is off, no
+  float32 dkernel accumulator: twice its memory), the reduction is "mean" or
+  "sum" (the gradient must be known in the forward), forward mode is off, no
   `chunk_size` is given (a vocabulary chunk asks for the streamed path),
   the vocabulary is not split over devices (no `class_axis_name`, no
   Explicit-mesh split, and no number of devices (the mesh in the arrays'

@@ -686,11 +686,13 @@ def _shift_stats(
   the label's logit nearly always is one. If the sum overflows, or falls
   below the normal float range (a label far below the max, or none),
   anywhere, the batch is redone with the max under a `lax.cond` that runs
-  only then (under `jax.vmap`, always). Other platforms always take the
+  only then (under `jax.vmap`, one cond for the whole batch: `near`'s
+  batching rule maps it to rows). Other platforms always take the
   max: on TPU a cond whose operand is the logits makes XLA build a float32
   copy of half-precision logits. The branch functions are cached per axis
   and the whole is one `jax.jit` (inlined under an outer jit), so eager
-  calls, differentiated or not, reuse one executable.
+  calls, differentiated or not, reuse one executable. `masked`: `xm` is
+  masked by `where` (see `_cpu_block_size`).
 
   Derivatives (needed from the second order on: `label_stats` has a rule of
   its own) by `_shift_stats_jvp`, not through the cond: reverse mode would
