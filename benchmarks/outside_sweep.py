@@ -71,31 +71,22 @@ def cases() -> dict[str, Callable[[], Case]]:
     return ("integer labels, float16 logits, value_and_grad",
             _vg(jaxce.cross_entropy), _vg(_optax_int), (x, y))
 
-  def f16_bce() -> Case:
-    x, _ = _int_inputs(2048, 1024, jnp.float16)
-    t = (x > 0).astype(jnp.float16)
-    return ("binary_cross_entropy_with_logits, float16, value_and_grad",
-            _vg(jaxce.binary_cross_entropy_with_logits),
-            _vg(lambda x, t: optax.sigmoid_binary_cross_entropy(x, t).mean()), (x, t))
+  def _bce(n: int, c: int, dtype: Any) -> Callable[[], Case]:
+    def build() -> Case:
+      x, _ = _int_inputs(n, c, dtype)
+      return (f"binary_cross_entropy_with_logits, {n} x {c}, {jnp.dtype(dtype).name},"
+              " value_and_grad", _vg(jaxce.binary_cross_entropy_with_logits),
+              _vg(lambda x, t: optax.sigmoid_binary_cross_entropy(x, t).mean()),
+              (x, (x > 0).astype(dtype)))
+    return build
 
-  def hvp_rev() -> Case:
-    x, y = _int_inputs(4096, 1024)
-    v = jax.random.normal(jax.random.key(1), x.shape)
-    return ("integer labels, Hessian-vector product, reverse over reverse",
-            _hvp_rev(jaxce.cross_entropy), _hvp_rev(_optax_int), (x, y, v))
-
-  def hvp_fwd() -> Case:
-    x, y = _int_inputs(4096, 1024)
-    v = jax.random.normal(jax.random.key(1), x.shape)
-    return ("integer labels, Hessian-vector product, forward over reverse",
-            _hvp_fwd(jaxce.cross_entropy), _hvp_fwd(_optax_int), (x, y, v))
-
-  def bce_n1() -> Case:
-    x, _ = _int_inputs(262144, 1)
-    t = (x > 0).astype(jnp.float32)
-    return ("binary_cross_entropy_with_logits, 262144 x 1, value_and_grad",
-            _vg(jaxce.binary_cross_entropy_with_logits),
-            _vg(lambda x, t: optax.sigmoid_binary_cross_entropy(x, t).mean()), (x, t))
+  def _hvp(order: str, hvp: Callable[..., Any]) -> Callable[[], Case]:
+    def build() -> Case:
+      x, y = _int_inputs(4096, 1024)
+      v = jax.random.normal(jax.random.key(1), x.shape)
+      return (f"integer labels, Hessian-vector product, {order}",
+              hvp(jaxce.cross_entropy), hvp(_optax_int), (x, y, v))
+    return build
 
   def where() -> Case:
     x, y = _int_inputs(4096, 1024)
@@ -132,7 +123,10 @@ def cases() -> dict[str, Callable[[], Case]]:
     return build
 
   return {"producer": producer, "far_label": far_label, "f16_ce": f16_ce,
-          "f16_bce": f16_bce, "hvp_rev": hvp_rev, "hvp_fwd": hvp_fwd, "bce_n1": bce_n1,
+          "f16_bce": _bce(2048, 1024, jnp.float16),
+          "hvp_rev": _hvp("reverse over reverse", _hvp_rev),
+          "hvp_fwd": _hvp("forward over reverse", _hvp_fwd),
+          "bce_n1": _bce(262144, 1, jnp.float32),
           "where": where, "vmap": vmap, "linear_bias": _linear(True),
           "linear_forward_mode_softcap": _linear(False, forward_mode=True, softcap=30.0)}
 
