@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import jax
 
-from jaxce import _checks, _stats
+from jaxce import _checks, _explicit, _stats
 
 # The longest last axis that is flattened. float32 value_and_grad of
 # `binary_cross_entropy_with_logits`, flattened against as it is, in
@@ -36,13 +36,16 @@ def flat_when_narrow(
   Only in a process with one CPU device (`_stats.one_cpu_device`): with
   more, an axis other than the first may be split, and the partitioner
   all-gathers the arrays to flatten them (a (64, 16) split on its second
-  axis, on an Auto mesh of 8). Nor for symbolic shapes; other platforms keep
-  the shape (a reshape can be a copy in tiled layouts).
+  axis, on an Auto mesh of 8). Nor on an Explicit mesh, even of one device
+  (the reshape would need an output sharding), nor for symbolic shapes;
+  other platforms keep the shape (a reshape can be a copy in tiled
+  layouts).
   """
   present = [a for a in arrays if a is not None]
   if (len(shape) < 2 or not _checks.static(*shape) or shape[-1] > NARROW or 0 in shape
       or any(a.size != 1 and a.shape != shape for a in present)
-      or not _stats.one_cpu_device()):
+      or not _stats.one_cpu_device()
+      or any(_explicit.spec_of(a) is not None for a in present)):
     return loss(*arrays)
 
   def cpu(*arrays: jax.Array | None) -> jax.Array:

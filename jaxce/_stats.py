@@ -730,7 +730,7 @@ def _shift_branches(
   def at_max(
       xm: jax.Array, labels: jax.Array, x_label: jax.Array, exclude: str = "select"
   ) -> ShiftStats:
-    return _label_log_sum(xm, labels, None, x_label, axis, exclude)
+    return _typed(_label_log_sum(xm, labels, None, x_label, axis, exclude), x_label)
 
   @jax.custom_batching.custom_vmap
   def near(xm: jax.Array, labels: jax.Array, x_label: jax.Array) -> ShiftStats:
@@ -770,8 +770,8 @@ def _shift_branches(
       view: jax.Array, labels: jax.Array, x_label: jax.Array, shift: jax.Array, ls: jax.Array,
       picked: jax.Array,
   ) -> ShiftStats:
-    del view, labels, x_label
-    return shift, ls, picked
+    del view, labels
+    return _typed((shift, ls, picked), x_label)
 
   def fallback(
       view: jax.Array, labels: jax.Array, x_label: jax.Array, shift: jax.Array, ls: jax.Array,
@@ -779,13 +779,26 @@ def _shift_branches(
   ) -> ShiftStats:
     del shift, ls, picked
     if view.ndim == x_label.ndim + 1:  # no blocks
-      return _label_log_sum(view, labels, None, x_label, axis, "cpu")
-    # (explicit length, not -1: an empty batch has no size to infer it from)
-    flat = view.reshape((*view.shape[:axis], view.shape[axis] * view.shape[axis + 1],
-                         *view.shape[axis + 2:]))
-    return _label_log_sum(flat, labels, None, x_label, axis, "cpu", view)
+      out = _label_log_sum(view, labels, None, x_label, axis, "cpu")
+    else:
+      # (explicit length, not -1: an empty batch has no size to infer it from)
+      flat = view.reshape((*view.shape[:axis], view.shape[axis] * view.shape[axis + 1],
+                           *view.shape[axis + 2:]))
+      out = _label_log_sum(flat, labels, None, x_label, axis, "cpu", view)
+    return _typed(out, x_label)
 
   return near, at_max
+
+
+def _typed(out: ShiftStats, x_label: jax.Array) -> ShiftStats:
+  """`out` plus a zero of the type of `x_label`, the label's logit: inside
+  `shard_map` it varies along the axes of both the logits and the labels,
+  where the branches' values need not (replicated logits and split labels:
+  the max over the logits did not vary, and the cond and the platform
+  switch refused branches of different types)."""
+  zero = _zero(jnp.where(jnp.isfinite(x_label), x_label, 0.0))
+  shift, log_sum, picked = (v + zero.astype(v.dtype) for v in out)
+  return shift, log_sum, picked
 
 
 class _NllRows(NamedTuple):

@@ -423,6 +423,32 @@ def test_bce_narrow_rows_values(shape, cpu_devices):
     _check_bce(x, t, reduction, pw, weight)
 
 
+def test_bce_narrow_rows_on_an_explicit_mesh(monkeypatch):
+  # As in a process with one CPU device, where short rows are flattened:
+  # arrays split on an Explicit mesh keep their shape (the reshape raised
+  # a ShardingTypeError for a split second axis).
+  from jax.sharding import AxisType
+  from jax.sharding import PartitionSpec as P
+
+  from jaxce import _stats
+
+  monkeypatch.setattr(_stats, "one_cpu_device", lambda: True)
+  jax.clear_caches()
+  rng = _rng(43)
+  x, t = rng.normal(size=(16, 8)) * 3, rng.uniform(size=(16, 8))
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+  with jax.set_mesh(mesh):
+    for reduction in ("mean", "none"):
+      xs, ts = (jax.device_put(jnp.asarray(a, jnp.float32), P("data", "model")) for a in (x, t))
+      got = jax.jit(functools.partial(
+          jaxce.binary_cross_entropy_with_logits, reduction=reduction))(xs, ts)
+      loss, mean, _ = ref_bce(np.asarray(xs, np.float64), np.asarray(ts, np.float64))
+      _close(got, mean if reduction == "mean" else loss, rtol=2e-6, atol=1e-7)
+      p = jax.device_put(jax.nn.sigmoid(xs), P("data", "model"))
+      jaxce.binary_cross_entropy(p, ts, reduction=reduction)  # (no error)
+  jax.clear_caches()
+
+
 def _check_bce(x, t, reduction, pw, weight):
   f32 = lambda a: None if a is None else jnp.asarray(a, jnp.float32)
   p = np.asarray(f32(np_sigmoid(x)), np.float64)  # (the float32 probabilities)

@@ -1027,6 +1027,23 @@ def test_shard_map_all_ignored_batch_is_zero():
       assert np.all(g == 0.0), (name, k)
 
 
+def test_shard_map_replicated_logits_split_labels():
+  """Logits whole on every device and labels split over the mesh: the CPU
+  label shift's branches (the label's logit, varying with the labels; the
+  max over the logits, not) now have one type; cond refused them. Also
+  where one row needs the max-shift fallback, and under jax.vmap."""
+  mesh = _mesh("Auto")
+  rng = np.random.default_rng(53)
+  logits = rng.normal(size=(6, 5)).astype(np.float32)
+  labels = rng.integers(0, 5, size=(DATA * MODEL, 6)).astype(np.int32)
+  logits[0, (labels[0, 0] + 1) % 5] = 300.0  # far above the label's logit
+  f = jax.shard_map(jax.vmap(jaxce.cross_entropy, (None, 0)), mesh=mesh,
+                    in_specs=(P(), P(("data", "model"))), out_specs=P(("data", "model")))
+  got = jax.jit(f)(logits, labels)
+  want = [jnp.mean(jax.nn.logsumexp(logits, -1) - logits[np.arange(6), y]) for y in labels]
+  np.testing.assert_allclose(got, np.asarray(want), rtol=1e-6)
+
+
 @pytest.mark.parametrize("forward_mode", [False, True])
 def test_shard_map_linear_zero_tokens(forward_mode):
   # no tokens, vocabulary split: loss 0 and zero gradients (the chunk loop's
