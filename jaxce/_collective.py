@@ -9,13 +9,14 @@ psum/pmax to each device's slice.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, TypeVar
+from typing import NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
 
 from jaxce._explicit import names
 from jaxce._stats import LabelStats, SmoothingSums, TargetStats
+from jaxce._vma import vary_along, varying_axes
 
 # A `shard_map` axis name, or several (a class axis split over mesh axes).
 AxisName = str | tuple[str, ...]
@@ -60,7 +61,6 @@ def label_weight(weight: jax.Array | None, where: ClassSlice) -> jax.Array | Non
 
 
 S = TypeVar("S", LabelStats, TargetStats)
-T = TypeVar("T")
 
 
 def combine(stats: S, axis_name: AxisName | None, owned: jax.Array | None = None) -> S:
@@ -125,7 +125,7 @@ def match_vma(cotangent: jax.Array | None, primal: jax.Array) -> jax.Array | Non
   different rows gets the sum of their contributions); a no-op elsewhere."""
   if cotangent is None:
     return None
-  extra = tuple(sorted(_varying_axes(cotangent) - _varying_axes(primal)))
+  extra = tuple(sorted(varying_axes(cotangent) - varying_axes(primal)))
   if not extra:
     return cotangent
   out: jax.Array = jax.lax.psum(cotangent, extra)
@@ -151,7 +151,7 @@ def require_split(fn: str, name: str, x: jax.Array, axis_name: AxisName | None) 
     return
   if not tracked or not set(axes) <= manual:
     return
-  same = [a for a in axes if a not in _varying_axes(x)]
+  same = [a for a in axes if a not in varying_axes(x)]
   if same:
     raise ValueError(
         f"{fn}: `{name}` must be this device's slice of the classes, split over"
@@ -159,31 +159,6 @@ def require_split(fn: str, name: str, x: jax.Array, axis_name: AxisName | None) 
         f" device of {', '.join(map(repr, same))} (its in_specs do not split it"
         f" there): give shard_map a spec that splits the class axis over"
         f" {axis_name!r}, or leave class_axis_name out.")
-
-
-def _varying_axes(x: Any) -> frozenset[str]:
-  aval = jax.typeof(x)
-  manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10
-  if manual is not None:
-    return frozenset(manual.varying)
-  return frozenset(getattr(aval, "vma", ()))  # earlier releases
-
-
-def _vary_along(x: jax.Array, axes: frozenset[str]) -> jax.Array:
-  """`x` marked as varying along `axes` too (a no-op where it already is)."""
-  extra = tuple(sorted(axes - _varying_axes(x)))
-  if not extra:
-    return x
-  out: jax.Array = jax.lax.pcast(x, extra, to="varying")
-  return out
-
-
-def vary_like(tree: T, *refs: jax.Array | None) -> T:
-  """Marks a fresh (e.g. zeros) loop carry as varying along every `shard_map`
-  axis that `refs` vary along, as `lax.scan` requires; a no-op elsewhere."""
-  axes = frozenset[str]().union(*(_varying_axes(r) for r in refs if r is not None))
-  mapped: T = jax.tree.map(lambda x: _vary_along(x, axes), tree)
-  return mapped
 
 
 def vary_widened(x: jax.Array, axis_name: AxisName) -> jax.Array:
@@ -197,9 +172,9 @@ def vary_widened(x: jax.Array, axis_name: AxisName) -> jax.Array:
   axes = frozenset((axis_name,) if isinstance(axis_name, str) else axis_name)
 
   def vary(x: jax.Array) -> jax.Array:
-    return _vary_along(x, axes)
+    return vary_along(x, axes)
 
-  if x.dtype.itemsize >= 4 or not axes - _varying_axes(x):
+  if x.dtype.itemsize >= 4 or not axes - varying_axes(x):
     return vary(x)
 
   def widened(x: jax.Array) -> jax.Array:

@@ -35,8 +35,9 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from jaxce import _checks
-from jaxce._collective import match_vma, vary_like
+from jaxce._collective import match_vma
 from jaxce._stats import LabelStats, SmoothingSums, take_at
+from jaxce._vma import vary_like
 
 # Elements of one float32 block (16 MiB): sets the default vocabulary chunk
 # ([N, chunk] logits) and, on CPU, the row blocks of the dx accumulation

@@ -49,6 +49,7 @@ from jaxce._log_softmax import (
   tangent_probs,
 )
 from jaxce._sum import block_shape, block_size, blocked_total, total
+from jaxce._vma import vary_like
 
 T = TypeVar("T")
 
@@ -727,10 +728,14 @@ _label_shift = jax.jit(_shift_stats, static_argnums=(3, 4))
 def _shift_branches(
     axis: int, masked: bool = False
 ) -> tuple[Callable[..., ShiftStats], Callable[..., ShiftStats]]:
+  # Every branch's values as varying along the `shard_map` axes of the
+  # label's logit, those of the logits and of the labels: the max over
+  # replicated logits does not vary where split labels do, and the cond and
+  # the platform switch refused branches of different types.
   def at_max(
       xm: jax.Array, labels: jax.Array, x_label: jax.Array, exclude: str = "select"
   ) -> ShiftStats:
-    return _typed(_label_log_sum(xm, labels, None, x_label, axis, exclude), x_label)
+    return vary_like(_label_log_sum(xm, labels, None, x_label, axis, exclude), x_label)
 
   @jax.custom_batching.custom_vmap
   def near(xm: jax.Array, labels: jax.Array, x_label: jax.Array) -> ShiftStats:
@@ -771,7 +776,7 @@ def _shift_branches(
       picked: jax.Array,
   ) -> ShiftStats:
     del view, labels
-    return _typed((shift, ls, picked), x_label)
+    return vary_like((shift, ls, picked), x_label)
 
   def fallback(
       view: jax.Array, labels: jax.Array, x_label: jax.Array, shift: jax.Array, ls: jax.Array,
@@ -785,20 +790,9 @@ def _shift_branches(
       flat = view.reshape((*view.shape[:axis], view.shape[axis] * view.shape[axis + 1],
                            *view.shape[axis + 2:]))
       out = _label_log_sum(flat, labels, None, x_label, axis, "cpu", view)
-    return _typed(out, x_label)
+    return vary_like(out, x_label)
 
   return near, at_max
-
-
-def _typed(out: ShiftStats, x_label: jax.Array) -> ShiftStats:
-  """`out` plus a zero of the type of `x_label`, the label's logit: inside
-  `shard_map` it varies along the axes of both the logits and the labels,
-  where the branches' values need not (replicated logits and split labels:
-  the max over the logits did not vary, and the cond and the platform
-  switch refused branches of different types)."""
-  zero = _zero(jnp.where(jnp.isfinite(x_label), x_label, 0.0))
-  shift, log_sum, picked = (v + zero.astype(v.dtype) for v in out)
-  return shift, log_sum, picked
 
 
 class _NllRows(NamedTuple):

@@ -1039,9 +1039,13 @@ def test_shard_map_replicated_logits_split_labels():
   logits[0, (labels[0, 0] + 1) % 5] = 300.0  # far above the label's logit
   f = jax.shard_map(jax.vmap(jaxce.cross_entropy, (None, 0)), mesh=mesh,
                     in_specs=(P(), P(("data", "model"))), out_specs=P(("data", "model")))
-  got = jax.jit(f)(logits, labels)
-  want = [jnp.mean(jax.nn.logsumexp(logits, -1) - logits[np.arange(6), y]) for y in labels]
-  np.testing.assert_allclose(got, np.asarray(want), rtol=1e-6)
+  got, grad = jax.jit(jax.value_and_grad(lambda x, y: f(x, y).sum()))(logits, labels)
+  ref = lambda x: jnp.stack([jnp.mean(jax.nn.logsumexp(x, -1) - x[np.arange(6), y])
+                             for y in labels])
+  want, want_grad = jax.value_and_grad(lambda x: ref(x).sum())(logits)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(jax.jit(f)(logits, labels), ref(logits), rtol=1e-6)
 
 
 @pytest.mark.parametrize("forward_mode", [False, True])
