@@ -769,7 +769,8 @@ def _shift_branches(
     # branches (value_and_grad of 16 x 512 x 1000, float32: 1.4x the time).
     args = tuple(a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
                  for a, batched in zip(args, in_batched, strict=True))
-    return _shift_branches(axis + 1, masked)[0](*args), (True, True, True)
+    classes = axis % (args[0].ndim - 1) + 1  # (in the batched arrays)
+    return _shift_branches(classes, masked)[0](*args), (True, True, True)
 
   def accept(
       view: jax.Array, labels: jax.Array, x_label: jax.Array, shift: jax.Array, ls: jax.Array,
