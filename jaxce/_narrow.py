@@ -21,8 +21,8 @@ def flat_when_narrow(
     loss: Callable[..., jax.Array], shape: tuple[int, ...], out_shape: tuple[int, ...],
     *arrays: jax.Array | None,
 ) -> jax.Array:
-  """`loss(*arrays)`, elementwise over `shape` (the arrays broadcast to it),
-  of shape `out_shape` (`shape`, or () when reduced).
+  """`loss(*arrays)`, elementwise over `shape` (each array of that shape,
+  of size 1, or None), of shape `out_shape` (`shape`, or () when reduced).
 
   On XLA:CPU, when the last axis has at most `NARROW` entries (and is not
   the only one), the arrays go in flattened to 1-D behind an optimization
@@ -30,9 +30,9 @@ def flat_when_narrow(
   (N, 1) arrays they ran scalar code: value_and_grad of
   `binary_cross_entropy_with_logits` over 262144 x 1 took 6.7 ms against
   0.74 ms flattened (optax: 3.3). Without the barrier XLA moves the reshape
-  back out of the loss. Size-1 arrays go in as scalars. Arrays of other
-  shapes than `shape` (a per-class `pos_weight`, say) keep it unflattened:
-  broadcast behind the barrier, they would be written out at full size.
+  back out of the loss. Size-1 arrays go in as scalars. With an array of
+  another shape (a per-class `pos_weight`, say) nothing is flattened:
+  broadcast behind the barrier, it would be written out at full size.
   Only in a process with one CPU device (`_stats.one_cpu_device`): with
   more, an axis other than the first may be split, and the partitioner
   all-gathers the arrays to flatten them (a (64, 16) split on its second

@@ -32,6 +32,7 @@ them exactly.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
@@ -189,7 +190,8 @@ def _forward(loss: F) -> Callable[[F], F]:
   def wrap(wrapper: F) -> F:
     wrapped = functools.wraps(loss)(wrapper)
     wrapped.__module__ = __name__
-    unless = " (other than `ignore_index`)" if "ignore_index" in (loss.__doc__ or "") else ""
+    ignores = "ignore_index" in inspect.signature(loss).parameters
+    unless = " (other than `ignore_index`)" if ignores else ""
     wrapped.__doc__ = (
         f"Checked :func:`jaxce.{loss.__name__}`: labels outside [0, C){unless}\n"
         "  fail a `checkify` check (run it under\n"

@@ -388,22 +388,18 @@ def test_bfloat16_bce_backward_fuses_its_cotangent(form, platform):
     assert f"tensor<{n}x{c}xbf16>" in operands, barriers
 
 
+@pytest.mark.parametrize("cpu_devices", ["one_device"], indirect=True)
 @pytest.mark.parametrize("shape", [(4096, 1), (64, 16, 2)])
 @pytest.mark.parametrize("loss", ["logits", "probs"])
-def test_bce_narrow_rows_run_flat(loss, shape, monkeypatch):
+def test_bce_narrow_rows_run_flat(loss, shape, cpu_devices):
   # On (N, 1) arrays XLA:CPU's loops ran scalar code, in every fusion of
   # the program (value_and_grad at 262144 x 1: 6.6 ms, flattened 0.69 ms):
   # now only the gradient's last fusion has the input's shape. (As in a
   # process with one CPU device: this one has 8, which keep the shape.)
-  from jaxce import _stats
-
-  monkeypatch.setattr(_stats, "one_cpu_device", lambda: True)
-  jax.clear_caches()
   f = {"logits": jaxce.binary_cross_entropy_with_logits,
        "probs": jaxce.binary_cross_entropy}[loss]
   args = [jax.ShapeDtypeStruct(shape, jnp.float32)] * 2
   text = compile_as_shipped(jax.jit(jax.value_and_grad(f)).lower(*args)).as_text()
-  jax.clear_caches()
   entry = text[text.index("ENTRY"):]
   shaped = re.findall(r"= f32\[" + ",".join(map(str, shape)) + r"\]\S* fusion\(", entry)
   assert len(shaped) <= 1, entry
@@ -423,17 +419,14 @@ def test_bce_narrow_rows_values(shape, cpu_devices):
     _check_bce(x, t, reduction, pw, weight)
 
 
-def test_bce_narrow_rows_on_an_explicit_mesh(monkeypatch):
+@pytest.mark.parametrize("cpu_devices", ["one_device"], indirect=True)
+def test_bce_narrow_rows_on_an_explicit_mesh(cpu_devices):
   # As in a process with one CPU device, where short rows are flattened:
   # arrays split on an Explicit mesh keep their shape (the reshape raised
   # a ShardingTypeError for a split second axis).
   from jax.sharding import AxisType
   from jax.sharding import PartitionSpec as P
 
-  from jaxce import _stats
-
-  monkeypatch.setattr(_stats, "one_cpu_device", lambda: True)
-  jax.clear_caches()
   rng = _rng(43)
   x, t = rng.normal(size=(16, 8)) * 3, rng.uniform(size=(16, 8))
   mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
@@ -446,7 +439,6 @@ def test_bce_narrow_rows_on_an_explicit_mesh(monkeypatch):
       _close(got, mean if reduction == "mean" else loss, rtol=2e-6, atol=1e-7)
       p = jax.device_put(jax.nn.sigmoid(xs), P("data", "model"))
       jaxce.binary_cross_entropy(p, ts, reduction=reduction)  # (no error)
-  jax.clear_caches()
 
 
 def _check_bce(x, t, reduction, pw, weight):
