@@ -13,13 +13,15 @@ The table gives the median of the same-round ratios this / base.
 A spec is kind:N:C:dtype, kind one of int, int_smooth, int_smooth_masked
 (the last 8 classes' logits -inf, no label on them), int_where and
 int_smooth_where (the last 8 classes outside `where=`, no label on them),
-int_vmap (`jax.vmap` over 16 groups of N / 16 rows),
+int_vmap (`jax.vmap` over 16 groups of N / 16 rows), int_far (row 0's
+label 190+ below its max), int_producer (the logits divided by 0.7 in the
+same jit),
 int_smooth_weight (with class weights), int_z, probs,
 probs_masked (the last 8 classes' logits -inf, their targets 0),
 probs_smooth, nll, log_softmax, logsumexp, bce, linear
-(`linear_cross_entropy` of x [N, 128] and a kernel [128, C], value_and_grad
-over both); dtype f32 or bf16. (1b96716 is the last commit before the
-losses became custom_jvp kernels.)
+(`linear_cross_entropy` of x [N, D] and a kernel [D, C], D = --hidden,
+128 by default, value_and_grad over both); dtype f32 or bf16. (1b96716 is
+the last commit before the losses became custom_jvp kernels.)
 """
 
 from __future__ import annotations
@@ -68,7 +70,9 @@ def load_base(commit: str, root: pathlib.Path) -> Any:
 
 def loss(kind: str, m: Any) -> Callable[..., jax.Array]:
   """The scalar loss of (logits, labels, targets) that `kind` times."""
-  if kind == "int":
+  if kind == "int_producer":
+    return lambda x, y, t: m.cross_entropy(x / 0.7, y)
+  if kind in ("int", "int_far"):
     return lambda x, y, t: m.cross_entropy(x, y)
   if kind in ("int_smooth", "int_smooth_masked"):
     return lambda x, y, t: m.cross_entropy(x, y, label_smoothing=0.1)
@@ -109,6 +113,7 @@ def main() -> None:
   p.add_argument("--specs", nargs="+", default=list(SPECS))
   p.add_argument("--rounds", type=positive_int, default=15)
   p.add_argument("--forward", action="store_true", help="time the loss alone, not value_and_grad")
+  p.add_argument("--hidden", type=positive_int, default=128, help="D of the linear kind")
   args = p.parse_args()
   import jaxce
 
@@ -145,10 +150,13 @@ def main() -> None:
       x, y = x.at[:, -8:].set(-jnp.inf), y % (c - 8)
     if kind in ("int_where", "int_smooth_where"):
       y = y % (c - 8)
+    if kind == "int_far":
+      x = x.at[0, (y[0] + 1) % c].set(200.0)
     argnums: int | tuple[int, ...] = 0
     if kind == "linear":
-      x = jax.random.normal(k[0], (n, 128)).astype(dt)
-      t = (jax.random.normal(k[2], (128, c)) / 128**0.5).astype(dt)
+      hidden = args.hidden
+      x = jax.random.normal(k[0], (n, hidden)).astype(dt)
+      t = (jax.random.normal(k[2], (hidden, c)) / hidden**0.5).astype(dt)
       argnums = (0, 2)
     fs = {name: jax.jit(loss(kind, m) if args.forward
                         else jax.value_and_grad(loss(kind, m), argnums=argnums))

@@ -1,7 +1,8 @@
 """jaxce against its peer on inputs the benchmark's sweep does not cover:
 logits computed in the same jit, a label far below its row's max, float16,
 second derivatives, short last axes, `where`, `jax.vmap`, the fused loss's
-options.
+options; and `plain`, the integer-label call without options at the shape
+of the first cases (4096 x 1024), for scale.
 
 Each case's jaxce program and peer program (optax or plain JAX, written as a
 user would) run interleaved in one process, the order shuffled each round;
@@ -53,6 +54,11 @@ def _hvp_fwd(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def cases() -> dict[str, Callable[[], Case]]:
   """Each builds (what, jaxce's function, the peer's, arguments)."""
+
+  def plain() -> Case:
+    x, y = _int_inputs(4096, 1024)
+    return ("integer labels, no option (the scale for the cases at this shape),"
+            " value_and_grad", _vg(jaxce.cross_entropy), _vg(_optax_int), (x, y))
 
   def producer() -> Case:
     x, y = _int_inputs(4096, 1024)
@@ -122,7 +128,7 @@ def cases() -> dict[str, Callable[[], Case]]:
               _vg(peer, (0, 1)), (x, w, b if bias else None))
     return build
 
-  return {"producer": producer, "far_label": far_label, "f16_ce": f16_ce,
+  return {"plain": plain, "producer": producer, "far_label": far_label, "f16_ce": f16_ce,
           "f16_bce": _bce(2048, 1024, jnp.float16),
           "hvp_rev": _hvp("reverse over reverse", _hvp_rev),
           "hvp_fwd": _hvp("forward over reverse", _hvp_fwd),

@@ -29,6 +29,16 @@ def static(*dims: object) -> bool:
   return all(isinstance(d, int | np.integer) for d in dims)
 
 
+def even_block(count: int, most: int) -> int:
+  """The block length that covers `count` items in the fewest blocks of at
+  most `most`, split as evenly as it can (at least 1). The loops over row
+  blocks shift their last block back in bounds and compute its overlap with
+  the one before twice: 1024 rows in blocks of 333 computed 1332."""
+  most = max(1, min(count, most))
+  blocks = -(-count // most)
+  return -(-count // blocks) if blocks else most
+
+
 def as_array(fn: str, name: str, value: Any) -> jax.Array:
   """`value` as a JAX array, or an error naming `fn` and the argument where
   it is not one (None, a string, a ragged nested list)."""

@@ -40,7 +40,8 @@ ROW_BLOCK_ELEMENTS = 4 * BLOCK_ELEMENTS
 # (benchmarks/linear_backward.py, float32 value_and_grad, precompute /
 # recompute time): 0.85-0.89 with 512-524 rows (V = 32000, 32768), about
 # 0.86 with 333 (V = 50257), 0.86-1.41 with 256 (V = 65536), 1.18-1.49 with
-# 128 (V = 131072) and 2.5-4.3 with 16 (V = 2**20).
+# 128 (V = 131072) and 2.5-4.3 with 16 (V = 2**20). Below the bound it is
+# not faster everywhere (0.69-1.18 over N, D and V; docs/guides/fused-linear.md).
 MIN_ROWS = 320
 
 
@@ -63,9 +64,11 @@ class PrecomputedGrads(NamedTuple):
 
 
 def block_rows(num_tokens: int, vocab: int) -> int:
-  """Rows of one [rows, V] logits block: about ROW_BLOCK_ELEMENTS elements,
-  at least 1, at most N."""
-  return max(1, min(num_tokens, ROW_BLOCK_ELEMENTS // max(vocab, 1)))
+  """Rows of one [rows, V] logits block: at most about ROW_BLOCK_ELEMENTS
+  elements, the N tokens split evenly (`_checks.even_block`). With the
+  largest blocks instead, N=1024 at V=50257 ran 4 x 333 rows and took
+  1.35x the time of 4 x 256."""
+  return _checks.even_block(num_tokens, ROW_BLOCK_ELEMENTS // max(vocab, 1))
 
 
 def auto_backward(

@@ -612,7 +612,7 @@ def _add_rows_matmul(acc: jax.Array, a: jax.Array, b: jax.Array,
   # one block off CPU, and for symbolic sizes (jax.export)
   if block_elements is None or not _checks.static(n, d):
     return acc + product(a)
-  block = max(1, min(n, block_elements // max(d, 1)))
+  block = _checks.even_block(n, block_elements // max(d, 1))
   if block >= n:
     return acc + product(a)
 

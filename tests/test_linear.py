@@ -1413,6 +1413,15 @@ def test_precompute_block_rows():
   assert _linear_precompute.block_rows(100, 1000) == 100  # one block of all tokens
   assert _linear_precompute.block_rows(0, 1000) == 1
   assert _linear_precompute.block_rows(10, 2**30) == 1
+  # Even blocks: not 4 x 333 rows (1332 computed) for 1024 tokens.
+  assert _linear_precompute.block_rows(1024, 50257) == 256
+  for n in (1, 7, 335, 336, 1000, 2048, 4097, 32768):
+    for v in (1000, 32000, 50000, 50257, 131072, 2**20):
+      rows = _linear_precompute.block_rows(n, v)
+      most = max(1, _linear_precompute.ROW_BLOCK_ELEMENTS // v)
+      blocks = -(-n // rows)
+      assert rows <= min(n, most) and blocks == -(-n // min(n, most)), (n, v, rows)
+      assert blocks * rows - n < blocks, (n, v, rows)  # fewer rows twice than blocks
 
 
 def test_precompute_traced_ignore_index_vmap_and_eval():

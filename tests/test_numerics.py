@@ -3,6 +3,7 @@
 against a float64 NumPy reference written here."""
 
 import functools
+import math
 import re
 
 import jax
@@ -1455,6 +1456,93 @@ def test_vmap_keeps_one_cond(far):
   scale = np.max(np.abs(ref_g), axis=1, keepdims=True)
   g = np.asarray(g, np.float64).reshape(ref_g.shape)
   assert np.all(np.abs(g - ref_g) <= 4 * EPS32 * scale)
+
+
+# (shape, class axis, dtype, vmap groups): blocks, the mask in bfloat16, axis 1
+# of (N, C, H, W), axis 0, rows past LONG_ROW (row chunks with one device),
+# and vmap (the batch as rows).
+_FAR_LAYOUTS = {
+    "blocks": ((512, 1000), 1, jnp.float32, 0), "mask_bf16": ((256, 1024), 1, jnp.bfloat16, 0),
+    "nchw": ((8, 10, 8, 8), 1, jnp.float32, 0), "axis0": ((10, 256), 0, jnp.float32, 0),
+    "long": ((32, 40009), 1, jnp.float32, 0), "vmap": ((4, 128, 1000), 2, jnp.float32, 4)}
+
+
+@pytest.mark.parametrize("count", ["one", "few", "many"])
+@pytest.mark.parametrize("layout", list(_FAR_LAYOUTS))
+def test_far_labels_redo_their_rows(layout, count, cpu_devices, monkeypatch):
+  """When labels sit far below their row's max (the CPU label shift's sum
+  underflows), a process with one CPU device redoes those rows alone while
+  there are at most `_stats._few_rows` of them, and every row otherwise
+  (and always with more devices). Which ran is recorded at run time; loss
+  and gradient match the float64 reference either way."""
+  import reference as ref
+
+  from jaxce import _stats
+
+  shape, axis, dtype, groups = _FAR_LAYOUTS[layout]
+  ran = []
+  redo = _stats._redo_rows
+
+  def recorded(*args):
+    jax.debug.callback(lambda: ran.append("rows"))
+    return redo(*args)
+
+  monkeypatch.setattr(_stats, "_redo_rows", recorded)
+  jax.clear_caches()
+  rng = _rng(29)
+  x = rng.normal(size=shape) * 3
+  y = rng.integers(0, shape[axis], size=shape[:axis] + shape[axis + 1:]).astype(np.int32)
+  y.reshape(-1)[5] = -100
+  row_shape = (*shape[:axis], *shape[axis + 1:])
+  rows = math.prod(row_shape)
+  few = _stats._few_rows((rows, shape[axis]), 1)
+  assert (few is not None) == cpu_devices
+  far = {"one": 1, "few": few or 2, "many": (few or 2) + 1}[count]
+  xm, ym = np.moveaxis(x, axis, -1).reshape(rows, -1), y.reshape(-1)
+  at = rng.choice(np.arange(6, rows), size=far, replace=False)
+  xm[at, (ym[at] + 1) % shape[axis]] = 200.0  # each label 190+ below its max
+  x = np.moveaxis(xm.reshape(*row_shape, shape[axis]), -1, axis)
+  x = np.asarray(jnp.asarray(x, dtype), np.float64)  # the rounded logits
+  jx, jy = jnp.asarray(x, dtype), jnp.asarray(y)
+  one = lambda x, y: jaxce.cross_entropy(x, y, axis=axis - (groups > 0), reduction="none")
+  f = jax.vmap(one) if groups else one
+  per = jax.jit(f)(jx, jy)
+  jax.effects_barrier()
+  assert ran == (["rows"] if cpu_devices and count != "many" else []), ran
+  g = jax.jit(jax.grad(lambda x: jnp.sum(f(x, jy)) / float(np.sum(y != -100))))(jx)
+  want = ref.cross_entropy_int(x, y, axis=axis, reduction="none")
+  want_g = ref.cross_entropy_int_grad(x, y, axis=axis)
+  tol = {"rtol": 1e-5, "atol": 1e-8} if dtype == jnp.float32 else {"rtol": 2**-7, "atol": 1e-6}
+  np.testing.assert_allclose(np.asarray(per, np.float64), want, **tol)
+  np.testing.assert_allclose(np.asarray(g, np.float64), want_g, **tol)
+
+
+@pytest.mark.parametrize("cpu_devices", ["one_device"], indirect=True)
+def test_far_labels_redo_their_rows_in_shard_map(cpu_devices):
+  """The rows' loop inside `shard_map`, with replicated logits and labels
+  split over the (one-device) mesh: its carry types agree (they did not:
+  the replicated logits and the varying stats), and the values are right."""
+  import reference as ref
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("b",))
+  rng = _rng(30)
+  x = rng.normal(size=(64, 100)) * 3
+  y = rng.integers(0, 100, size=64).astype(np.int32)
+  x[3, (y[3] + 1) % 100] = 200.0
+  x = x.astype(np.float32)
+  f = jax.shard_map(lambda x, y: jaxce.cross_entropy(x, y, reduction="none"), mesh=mesh,
+                    in_specs=(P(), P("b")), out_specs=P("b"))
+  jx = jax.device_put(x, NamedSharding(mesh, P()))
+  jy = jax.device_put(y, NamedSharding(mesh, P("b")))
+  per, g = jax.jit(lambda x, y: (f(x, y), jax.grad(lambda x: jnp.mean(f(x, y)))(x)))(jx, jy)
+  np.testing.assert_allclose(np.asarray(per, np.float64),
+                             ref.cross_entropy_int(x.astype(np.float64), y, reduction="none"),
+                             rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(g, np.float64),
+                             ref.cross_entropy_int_grad(x.astype(np.float64), y),
+                             rtol=1e-5, atol=1e-8)
 
 
 @pytest.mark.parametrize("far_label", [False, pytest.param(True, marks=pytest.mark.slow)],
