@@ -15,13 +15,13 @@ A spec is kind:N:C:dtype, kind one of int, int_smooth, int_smooth_masked
 int_smooth_where (the last 8 classes outside `where=`, no label on them),
 int_vmap (`jax.vmap` over 16 groups of N / 16 rows), int_far (row 0's
 label 190+ below its max), int_producer (the logits divided by 0.7 in the
-same jit),
-int_smooth_weight (with class weights), int_z, probs,
+same jit), int_smooth_weight (with class weights), int_z, probs,
 probs_masked (the last 8 classes' logits -inf, their targets 0),
-probs_smooth, nll, log_softmax, logsumexp, bce, linear
-(`linear_cross_entropy` of x [N, D] and a kernel [D, C], D = --hidden,
-128 by default, value_and_grad over both); dtype f32 or bf16. (1b96716 is
-the last commit before the losses became custom_jvp kernels.)
+probs_smooth, nll, log_softmax, logsumexp, bce, bce_pw (with a
+`pos_weight`), linear (`linear_cross_entropy` of x [N, D] and a kernel
+[D, C], D = --hidden, 128 by default, value_and_grad over both); dtype f32
+or bf16. (1b96716 is the last commit before the losses became custom_jvp
+kernels.)
 """
 
 from __future__ import annotations
@@ -102,6 +102,9 @@ def loss(kind: str, m: Any) -> Callable[..., jax.Array]:
     return lambda x, y, t: jnp.sum(m.logsumexp(x).astype(jnp.float32))
   if kind == "bce":
     return lambda x, y, t: m.binary_cross_entropy_with_logits(x, t)
+  if kind == "bce_pw":
+    return lambda x, y, t: m.binary_cross_entropy_with_logits(
+        x, t, pos_weight=jnp.linspace(0.5, 2.0, x.shape[-1]).astype(x.dtype))
   if kind == "linear":  # (x, labels, kernel)
     return lambda x, y, t: m.linear_cross_entropy(x, t, y)
   raise ValueError(f"unknown kind {kind!r}")
@@ -142,7 +145,7 @@ def main() -> None:
     x = (jax.random.normal(k[0], (n, c)) * 3).astype(dt)
     y = jax.random.randint(k[1], (n,), 0, c)
     t = jax.nn.softmax(jax.random.normal(k[2], (n, c))).astype(dt)
-    if kind == "bce":
+    if kind in ("bce", "bce_pw"):
       t = jax.random.uniform(k[2], (n, c)).astype(dt)
     if kind == "probs_masked":
       x, t = x.at[:, -8:].set(-jnp.inf), t.at[:, -8:].set(0)

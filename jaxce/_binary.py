@@ -15,16 +15,38 @@ from jaxce._reduction import reduce
 from jaxce._stats import given
 
 
-def _softplus_pair(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+def _softplus_pair(
+    x: jax.Array, zero: jax.Array | float = 0.0
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """(softplus(x), softplus(-x), sigmoid(x), sigmoid(-x)) from one exp and
   one log1p: log(1 + e^{+-x}) = max(+-x, 0) + log1p(e^{-|x|}), exact at
-  both tails (no cancellation), finite for any finite x."""
+  both tails (no cancellation), finite for any finite x. `zero`: the 0 of
+  the max (see `_forward_constants`)."""
   e = jnp.exp(-jnp.abs(x))
   shared = jnp.log1p(e)
   big, small = 1.0 / (1.0 + e), e / (1.0 + e)  # sigmoid(|x|), sigmoid(-|x|)
   pos = x >= 0
-  return (jnp.maximum(x, 0.0) + shared, jnp.maximum(-x, 0.0) + shared,
+  return (jnp.maximum(x, zero) + shared, jnp.maximum(-x, zero) + shared,
           jnp.where(pos, big, small), jnp.where(pos, small, big))
+
+
+def _forward_constants(dtype: DTypeLike) -> tuple[jax.Array, jax.Array]:
+  """1 and 0 for the forward's terms; on CPU behind an optimization barrier.
+
+  As constants, XLA:CPU's CSE shared their logits-sized broadcasts (and
+  1 - t) with the backward's, and its YNNPACK fusion of the forward's sum
+  then took them as written-out arrays: value_and_grad at 2048 x 1024 kept
+  24 MiB of temp memory in float32 and 32 in bfloat16, against 8 and 16
+  as scalars it cannot see through. TPU and GPU programs keep the constants."""
+  def plain() -> tuple[jax.Array, jax.Array]:
+    return jnp.ones((), dtype), jnp.zeros((), dtype)
+
+  def opaque() -> tuple[jax.Array, jax.Array]:
+    out: tuple[jax.Array, jax.Array] = jax.lax.optimization_barrier(plain())
+    return out
+
+  out: tuple[jax.Array, jax.Array] = jax.lax.platform_dependent(cpu=opaque, default=plain)
+  return out
 
 
 def _pos_weight(pos_weight: jax.Array | None, dtype: DTypeLike) -> jax.Array:
@@ -38,8 +60,9 @@ def _binary_terms(
   # -[pw t log s(x) + (1 - t) log(1 - s(x))] = pw t sp(-x) + (1 - t) sp(x).
   ct = _checks.compute_dtype(logits.dtype)
   x, t = logits.astype(ct), targets.astype(ct)
-  sp_x, sp_neg_x, _, _ = _softplus_pair(x)
-  return _pos_weight(pos_weight, ct) * t * sp_neg_x + (1.0 - t) * sp_x
+  one, zero = _forward_constants(ct)
+  sp_x, sp_neg_x, _, _ = _softplus_pair(x, zero)
+  return _pos_weight(pos_weight, ct) * t * sp_neg_x + (one - t) * sp_x
 
 
 def _kept_apart(
@@ -48,17 +71,17 @@ def _kept_apart(
   """The recomputation's inputs, behind an `optimization_barrier` where XLA
   would otherwise share the backward's exponentials with the forward's.
 
-  CPU: all three for half-precision logits (without: bf16 value_and_grad at
-  N=1024, C=8192 takes 168 MiB temp instead of 104, and longer), none for
-  float32 (sharing exp(-|x|) is then faster at the same temp memory: 1.05-1.12x
-  without it at N=64, C=32000). GPU: the logits (without: H200
+  CPU: all three (without, bf16 value_and_grad at N=1024, C=8192 took 168
+  MiB temp instead of 104, and longer; in float32, once the forward's
+  constants were opaque (`_forward_constants`), 0.93-1.46x the time and, with
+  a `pos_weight`, twice the temp memory at 256 x 1024 to 16384 x 1000, with
+  a logits-sized broadcast of pos_weight shared). GPU: the logits (without: H200
   materializes a shared float32 exp(-|x|)). TPU: none; XLA fuses the whole
   loss into the matmuls, and a barrier on the logits makes it write them out
   (v5e, bf16, N=2048, C=32768: 1.05 GB accessed instead of 0.78; on all
   three inputs, 256 MiB temp instead of 128)."""
-  on_cpu = _barrier_all if logits.dtype.itemsize < 4 else _barrier_none
   kept: tuple[jax.Array, jax.Array, jax.Array | None] = jax.lax.platform_dependent(
-      logits, targets, pos_weight, cpu=on_cpu, tpu=_barrier_none, default=_barrier_logits)
+      logits, targets, pos_weight, cpu=_barrier_all, tpu=_barrier_none, default=_barrier_logits)
   return kept
 
 

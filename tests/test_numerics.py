@@ -753,6 +753,24 @@ def test_log_softmax_forward_holds_no_shifted_copy(dtype, shape):
   assert temp <= shape[0] * 4 * 8, temp
 
 
+@pytest.mark.parametrize("pos_weight", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bce_shares_nothing_logits_sized_with_its_backward(dtype, pos_weight):
+  # XLA:CPU's CSE shared the forward's constant broadcasts (and 1 - t, and
+  # pos_weight's broadcast) with the backward's, and its YNNPACK fusion of
+  # the forward's sum took them as written-out arrays: 3 float32 arrays of
+  # the logits' size here (4 with pos_weight) in float32, 4 in bfloat16.
+  # Now the backward's own exp(-|x|) and sigmoid, at most.
+  n, c = 2048, 1024
+  dt = jnp.dtype(dtype)
+  pw = jnp.linspace(0.5, 2.0, c).astype(dt) if pos_weight else None
+  f = jax.value_and_grad(
+      lambda x, t: jaxce.binary_cross_entropy_with_logits(x, t, pos_weight=pw))
+  args = (jax.ShapeDtypeStruct((n, c), dt), jax.ShapeDtypeStruct((n, c), dt))
+  temp = compile_as_shipped(jax.jit(f).lower(*args)).memory_analysis().temp_size_in_bytes
+  assert temp <= (1 if dt == jnp.float32 else 2) * n * c * 4, temp / (n * c * 4)
+
+
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_where_keeps_no_masked_copy(smoothing):
   # The blocks' view of the masked logits was written out (XLA:CPU's block
