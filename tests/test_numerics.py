@@ -753,6 +753,18 @@ def test_log_softmax_forward_holds_no_shifted_copy(dtype, shape):
   assert temp <= shape[0] * 4 * 8, temp
 
 
+@pytest.mark.parametrize("shape", [(2048, 1024), (2048, 8192), (64, 32000)])
+def test_log_softmax_gradient_holds_no_shifted_copy(shape):
+  # XLA's CSE shared the exp-sum's x - shift with the output's, and a
+  # consumer that sums the output (here sum(out * t)) made XLA:CPU's
+  # YNNPACK fusions take it as a written-out float32 array: 8, 64 and 7.8
+  # MiB of temp memory for value_and_grad at these shapes.
+  args = (jax.ShapeDtypeStruct(shape, jnp.float32),) * 2
+  f = jax.value_and_grad(lambda x, t: jnp.sum(jaxce.log_softmax(x) * t))
+  temp = compile_as_shipped(jax.jit(f).lower(*args)).memory_analysis().temp_size_in_bytes
+  assert temp <= shape[0] * 4 * 8, temp
+
+
 @pytest.mark.parametrize("pos_weight", [False, True])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_bce_shares_nothing_logits_sized_with_its_backward(dtype, pos_weight):
