@@ -116,7 +116,8 @@ def cpu_chunk_size(num_tokens: Any, vocab: int, column_bytes: int | None = None)
   in one chunk (no loop) when its block is at most twice
   `CPU_BLOCK_ELEMENTS`; else the power of two that makes a float32
   [N, chunk] block about `CPU_BLOCK_ELEMENTS` (4 MiB), but at least
-  `CPU_MIN_CHUNK` columns (and at most V). bfloat16 value_and_grad at
+  `CPU_MIN_CHUNK` columns (and at most V), narrowed to split V evenly
+  (`_even_columns`). bfloat16 value_and_grad at
   D=128, V=1024: N=2048 in one chunk (8 MiB) took 0.77x the time of two,
   N=4096 in one (16 MiB) 1.44x."""
   if not _checks.static(num_tokens, vocab):
@@ -126,7 +127,20 @@ def cpu_chunk_size(num_tokens: Any, vocab: int, column_bytes: int | None = None)
       or n * vocab <= 2 * CPU_BLOCK_ELEMENTS):  # one chunk, no loop
     return max(1, vocab)
   small = default_chunk_size(n, vocab, CPU_BLOCK_ELEMENTS)
-  return max(small, min(CPU_MIN_CHUNK, default_chunk_size(n, vocab)))
+  return _even_columns(vocab, max(small, min(CPU_MIN_CHUNK, default_chunk_size(n, vocab))))
+
+
+def _even_columns(vocab: int, chunk: int) -> int:
+  """`chunk` narrowed to split V into as many chunks, evenly, in multiples
+  of 128 columns: the loop shifts its last chunk back in bounds and computes
+  the overlap twice (V = 50257 in chunks of 8192: 7 x 8192 = 57344
+  columns, 14% more; 7 x 7296 = 51072). value_and_grad at N = 128, D = 128,
+  bfloat16: 0.88x the time; N = 128 at V = 32000 and N = 256 at V = 50257,
+  0.95x; unchanged (0.99-1.0x) where the chunks were even already."""
+  if chunk >= vocab or chunk < 128:
+    return chunk
+  chunks = -(-vocab // chunk)
+  return min(chunk, -(-(-(-vocab // chunks)) // 128) * 128)
 
 
 def _whole_vocabulary(n: int, vocab: int, column_bytes: int | None, block: int) -> bool:

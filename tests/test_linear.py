@@ -733,7 +733,17 @@ def test_cpu_chunk_size():
   assert rule(64, 1000) == 1000
   assert rule(64, 151_936, column_bytes=128 * 4) == 151_936
   assert rule(64, 262_144, column_bytes=128 * 2) == 262_144
-  assert rule(65, 151_936, column_bytes=128 * 2) == 8192
+  assert rule(65, 151_936, column_bytes=128 * 2) == 8064  # 19 of 8192 narrowed
+  # V split evenly over the power of two's chunk count, in multiples of 128
+  # (the last chunk's overlap with the one before is computed twice): not
+  # 7 x 8192 columns for V = 50257 (14% more), 7 x 7296.
+  assert rule(128, 50_257, column_bytes=128 * 2) == 7296
+  for n in (65, 128, 256, 1000, 2048, 4096, 8192):
+    for vocab in (32_000, 50_257, 128_256, 151_936, 256_000):
+      chunk = rule(n, vocab, column_bytes=128 * 2)
+      if chunk < vocab:
+        chunks = -(-vocab // chunk)
+        assert chunk % 128 == 0 and chunks * chunk - vocab < 128 * chunks, (n, vocab, chunk)
   n = jax.export.symbolic_shape("n")[0]
   assert rule(n, 50_257) == _linear_stats.SYMBOLIC_CHUNK
 
