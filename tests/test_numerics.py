@@ -1518,6 +1518,10 @@ def test_far_labels_redo_their_rows(layout, count, cpu_devices, monkeypatch):
     return redo(*args)
 
   monkeypatch.setattr(_stats, "_redo_rows", recorded)
+  # (small batches here: the loop is taken from FEW_ROWS_FROM rows on)
+  assert _stats._few_rows((256, 1000), 1) is None and _stats.FEW_ROWS_FROM == 512
+  assert _stats._few_rows((512, 1000), 1) == (32 if cpu_devices else None)
+  monkeypatch.setattr(_stats, "FEW_ROWS_FROM", 16)
   jax.clear_caches()
   rng = _rng(29)
   x = rng.normal(size=shape) * 3
@@ -1548,7 +1552,7 @@ def test_far_labels_redo_their_rows(layout, count, cpu_devices, monkeypatch):
 
 
 @pytest.mark.parametrize("cpu_devices", ["one_device"], indirect=True)
-def test_far_labels_redo_their_rows_in_shard_map(cpu_devices):
+def test_far_labels_redo_their_rows_in_shard_map(cpu_devices, monkeypatch):
   """The rows' loop inside `shard_map`, with replicated logits and labels
   split over the (one-device) mesh: its carry types agree (they did not:
   the replicated logits and the varying stats), and the values are right."""
@@ -1556,6 +1560,10 @@ def test_far_labels_redo_their_rows_in_shard_map(cpu_devices):
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
+  from jaxce import _stats
+
+  monkeypatch.setattr(_stats, "FEW_ROWS_FROM", 16)
+  jax.clear_caches()
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("b",))
   rng = _rng(30)
   x = rng.normal(size=(64, 100)) * 3
