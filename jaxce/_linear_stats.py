@@ -140,7 +140,8 @@ def _even_columns(vocab: int, chunk: int) -> int:
   if chunk >= vocab or chunk < 128:
     return chunk
   chunks = -(-vocab // chunk)
-  return min(chunk, -(-(-(-vocab // chunks)) // 128) * 128)
+  even = -(-vocab // chunks)
+  return min(chunk, -(-even // 128) * 128)
 
 
 def _whole_vocabulary(n: int, vocab: int, column_bytes: int | None, block: int) -> bool:

@@ -743,7 +743,8 @@ def test_cpu_chunk_size():
       chunk = rule(n, vocab, column_bytes=128 * 2)
       if chunk < vocab:
         chunks = -(-vocab // chunk)
-        assert chunk % 128 == 0 and chunks * chunk - vocab < 128 * chunks, (n, vocab, chunk)
+        assert chunk % 128 == 0, (n, vocab, chunk)
+        assert chunks * chunk - vocab < 128 * chunks, (n, vocab, chunk)
   n = jax.export.symbolic_shape("n")[0]
   assert rule(n, 50_257) == _linear_stats.SYMBOLIC_CHUNK
 
@@ -1430,7 +1431,8 @@ def test_precompute_block_rows():
       rows = _linear_precompute.block_rows(n, v)
       most = max(1, _linear_precompute.ROW_BLOCK_ELEMENTS // v)
       blocks = -(-n // rows)
-      assert rows <= min(n, most) and blocks == -(-n // min(n, most)), (n, v, rows)
+      assert rows <= min(n, most), (n, v, rows)
+      assert blocks == -(-n // min(n, most)), (n, v, rows)
       assert blocks * rows - n < blocks, (n, v, rows)  # fewer rows twice than blocks
 
 

@@ -1519,7 +1519,8 @@ def test_far_labels_redo_their_rows(layout, count, cpu_devices, monkeypatch):
 
   monkeypatch.setattr(_stats, "_redo_rows", recorded)
   # (small batches here: the loop is taken from FEW_ROWS_FROM rows on)
-  assert _stats._few_rows((256, 1000), 1) is None and _stats.FEW_ROWS_FROM == 512
+  assert _stats.FEW_ROWS_FROM == 512
+  assert _stats._few_rows((256, 1000), 1) is None
   assert _stats._few_rows((512, 1000), 1) == (32 if cpu_devices else None)
   monkeypatch.setattr(_stats, "FEW_ROWS_FROM", 16)
   jax.clear_caches()
