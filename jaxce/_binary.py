@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
 from jaxce import _checks, _dispatch, _explicit
+from jaxce._barrier import on_cpu
 from jaxce._narrow import flat_when_narrow
 from jaxce._reduction import reduce
 from jaxce._stats import given
@@ -38,15 +39,7 @@ def _forward_constants(dtype: DTypeLike) -> tuple[jax.Array, jax.Array]:
   then took them as written-out arrays: value_and_grad at 2048 x 1024 kept
   24 MiB of temp memory in float32 and 32 in bfloat16, against 8 and 16
   as scalars it cannot see through. TPU and GPU programs keep the constants."""
-  def plain() -> tuple[jax.Array, jax.Array]:
-    return jnp.ones((), dtype), jnp.zeros((), dtype)
-
-  def opaque() -> tuple[jax.Array, jax.Array]:
-    out: tuple[jax.Array, jax.Array] = jax.lax.optimization_barrier(plain())
-    return out
-
-  out: tuple[jax.Array, jax.Array] = jax.lax.platform_dependent(cpu=opaque, default=plain)
-  return out
+  return on_cpu((jnp.ones((), dtype), jnp.zeros((), dtype)))
 
 
 def _pos_weight(pos_weight: jax.Array | None, dtype: DTypeLike) -> jax.Array:

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from jaxce import _checks
+from jaxce._barrier import on_cpu
 from jaxce._collective import match_vma
 from jaxce._stats import LabelStats, SmoothingSums, take_at
 from jaxce._vma import vary_like
@@ -139,9 +140,7 @@ def _even_columns(vocab: int, chunk: int) -> int:
   0.95x; unchanged (0.99-1.0x) where the chunks were even already."""
   if chunk >= vocab or chunk < 128:
     return chunk
-  chunks = -(-vocab // chunk)
-  even = -(-vocab // chunks)
-  return min(chunk, -(-even // 128) * 128)
+  return min(chunk, -(-_checks.even_block(vocab, chunk) // 128) * 128)
 
 
 def _whole_vocabulary(n: int, vocab: int, column_bytes: int | None, block: int) -> bool:
@@ -249,11 +248,7 @@ def _cpu_barrier(kernel: jax.Array) -> jax.Array:
   converting its whole operand, and would hoist that [D, V] float32 copy out
   of a loop in which the kernel is invariant. Other backends slice in place
   and need no barrier."""
-  if kernel.dtype.itemsize >= 4:
-    return kernel
-  out: jax.Array = jax.lax.platform_dependent(
-      kernel, cpu=jax.lax.optimization_barrier, default=lambda k: k)
-  return out
+  return kernel if kernel.dtype.itemsize >= 4 else on_cpu(kernel)
 
 
 def _cpu_loop_barrier(invariant: tuple[Any, ...], variant: tuple[Any, ...]
@@ -269,10 +264,7 @@ def _cpu_loop_barrier(invariant: tuple[Any, ...], variant: tuple[Any, ...]
   # Inside shard_map (an Explicit mesh's vocabulary split included) the
   # barrier's outputs vary along the union of its operands' axes: the
   # variant ones too, so that both branches return the same types.
-  operands = vary_like((invariant, variant), *invariant, *variant)
-  out: tuple[tuple[Any, ...], tuple[Any, ...]] = jax.lax.platform_dependent(
-      operands, cpu=jax.lax.optimization_barrier, default=lambda ops: ops)
-  return out
+  return on_cpu(vary_like((invariant, variant), *invariant, *variant))
 
 
 def _scan_chunks(step: Callable[[Any, jax.Array, jax.Array], Any], carry: Any,

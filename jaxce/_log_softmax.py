@@ -28,6 +28,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from jaxce import _checks, _dispatch, _explicit
+from jaxce._barrier import on_cpu
 from jaxce._sum import block_shape, block_size, blocked_total, total
 
 Axes = tuple[int, ...]
@@ -156,9 +157,7 @@ def _sum_shift(shift: jax.Array) -> jax.Array:
   YNNPACK fusions took it as a written-out N x C array (value_and_grad at
   2048 x 1024, float32: 8 MiB of temp memory, now 0.03). Elsewhere the plain
   shift: XLA:GPU fuses max, exp-sum and output into one softmax kernel."""
-  out: jax.Array = jax.lax.platform_dependent(
-      shift, cpu=jax.lax.optimization_barrier, default=lambda s: s)
-  return out
+  return on_cpu(shift)
 
 
 # Rows of at least this many entries take `_sum_shift`'s barrier: at 65536 x
