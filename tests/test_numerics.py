@@ -1243,6 +1243,46 @@ def test_large_offset_issue_example():
   np.testing.assert_allclose(float(log_sum[0] - picked[0]), ref_none[0], rtol=4 * EPS32)
 
 
+# The CPU's shift for integer labels is the label's logit: a row whose label
+# lies D below its max has each softmax exponent x_c - shift, and the
+# log-sum, rounded at the scale of D. The bound the docstring and the
+# backward guide state: per row, D * 2**-23 of its largest gradient entry
+# (+ 4 ulps); with label smoothing eps, the label's entry eps * 2**-24 more
+# ((p_y - 1) + 1 in the CPU rule's d log_sum).
+LABEL_SHIFT_LAYOUTS = {
+    "64x1000": ((64, 1000), -1),   # blocks
+    "256x1024": ((256, 1024), -1),
+    "8x40000": ((8, 40000), -1),   # long rows (chunks or blocks)
+    "16x100x3_axis1": ((16, 100, 3), 1),
+}
+
+
+@pytest.mark.parametrize("layout", LABEL_SHIFT_LAYOUTS.values(), ids=LABEL_SHIFT_LAYOUTS.keys())
+def test_cpu_label_shift_gradient_bound(layout):
+  shape, axis = layout
+  rng = _rng(31)
+  c = shape[axis]
+  f = jax.jit(jax.grad(lambda x, y, eps: jaxce.cross_entropy(
+      x, y, axis=axis, label_smoothing=eps, reduction="sum")), static_argnums=2)
+  for scale in (1.0, 5.0, 10.0):
+    x = (rng.normal(size=shape) * scale).astype(np.float32)
+    y = rng.integers(0, c, size=shape[:axis % len(shape)] + shape[axis % len(shape) + 1:])
+    x2 = np.moveaxis(x, axis, -1).reshape(-1, c).astype(np.float64)
+    y2 = y.reshape(-1)
+    d = x2.max(-1) - x2[np.arange(len(y2)), y2]
+    for eps in (0.0, 0.5, 1.0):
+      g = np.asarray(f(jnp.asarray(x), jnp.asarray(y, np.int32), eps), np.float64)
+      g = np.moveaxis(g, axis, -1).reshape(-1, c)
+      _, _, ref = ref_ce_int(x2, y2, eps=eps)
+      ref = ref * len(y2)  # "sum"
+      largest = np.abs(ref).max(-1, keepdims=True)
+      bound = (d[:, None] + 4) * EPS32 * largest
+      hot = np.arange(c)[None] == y2[:, None]
+      bound = bound + np.where(hot, eps * EPS32 / 2, 0.0)
+      err = np.abs(g - ref)
+      assert np.all(err <= bound), (scale, eps, float(np.max(err / bound)))
+
+
 # ---------------------------------------------------------------------------
 # Class weights that sum to zero: "mean" divides by the weight sum, as PyTorch
 # (issue 10, item 4); only all-ignored / all-zero-weight batches give 0.0.
