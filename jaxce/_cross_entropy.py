@@ -78,10 +78,12 @@ def cross_entropy(
   logit (no pass for the max), which costs float32 gradients some accuracy:
   a row whose label lies D below its max rounds ``x - shift`` and the
   log-sum at the scale of D, so its gradient is within about
-  :math:`D \cdot 2^{-23}` of its largest entry (a few ulps with the max: at
-  logits of standard deviation 10 over 1,000 classes, up to 26 ulps against
-  optax's 2); with label smoothing the label's entry may differ by a
-  further :math:`\epsilon \cdot 2^{-24}`. The loss is not affected.
+  :math:`(D + 16) \cdot 2^{-23}` of its largest entry, or of
+  :math:`\epsilon` times its largest probability if that is larger (a few
+  ulps with the max: at logits of standard deviation 10 over 1,000 classes,
+  up to 26 ulps against optax's 2); with label smoothing the label's entry
+  may differ by a further :math:`\epsilon \cdot 2^{-24}`. The loss is not
+  affected.
 
   Differentiation: a `jax.custom_jvp` whose tangent recomputes the softmax
   inside ``jax.checkpoint``, so `jax.jvp`, `jax.jacfwd`, `jax.linearize`,
