@@ -81,9 +81,10 @@ def cross_entropy(
   :math:`(D + 16) \cdot 2^{-23}` of its largest entry, or of
   :math:`\epsilon` times its largest probability if that is larger (a few
   ulps with the max: at logits of standard deviation 10 over 1,000 classes,
-  up to 26 ulps against optax's 2); with label smoothing the label's entry
-  may differ by a further :math:`\epsilon \cdot 2^{-24}`. The loss is not
-  affected.
+  up to 26 ulps against optax's 2). The loss is not affected. With label
+  smoothing, on any platform, the label's entry may differ by a further
+  :math:`\epsilon \cdot 2^{-24}` (its derivative goes through
+  :math:`p_y - 1`, which rounds at 1, so that the gradient takes one exp).
 
   Differentiation: a `jax.custom_jvp` whose tangent recomputes the softmax
   inside ``jax.checkpoint``, so `jax.jvp`, `jax.jacfwd`, `jax.linearize`,
