@@ -1250,9 +1250,10 @@ def test_large_offset_issue_example():
 # largest gradient entry and eps times its largest probability (label
 # smoothing eps: near-uniform rows have entries p_c - 1/C far below p; the
 # 16 is the log-sum's own rounding over 1,000-40,000 near-equal terms, up
-# to 8 ulps of p measured); the label's entry eps * 2**-24 more, on any
-# platform (the smoothing's derivative goes through p_y - 1, rounded at 1:
-# `_reduction._smoothed_through_nll`).
+# to 8 ulps of p measured); the label's entry (eps + 2 z |lse|) * 2**-23
+# more with label smoothing eps and z-loss z, on any platform (their derivatives go through
+# p_y - 1, rounded at 1: `_reduction._smoothed_through_nll`,
+# `_log_sum_through_nll`).
 LABEL_SHIFT_LAYOUTS = {
     "64x1000": ((64, 1000), -1),   # blocks
     "256x1024": ((256, 1024), -1),
@@ -1266,26 +1267,36 @@ def test_cpu_label_shift_gradient_bound(layout):
   shape, axis = layout
   rng = _rng(31)
   c = shape[axis]
-  f = jax.jit(jax.grad(lambda x, y, eps: jaxce.cross_entropy(
-      x, y, axis=axis, label_smoothing=eps, reduction="sum")), static_argnums=2)
+
+  @functools.partial(jax.jit, static_argnums=(3, 4))
+  def f(x, y, weight, eps, z):
+    return jax.grad(lambda x: jaxce.cross_entropy(
+        x, y, weight=weight, axis=axis, label_smoothing=eps, z_loss=z, reduction="sum"))(x)
+
+  # (eps, z_loss, zero class weights): the z-loss's gradient alone, 2 z lse p,
+  # where the weights take the rest away
+  options = ((0.0, 0.0, False), (0.5, 0.0, False), (1.0, 0.0, False), (0.0, 1e-2, True))
   for scale in (0.1, 1.0, 5.0, 10.0):
     x = (rng.normal(size=shape) * scale).astype(np.float32)
     y = rng.integers(0, c, size=shape[:axis % len(shape)] + shape[axis % len(shape) + 1:])
     x2 = np.moveaxis(x, axis, -1).reshape(-1, c).astype(np.float64)
     y2 = y.reshape(-1)
     d = x2.max(-1) - x2[np.arange(len(y2)), y2]
-    for eps in (0.0, 0.5, 1.0):
-      g = np.asarray(f(jnp.asarray(x), jnp.asarray(y, np.int32), eps), np.float64)
-      g = np.moveaxis(g, axis, -1).reshape(-1, c)
-      _, _, ref = ref_ce_int(x2, y2, eps=eps)
-      ref = ref * len(y2)  # "sum"
-      p_max = np.exp(x2.max(-1) - np_logsumexp(x2))[:, None]
+    lse = np_logsumexp(x2)
+    p_max = np.exp(x2.max(-1) - lse)[:, None]
+    hot = np.arange(c)[None] == y2[:, None]
+    for eps, z, zero_weights in options:
+      weight = np.zeros(c, np.float32) if zero_weights else None
+      g = f(jnp.asarray(x), jnp.asarray(y, np.int32),
+            None if weight is None else jnp.asarray(weight), eps, z)
+      g = np.moveaxis(np.asarray(g, np.float64), axis, -1).reshape(-1, c)
+      _, _, ref = ref_ce_int(x2, y2, weight=weight, eps=eps, z=z)
+      ref = ref * (1 if zero_weights else len(y2))  # "sum" (all-zero weights: / 1)
       largest = np.maximum(np.abs(ref).max(-1, keepdims=True), eps * p_max)
       bound = (d[:, None] + 16) * EPS32 * largest
-      hot = np.arange(c)[None] == y2[:, None]
-      bound = bound + np.where(hot, eps * EPS32 / 2, 0.0)
+      bound = bound + np.where(hot, (eps + 2 * z * np.abs(lse)[:, None]) * EPS32, 0.0)
       err = np.abs(g - ref)
-      assert np.all(err <= bound), (scale, eps, float(np.max(err / bound)))
+      assert np.all(err <= bound), (scale, eps, z, float(np.max(err / bound)))
 
 
 # ---------------------------------------------------------------------------
