@@ -1251,9 +1251,9 @@ def test_large_offset_issue_example():
 # smoothing eps: near-uniform rows have entries p_c - 1/C far below p; the
 # 16 is the log-sum's own rounding over 1,000-40,000 near-equal terms, up
 # to 8 ulps of p measured); the label's entry (eps + 2 z |lse|) * 2**-23
-# more with label smoothing eps and z-loss z, on any platform (their derivatives go through
-# p_y - 1, rounded at 1: `_reduction._smoothed_through_nll`,
-# `_log_sum_through_nll`).
+# more with label smoothing eps and z-loss z, on any platform (their
+# derivatives go through p_y - 1, rounded at 1:
+# `_reduction._smoothed_through_nll`, `_log_sum_through_nll`).
 LABEL_SHIFT_LAYOUTS = {
     "64x1000": ((64, 1000), -1),   # blocks
     "256x1024": ((256, 1024), -1),
