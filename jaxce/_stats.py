@@ -653,11 +653,17 @@ def _others_in_blocks(
     shift = jnp.squeeze(row_shift(blocks, (axis, axis + 1)), (axis, axis + 1))
   sums = total(jnp.exp(blocks - _col(_col(shift, axis), axis)), axis + 1)  # (..., nblocks, ...)
   safe = jnp.where(inside, labels, 0)
-  at = safe // block
+  # (C's division: `//` and `%` add sign fixes that XLA:CPU recomputes at
+  # every element of the fusions that use them)
+  at = jax.lax.div(safe, np.array(block, safe.dtype))
   own_block = jnp.take_along_axis(raw, _col(_col(at, axis), axis), axis, mode="clip")
   own_block = jnp.squeeze(own_block, axis).astype(ct)  # (..., block, ...)
-  hot = jax.lax.broadcasted_iota(jnp.int32, own_block.shape, axis) == _col(safe % block, axis)
-  rest = total(jnp.where(hot, 0.0, jnp.exp(own_block - _col(shift, axis))), axis)
+  hot = jax.lax.broadcasted_iota(jnp.int32, own_block.shape, axis) == _col(
+      jax.lax.rem(safe, np.array(block, safe.dtype)), axis)
+  # The label's entry masked before the exp (the shift is finite), not its
+  # exp after: XLA:CPU then fuses the exp into the sum's kernel rather than
+  # writing the block's exps out first.
+  rest = total(jnp.exp(jnp.where(hot, -jnp.inf, own_block) - _col(shift, axis)), axis)
   at_label = jax.lax.broadcasted_iota(jnp.int32, sums.shape, axis) == _col(at, axis)
   own = total(jnp.where(at_label, sums, 0.0), axis)
   # Labels outside [0, C) exclude nothing: their block is counted whole.
