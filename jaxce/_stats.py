@@ -664,10 +664,10 @@ def _others_in_blocks(
   # exp after: XLA:CPU then fuses the exp into the sum's kernel rather than
   # writing the block's exps out first.
   rest = total(jnp.exp(jnp.where(hot, -jnp.inf, own_block) - _col(shift, axis)), axis)
-  at_label = jax.lax.broadcasted_iota(jnp.int32, sums.shape, axis) == _col(at, axis)
-  own = total(jnp.where(at_label, sums, 0.0), axis)
-  # Labels outside [0, C) exclude nothing: their block is counted whole.
-  return shift, total(jnp.where(at_label, 0.0, sums), axis) + jnp.where(inside, rest, own)
+  # Labels outside [0, C) exclude nothing: every block is counted whole.
+  at = jnp.where(inside, at, -1)
+  at_label = jax.lax.broadcasted_iota(at.dtype, sums.shape, axis) == _col(at, axis)
+  return shift, total(jnp.where(at_label, 0.0, sums), axis) + jnp.where(inside, rest, 0.0)
 
 
 def _apart_from(
