@@ -36,7 +36,7 @@ def _sigmoids(e: jax.Array) -> tuple[jax.Array, jax.Array]:
 
   CPU: one division, e * (1 / (1 + e)) for the second. With e / (1 + e),
   XLA:CPU wrote e and that quotient out as logits-sized arrays, three
-  passes for the gradient: value_and_grad took 1.3-1.7x the time and 1x
+  passes for the gradient: value_and_grad took 1.2-1.7x the time and 1x
   the logits (float32; bfloat16 2x) of temp memory, against none. TPU and
   GPU keep two divisions: for a v5e chip the one division made the
   bfloat16 program access 2.65 GB of HBM instead of 2.11, and for v5p the
