@@ -17,7 +17,8 @@ int_vmap (`jax.vmap` over 16 groups of N / 16 rows), int_far (row 0's
 label 190+ below its max), int_producer (the logits divided by 0.7 in the
 same jit), int_smooth_weight (with class weights), int_z, probs,
 probs_masked (the last 8 classes' logits -inf, their targets 0),
-probs_smooth, nll, log_softmax, logsumexp, bce, bce_pw (with a
+probs_smooth, nll, log_softmax, log_softmax_where (the last 8 classes
+outside `where=`, their cotangent 0), logsumexp, bce, bce_pw (with a
 `pos_weight`), linear (`linear_cross_entropy` of x [N, D] and a kernel
 [D, C], D = --hidden, 128 by default, value_and_grad over both); dtype f32
 or bf16. (1b96716 is the last commit before the losses became custom_jvp
@@ -98,6 +99,9 @@ def loss(kind: str, m: Any) -> Callable[..., jax.Array]:
     return lambda x, y, t: m.nll_loss(x, y)
   if kind == "log_softmax":
     return lambda x, y, t: jnp.sum((m.log_softmax(x) * t).astype(jnp.float32))
+  if kind == "log_softmax_where":
+    return lambda x, y, t: jnp.sum((m.log_softmax(
+        x, where=jnp.arange(x.shape[-1]) < x.shape[-1] - 8) * t).astype(jnp.float32))
   if kind == "logsumexp":
     return lambda x, y, t: jnp.sum(m.logsumexp(x).astype(jnp.float32))
   if kind == "bce":
@@ -153,6 +157,8 @@ def main() -> None:
       x, y = x.at[:, -8:].set(-jnp.inf), y % (c - 8)
     if kind in ("int_where", "int_smooth_where"):
       y = y % (c - 8)
+    if kind == "log_softmax_where":
+      t = t.at[:, -8:].set(0)
     if kind == "int_far":
       x = x.at[0, (y[0] + 1) % c].set(200.0)
     argnums: int | tuple[int, ...] = 0

@@ -109,11 +109,17 @@ def require_bound(fn: str, axis_name: AxisName | None, name: str = "logits") -> 
     try:
       jax.lax.axis_size(a)
     except NameError:
+      if fn == "linear_cross_entropy":  # runs its own shard_map on an Auto mesh
+        outside = (f"under jax.jit alone, shard `{name}` over that axis of an Auto mesh"
+                   " with a NamedSharding (the loss then runs per device itself), or use"
+                   " an Explicit mesh and leave class_axis_name out.")
+      else:
+        outside = (f"under jax.jit alone, shard `{name}` with a NamedSharding and leave"
+                   " class_axis_name out.")
       raise ValueError(
           f"{fn}: class_axis_name={axis_name!r} names an axis ({a!r}) that is not bound"
           " here. Call the loss inside jax.shard_map (or jax.pmap) over that mesh axis,"
-          f" each device passing its slice of `{name}`; under jax.jit alone, shard"
-          f" `{name}` with a NamedSharding and leave class_axis_name out."
+          f" each device passing its slice of `{name}`; {outside}"
       ) from None
     except Exception:  # internals of another JAX release: no check
       return

@@ -107,7 +107,8 @@ def cross_entropy(
       (traced values too), or None to ignore nothing. A label is ignored only
       if its value equals `ignore_index` as an integer, never through a
       wrap-around of the labels' dtype (a uint8 label 156 is not -100); a
-      value the labels' dtype cannot hold ignores nothing. Not used with
+      value the labels' dtype cannot hold ignores nothing. A Python int is
+      static (a new value compiles again; an array does not). Not used with
       probability targets.
     reduction: "none", "mean" or "sum".
     label_smoothing: :math:`\varepsilon \in [0, 1]`, a static float (a new
@@ -257,9 +258,9 @@ def nll_loss(
     labels: Integer class indices with `log_probs`' shape without `axis`, of
       any integer dtype (compared as integers, as in :func:`cross_entropy`).
     weight: Optional per-class weights, shape ``[C]``.
-    ignore_index: Labels equal to this contribute nothing: any Python int, an
-      integer scalar array (traced too) or None, compared without wrap-around
-      as in :func:`cross_entropy`.
+    ignore_index: Labels equal to this contribute nothing: any Python int
+      (static: a new value compiles again), an integer scalar array (traced
+      too) or None, compared without wrap-around as in :func:`cross_entropy`.
     reduction: "none", "mean" or "sum".
     axis: The class axis (1 for PyTorch's layout).
     class_axis_name: Inside `shard_map`, the mesh axis over which the classes
@@ -298,7 +299,7 @@ def nll_loss(
       class_axis_name: _collective.AxisName | None, row_axes: tuple[str, ...] = (),
   ) -> jax.Array:
     classes = _collective.class_slice(labels, log_probs.shape[axis], class_axis_name)
-    picked = _stats.pick(log_probs, classes.local_labels, axis)
+    picked = _stats.pick(log_probs, classes.local_labels, labels == _checks.OUT_OF_RANGE, axis)
     if class_axis_name is not None:
       picked = jax.lax.psum(picked, class_axis_name)
     stats = _stats.LabelStats(jnp.zeros_like(picked), None, picked, None)

@@ -142,9 +142,10 @@ def linear_cross_entropy(
       156 never equals -100).
     bias: Optional ``[V]``. A -inf entry removes that class.
     weight: Optional per-class weights ``[V]``.
-    ignore_index: Labels equal to this contribute nothing: any Python int,
-      an integer scalar array (traced too) or None, compared with the labels
-      as integers, never through a wrap-around (as in :func:`cross_entropy`).
+    ignore_index: Labels equal to this contribute nothing: any Python int
+      (static: a new value compiles again), an integer scalar array (traced
+      too) or None, compared with the labels as integers, never through a
+      wrap-around (as in :func:`cross_entropy`).
     reduction: "none" (per token, `x`'s leading shape), "mean" or "sum".
     label_smoothing: In [0, 1].
     z_loss: Weight of the squared logsumexp, in [0, 3.4e38] (finite in float32).

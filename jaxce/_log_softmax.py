@@ -327,7 +327,8 @@ def log_softmax(
   -inf and carry no cotangent, as jax.nn's do (``torch.masked`` passes it
   through); a slice with no entry left, or of -inf entries only, is all
   -inf (jax.nn: NaN for the latter), and a slice with a +inf or NaN entry
-  is all NaN, as in jax.nn and PyTorch. Differences of logits
+  is all NaN, as in PyTorch (jax.nn: NaN inside `where`, -inf outside; the
+  select that would give that cost 1.8x the time at 4096 x 1024 on CPU). Differences of logits
   stay exact however far the logits are from 0: the max shift is kept apart
   from the log-sum.
 

@@ -1155,17 +1155,21 @@ def _target_stats_jvp(
 # Log-probabilities: the entry at the label (NLL).
 
 
-@remat(2, 3)
-def _pick_tangent(labels: jax.Array, tx: jax.Array, axis: int, dtype: DTypeLike) -> jax.Array:
-  hot = one_hot_at(labels, tx.shape, axis)
+@remat(3, 4)
+def _pick_tangent(labels: jax.Array, whole: jax.Array, tx: jax.Array, axis: int,
+                  dtype: DTypeLike) -> jax.Array:
+  hot = one_hot_at(labels, tx.shape, axis) | jnp.expand_dims(whole, axis)
   return jnp.sum(jnp.where(hot, tx.astype(dtype), 0.0), axis)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def pick(x: jax.Array, labels: jax.Array, axis: int) -> jax.Array:
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def pick(x: jax.Array, labels: jax.Array, whole: jax.Array, axis: int) -> jax.Array:
   """x at the label along `axis` (0 for labels outside [0, C)), in float32+.
 
   Reverse mode saves only the labels: the tangent is an iota comparison.
+  Rows flagged `whole` (labels out of range, whose loss is NaN) take the
+  tangent of the whole row, so that reverse mode, like forward mode, carries
+  their NaN into the row's gradient rather than a plausible 0.
   """
   return take_at(x, labels, axis).astype(_checks.compute_dtype(x.dtype))
 
@@ -1174,7 +1178,7 @@ def pick(x: jax.Array, labels: jax.Array, axis: int) -> jax.Array:
 def _pick_jvp(
     axis: int, primals: tuple[Any, ...], tangents: tuple[Any, ...]
 ) -> tuple[jax.Array, jax.Array]:
-  x, labels = primals
+  x, labels, whole = primals
   ct = _checks.compute_dtype(x.dtype)
   tx = given(tangents[0], x)
-  return take_at(x, labels, axis).astype(ct), _pick_tangent(labels, tx, axis, ct)
+  return take_at(x, labels, axis).astype(ct), _pick_tangent(labels, whole, tx, axis, ct)

@@ -283,14 +283,16 @@ CASES = {
     # class_axis_name where no such axis is bound (JAX: "unbound axis name")
     "ce_class_axis_name_unbound": (
         lambda x, y: CE(x, y, class_axis_name="model"), (_x(), _y()), ValueError,
-        ["cross_entropy", "class_axis_name='model'", "not bound", "shard_map"]),
+        ["cross_entropy", "class_axis_name='model'", "not bound", "shard_map",
+         "leave class_axis_name out"]),
     "nll_class_axis_name_unbound": (
         lambda x, y: NLL(x, y, class_axis_name=("data", "model")), (_x(), _y()), ValueError,
         ["nll_loss", "'data'", "not bound", "`log_probs`"]),
     "linear_class_axis_name_unbound": (
         lambda x, k, y: jaxce.linear_cross_entropy(x, k, y, class_axis_name="model"),
         (_x((N, 3)), _x((3, C)), _y()), ValueError,
-        ["linear_cross_entropy", "'model'", "not bound", "`kernel`"]),
+        ["linear_cross_entropy", "'model'", "not bound", "`kernel`", "Auto mesh",
+         "Explicit mesh"]),
     # messages name the argument as the function calls it
     "linear_x_0d": (
         lambda x, k, y: jaxce.linear_cross_entropy(x, k, y), (_x(()), _x((3, C)), _y(())),

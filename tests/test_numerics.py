@@ -997,6 +997,23 @@ def test_fully_masked_rows_log_softmax_is_neg_inf():
   np.testing.assert_array_equal(np.asarray(jaxce.log_softmax(xi))[1], -np.inf)
 
 
+@pytest.mark.parametrize("bad", [np.inf, np.nan], ids=["inf", "nan"])
+def test_log_softmax_where_with_non_finite_entry_is_all_nan(bad):
+  """As the docstring says: a +inf or NaN entry inside `where` makes its
+  whole slice NaN (jax.nn keeps -inf outside `where`); an entry outside
+  `where` takes no part; other slices equal jax.nn's."""
+  x = _rng(39).normal(size=(3, 5)).astype(np.float32)
+  x[0, 1] = bad
+  x[1, 3] = bad
+  where = np.array([[True, True, False, True, False]] * 3)
+  where[1, 3] = False
+  expected = np.asarray(jax.nn.log_softmax(jnp.asarray(x), where=jnp.asarray(where)))
+  for f in (jaxce.log_softmax, jax.jit(jaxce.log_softmax)):
+    out = np.asarray(f(jnp.asarray(x), where=jnp.asarray(where)))
+    assert np.all(np.isnan(out[0]))
+    _close(out[1:], expected[1:], rtol=1e-6)
+
+
 def test_fully_masked_rows_log_softmax_logsumexp_gradients():
   x, _, where = _dead_rows_case()
   jwhere = jnp.asarray(where)
@@ -1954,6 +1971,37 @@ def test_both_paths_out_of_range_label_nan_row(branches, reduction):
   if reduction == "mean":
     ref_g = ref_g / 5  # five positions not ignored, the bad one among them
   _close(g[rows], ref_g, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_nll_out_of_range_label_nan_row_in_both_modes(reduction, weighted):
+  """`nll_loss` as `cross_entropy` above: a label outside [0, C) that is not
+  ignored gives a NaN gradient row in reverse mode too (its one-hot matches
+  no class, so the row's NaN cotangent was dropped for a plausible 0), and
+  forward mode's directional derivative along that row is NaN; the other
+  rows as PyTorch's formula gives, ignored ones 0."""
+  rng = _rng(35)
+  x = jnp.asarray(rng.normal(size=(6, 7)), jnp.float32)
+  y = jnp.asarray([0, 9, 2, -100, 6, -3], jnp.int32)
+  w = jnp.linspace(0.5, 2.0, 7) if weighted else None
+  f = lambda x: jnp.sum(jaxce.nll_loss(x, y, weight=w, reduction=reduction))
+  for grad in (jax.grad(f), jax.jit(jax.grad(f))):
+    g = np.asarray(grad(x))
+    assert np.all(np.isnan(g[[1, 5]]))
+    assert np.all(g[3] == 0)
+    rows = [0, 2, 4]
+    ref_g = np.zeros((3, 7))
+    ref_g[np.arange(3), np.asarray(y)[rows]] = -(1.0 if w is None else np.asarray(w)[
+        np.asarray(y)[rows]])
+    if reduction == "mean" and w is None:
+      ref_g = ref_g / 5  # five positions not ignored, the bad ones among them
+    if reduction == "mean" and w is not None:
+      assert np.all(np.isfinite(g[rows]))  # (as cross_entropy's)
+    else:
+      _close(g[rows], ref_g, rtol=1e-6)
+  t = jnp.zeros_like(x).at[1].set(1.0)
+  assert np.isnan(jax.jvp(f, (x,), (t,))[1])
 
 
 @pytest.mark.parametrize("opts", [
