@@ -253,6 +253,10 @@ def softmax_cross_entropy_with_integer_labels(
 def raising(fn: F) -> F:
   """Wraps `fn` (jitted or not) so that failed label checks raise.
 
+  The outermost wrapper: ``raising(jax.jit(step))``, not
+  ``jax.jit(raising(step))`` (a staged program cannot raise; that gives a
+  ValueError saying so). `jax.grad` and `jax.vmap` may go on either side.
+
   Returns a function with `fn`'s signature that runs it under
   :func:`checkify.checkify` and raises ``JaxRuntimeError`` naming the bad label
   if a check failed.
@@ -271,6 +275,16 @@ def raising(fn: F) -> F:
   @functools.wraps(fn)
   def wrapper(*args: Any, **kwargs: Any) -> Any:
     err, out = checkify.checkify(fn)(*args, **kwargs)
+    # Staged out (jax.jit(raising(fn))), err.throw() would fail later in JAX
+    # ("a checkify.check which was not functionalized"). (Jaxpr tracers are
+    # those of staging; grad's and vmap's wrap values that can raise.)
+    if any(isinstance(leaf, jax.core.Tracer) and "Jaxpr" in type(leaf).__name__
+           for leaf in jax.tree.leaves(err)):
+      raise ValueError(
+          "jaxce.checked.raising: the wrapped function is being staged out (by jax.jit,"
+          " jax.lax.scan, ...), where nothing can raise on the host. Put raising"
+          " outside: raising(jax.jit(step)); or run checkify.checkify(jax.jit(step)) and"
+          " call err.throw() on the error it returns.")
     err.throw()
     return out
 

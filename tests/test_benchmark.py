@@ -67,7 +67,8 @@ def test_bad_selections_and_outputs_fail_before_the_run(tmp_path, monkeypatch):
   blocker.write_text("")
   for argv in (["--cases", ","], ["--dtypes", ""],
                ["--cases", "ce_nchw", "--image-shapes", ""],
-               ["--cases", "bce", "--out", str(blocker / "sub")]):
+               ["--cases", "bce", "--out", str(blocker / "sub")],
+               ["--cases", "bce", "--out", " "]):
     with pytest.raises(SystemExit) as info:
       run.main([*TINY, *argv])
     assert info.value.code not in (0, None), argv
@@ -327,8 +328,17 @@ def test_aot_flags_are_checked_before_compiling(capsys, tmp_path):
   for argv, message in (
       (["--from-json", str(tmp_path / "missing.json")], "cannot read it"),
       (["--from-json", str(a_file)], "not a results.json of this benchmark"),
-      (["--targets", "h100", "--out", str(a_file)], "cannot write a folder there")):
+      (["--targets", "h100", "--out", str(a_file)], "cannot write a folder there"),
+      (["--targets", "h100", "--out", ""], "it was empty")):
     with pytest.raises(SystemExit, match=message):
       aot.main([*argv, "--no-plots"])
+  # Selections: a repeated name compiles once (as in jaxce.benchmark); an
+  # empty one says so.
+  args = aot.parse_args(["--targets", "h100,h100,v5e", "--losses", "ce_int,ce_int",
+                         "--dtypes", "float32,float32"])
+  jobs = aot.plan(args)
+  assert len(jobs) == len(set(jobs)) == 2
+  with pytest.raises(SystemExit, match="--targets: none given"):
+    aot.plan(aot.parse_args(["--targets", ""]))
 
 

@@ -455,6 +455,20 @@ def test_checked_raising_correct_labels_match_plain_loss():
                              rtol=1e-6)
 
 
+def test_checked_raising_inside_jit_says_to_put_it_outside():
+  """jax.jit(raising(f)) cannot raise on the host: a ValueError that says
+  where raising goes (JAX's own error said "not functionalized"), for good
+  labels too; under jax.grad raising works from either side."""
+  x, y = _x(), jnp.asarray([0, 4, -100, 2], jnp.int32)
+  staged = jax.jit(jaxce.checked.raising(_checked_ce))
+  for labels in (y, y.at[0].set(7)):
+    with pytest.raises(ValueError, match=r"raising\(jax.jit\(step\)\)"):
+      staged(x, labels)
+  g = jax.grad(jaxce.checked.raising(_checked_ce))(x, y)
+  np.testing.assert_allclose(g, jax.grad(lambda x: CE(x, y, label_smoothing=0.1))(x),
+                             rtol=1e-6)
+
+
 def test_checked_options_forwarded():
   # axis, ignore_index and weight reach both the check and the loss.
   x = _x((2, C, 3))

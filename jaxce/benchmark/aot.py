@@ -878,10 +878,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def _pick(text: str, known: Iterable[str], flag: str) -> list[str]:
-  names = [t.strip() for t in text.split(",") if t.strip()]
+  # (dict.fromkeys: a repeated name compiles once, as in jaxce.benchmark)
+  names = list(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
   bad = [t for t in names if t not in known]
   if bad or not names:
-    sys.exit(f"{flag}: unknown {bad}; choose from {', '.join(known)}")
+    sys.exit(f"{flag}: {f'unknown {bad}' if bad else 'none given'};"
+             f" choose from {', '.join(known)}")
   return names
 
 

@@ -29,7 +29,11 @@ SWEEP_TITLES = {"classes": "class count", "tokens": "token count", "image": "ima
 
 def output_folder(path: str | Path) -> Path:
   """`--out` as a folder, created and checked writable before anything is
-  measured: a bad path fails at once, not after the run."""
+  measured: a bad path fails at once, not after the run. An empty one is
+  refused (it would write into, and clear old results from, the current
+  folder)."""
+  if not str(path).strip():
+    sys.exit("--out: give a folder name (it was empty); '.' for the current folder")
   out = Path(path)
   try:
     out.mkdir(parents=True, exist_ok=True)
@@ -162,7 +166,8 @@ def _header(meta) -> list[str]:
       "# jaxce benchmarks",
       "",
       f"**Ratios are jaxce / peer, from the same timed round: < 1 means jaxce is faster (or"
-      f" uses less memory).** Shown as the median [min, max] over the {f['repeats']} rounds.",
+      f" uses less memory).** Shown as the median [min, max] over the {f['repeats']}"
+      f" round{'s' * (f['repeats'] != 1)}.",
       "",
       f"- device: **{device_label(meta)}**, jax {meta['jax_version']}, jaxlib"
       f" {meta['jaxlib_version']}, optax {meta['optax_version']}, python"
