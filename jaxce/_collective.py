@@ -101,15 +101,17 @@ def combine(stats: S, axis_name: AxisName | None, owned: jax.Array | None = None
       jax.lax.psum(stats.target_logits + stats.target_mass * delta, axis_name), smoothing)
 
 
-def require_bound(fn: str, axis_name: AxisName | None, name: str = "logits") -> None:
+def require_bound(fn: str, axis_name: AxisName | None, name: str = "logits",
+                  auto_mesh: bool = False) -> None:
   """Refuses a `class_axis_name` that names no axis bound where the loss
   runs (outside `shard_map`, `pmap` and a named `vmap`), which would fail
-  later inside JAX as "unbound axis name"."""
+  later inside JAX as "unbound axis name". `auto_mesh`: the loss runs its
+  own `shard_map` where the axis is an Auto mesh's (the advice differs)."""
   for a in names(axis_name):
     try:
       jax.lax.axis_size(a)
     except NameError:
-      if fn == "linear_cross_entropy":  # runs its own shard_map on an Auto mesh
+      if auto_mesh:  # the loss runs its own shard_map over an Auto mesh's axis
         outside = (f"under jax.jit alone, shard `{name}` over that axis of an Auto mesh"
                    " with a NamedSharding (the loss then runs per device itself), or use"
                    " an Explicit mesh and leave class_axis_name out.")

@@ -278,7 +278,7 @@ def linear_cross_entropy(
   backward = _checks.backward(fn, backward, kernel_dtype=kernel.dtype, reduction=reduction,
                               forward_mode=forward_mode, chunk_size=chunk_size,
                               class_axis_name=class_axis_name)
-  _collective.require_bound(fn, class_axis_name, "kernel")
+  _collective.require_bound(fn, class_axis_name, "kernel", auto_mesh=True)
   lead, vocab = x.shape[:-1], kernel.shape[1]
   labels = _checks.as_labels(fn, labels)
   if not jnp.issubdtype(labels.dtype, jnp.integer):
