@@ -50,6 +50,9 @@ def as_array(fn: str, name: str, value: Any) -> jax.Array:
     raise type(e)(
         f"{fn}: `{name}` must be an array of numbers. Got {type(value).__name__}: {e}"
     ) from None
+  except OverflowError as e:  # Python ints beyond the default integer dtype
+    raise ValueError(
+        f"{fn}: `{name}` holds a Python int beyond JAX's integer dtype: {e}") from None
 
 
 def float_array(fn: str, name: str, x: ArrayLike) -> jax.Array:
@@ -86,6 +89,15 @@ def compute_dtype(dtype: DTypeLike) -> np.dtype[Any]:
   return dt if dt.itemsize > 4 else np.dtype(np.float32)
 
 
+def axis_error(fn: str, axis: Any, kinds: str) -> TypeError:
+  """The error for an `axis` that is not one of `kinds`; a traced one (a
+  `jax.jit` without `static_argnames`) is told it must be static."""
+  if isinstance(axis, jax.core.Tracer):
+    return TypeError(f"{fn}: `axis` must be static ({kinds}): it picks the program, and"
+                     " it was traced. Under jax.jit, pass static_argnames=\"axis\".")
+  return TypeError(f"{fn}: `axis` must be {kinds}. Got {type(axis).__name__}.")
+
+
 def canonical_axis(fn: str, axis: Any, ndim: int, name: str = "logits") -> int:
   """`axis` as an index in [0, ndim); bools are refused (True is not axis 1)."""
   try:
@@ -93,9 +105,7 @@ def canonical_axis(fn: str, axis: Any, ndim: int, name: str = "logits") -> int:
       raise TypeError
     index = operator.index(axis)
   except TypeError:
-    raise TypeError(
-        f"{fn}: `axis` must be an int. Got {type(axis).__name__}."
-    ) from None
+    raise axis_error(fn, axis, "an int") from None
   if ndim == 0:
     raise ValueError(
         f"{fn}: `{name}` must have at least one axis (the class axis). Got a 0-d"

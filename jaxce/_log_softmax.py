@@ -302,8 +302,7 @@ def _axes(fn: str, axis: int | Sequence[int] | None, ndim: int) -> Axes:
   except TypeError:
     pass
   if not isinstance(axis, (tuple, list)) or any(isinstance(a, bool) for a in axis):
-    raise TypeError(
-        f"{fn}: `axis` must be an int, a tuple of ints or None. Got {type(axis).__name__}.")
+    raise _checks.axis_error(fn, axis, "an int, a tuple of ints or None")
   axes = [_checks.canonical_axis(fn, a, ndim, "x") for a in axis]
   if len(set(axes)) != len(axes):
     raise ValueError(f"{fn}: `axis` has repeated axes. Got {tuple(axis)}.")

@@ -48,8 +48,7 @@ def _class_axes(
       raise duplicate_error(f"{fn}: `axis` repeats an axis. Got {axis}.")
     return axes
   if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, (int, np.integer)):
-    raise TypeError(
-        f"{fn}: `axis` must be an int, a tuple of ints or None. Got {type(axis).__name__}.")
+    raise _checks.axis_error(fn, axis, "an int, a tuple of ints or None")
   return _checks.canonical_axis(fn, axis, ndim)
 
 
@@ -72,9 +71,10 @@ def _one_class_axis(
       ok = False
     if not ok or expanded is None:
       raise ValueError(
-          f"{fn}: `where` must be broadcastable to the logits' shape {shape}, or have"
-          f" the positions' shape {batch_shape} (the logits' shape without axis"
-          f" {axis}). Got {where.shape}."
+          f"{fn}: `where` must have the logits' rank and broadcast to their shape"
+          f" {shape}, or broadcast to the positions' shape {batch_shape} (the logits'"
+          f" shape without axis {axis}; a lower rank is one flag per position, as in"
+          f" optax). Got {where.shape}."
       )
     where = where.reshape((1,) * (len(shape) - len(expanded)) + expanded)
   if isinstance(axes, int):

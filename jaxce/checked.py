@@ -88,6 +88,7 @@ def check_labels(
   where = f"at flat position {{position}} is outside [0, {num_classes}){ignored}."
   message = f"jaxce.checked.{fn}: label {{value}} {where}"
   ignore = _checks.ignore_value(fn, ignore_index)
+  labels = _checks.as_labels(f"jaxce.checked.{fn}", labels)  # Python ints beyond int32: numpy
   host = labels if (isinstance(labels, np.ndarray)
                     and jax.dtypes.canonicalize_dtype(labels.dtype) != labels.dtype) else None
   if host is not None and not isinstance(ignore, jax.Array) and _checks.static(num_classes):
@@ -207,8 +208,8 @@ def _forward(loss: F) -> Callable[[F], F]:
 def cross_entropy(logits: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
                   **kwargs: Any) -> jax.Array:
   loss = _cross_entropy.cross_entropy(logits, labels, **kwargs)
-  labels_dtype = labels.dtype if hasattr(labels, "dtype") else jnp.asarray(labels).dtype
-  if jnp.issubdtype(labels_dtype, jnp.integer):
+  labels = _checks.as_labels("cross_entropy", labels)
+  if jnp.issubdtype(labels.dtype, jnp.integer):
     axis = kwargs.get("axis", -1)
     num_classes = _checks.global_classes(
         jnp.shape(logits)[axis], kwargs.get("class_axis_name"))

@@ -249,6 +249,10 @@ CASES = {
     "ce_label_smoothing_beyond_float64": (
         lambda x, y: CE(x, y, label_smoothing=10**400), (_x(), _y()), ValueError,
         ["label_smoothing", "401 digits"]),
+    "drop_in_where_of_class_shape": (  # broadcasts, but a lower rank is per position
+        lambda x, m: jaxce.softmax_cross_entropy(x, jnp.full((2, N, C), 0.2), where=m),
+        (_x((2, N, C)), jnp.ones(C, bool)), ValueError,
+        ["`where` must have the logits' rank", "one flag per position", "(2, 4)", "(5,)"]),
     "ce_labels_beyond_int64": (
         lambda x: CE(x, [0, 1, 2, 2**70]), (_x(),), TypeError, ["labels", "64 bits"]),
     "linear_reduction_array": (  # (== is elementwise: an array passed the old check)
@@ -373,6 +377,20 @@ def test_traced_label_smoothing_is_refused():
   f = jax.jit(lambda x, y, z: CE(x, y, z_loss=z))
   with pytest.raises(TypeError, match="z_loss"):
     f(_x(), _y(), 0.1)
+
+
+def test_traced_axis_is_told_to_be_static():
+  """`jax.jit(loss)(..., axis=1)` traces the axis: the error says it must be
+  static and how, not that an int "must be an int"."""
+  calls = {
+      "cross_entropy": lambda x, a: CE(x, _y(), axis=a),
+      "nll_loss": lambda x, a: NLL(x, _y(), axis=a),
+      "log_softmax": lambda x, a: jaxce.log_softmax(x, axis=a),
+      "softmax_cross_entropy": lambda x, a: jaxce.softmax_cross_entropy(x, x, axis=a),
+  }
+  for name, call in calls.items():
+    with pytest.raises(TypeError, match=rf"{name}: `axis` must be static.*static_argnames"):
+      jax.jit(call)(_x(), 1)
 
 
 def test_valid_edge_values_accepted():
@@ -511,6 +529,25 @@ def test_checked_eager_raises_and_plain_jit_refuses():
     with pytest.raises(ValueError, match=r"jaxce.checked.raising\(jax.jit\(f\)\)") as info:
       f(x, bad)
     assert "not functionalized" not in str(info.value)
+
+
+def test_checked_python_int_labels_beyond_int32():
+  """Python ints beyond int32 are out-of-range labels to the plain losses
+  (NaN there); the checked ones name them, where JAX's int32 conversion
+  raised an OverflowError naming nothing."""
+  x, y = _x((3, C)), [0, 1, 2**32]
+  assert np.isnan(CE(x, y, reduction="none")[2])
+  calls = {"cross_entropy": lambda: jaxce.checked.cross_entropy(x, y),
+           "nll_loss": lambda: jaxce.checked.nll_loss(x, y),
+           "softmax_cross_entropy_with_integer_labels":
+               lambda: jaxce.checked.softmax_cross_entropy_with_integer_labels(x, y),
+           "check_labels": lambda: jaxce.checked.check_labels(y, C)}
+  for name, call in calls.items():
+    with pytest.raises(checkify.JaxRuntimeError,
+                       match=rf"checked.{name}: label 4294967296 at flat position 2 "):
+      call()
+  with pytest.raises(checkify.JaxRuntimeError, match=r"label 1099511627776 at flat position 0"):
+    jaxce.checked.cross_entropy(x[0], 2**40)
 
 
 def test_check_labels_num_classes_must_be_an_int():
