@@ -342,6 +342,9 @@ NOT_ARRAYS = {
                            TypeError, ["linear_cross_entropy", "`kernel`"]),
     "drop_in_labels_none": (lambda: jaxce.softmax_cross_entropy(_x(), None), TypeError,
                             ["softmax_cross_entropy", "`labels`"]),
+    "bce_targets_int_beyond_int32": (  # (JAX's OverflowError named nothing)
+        lambda: BCE(_x((C,)), [0, 1, 2**40, 0, 0]), ValueError,
+        ["binary_cross_entropy_with_logits", "`targets`", "beyond"]),
     "sigmoid_bce_labels_str": (lambda: jaxce.sigmoid_binary_cross_entropy(_x(), "1"),
                                TypeError, ["sigmoid_binary_cross_entropy", "`labels`", "str"]),
 }
