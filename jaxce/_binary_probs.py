@@ -84,9 +84,11 @@ def binary_cross_entropy(
   The log terms are clamped at -100 as in PyTorch, so :math:`p = 0` or
   :math:`p = 1` gives a finite loss (100 per element for a wrong certain
   prediction). The derivatives are PyTorch's: with respect to `probs`
-  :math:`w\,(p - t) / \max(p (1 - p), 10^{-12})` (times 1/n for "mean"), with
-  respect to `targets` :math:`w \log((1 - p) / p)`, and with respect to
-  `weight` the elementwise loss. They are a `jax.custom_jvp`, so `jax.grad`,
+  :math:`w\,(p - t) / \max(p (1 - p), \epsilon)` (times 1/n for "mean";
+  :math:`\epsilon` is :math:`10^{-12}` rounded to float32, in float64 too,
+  as in PyTorch's CPU kernel), with respect to `targets`
+  :math:`w \log((1 - p) / p)`, and with respect to `weight` the
+  elementwise loss. They are a `jax.custom_jvp`, so `jax.grad`,
   `jax.jvp`, `jax.jacfwd` and higher derivatives all work, and reverse mode
   keeps only input-sized arrays.
 
