@@ -112,11 +112,42 @@ def test_standalone_scripts_refuse_bad_counts_and_specs():
     done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
     assert done.returncode == 2, (args, done.stderr[-500:])
     assert "Traceback" not in done.stderr, args
+  script = script.with_name("profile_kernels.py")
+  for args in (["--calls", "0"], ["--shape", "8x16x4"], ["--case", "linear_ce", "--shape", "8x16"],
+               ["--case", "foo"]):
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+    assert done.returncode == 2, (args, done.stderr[-500:])
+    assert "Traceback" not in done.stderr, args
   script = script.with_name("outside_sweep.py")
   for args in (["--cases", "foo"], ["--rounds", "0"]):
     done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
     assert done.returncode == 2, (args, done.stderr[-500:])
     assert "Traceback" not in done.stderr, args
+
+
+def test_profile_kernels_lists_each_implementations_kernels(monkeypatch, capsys):
+  """benchmarks/profile_kernels.py: one table per implementation, jaxce's
+  and its peers', of the traced program's events, the kernels among them."""
+  import importlib.util
+  import pathlib
+  import sys
+
+  path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "profile_kernels.py"
+  spec = importlib.util.spec_from_file_location("profile_kernels", path)
+  assert spec is not None
+  assert spec.loader is not None
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  monkeypatch.setattr(sys, "argv", [str(path), "--case", "nll", "--shape", "8x16", "--calls", "2"])
+  module.main()
+  out = capsys.readouterr().out
+  tables = out.split("\n## ")[1:]
+  assert [t.split("\n")[0] for t in tables] == ["jaxce", "naive"], out
+  for table in tables:
+    rows = [line for line in table.split("\n") if line.startswith("| ") and "event" not in line]
+    assert rows, table
+    assert not any("`$" in row for row in rows), table
+    assert any("fusion" in row or "scatter" in row for row in rows), table
 
 
 def test_zero_reference_gradient_has_zero_relative_error():
