@@ -49,7 +49,7 @@ from jaxce._log_softmax import (
   tangent_probs,
 )
 from jaxce._sum import block_shape, block_size, blocked_total, total
-from jaxce._vma import vary_like
+from jaxce._vma import vary_along, vary_like, varying_axes
 
 T = TypeVar("T")
 
@@ -219,7 +219,10 @@ def _smoothing_stats(
     cpu = lambda xm, shift, w: unweighted(xm, shift, axis)
   else:
     weighted = _cpu_masked_weighted_sums if masked else _cpu_weighted_sums
-    cpu = lambda xm, shift, w: weighted(xm, shift, w, axis)
+    # w varies along the logits' shard_map axes: `jax.vmap` of the passes'
+    # `lax.cond` (`plain_first`) met a class-sharded w beside row-split
+    # logits in a product, and JAX refused the unmatched axes.
+    cpu = lambda xm, shift, w: weighted(xm, shift, vary_along(w, varying_axes(xm)), axis)
   out: SmoothingSums = jax.lax.platform_dependent(xm, shift, w, cpu=cpu, default=accelerator)
   return out
 

@@ -1048,6 +1048,43 @@ def test_shard_map_replicated_logits_split_labels():
   np.testing.assert_allclose(jax.jit(f)(logits, labels), ref(logits), rtol=1e-6)
 
 
+@pytest.mark.parametrize("targets", ["labels", "probs"])
+def test_vmap_of_weighted_smoothing_rows_and_classes_split(branches, targets):
+  """`jax.vmap` of a loss with class weights and label smoothing, rows split
+  over "data" and classes over "model", on an Explicit mesh and inside
+  `shard_map` with `class_axis_name`: the CPU smoothing sums' `lax.cond`,
+  batched, multiplied the class-sharded weights by the row-split logits,
+  and JAX refused the unmatched `shard_map` axes (a ValueError at trace
+  time). Values and gradients equal the unsharded ones."""
+  rng = np.random.default_rng(61)
+  x = rng.normal(size=(2, N, C)).astype(np.float32)
+  t = (rng.integers(0, C, size=(2, N)).astype(np.int32) if targets == "labels"
+       else np.asarray(jax.nn.softmax(rng.normal(size=(2, N, C)), -1), np.float32))
+  w = rng.uniform(0.5, 2.0, size=C).astype(np.float32)
+  t_spec = P(None, "data") if targets == "labels" else P(None, "data", "model")
+  specs = (P(None, "data", "model"), t_spec, P("model"))
+
+  def loss(x, t, w, **kw):
+    return jax.vmap(lambda a, b: jaxce.cross_entropy(
+        a, b, weight=w, label_smoothing=0.1, reduction="none", **kw))(x, t)
+
+  want, want_grad = jax.value_and_grad(lambda x: loss(x, t, w).sum())(x)
+  explicit = _mesh("Explicit")
+  with jax.set_mesh(explicit):
+    args = [jax.device_put(a, s_) for a, s_ in zip((x, t, w), specs, strict=True)]
+    got, grad = jax.jit(jax.value_and_grad(lambda x, t, w: loss(x, t, w).sum()))(*args)
+  np.testing.assert_allclose(got, want.sum(), rtol=1e-5)
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-6)
+  auto = _mesh("Auto")
+  f = jax.shard_map(functools.partial(loss, class_axis_name="model"), mesh=auto,
+                    in_specs=specs, out_specs=P(None, "data"))
+  args = [jax.device_put(a, NamedSharding(auto, s_)) for a, s_ in zip((x, t, w), specs,
+                                                                    strict=True)]
+  got, grad = jax.jit(jax.value_and_grad(lambda x, t, w: f(x, t, w).sum()))(*args)
+  np.testing.assert_allclose(got, want.sum(), rtol=1e-5)
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("forward_mode", [False, True])
 def test_shard_map_linear_zero_tokens(forward_mode):
   # no tokens, vocabulary split: loss 0 and zero gradients (the chunk loop's
