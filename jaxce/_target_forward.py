@@ -48,6 +48,7 @@ from jaxce import _checks, _log_softmax, _stats
 from jaxce._log_softmax import row_shift
 from jaxce._reduction import reduce, target_loss
 from jaxce._sum import block_shape, block_size, blocked_total, total
+from jaxce._vma import vary_along, varying_axes
 
 
 def takes(num_classes: int, where: Any) -> bool:
@@ -99,6 +100,11 @@ def _cpu_value(axis: int, reduction: str, z_loss: float, label_smoothing: float,
                logits: jax.Array, targets: jax.Array, weight: jax.Array | None) -> jax.Array:
   if logits.size == 0:  # nothing to fuse; and a sum of no terms is +0 there, not -0
     return _exact(axis, reduction, z_loss, label_smoothing, logits, targets, weight)
+  if weight is not None:
+    # Varying along the logits' shard_map axes before the `lax.cond`s below:
+    # batched by `jax.vmap`, a branch's automatic `pvary` of the weights met
+    # them varying already, and JAX refused it.
+    weight = vary_along(weight, varying_axes(logits))
   if label_smoothing:
     return _cpu_smoothed(axis, reduction, z_loss, label_smoothing, logits, targets, weight)
 

@@ -1085,6 +1085,36 @@ def test_vmap_of_weighted_smoothing_rows_and_classes_split(branches, targets):
   np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("opts", [{}, {"label_smoothing": 0.1},
+                                  {"label_smoothing": 0.1, "z_loss": 1e-3}])
+@pytest.mark.parametrize("targets", ["labels", "probs"])
+def test_shard_map_vmap_of_weighted_losses_rows_split(branches, targets, opts):
+  """`jax.vmap` inside `shard_map` with the rows split over the whole mesh
+  and replicated class weights (no class split): JAX's automatic `pvary` of
+  the weights, batched inside the probability targets' `lax.cond`, met them
+  varying already (a ValueError), and the smoothing sums' product refused
+  the unmatched axes. Values and gradients equal the unsharded ones."""
+  rng = np.random.default_rng(62)
+  x = rng.normal(size=(2, N, C)).astype(np.float32)
+  t = (rng.integers(0, C, size=(2, N)).astype(np.int32) if targets == "labels"
+       else np.asarray(jax.nn.softmax(rng.normal(size=(2, N, C)), -1), np.float32))
+  w = rng.uniform(0.5, 2.0, size=C).astype(np.float32)
+  rows = P(None, ("data", "model"))
+  mesh = _mesh("Auto")
+
+  def loss(x, t, w):
+    return jax.vmap(lambda a, b: jaxce.cross_entropy(
+        a, b, weight=w, reduction="none", **opts))(x, t)
+
+  want, want_grad = jax.value_and_grad(lambda x: loss(x, t, w).sum())(x)
+  f = jax.shard_map(loss, mesh=mesh, in_specs=(rows, rows, P()), out_specs=rows)
+  args = [jax.device_put(a, NamedSharding(mesh, s_))
+          for a, s_ in zip((x, t, w), (rows, rows, P()), strict=True)]
+  got, grad = jax.jit(jax.value_and_grad(lambda x, t, w: f(x, t, w).sum()))(*args)
+  np.testing.assert_allclose(got, want.sum(), rtol=1e-5)
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("forward_mode", [False, True])
 def test_shard_map_linear_zero_tokens(forward_mode):
   # no tokens, vocabulary split: loss 0 and zero gradients (the chunk loop's
