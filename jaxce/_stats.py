@@ -49,7 +49,7 @@ from jaxce._log_softmax import (
   tangent_probs,
 )
 from jaxce._sum import block_shape, block_size, blocked_total, total
-from jaxce._vma import vary_along, vary_like, varying_axes
+from jaxce._vma import vary_like
 
 T = TypeVar("T")
 
@@ -222,7 +222,7 @@ def _smoothing_stats(
     # w varies along the logits' shard_map axes: `jax.vmap` of the passes'
     # `lax.cond` (`plain_first`) met a class-sharded w beside row-split
     # logits in a product, and JAX refused the unmatched axes.
-    cpu = lambda xm, shift, w: weighted(xm, shift, vary_along(w, varying_axes(xm)), axis)
+    cpu = lambda xm, shift, w: weighted(xm, shift, vary_like(w, xm), axis)
   out: SmoothingSums = jax.lax.platform_dependent(xm, shift, w, cpu=cpu, default=accelerator)
   return out
 

@@ -48,7 +48,7 @@ from jaxce import _checks, _log_softmax, _stats
 from jaxce._log_softmax import row_shift
 from jaxce._reduction import reduce, target_loss
 from jaxce._sum import block_shape, block_size, blocked_total, total
-from jaxce._vma import vary_along, varying_axes
+from jaxce._vma import vary_like
 
 
 def takes(num_classes: int, where: Any) -> bool:
@@ -104,7 +104,7 @@ def _cpu_value(axis: int, reduction: str, z_loss: float, label_smoothing: float,
     # Varying along the logits' shard_map axes before the `lax.cond`s below:
     # batched by `jax.vmap`, a branch's automatic `pvary` of the weights met
     # them varying already, and JAX refused it.
-    weight = vary_along(weight, varying_axes(logits))
+    weight = vary_like(weight, logits)
   if label_smoothing:
     return _cpu_smoothed(axis, reduction, z_loss, label_smoothing, logits, targets, weight)
 

@@ -27,8 +27,10 @@ def vary_along(x: jax.Array, axes: frozenset[str]) -> jax.Array:
 
 
 def vary_like(tree: T, *refs: jax.Array | None) -> T:
-  """Marks a fresh (e.g. zeros) loop carry as varying along every `shard_map`
-  axis that `refs` vary along, as `lax.scan` requires; a no-op elsewhere."""
+  """Marks `tree` as varying along every `shard_map` axis that `refs` vary
+  along (a no-op elsewhere): a fresh (e.g. zeros) loop carry, as `lax.scan`
+  requires, or class weights beside row-split logits before a `lax.cond`
+  that `jax.vmap` may batch."""
   axes = frozenset[str]().union(*(varying_axes(r) for r in refs if r is not None))
   mapped: T = jax.tree.map(lambda x: vary_along(x, axes), tree)
   return mapped
