@@ -10,7 +10,9 @@ compiles once more); options named in `static_if_python` are static when
 given as Python scalars or None and traced otherwise (`ignore_index` may be
 an array). A static option that is a list or a concrete array (`axis=[0, 1]`,
 `label_smoothing=jnp.float32(0.1)`) is keyed by its value and reaches the
-function as given. Lists where arrays go, and host (NumPy) arrays, go in as
+function as given. Defaults count as given: spelling one out compiles
+nothing new. Objects with `__jax_array__` (`flax.nnx.Param`) go in as the
+jax arrays they hold. Lists where arrays go, and host (NumPy) arrays, go in as
 NumPy arrays: jit narrows 64-bit floats as `jnp.asarray` would with x64 off,
 and 64-bit integers (NumPy's default labels) whose values all fit in int32
 are cast to it on the host, which keeps every value. Anything else jit
@@ -50,6 +52,8 @@ def _host_array(value: Any) -> Any:
     raise _Direct  # (jit would overflow; the function's host path keeps it)
   if value is None or isinstance(value, (jax.Array, bool, int, float, complex)):
     return value
+  if hasattr(type(value), "__jax_array__"):  # e.g. flax.nnx.Param
+    return jnp.asarray(value)
   if not isinstance(value, (np.ndarray, np.generic, list, tuple)):
     raise _Direct
   try:
@@ -123,6 +127,7 @@ def jitted(
         bound = signature.bind(*args, **kwargs)
       except TypeError:
         return fn(*args, **kwargs)  # its own error
+      bound.apply_defaults()  # (`reduction="mean"` spelled out is the same program)
       arrays, options = {}, []
       try:
         for name, value in bound.arguments.items():

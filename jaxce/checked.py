@@ -21,7 +21,9 @@ The error names the first bad label and its flat (row-major) position; under
 `jax.vmap` the position counts over the whole batched labels, mapped axes
 first, and inside `shard_map` within the device's own block of labels. Inside
 `shard_map` without checkify, JAX's own error ("Cannot abstractly evaluate a
-checkify.check") comes instead of the ``ValueError``.
+checkify.check") comes instead of the ``ValueError``; so it does under
+`jax.jit` where JAX reuses a trace of the same function, at the same shapes,
+made under checkify (`jax.jit(f)` after `raising(jax.jit(f))` has run).
 
 `jax.eval_shape` traces like `jax.jit`, so it needs the wrapper too (or the
 plain losses). With x64 disabled, `jax.jit` itself truncates host (numpy)
@@ -35,7 +37,7 @@ import functools
 import inspect
 import math
 from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -101,15 +103,53 @@ def check_labels(
     value = host.ravel()[position] if flat_bad.size else 0
     _check(jnp.asarray(not flat_bad.any()), message.format(value=value, position=position), fn)
     return
-  safe, _ = _checks.class_labels(fn, labels, num_classes, ignore_index)
-  bad = safe == _checks.OUT_OF_RANGE
   if host is not None:  # a traced ignore_index: the position only (a jax copy's
     # values are truncated)
+    safe, _ = _checks.class_labels(fn, labels, num_classes, ignore_index)
+    bad = safe == _checks.OUT_OF_RANGE
     position, _ = _first_bad(bad, jnp.zeros(bad.shape, jnp.int32))
     _check(~jnp.any(bad), f"jaxce.checked.{fn}: the label {where}", fn, position=position)
     return
+  static = ignore_index is None or isinstance(ignore_index, (int, np.integer))
+  args = (labels, None if static else ignore_index)
+  options = _LabelCheck((ignore_index,) if static else None, num_classes, fn, message)
+  if _under_checkify():
+    # The check inside a jit: a checkify.check outside one made JAX compile
+    # the loss's jit again on every eager call of raising(jax.grad(f)).
+    _label_check_jit(*args, options, inside=True)
+    return
+  if not any(isinstance(a, jax.core.Tracer) for a in args):
+    ok, values = _label_check_jit(*args, options, inside=False)  # (one dispatch eagerly)
+  else:
+    ok, values = _label_check(*args, options, inside=False)
+  _check(ok, message, fn, **values)
+
+
+class _LabelCheck(NamedTuple):
+  """The static part of a label check (hashable: a jit's static argument).
+  `ignore` holds a Python ignore_index, or is None where it is an array."""
+
+  ignore: tuple[Any] | None
+  num_classes: int
+  fn: str
+  message: str
+
+
+def _label_check(labels: Any, traced_ignore: Any, static: _LabelCheck, *, inside: bool) -> Any:
+  """Whether every label is in range, with the first bad one's value and
+  position; with `inside`, checked here (returns None)."""
+  ignore_index = traced_ignore if static.ignore is None else static.ignore[0]
+  safe, _ = _checks.class_labels(static.fn, labels, static.num_classes, ignore_index)
+  bad = safe == _checks.OUT_OF_RANGE
   position, value = _first_bad(bad, jnp.asarray(labels))
-  _check(~jnp.any(bad), message, fn, value=value, position=position)
+  values = {"value": value, "position": position}
+  if inside:
+    _check(~jnp.any(bad), static.message, static.fn, **values)
+    return None
+  return ~jnp.any(bad), values
+
+
+_label_check_jit = jax.jit(_label_check, static_argnums=(2,), static_argnames=("inside",))
 
 
 def _check(ok: jax.Array, message: str, fn: str, **values: Any) -> None:
@@ -130,6 +170,24 @@ def _check(ok: jax.Array, message: str, fn: str, **values: Any) -> None:
 # or may not be, so the check is left to JAX.
 _LINKED = frozenset({"jit", "scan", "cond", "switch", "while_body", "while_cond", "fori_loop",
                      "checkpoint / remat"})
+
+
+def _under_checkify() -> bool:
+  """Whether checkify traces the current call, through any traces between
+  (reads JAX's trace chain, as `_staged_without_checkify` does; False when
+  unsure)."""
+  try:
+    from jax._src import core
+
+    trace = core.trace_ctx.trace
+    while trace is not None:
+      debug_info = getattr(getattr(trace, "frame", None), "debug_info", None)
+      if getattr(debug_info, "traced_for", None) == "checkify":
+        return True
+      trace = getattr(trace, "parent_trace", None)
+  except Exception:
+    pass
+  return False
 
 
 def _staged_without_checkify() -> bool:
