@@ -426,3 +426,46 @@ def test_forward_over_forward_targets_beside_neg_inf_logits(opts):
   (_, _), (again, _) = jax.jvp(inner, (x, t), (ux, ut))
   _, first = jax.jvp(f, (x, t), (ux, ut))
   np.testing.assert_allclose(again, first, rtol=1e-12)
+
+
+# Second order inside lax.scan: JAX's scan linearization re-traces the primal
+# body to hoist loop-invariant residuals (`_scan_known_hoisting`, jax 0.10.2)
+# and that re-trace inlines every custom_jvp's primal function, so the next
+# derivative differentiates the primal code, not the rule. Where that code is
+# differentiable the values are the unrolled loop's; where it holds a
+# custom_vmap or a while_loop JAX raises. Never a silently wrong number (a
+# primal behind stop_gradient would give one): pinned here, per loss.
+def _scan_cases():
+  """name -> (loss of one step's logits and index, which mode fails or None),
+  built under the x64 fixture."""
+  t = jax.nn.softmax(jnp.asarray(_rng(7).normal(size=(2, 3, 5))))
+  labels = jnp.asarray([[0, 3, 1], [2, -100, 4]])
+  kernel = jnp.asarray(_rng(8).normal(size=(5, 6)))
+  return {
+      "ce_probs": (lambda r, i: jaxce.cross_entropy(r, t[i], label_smoothing=0.1), None),
+      "nll": (lambda r, i: jaxce.nll_loss(jax.nn.log_softmax(r), labels[i]), None),
+      "bce": (lambda r, i: jaxce.binary_cross_entropy_with_logits(r, t[i]), None),
+      "log_softmax": (lambda r, i: jnp.sum(jaxce.log_softmax(r) * t[i]), None),
+      "ce_int": (lambda r, i: jaxce.cross_entropy(r, labels[i]), "all"),
+      "linear_forward_mode": (lambda r, i: jaxce.linear_cross_entropy(
+          r, kernel, labels[i], forward_mode=True), "reverse-over-reverse"),
+  }
+
+
+@pytest.mark.slow  # about 30 s of second-order traces: `pytest -m slow` (.ci/run) runs it
+@pytest.mark.parametrize(
+    "name", ["ce_probs", "nll", "bce", "log_softmax", "ce_int", "linear_forward_mode"])
+def test_second_order_inside_scan(name):
+  loss, fails = _scan_cases()[name]
+  x = jnp.asarray(_rng(6).normal(size=(2, 3, 5)))
+  scanned = lambda x: jax.lax.scan(
+      lambda c, xi: (c + loss(xi[0], xi[1]), None), 0.0, (x, jnp.arange(2)))[0]
+  unrolled = lambda x: loss(x[0], 0) + loss(x[1], 1)
+  grad_of_grad = lambda f: jax.grad(lambda x: jnp.sum(jax.grad(f)(x) ** 2))
+  for mode, op in [("forward-over-reverse", jax.hessian), ("reverse-over-reverse", grad_of_grad)]:
+    expected = op(unrolled)(x)
+    if fails in ("all", mode):
+      with pytest.raises((ValueError, TypeError, OverflowError, RecursionError)):
+        op(scanned)(x)
+    else:
+      np.testing.assert_allclose(op(scanned)(x), expected, rtol=1e-10, atol=1e-12, err_msg=mode)
