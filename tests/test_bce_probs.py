@@ -95,6 +95,16 @@ def test_edges_are_finite_like_pytorch():
   np.testing.assert_allclose(g, np.array([-1e12, 1e12, 0.0, 0.0]) / 4, rtol=1e-6)
 
 
+def test_float32_subnormal_probability_is_zero_on_cpu():
+  """differences.md: XLA:CPU flushes subnormals, so p = 1e-40 is p = 0 (a
+  loss of 100 where PyTorch's -log(p) is 92.1), with the same gradient; a
+  normal p just above keeps its log."""
+  p = jnp.asarray([1e-40, 1.2e-38], jnp.float32)
+  t = jnp.ones(2, jnp.float32)
+  np.testing.assert_allclose(BCE(p, t, reduction="none"), [100.0, -np.log(1.2e-38)], rtol=1e-6)
+  np.testing.assert_allclose(jax.grad(BCE)(p, t)[0], -1e12 / 2, rtol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 def test_dtypes(dtype):
   """float32 loss for half inputs, matching the float64 formula on the
