@@ -150,6 +150,56 @@ def test_profile_kernels_lists_each_implementations_kernels(monkeypatch, capsys)
     assert any("fusion" in row or "scatter" in row for row in rows), table
 
 
+def _script(name):
+  import importlib.util
+  import pathlib
+
+  path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(name, path)
+  assert spec is not None
+  assert spec.loader is not None
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return path, module
+
+
+def _fresh_pages_rows(monkeypatch, capsys, *argv):
+  import sys
+
+  path, module = _script("fresh_pages")
+  monkeypatch.setattr(sys, "argv", [str(path), "--shapes", "8x16", "--rounds", "2", *argv])
+  module.main()
+  out = capsys.readouterr().out
+  return [line.split(" | ") for line in out.split("\n")
+          if line.startswith("| ") and "wall ms" not in line]
+
+
+def test_fresh_pages_times_each_pass(monkeypatch, capsys):
+  """benchmarks/fresh_pages.py: one row per pass, the exp pass's ratio to
+  itself 1, and the passes compute what they are named for."""
+  import jax.numpy as jnp
+
+  rows = _fresh_pages_rows(monkeypatch, capsys)
+  assert [r[0] for r in rows] == ["| exp", "| exp * g", "| exp * g + 0 * x",
+                                  "| label select * g", "| label select (iota) * g"], rows
+  assert rows[0][2] == "1.00"
+  _, module = _script("fresh_pages")
+  x, lse, y, q, g = module.inputs(8, 16)
+  outs = {name: f(x, lse, y, q, g) for name, f in module.passes(16).items()}
+  expected = jnp.where(jnp.arange(16)[None] == y[:, None], q[:, None],
+                       jnp.exp(x - lse[:, None])) * g[:, None]
+  np.testing.assert_allclose(outs["label select * g"], expected, rtol=1e-6)
+  np.testing.assert_allclose(outs["label select (iota) * g"], expected, rtol=1e-6)
+  np.testing.assert_allclose(outs["exp * g + 0 * x"], outs["exp * g"], rtol=1e-6)
+
+
+@pytest.mark.slow  # a subprocess compiles with XLA's dump on
+def test_fresh_pages_reads_the_loop_step_from_the_ir(monkeypatch, capsys):
+  rows = _fresh_pages_rows(monkeypatch, capsys, "--ir", "--shapes", "64x1024")  # (8x16: no loop)
+  steps = [r[-1].rstrip(" |") for r in rows]
+  assert all(s != "-" and all(int(v) > 0 for v in s.split(", ")) for s in steps), rows
+
+
 def test_zero_reference_gradient_has_zero_relative_error():
   """One class: the gradient and its reference are 0; `grad rel` was 0/0 = nan."""
   zero = [jax.numpy.zeros((2, 1))]
