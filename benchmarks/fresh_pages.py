@@ -13,7 +13,9 @@ each kind of pass:
 - `exp * g`: the same, times a per-row factor
 - `exp * g + 0 * x`: two more operations per element, no comparison
 - `label select * g`: jaxce's CPU form, the label found by comparing
-  constant class numbers 1..C with y + 1 (`_stats.numbered_one_hot`)
+  constant class numbers 1..C with y + 1 (`_stats.numbered_one_hot`), int16
+  below 2^15 classes
+- `label select (int32) * g`: the same with int32 class numbers
 - `label select (iota) * g`: the same with an iota comparison
 
 With `--ir` it also compiles each pass with XLA's dump on (in a subprocess)
@@ -49,6 +51,8 @@ Pass = Callable[..., jax.Array]
 
 def passes(num_classes: int) -> dict[str, Pass]:
   numbers = jnp.asarray(np.arange(1, num_classes + 1, dtype=np.int32))
+  narrow = np.int16 if num_classes < 2**15 else np.int32
+  narrow_numbers = numbers.astype(narrow)
 
   def exp_pass(x: jax.Array, lse: jax.Array, y: jax.Array, q: jax.Array,
                g: jax.Array) -> jax.Array:
@@ -64,6 +68,12 @@ def passes(num_classes: int) -> dict[str, Pass]:
 
   def label_select(x: jax.Array, lse: jax.Array, y: jax.Array, q: jax.Array,
                    g: jax.Array) -> jax.Array:
+    codes = jnp.where((y >= 0) & (y < num_classes), y + 1, 0).astype(narrow)
+    hot = narrow_numbers[None, :] == codes[:, None]
+    return jnp.where(hot, q[:, None], jnp.exp(x - lse[:, None])) * g[:, None]
+
+  def label_select_int32(x: jax.Array, lse: jax.Array, y: jax.Array, q: jax.Array,
+                         g: jax.Array) -> jax.Array:
     hot = numbers[None, :] == (y + 1)[:, None]
     return jnp.where(hot, q[:, None], jnp.exp(x - lse[:, None])) * g[:, None]
 
@@ -73,7 +83,8 @@ def passes(num_classes: int) -> dict[str, Pass]:
     return jnp.where(hot, q[:, None], jnp.exp(x - lse[:, None])) * g[:, None]
 
   return {"exp": exp_pass, "exp * g": exp_times_g, "exp * g + 0 * x": exp_times_g_plus_zero,
-          "label select * g": label_select, "label select (iota) * g": label_select_iota}
+          "label select * g": label_select, "label select (int32) * g": label_select_int32,
+          "label select (iota) * g": label_select_iota}
 
 
 def inputs(n: int, c: int) -> tuple[jax.Array, ...]:

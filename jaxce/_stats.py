@@ -105,26 +105,41 @@ def one_hot_at(labels: jax.Array, shape: tuple[int, ...], axis: int) -> jax.Arra
   return iota == jnp.expand_dims(labels, axis)
 
 
-def numbered_one_hot(labels: jax.Array, shape: tuple[int, ...], axis: int) -> jax.Array:
+def numbered_one_hot(labels: jax.Array, shape: tuple[int, ...], axis: int,
+                     narrow: bool = True) -> jax.Array:
   """`one_hot_at` for XLA:CPU: 1 + labels against a constant [1, ..., C].
 
   XLA:CPU compares an iota in 64-bit vector lanes (the loop index), which
   doubles the time of an elementwise pass that also takes an exp: the
   integer-label gradient at [8192, 1000] takes 4.1 ms against 2.3 ms with
   32-bit class numbers loaded from memory. A constant starting at 0 would be
-  folded back into an iota. (1 + labels wraps at the int32 maximum, to a
-  negative number that matches nothing, as does any label outside [0, C).)
-  A symbolic C (`jax.export`) takes the iota.
+  folded back into an iota. Below 2^15 classes the numbers are int16: with
+  int32 ones LLVM's vectorized loop of that gradient handled 8 logits an
+  iteration, with int16 ones 16, and the pass took 0.81-1.00x the time of a
+  bare exp pass against 1.12-1.32x (1024 x 1024 to 16384 x 1000, 65536 x
+  100, 64 x 32000; `benchmarks/fresh_pages.py` shows the loop step). Labels
+  outside [0, C) match nothing (0, or 1 + labels wrapping at the int32
+  maximum to a negative number). A symbolic C (`jax.export`) takes the iota.
+  `narrow=False` keeps int32 numbers (`nll_loss`'s select-only gradient
+  took 1.12x the time with int16 ones in bfloat16 at 8192 x 1000).
   """
-  if not _checks.static(shape[axis]):
+  num_classes = shape[axis]
+  if not _checks.static(num_classes):
     return one_hot_at(labels, shape, axis)
-  numbers = _class_numbers(shape[axis]).reshape([-1 if d == axis else 1 for d in range(len(shape))])
-  return jnp.asarray(numbers) == jnp.expand_dims(_int32(labels) + 1, axis)
+  numbers = _class_numbers(num_classes, narrow).reshape(
+      [-1 if d == axis else 1 for d in range(len(shape))])
+  labels = _int32(labels)
+  if numbers.dtype == np.int16:
+    codes = jnp.where((labels >= 0) & (labels < num_classes), labels + 1, 0).astype(jnp.int16)
+  else:
+    codes = labels + 1
+  return jnp.asarray(numbers) == jnp.expand_dims(codes, axis)
 
 
 @functools.cache
-def _class_numbers(num_classes: int) -> npt.NDArray[np.int32]:
-  return np.arange(1, num_classes + 1, dtype=np.int32)
+def _class_numbers(num_classes: int, narrow: bool) -> npt.NDArray[np.int16 | np.int32]:
+  dtype = np.int16 if narrow and num_classes < 2**15 else np.int32
+  return np.arange(1, num_classes + 1, dtype=dtype)
 
 
 def wide_labels(labels: jax.Array) -> jax.Array:
@@ -1165,7 +1180,7 @@ def _pick_tangent(labels: jax.Array, whole: jax.Array, tx: jax.Array, axis: int,
   # iota comparison, nll_loss's value_and_grad took 0.79-0.81x the time in
   # bfloat16 at 4096 x 1024, 8192 x 1000 and 64 x 32000; float32 the same)
   hot: jax.Array = jax.lax.platform_dependent(
-      labels, cpu=lambda y: numbered_one_hot(y, tx.shape, axis),
+      labels, cpu=lambda y: numbered_one_hot(y, tx.shape, axis, narrow=False),
       default=lambda y: one_hot_at(y, tx.shape, axis))
   hot = hot | jnp.expand_dims(whole, axis)
   return jnp.sum(jnp.where(hot, tx.astype(dtype), 0.0), axis)

@@ -181,7 +181,8 @@ def test_fresh_pages_times_each_pass(monkeypatch, capsys):
 
   rows = _fresh_pages_rows(monkeypatch, capsys)
   assert [r[0] for r in rows] == ["| exp", "| exp * g", "| exp * g + 0 * x",
-                                  "| label select * g", "| label select (iota) * g"], rows
+                                  "| label select * g", "| label select (int32) * g",
+                                  "| label select (iota) * g"], rows
   assert rows[0][2] == "1.00"
   _, module = _script("fresh_pages")
   x, lse, y, q, g = module.inputs(8, 16)
@@ -189,6 +190,7 @@ def test_fresh_pages_times_each_pass(monkeypatch, capsys):
   expected = jnp.where(jnp.arange(16)[None] == y[:, None], q[:, None],
                        jnp.exp(x - lse[:, None])) * g[:, None]
   np.testing.assert_allclose(outs["label select * g"], expected, rtol=1e-6)
+  np.testing.assert_allclose(outs["label select (int32) * g"], expected, rtol=1e-6)
   np.testing.assert_allclose(outs["label select (iota) * g"], expected, rtol=1e-6)
   np.testing.assert_allclose(outs["exp * g + 0 * x"], outs["exp * g"], rtol=1e-6)
 

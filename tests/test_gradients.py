@@ -424,19 +424,29 @@ def test_lean_residuals_broadcast_where(where_shape):
   _assert_lean(res, "f32", 1)
 
 
-def test_cpu_gradient_finds_the_label_by_constant_class_numbers():
+@pytest.mark.parametrize(("classes", "numbers"), [(1000, "s16"), (40000, "s32")])
+def test_cpu_gradient_finds_the_label_by_constant_class_numbers(classes, numbers):
   """XLA:CPU compares an iota in 64-bit vector lanes, which doubled the time
   of the integer-label gradient's pass: on CPU the label's entry is found
-  against constant class numbers; other platforms keep the iota, which their
-  fusions take for free."""
-  x = jnp.zeros((16, 1000), jnp.float32)
-  y = jnp.arange(16, dtype=jnp.int32)
-  f = jax.jit(jax.value_and_grad(lambda x: jaxce.cross_entropy(x, y)))
+  against constant class numbers, int16 below 2^15 classes (LLVM's loop then
+  takes twice the logits an iteration); other platforms keep the iota, which
+  their fusions take for free. The answer is the same for every label,
+  ignored and out-of-range ones included."""
+  x = jnp.zeros((16, classes), jnp.float32)
+  y = jnp.asarray([0, 1, classes - 1, classes, -1, -100, 2**31 - 1, -(2**31), 7, 9, 11, 13,
+                   classes // 2, 3, 5, 2**15], jnp.int32)
+  f = jax.jit(jax.value_and_grad(lambda x: jaxce.cross_entropy(x, y, reduction="sum")))
   cpu = compile_as_shipped(f.lower(x)).as_text()
-  assert "s32[1000]{0} constant" in cpu
-  assert not re.search(r"s32\[16,1000\]\{1,0\} iota", cpu)
+  assert f"{numbers}[{classes}]{{0}} constant" in cpu
+  assert not re.search(rf"s32\[16,{classes}\]\{{1,0\}} iota", cpu)
   tpu = f.trace(x).lower(lowering_platforms=("tpu",)).as_text()
-  assert re.search(r"iota.*tensor<16x1000xi32>", tpu)
+  assert re.search(rf"iota.*tensor<16x{classes}xi32>", tpu)
+  from jaxce import _stats
+
+  np.testing.assert_array_equal(
+      _stats.numbered_one_hot(y, x.shape, 1), _stats.one_hot_at(y, x.shape, 1))
+  np.testing.assert_array_equal(
+      _stats.numbered_one_hot(y, x.shape, 1, narrow=False), _stats.one_hot_at(y, x.shape, 1))
 
 
 def test_cpu_smoothing_sums_materialize_nothing():
