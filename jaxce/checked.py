@@ -172,48 +172,42 @@ _LINKED = frozenset({"jit", "scan", "cond", "switch", "while_body", "while_cond"
                      "checkpoint / remat"})
 
 
-def _under_checkify() -> bool:
-  """Whether checkify traces the current call, through any traces between
-  (reads JAX's trace chain, as `_staged_without_checkify` does; False when
-  unsure)."""
+def _trace_chain() -> list[tuple[bool, str | None]]:
+  """(stages out code, what it traces for) of each trace from the current
+  one outward. This reads JAX's trace chain, which is not public API: empty
+  when unsure, or if that changes."""
   try:
     from jax._src import core
 
-    trace = core.trace_ctx.trace
+    chain, trace = [], core.trace_ctx.trace
     while trace is not None:
       debug_info = getattr(getattr(trace, "frame", None), "debug_info", None)
-      if getattr(debug_info, "traced_for", None) == "checkify":
-        return True
+      chain.append((debug_info is not None, getattr(debug_info, "traced_for", None)))
       trace = getattr(trace, "parent_trace", None)
+    return chain
   except Exception:
-    pass
-  return False
+    return []
+
+
+def _under_checkify() -> bool:
+  """Whether checkify traces the current call, through any traces between."""
+  return any(traced_for == "checkify" for _, traced_for in _trace_chain())
 
 
 def _staged_without_checkify() -> bool:
   """Whether the current trace stages out code (jit, scan, ...) that surely
   has no checkify around it, where JAX would later fail to lower the check
   with "Cannot abstractly evaluate a checkify.check which was not
-  functionalized". This reads JAX's trace chain, which is not public API:
-  when unsure, or if that changes, it answers False and JAX's own error
-  stays."""
-  try:
-    from jax._src import core
-
-    trace, staged = core.trace_ctx.trace, False
-    while trace is not None:
-      debug_info = getattr(getattr(trace, "frame", None), "debug_info", None)
-      traced_for = getattr(debug_info, "traced_for", None)
-      if traced_for == "checkify":
+  functionalized". When unsure it answers False, and JAX's own error stays."""
+  staged = False
+  for stages, traced_for in _trace_chain():
+    if traced_for == "checkify":
+      return False
+    if stages:
+      if traced_for not in _LINKED:
         return False
-      if debug_info is not None:
-        if traced_for not in _LINKED:
-          return False
-        staged = True
-      trace = getattr(trace, "parent_trace", None)
-    return staged
-  except Exception:
-    return False
+      staged = True
+  return staged
 
 
 @jax.custom_batching.custom_vmap
