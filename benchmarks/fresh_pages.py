@@ -44,15 +44,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxce import _stats
 from jaxce.benchmark.measure import positive_int, positive_ints, round_order
 
 Pass = Callable[..., jax.Array]
 
 
+def _selected(hot: jax.Array, x: jax.Array, lse: jax.Array, q: jax.Array,
+              g: jax.Array) -> jax.Array:
+  return jnp.where(hot, q[:, None], jnp.exp(x - lse[:, None])) * g[:, None]
+
+
 def passes(num_classes: int) -> dict[str, Pass]:
-  numbers = jnp.asarray(np.arange(1, num_classes + 1, dtype=np.int32))
-  narrow = np.int16 if num_classes < 2**15 else np.int32
-  narrow_numbers = numbers.astype(narrow)
+  """The passes by name; the label selects find the label with jaxce's own
+  one-hot helpers (`_stats.numbered_one_hot`, `_stats.one_hot_at`)."""
 
   def exp_pass(x: jax.Array, lse: jax.Array, y: jax.Array, q: jax.Array,
                g: jax.Array) -> jax.Array:
@@ -68,19 +73,15 @@ def passes(num_classes: int) -> dict[str, Pass]:
 
   def label_select(x: jax.Array, lse: jax.Array, y: jax.Array, q: jax.Array,
                    g: jax.Array) -> jax.Array:
-    codes = jnp.where((y >= 0) & (y < num_classes), y + 1, 0).astype(narrow)
-    hot = narrow_numbers[None, :] == codes[:, None]
-    return jnp.where(hot, q[:, None], jnp.exp(x - lse[:, None])) * g[:, None]
+    return _selected(_stats.numbered_one_hot(y, x.shape, 1), x, lse, q, g)
 
   def label_select_int32(x: jax.Array, lse: jax.Array, y: jax.Array, q: jax.Array,
                          g: jax.Array) -> jax.Array:
-    hot = numbers[None, :] == (y + 1)[:, None]
-    return jnp.where(hot, q[:, None], jnp.exp(x - lse[:, None])) * g[:, None]
+    return _selected(_stats.numbered_one_hot(y, x.shape, 1, narrow=False), x, lse, q, g)
 
   def label_select_iota(x: jax.Array, lse: jax.Array, y: jax.Array, q: jax.Array,
                         g: jax.Array) -> jax.Array:
-    hot = jax.lax.broadcasted_iota(jnp.int32, x.shape, 1) == y[:, None]
-    return jnp.where(hot, q[:, None], jnp.exp(x - lse[:, None])) * g[:, None]
+    return _selected(_stats.one_hot_at(y, x.shape, 1), x, lse, q, g)
 
   return {"exp": exp_pass, "exp * g": exp_times_g, "exp * g + 0 * x": exp_times_g_plus_zero,
           "label select * g": label_select, "label select (int32) * g": label_select_int32,
