@@ -14,7 +14,8 @@ _BASE_FLAGS = "--xla_force_host_platform_device_count=8 --xla_backend_optimizati
 
 
 def _xla_flags() -> str:
-  flags = f"{_BASE_FLAGS} --xla_cpu_use_fusion_emitters=false"
+  flags = (f"{_BASE_FLAGS} --xla_cpu_use_fusion_emitters=false"
+           " --xla_cpu_parallel_codegen_split_count=1")
   probe = subprocess.run(
       [sys.executable, "-c", "import jax; jax.numpy.zeros(1).block_until_ready()"],
       env={**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}, capture_output=True)

@@ -28,7 +28,8 @@ SHIPPED = {"xla_backend_optimization_level": 3, "xla_cpu_use_fusion_emitters": T
 AS_SHIPPED = os.environ.get("JAXCE_TEST_COMPILE") == "shipped"
 
 FAST_COMPILE = SHIPPED if AS_SHIPPED else {
-    "xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+    "xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False,
+    "xla_cpu_parallel_codegen_split_count": 1}
 
 
 def _compile(lowered, options):
