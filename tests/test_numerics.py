@@ -1570,7 +1570,12 @@ _FAR_LAYOUTS = {
     "long": ((32, 40009), 1, jnp.float32, 0), "vmap": ((4, 128, 1000), 2, jnp.float32, 4)}
 
 
-@pytest.mark.parametrize("count", ["one", "few", "many"])
+# With 8 devices every count takes the same path (the whole batch redone):
+# "few" and "many" there run with `pytest -m slow`.
+@pytest.mark.parametrize(("count", "cpu_devices"), [
+    ("one", "one_device"), ("few", "one_device"), ("many", "one_device"), ("one", "devices"),
+    pytest.param("few", "devices", marks=pytest.mark.slow),
+    pytest.param("many", "devices", marks=pytest.mark.slow)], indirect=["cpu_devices"])
 @pytest.mark.parametrize("layout", list(_FAR_LAYOUTS))
 def test_far_labels_redo_their_rows(layout, count, cpu_devices, monkeypatch):
   """When labels sit far below their row's max (the CPU label shift's sum
