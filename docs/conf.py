@@ -63,7 +63,4 @@ html_theme_options = {
 }
 
 # The benchmark's command line, documented from its own --help (see _ext/jaxce_docs.py).
-if (ROOT / "jaxce" / "benchmark" / "__main__.py").exists():
-  jaxce_benchmark_command = ["-m", "jaxce.benchmark", "--help"]
-else:
-  jaxce_benchmark_command = ["benchmarks/run.py", "--help"]
+jaxce_benchmark_command = ["-m", "jaxce.benchmark", "--help"]

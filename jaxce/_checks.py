@@ -261,7 +261,9 @@ def ignore_value(fn: str, ignore_index: Any) -> int | jax.Array | None:
     value = jnp.asarray(ignore_index)
     if jnp.issubdtype(value.dtype, jnp.integer) and value.shape == ():
       return value
-    got = f"{value.dtype} of shape {value.shape}"
+    # (a host value's own dtype: jnp.asarray narrows float64 to float32)
+    given = value if isinstance(ignore_index, jax.Array) else np.asarray(ignore_index)
+    got = f"{given.dtype} of shape {value.shape}"
   raise TypeError(
       f"{fn}: `ignore_index` must be an int, an integer scalar array or None. Got {got}.")
 
@@ -445,16 +447,19 @@ def linear_operands(fn: str, x: ArrayLike, kernel: ArrayLike) -> tuple[jax.Array
 
 
 def token_labels(
-    fn: str, labels: ArrayLike, lead: tuple[int, ...], x_shape: Sequence[int]
-) -> jax.Array:
-  """Integer labels of shape `lead` (x's shape without its last axis)."""
-  labels = int_array(fn, "labels", labels)
-  if labels.shape != lead:
+    fn: str, labels: Any, lead: tuple[int, ...], x_shape: Sequence[int]
+) -> jax.Array | np.ndarray:
+  """Integer labels of shape `lead` (x's shape without its last axis), as
+  `as_labels` gives them (wide host labels stay numpy for `class_labels`)."""
+  out = as_labels(fn, labels)
+  if not jnp.issubdtype(out.dtype, jnp.integer):
+    raise TypeError(f"{fn}: `labels` must have an integer dtype. Got {out.dtype}.")
+  if out.shape != lead:
     raise ValueError(
         f"{fn}: `labels` must have shape {lead} (x's shape {tuple(x_shape)} without"
-        f" the last axis). Got {labels.shape}."
+        f" the last axis). Got {out.shape}."
     )
-  return labels
+  return out
 
 
 def linear_bias(fn: str, bias: ArrayLike | None, vocab: int) -> jax.Array | None:

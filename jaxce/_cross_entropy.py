@@ -161,7 +161,10 @@ def cross_entropy(
   labels = _checks.as_labels(fn, labels)
   probabilities = jnp.issubdtype(labels.dtype, jnp.floating)
   if probabilities and labels.shape != logits.shape:
-    raise TypeError(
+    # Of the logits' rank, a shape error; of another, most likely class
+    # indices of a floating dtype.
+    error = ValueError if labels.ndim == logits.ndim else TypeError
+    raise error(
         f"{fn}: floating `labels` are class probabilities and must have the"
         f" logits' shape {logits.shape}. Got {labels.shape}. For class"
         " indices, pass an integer array."
@@ -249,8 +252,8 @@ def nll_loss(
   with :math:`v_n = [y_n \ne \text{ignore\_index}]`. As in :func:`cross_entropy`,
   "mean" over all-ignored positions is 0.0 (PyTorch: NaN) and labels outside
   [0, C) give NaN. Differentiation: a `jax.custom_jvp` (forward and reverse
-  mode, any order); reverse mode keeps the labels and a few float32
-  numbers per position.
+  mode, any order); reverse mode keeps the labels, a few float32 numbers
+  per position and, on CPU, one int32 row of the C class numbers.
 
   Args:
     log_probs: Log-probabilities (e.g. from :func:`log_softmax`), floating,

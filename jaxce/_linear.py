@@ -280,14 +280,7 @@ def linear_cross_entropy(
                               class_axis_name=class_axis_name)
   _collective.require_bound(fn, class_axis_name, "kernel", auto_mesh=True)
   lead, vocab = x.shape[:-1], kernel.shape[1]
-  labels = _checks.as_labels(fn, labels)
-  if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise TypeError(f"{fn}: `labels` must have an integer dtype. Got {labels.dtype}.")
-  if labels.shape != lead:
-    raise ValueError(
-        f"{fn}: `labels` must have shape {lead} (x's shape {x.shape} without"
-        f" the last axis). Got {labels.shape}."
-    )
+  labels = _checks.token_labels(fn, labels, lead, x.shape)
   labels, ignore_index = _checks.class_labels(
       fn, labels, _checks.global_classes(vocab, class_axis_name), ignore_index)
   weight = _checks.class_weight(fn, weight, vocab)

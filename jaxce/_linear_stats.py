@@ -9,8 +9,8 @@ sums), which `_collective.combine` and `_reduction.integer_target_loss`
 turn into the loss as for every other loss. They differ in the derivative:
 
 * `linear_label_stats_rev` (default): a `jax.custom_vjp` whose backward
-  recomputes each chunk's logits, accumulates dx in float32 (in row blocks)
-  and writes each chunk's dkernel / dbias columns in place. Reverse mode
+  recomputes each chunk's logits, accumulates dx in float32 (in row blocks
+  on XLA:CPU) and writes each chunk's dkernel / dbias columns in place. Reverse mode
   only.
 * `linear_label_stats` (`forward_mode=True`): a `jax.custom_jvp` whose
   tangent recomputes each chunk's logits, takes their softmax from the

@@ -1190,8 +1190,9 @@ def _pick_tangent(labels: jax.Array, whole: jax.Array, tx: jax.Array, axis: int,
 def pick(x: jax.Array, labels: jax.Array, whole: jax.Array, axis: int) -> jax.Array:
   """x at the label along `axis` (0 for labels outside [0, C)), in float32+.
 
-  Reverse mode saves only the labels and `whole`: the tangent is an iota
-  comparison.
+  Reverse mode saves the labels and `whole`, and on CPU the `[1, C]` row of
+  class numbers that the tangent compares with (`_pick_tangent`; an iota
+  comparison elsewhere).
   Rows flagged `whole` (labels out of range, whose loss is NaN) take the
   tangent of the whole row, so that reverse mode, like forward mode, carries
   their NaN into the row's gradient rather than a plausible 0.

@@ -1,14 +1,20 @@
 """Compiling test programs quickly: the suite must fit in a few minutes on
-2 CPU cores, and most of its time is XLA compilation. These options are
-XLA:CPU's code generation: LLVM's optimizations off (no HLO pass changes),
-and the older loop-fusion emitters, which compile in about half the time of
+2 CPU cores, and much of its time is XLA compilation (tests/test_numerics.py
+in one process, before the third option below: 53 s of 152, beside 28 s of
+lowering). These options are
+XLA:CPU's code generation: LLVM's optimizations off (no HLO pass changes);
+the older loop-fusion emitters, which compile in about half the time of
 the MLIR ones (the default suite: 3 min 57 s -> 2 min 44 s on 2 cores, the
-same tests passing). With them a few HLO details differ (the form of a
+same tests passing); and each program's LLVM module compiled whole, not
+split for threads that the two test workers leave no core for (4 min 46-55 s
+-> 4 min 30 s on 2026-12-06, 551 -> 503 s of CPU time; it changes how the
+program is compiled, not the program, so `compile_as_shipped` keeps it).
+With them a few HLO details differ (the form of a
 gather); on every loss's value_and_grad checked, in float32 and bfloat16,
 the temp memory was the same and the results bitwise equal.
 conftest.py sets the same for the whole suite through XLA_FLAGS;
 `compile_fast` keeps them for a run that sets its own XLA_FLAGS, and
-`compile_as_shipped` undoes them for the checks of XLA:CPU's compiled
+`compile_as_shipped` undoes the first two for the checks of XLA:CPU's compiled
 program.
 
 JAXCE_TEST_COMPILE=shipped (.ci/shipped) turns the fast options off for a

@@ -52,6 +52,10 @@ def test_plan_puts_each_case_in_its_sweeps():
                                             "--max-elements", "8192"]))
   assert {(s.n, s.c) for _, _, s, _ in configs} == {(2, 4096), (8, 16), (256, 3)}
   assert notes == ["classes sweep: N=8 C=4096 exceeds --max-elements 8192; runs with N=2"]
+  # '' turns a sweep off: one case at one shape.
+  configs, _ = run.plan(run.parse_args(["--cases", "linear_ce", *TINY, "--classes", "4096",
+                                        "--tokens", ""]))
+  assert [(s.n, s.c) for _, _, s, _ in configs] == [(8, 4096)]
 
 
 def test_bad_selections_and_outputs_fail_before_the_run(tmp_path, monkeypatch):
@@ -67,6 +71,8 @@ def test_bad_selections_and_outputs_fail_before_the_run(tmp_path, monkeypatch):
   blocker.write_text("")
   for argv in (["--cases", ","], ["--dtypes", ""],
                ["--cases", "ce_nchw", "--image-shapes", ""],
+               ["--cases", "ce_int", "--classes", "", "--tokens", "", "--image-shapes", ""],
+               ["--cases", "ce_int", "--tokens", "0"],
                ["--cases", "bce", "--out", str(blocker / "sub")],
                ["--cases", "bce", "--out", " "]):
     with pytest.raises(SystemExit) as info:

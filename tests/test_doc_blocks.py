@@ -39,9 +39,9 @@ TIMEOUT_S = 300
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w+-]*)\s*$")
 DIRECTIVE = re.compile(r"^\s*<!--\s*doc-test:\s*(?P<body>.*?)\s*-->\s*$")
 
-# Blocks of today's README that do not run as written, matched by a piece of a
-# line of their code; each is xfail(strict=True), so fixing the block makes the test
-# ask for the entry's removal. The README is being rewritten (issue 12, item 1).
+# Blocks that do not run as written (none today), matched by a piece of a line of
+# their code; each is xfail(strict=True), so fixing the block makes the test ask for
+# the entry's removal.
 KNOWN_FAILING: dict[tuple[str, str], str] = {}  # (path, a line of the block): reason
 
 

@@ -104,12 +104,13 @@ CASES = {
     "logsumexp_where_int": (
         lambda x, m: jaxce.logsumexp(x, where=m), (_x(), jnp.ones((N, C), jnp.int32)),
         TypeError, ["where", "int32"]),
-    # floating labels (probabilities) of the wrong shape
+    # floating labels of another rank (class indices as floats, most likely),
+    # and probabilities of the logits' rank but not their shape
     "ce_float_labels_shape": (
         lambda x, t: CE(x, t), (_x(), jnp.full((N,), 0.5)), TypeError,
         ["labels", "(4, 5)", "(4,)"]),
     "ce_float_labels_transposed": (
-        lambda x, t: CE(x, t), (_x(), jnp.full((C, N), 0.2)), TypeError,
+        lambda x, t: CE(x, t), (_x(), jnp.full((C, N), 0.2)), ValueError,
         ["labels", "(4, 5)", "(5, 4)"]),
     # integer logits / log_probs, floating labels to nll_loss
     "ce_int_logits": (
@@ -331,6 +332,9 @@ NOT_ARRAYS = {
     "ce_where_none_list": (lambda: CE(_x(), _y(), where=[None]), ValueError, ["`where`", "list"]),
     "ce_ignore_index_str": (lambda: CE(_x(), _y(), ignore_index="-100"), TypeError,
                             ["`ignore_index`", "str"]),
+    # (the dtype given, not the float32 that jnp.asarray makes of it)
+    "ce_ignore_index_host_float64": (lambda: CE(_x(), _y(), ignore_index=np.float64(2)),
+                                     TypeError, ["`ignore_index`", "float64 of shape ()"]),
     "nll_log_probs_none": (lambda: NLL(None, _y()), TypeError, ["nll_loss", "`log_probs`"]),
     "log_softmax_none": (lambda: jaxce.log_softmax(None), TypeError, ["log_softmax", "`x`"]),
     "logsumexp_str": (lambda: jaxce.logsumexp("x"), TypeError, ["logsumexp", "`x`", "str"]),

@@ -6,7 +6,9 @@
 Users call losses eagerly in notebooks, evaluation loops and tests. Each case
 is called once to warm every cache (jaxce's kernels are cached `jax.jit`s, so
 a later call with new arrays of the same shape compiles nothing), then the
-jaxce call and its peer's (optax / jax.nn / materialized logits) alternate
+jaxce call and its peer's (optax / jax.nn / materialized logits / PyTorch's
+formula; for `jaxce.checked`, the peer after an eager check of the labels,
+as a user would write it) alternate
 for `--rounds` rounds. The table gives median per-call times and the median
 of same-round ratios jaxce/peer (< 1: jaxce is faster), and the number of
 compilations seen after the warm-up (0 for every case).
@@ -46,6 +48,15 @@ def _cases(n: int, c: int, d: int) -> list[Case]:
     x, _ = logits(rng)
     return x, jnp.asarray(rng.random(size=(n, c)) > 0.5, jnp.float32)
 
+  def probabilities(rng: np.random.Generator) -> tuple:
+    x, t = binary(rng)
+    return jax.nn.sigmoid(x), t
+
+  def torch_bce(p: jax.Array, t: jax.Array) -> jax.Array:
+    # PyTorch's formula: each log clamped at -100
+    return -jnp.mean(t * jnp.maximum(jnp.log(p), -100.0)
+                     + (1 - t) * jnp.maximum(jnp.log1p(-p), -100.0))
+
   def fused(rng: np.random.Generator) -> tuple:
     return (jnp.asarray(rng.normal(size=(n, d)), jnp.float32),
             jnp.asarray(rng.normal(size=(d, c)) * 0.1, jnp.float32),
@@ -54,19 +65,41 @@ def _cases(n: int, c: int, d: int) -> list[Case]:
   def mean(f: Callable[..., Any]) -> Callable[..., Any]:
     return lambda *a: jnp.mean(f(*a))
 
+  def label_checked(f: Callable[..., Any]) -> Callable[..., Any]:
+    # The checked losses' peer checks the labels as a user would, eagerly
+    # (a read of the result back to the host, as the checked call's check).
+    def call(x: Any, y: Any) -> Any:
+      if not bool(jnp.all((y >= 0) & (y < x.shape[-1]))):
+        raise ValueError("a label is outside [0, C)")
+      return f(x, y)
+    return call
+
+  def naive_nll(x: jax.Array, y: jax.Array) -> jax.Array:
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(x), y[:, None], 1))
+
   return [
       ("cross_entropy (labels)", jaxce.cross_entropy,
        mean(optax.softmax_cross_entropy_with_integer_labels), logits),
       ("cross_entropy (probs)", jaxce.cross_entropy, mean(optax.softmax_cross_entropy), dense),
-      ("nll_loss", lambda x, y: jaxce.nll_loss(jax.nn.log_softmax(x), y),
-       lambda x, y: -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(x), y[:, None], 1)),
-       logits),
+      ("nll_loss", lambda x, y: jaxce.nll_loss(jax.nn.log_softmax(x), y), naive_nll, logits),
       ("log_softmax", lambda x, y: jnp.sum(jaxce.log_softmax(x)),
        lambda x, y: jnp.sum(jax.nn.log_softmax(x)), logits),
       ("logsumexp", lambda x, y: jnp.sum(jaxce.logsumexp(x)),
        lambda x, y: jnp.sum(jax.nn.logsumexp(x, axis=-1)), logits),
       ("binary_cross_entropy_with_logits", jaxce.binary_cross_entropy_with_logits,
        mean(optax.sigmoid_binary_cross_entropy), binary),
+      ("binary_cross_entropy", jaxce.binary_cross_entropy, torch_bce, probabilities),
+      ("softmax_cross_entropy_with_integer_labels (optax drop-in)",
+       mean(jaxce.softmax_cross_entropy_with_integer_labels),
+       mean(optax.softmax_cross_entropy_with_integer_labels), logits),
+      ("softmax_cross_entropy (optax drop-in)", mean(jaxce.softmax_cross_entropy),
+       mean(optax.softmax_cross_entropy), dense),
+      ("sigmoid_binary_cross_entropy (optax drop-in)", mean(jaxce.sigmoid_binary_cross_entropy),
+       mean(optax.sigmoid_binary_cross_entropy), binary),
+      ("checked.cross_entropy", jaxce.checked.cross_entropy,
+       label_checked(mean(optax.softmax_cross_entropy_with_integer_labels)), logits),
+      ("checked.nll_loss", lambda x, y: jaxce.checked.nll_loss(jax.nn.log_softmax(x), y),
+       label_checked(naive_nll), logits),
       ("linear_cross_entropy", jaxce.linear_cross_entropy,
        lambda x, w, y: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(x @ w, y)),
        fused),

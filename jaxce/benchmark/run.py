@@ -92,9 +92,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                       f" {_default('dtypes')}")
   p.add_argument("--classes", default=None,
                  help="comma list of class counts C (vocabulary V for linear_ce) of the"
-                      f" class sweep; LM vocabularies: {LM_VOCABS} {_default('classes')}")
+                      f" class sweep; LM vocabularies: {LM_VOCABS}; '' for none"
+                      f" {_default('classes')}")
   p.add_argument("--tokens", default=None,
-                 help=f"comma list of token counts N of the token sweep {_default('tokens')}")
+                 help="comma list of token counts N of the token sweep; '' for none"
+                      f" {_default('tokens')}")
   p.add_argument("--image-shapes", default=None,
                  help="comma list of NxC pairs of the image sweep (N examples, or positions"
                       " of the (N/256, C, 16, 16) layout); '' for none"
@@ -108,8 +110,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                       f" {_default('hidden')}")
   p.add_argument("--max-elements", type=int, default=None,
                  help="cap on N*C (N*V for linear_ce): a point above it runs with N lowered"
-                      f" to cap // C {_default('max_elements')}, i.e. 64 MiB of float32"
-                      " logits")
+                      " to cap // C, but at least one row, or one image of 256 positions"
+                      " for ce_nchw, so a C above the cap still runs (noted in the output)"
+                      f" {_default('max_elements')}, i.e. 64 MiB of float32 logits")
   p.add_argument("--ref-max-elements", type=int, default=None,
                  help="largest N*C (linear_ce: N*V*D/128) whose errors are checked on the"
                       " full inputs; above it the implementations are run once more on the"
@@ -152,7 +155,7 @@ def _int_list(text: str, flag: str) -> list[int]:
     values = [int(v) for v in text.split(",") if v.strip()]
   except ValueError:
     sys.exit(f"{flag}: expected a comma list of integers, got {text!r}")
-  if not values or min(values) < 1:
+  if values and min(values) < 1:  # ('' for none)
     sys.exit(f"{flag}: expected positive integers, got {text!r}")
   return values
 
