@@ -10,8 +10,8 @@ turn into the loss as for every other loss. They differ in the derivative:
 
 * `linear_label_stats_rev` (default): a `jax.custom_vjp` whose backward
   recomputes each chunk's logits, accumulates dx in float32 (in row blocks
-  on XLA:CPU) and writes each chunk's dkernel / dbias columns in place. Reverse mode
-  only.
+  on XLA:CPU) and writes each chunk's dkernel / dbias columns in place.
+  Reverse mode only.
 * `linear_label_stats` (`forward_mode=True`): a `jax.custom_jvp` whose
   tangent recomputes each chunk's logits, takes their softmax from the
   saved (shift, log_sum) and contracts it with the chunk's tangent logits
