@@ -10,4 +10,4 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # this 
 from jaxce.benchmark.acceptance import main
 
 if __name__ == "__main__":
-  main()
+  sys.exit(0 if main()["passed"] else 1)

@@ -8,6 +8,7 @@ import json
 import statistics
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -431,3 +432,61 @@ def test_aot_flags_are_checked_before_compiling(capsys, tmp_path):
     aot.plan(aot.parse_args(["--targets", ""]))
 
 
+
+
+def test_a_wrong_jaxce_result_fails_the_run(tmp_path, monkeypatch, capsys):
+  """A jaxce loss 1% off (or a gradient half its size) is bold in the table,
+  named on stderr, and the run exits with status 1; the right one passes."""
+  import dataclasses
+
+  from jaxce.benchmark import cases
+
+  case = cases.CASES["bce"]
+  right = case.impls[0]
+  argv = ["--cases", "bce", *TINY, "--image-shapes", "", "--no-plots", "--repeats", "1"]
+  half = lambda x, t: right.loss(x, t) * 0.5
+  for wrong in (lambda x, t: right.loss(x, t) * 1.01,  # the loss 1% off
+                lambda x, t: half(x, t) + jax.lax.stop_gradient(half(x, t))):  # half the grad
+    impl = dataclasses.replace(right, fwd=wrong, loss=wrong)
+    monkeypatch.setitem(run.CASES, "bce", dataclasses.replace(case, impls=(impl, *case.impls[1:])))
+    with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+      assert run.main([*argv, "--out", str(tmp_path / "wrong")]) == 1
+    rows = json.loads((tmp_path / "wrong" / "results.json").read_text())["results"]
+    assert [r["accurate"] for r in rows] == [False, True], rows
+    assert "FAILED: jaxce bce float32" in capsys.readouterr().err
+    assert "| **" in (tmp_path / "wrong" / "results.md").read_text()
+  monkeypatch.setitem(run.CASES, "bce", case)
+  with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+    assert run.main([*argv, "--out", str(tmp_path / "right")]) == 0
+
+
+def test_acceptance_checks_fail_on_a_missed_figure_or_a_wrong_value():
+  """The acceptance script's checks: each figure against its limit, and
+  jaxce's loss and gradients against the peer's (a 1% error fails)."""
+  import jaxce
+  from jaxce.benchmark import acceptance
+
+  x = jax.random.normal(jax.random.key(0), (8, 10))
+  y = jnp.arange(8) % 10
+  ours = jax.value_and_grad(jaxce.cross_entropy)
+  theirs = jax.value_and_grad(acceptance._optax_int)
+  assert acceptance.values_agree(ours, theirs, (x, y), 1e-4)
+  off = jax.value_and_grad(lambda x, y: jaxce.cross_entropy(x, y) * 1.01)
+  assert not acceptance.values_agree(off, theirs, (x, y), 1e-4)
+  speed = {"jaxce_over_optax": 0.9, "values_agree": True}
+  results = {
+      "core_memory": {"float32": {"jaxce_over_optax": 0.5}},
+      "linear_memory": {"target_MiB (N=8192, D=4096, V=128256, bf16)": 196,
+                        "materialized_optax_MiB": 12024,
+                        "table_MiB": {"by_vocab (N=8192, D=4096)": {1: 196, 2: 196.1}}},
+      "core_speed": {"float32": dict(speed)}, "linear_speed": dict(speed)}
+  assert all(c["ok"] for c in acceptance.checks(results))
+  for path, value in ((("core_speed", "float32", "jaxce_over_optax"), 1.05),
+                      (("linear_speed", "values_agree"), False),
+                      (("core_memory", "float32", "jaxce_over_optax"), 1.2)):
+    bad = json.loads(json.dumps(results))
+    node = bad
+    for key in path[:-1]:
+      node = node[key]
+    node[path[-1]] = value
+    assert [c["ok"] for c in acceptance.checks(bad)].count(False) == 1, path

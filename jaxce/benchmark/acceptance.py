@@ -15,16 +15,26 @@
    value_and_grad w.r.t. (x, kernel) in bfloat16 at N=8192, D=4096, V=128256,
    and a table over three N and three V; CPU time at N=2048, D=512, V=32768
    float32 vs optax on materialized logits.
+
+Each figure is also checked (`checks` in the output): jaxce at most its
+peer in time and memory, the fused loss's memory flat in V (within 5%
+from V=32768 to 262144), and jaxce's loss and gradients equal to the
+peer's on the timed inputs (float32: within 1e-5 of the loss, relative, and
+1e-4 of the largest gradient entry; bfloat16, where optax computes in
+bfloat16: 1e-2). The command exits with status 1 when a check fails;
+`main` returns the figures with `checks` and `passed`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import jaxce
@@ -42,6 +52,23 @@ def temp_bytes(f, *args) -> int:
   return compile_jit(f, args).memory["temp_bytes"]
 
 
+def values_agree(ours, theirs, args, tol: float) -> bool:
+  """Whether two value_and_grad programs give the same loss (within `tol`,
+  relative) and gradients (within `tol` of the largest entry)."""
+  (a, ga), (b, gb) = ours(*args), theirs(*args)
+  if not abs(float(a) - float(b)) <= tol * max(1.0, abs(float(b))):
+    return False
+  for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb), strict=True):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if not np.max(np.abs(x - y)) <= tol * np.max(np.abs(y)):
+      return False
+  return True
+
+
+def _tol(dt) -> float:
+  return 1e-4 if jnp.dtype(dt).itemsize >= 4 else 1e-2
+
+
 def core_speed(repeats: int) -> dict:
   out = {}
   n, c = 4096, 32000
@@ -57,6 +84,7 @@ def core_speed(repeats: int) -> dict:
         "jaxce_ms": median(t["jaxce"]) * 1e3,
         "optax_ms": median(t["optax"]) * 1e3,
         "jaxce_over_optax": paired_ratio(t["jaxce"], t["optax"]),
+        "values_agree": values_agree(units["jaxce"][0], units["optax"][0], (x, y), _tol(dt)),
     }
   return out
 
@@ -117,7 +145,35 @@ def linear_speed(repeats: int) -> dict:
       "jaxce_ms": median(t["jaxce"]) * 1e3,
       "optax_ms": median(t["optax"]) * 1e3,
       "jaxce_over_optax": paired_ratio(t["jaxce"], t["optax"]),
+      "values_agree": values_agree(units["jaxce"][0], units["optax"][0], args, 1e-4),
   }
+
+
+def checks(results: dict) -> list[dict]:
+  """Each acceptance check: what, the figure, its limit, and whether it holds."""
+  out = []
+
+  def at_most(what: str, value: float, limit: float) -> None:
+    out.append({"what": what, "value": value, "limit": limit, "ok": bool(value <= limit)})
+
+  for dt, m in results["core_memory"].items():
+    at_most(f"cross_entropy temp memory through h @ W, {dt}, jaxce / optax",
+            m["jaxce_over_optax"], 1.0)
+  lin = results["linear_memory"]
+  at_most("linear_cross_entropy temp memory, jaxce / materialized optax",
+          lin["target_MiB (N=8192, D=4096, V=128256, bf16)"] / lin["materialized_optax_MiB"], 1.0)
+  by_vocab = list(lin["table_MiB"]["by_vocab (N=8192, D=4096)"].values())
+  at_most("linear_cross_entropy temp memory, largest / smallest over V", max(by_vocab)
+          / min(by_vocab), 1.05)
+  speeds = [(f"cross_entropy value_and_grad, {dt}", s)
+            for dt, s in results.get("core_speed", {}).items()]
+  if "linear_speed" in results:
+    speeds.append(("linear_cross_entropy value_and_grad, float32", results["linear_speed"]))
+  for what, s in speeds:
+    at_most(f"{what}: time, jaxce / optax", s["jaxce_over_optax"], 1.0)
+    out.append({"what": f"{what}: loss and gradients equal optax's", "value": s["values_agree"],
+                "limit": True, "ok": bool(s["values_agree"])})
+  return out
 
 
 def main(argv=None) -> dict:
@@ -137,12 +193,17 @@ def main(argv=None) -> dict:
   if not args.skip_speed:
     results["core_speed"] = core_speed(args.repeats)
     results["linear_speed"] = linear_speed(max(3, args.repeats // 2))
+  results["checks"] = checks(results)
+  results["passed"] = all(c["ok"] for c in results["checks"])
   text = json.dumps(results, indent=2, default=float)
   print(text)
   if args.out:
     args.out.write_text(text + "\n")
+  for c in results["checks"]:
+    if not c["ok"]:
+      print(f"MISSED: {c['what']}: {c['value']} (limit {c['limit']})", file=sys.stderr)
   return results
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(0 if main()["passed"] else 1)

@@ -137,9 +137,10 @@ def run(n: int, c: int, d: int, rounds: int, seed: int = 0) -> list[dict[str, An
         before = compiles.count
         times: dict[str, list[float]] = {k: [] for k in fs}
         for r in range(rounds):
-          fresh = make(rng)  # new arrays, same shape
+          # new arrays, same shape, computed before any call's clock starts
+          fresh = jax.block_until_ready(make(rng))
           for k in measure.round_order(list(fs), r):
-            _, dt = measure.run_once(fs[k], fresh)
+            dt = measure.run_once(fs[k], fresh)[1]
             times[k].append(dt)
         rows.append({
             "loss": name, "mode": mode,

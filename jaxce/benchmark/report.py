@@ -150,7 +150,7 @@ def device_label(meta) -> str:
   return f"{meta['backend']} ({kind}) x {meta['device_count']}"
 
 
-def _shape(r) -> str:
+def shape_text(r) -> str:
   return f"N={r['n']} C={r['c']}" if r["d"] is None else f"N={r['n']} D={r['d']} V={r['c']}"
 
 
@@ -193,7 +193,13 @@ def _header(meta) -> list[str]:
       " (log_softmax `loss err` is its output's error on those rows; linear_ce's gradient"
       " is dx on those rows and dkernel on as many columns); `grad rel` = grad err / max"
       " |reference gradient|. Errors marked * were checked on a second run over the first"
-      f" {meta.get('ref_rows', 64)} rows only (N*C above --ref-max-elements).",
+      f" {meta.get('ref_rows', 64)} rows only (N*C above --ref-max-elements). **Bold**"
+      " errors: above the tolerance (loss err / max(1, |reference|), and grad rel: 1e-4 in"
+      " float32, 1e-2 in bfloat16 and float16); a jaxce row above it makes the run exit"
+      " with status 1.",
+      "- precision: jaxce reduces half-precision input in float32 (a float32 loss); optax"
+      " and jax.nn compute in the input's dtype (bfloat16 in bfloat16), as their users"
+      " get them, hence their larger errors there; naive casts to float32.",
   ]
   for note in meta.get("shape_notes", []):
     lines.append(f"- note: {note}")
@@ -251,8 +257,10 @@ def markdown(rows, meta) -> str:
                   _num(None if copy is None else copy["gbps"]),
                   _num(None if copy is None else copy["fresh"]["gbps"])]
       mark = "" if r.get("checked_on", "all rows") == "all rows" else " *"
-      cells += [_sci(r.get("loss_abs_err")) + mark, _sci(r.get("grad_abs_err")) + mark,
-                _sci(r.get("grad_rel_err")) + mark]
+      errs = [_sci(r.get(k)) + mark for k in ("loss_abs_err", "grad_abs_err", "grad_rel_err")]
+      if r.get("accurate") is False:
+        errs = [f"**{e}**" for e in errs]
+      cells += errs
       lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 
@@ -286,7 +294,7 @@ def summary_rows(rows) -> list[dict]:
           "fwd_bwd_geomean": _geomean([t for t, _ in fb]),
           "fwd_bwd_min": min(t for t, _ in fb),
           "fwd_bwd_max": worst_ratio,
-          "worst_shape": _shape(worst),
+          "worst_shape": shape_text(worst),
           "temp_max": max(temps) if temps else None,
       })
   return out
