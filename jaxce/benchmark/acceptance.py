@@ -21,7 +21,8 @@ peer in time and memory, the fused loss's memory flat in V (within 5%
 from V=32768 to 262144), and jaxce's loss and gradients equal to the
 peer's on the timed inputs (float32: within 1e-5 of the loss, relative, and
 1e-4 of the largest gradient entry; bfloat16, where optax computes in
-bfloat16: 1e-2). The command exits with status 1 when a check fails;
+bfloat16, and the fused loss off CPU, whose matmuls round their operands
+there: 1e-2 and 3e-2). The command exits with status 1 when a check fails;
 `main` returns the figures with `checks` and `passed`.
 """
 
@@ -145,7 +146,10 @@ def linear_speed(repeats: int) -> dict:
       "jaxce_ms": median(t["jaxce"]) * 1e3,
       "optax_ms": median(t["optax"]) * 1e3,
       "jaxce_over_optax": paired_ratio(t["jaxce"], t["optax"]),
-      "values_agree": values_agree(units["jaxce"][0], units["optax"][0], args, 1e-4),
+      # (off CPU, float32 matmuls at the default precision round their
+      # operands, differently in the two programs: `run.MATMUL_TOLERANCE`)
+      "values_agree": values_agree(units["jaxce"][0], units["optax"][0], args,
+                                   1e-4 if jax.default_backend() == "cpu" else 3e-2),
   }
 
 

@@ -39,6 +39,17 @@ REF_ROWS = 64  # rows (and dkernel columns) of the float64 gradient reference
 # default sweep of 2026-12-06 jaxce's errors were at most 2.2e-6 in float32
 # and 3.8e-3 in bfloat16, whose outputs are rounded to 2^-8.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-2, "float16": 1e-2}
+# ... and for the matmul cases (linear_ce) off CPU, where float32 matmuls at
+# JAX's default precision round their operands (to bfloat16 on TPU, to
+# TF32 on recent NVIDIA GPUs) in jaxce's program and the peer's alike. (No
+# accelerator has run this check yet: the figure is the rounding's scale,
+# 2^-8 of logits of a few units, not a measurement.)
+MATMUL_TOLERANCE = 3e-2
+
+
+def tolerance(case: Case, dtype_name: str, backend: str) -> float:
+  tol = TOLERANCE[dtype_name]
+  return max(tol, MATMUL_TOLERANCE) if case.flops is not None and backend != "cpu" else tol
 
 # The LM vocabularies users run (Llama 2, GPT-2, Llama 3, Qwen 2, Gemma) and
 # the powers of two of the earlier grid.
@@ -341,7 +352,7 @@ def run_config(case: Case, dtype_name: str, shape: Shape, sweeps, args, copies, 
         "checked_on": "all rows" if full_ref else f"first {rows} rows", "copy": copy,
     }
     if res["error"] is None:
-      tol = TOLERANCE[dtype_name]
+      tol = tolerance(case, dtype_name, jax.default_backend())
       row.update(loss_abs_err=res["loss_abs_err"], grad_abs_err=res["grad_abs_err"],
                  grad_rel_err=res["grad_rel_err"], tolerance=tol,
                  accurate=bool(res["loss_abs_err"] <= tol * loss_scale
