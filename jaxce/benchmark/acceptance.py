@@ -19,11 +19,12 @@
 Each figure is also checked (`checks` in the output): jaxce at most its
 peer in time and memory, the fused loss's memory flat in V (within 5%
 from V=32768 to 262144), and jaxce's loss and gradients equal to the
-peer's on the timed inputs (float32: within 1e-5 of the loss, relative, and
-1e-4 of the largest gradient entry; bfloat16, where optax computes in
-bfloat16, and the fused loss off CPU, whose matmuls round their operands
-there: 1e-2 and 3e-2). The command exits with status 1 when a check fails;
-`main` returns the figures with `checks` and `passed`.
+peer's on the timed inputs, within the benchmark's tolerance
+(`run.tolerance`: 1e-4 of the loss, relative, and of the largest gradient
+entry in float32; 1e-2 in bfloat16, where optax computes in bfloat16; 3e-2
+for the fused loss off CPU, whose matmuls round their operands there).
+The command exits with status 1 when a check fails; `main` returns the
+figures with `checks` and `passed`.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ import numpy as np
 import optax
 
 import jaxce
-from jaxce.benchmark import report
+from jaxce.benchmark import report, run
+from jaxce.benchmark.cases import CASES
 from jaxce.benchmark.measure import compile_jit, median, paired_ratio, positive_int, round_robin
 
 MiB = 2**20
@@ -66,8 +68,8 @@ def values_agree(ours, theirs, args, tol: float) -> bool:
   return True
 
 
-def _tol(dt) -> float:
-  return 1e-4 if jnp.dtype(dt).itemsize >= 4 else 1e-2
+def _tol(case: str, dt) -> float:
+  return run.tolerance(CASES[case], jnp.dtype(dt).name, jax.default_backend())
 
 
 def core_speed(repeats: int) -> dict:
@@ -85,7 +87,8 @@ def core_speed(repeats: int) -> dict:
         "jaxce_ms": median(t["jaxce"]) * 1e3,
         "optax_ms": median(t["optax"]) * 1e3,
         "jaxce_over_optax": paired_ratio(t["jaxce"], t["optax"]),
-        "values_agree": values_agree(units["jaxce"][0], units["optax"][0], (x, y), _tol(dt)),
+        "values_agree": values_agree(units["jaxce"][0], units["optax"][0], (x, y),
+                                     _tol("ce_int", dt)),
     }
   return out
 
@@ -146,10 +149,8 @@ def linear_speed(repeats: int) -> dict:
       "jaxce_ms": median(t["jaxce"]) * 1e3,
       "optax_ms": median(t["optax"]) * 1e3,
       "jaxce_over_optax": paired_ratio(t["jaxce"], t["optax"]),
-      # (off CPU, float32 matmuls at the default precision round their
-      # operands, differently in the two programs: `run.MATMUL_TOLERANCE`)
       "values_agree": values_agree(units["jaxce"][0], units["optax"][0], args,
-                                   1e-4 if jax.default_backend() == "cpu" else 3e-2),
+                                   _tol("linear_ce", jnp.float32)),
   }
 
 
