@@ -165,7 +165,7 @@ def integer_target_loss(
     if stats.nll is None:
       loss = w_pos * (log_sum - picked) * nan_at_bad
     elif weighted_smoothing:
-      loss = w_pos * _nll_through_log_sum(stats.nll, log_sum, picked, keep, nan_at_bad)
+      loss = w_pos * _nll_through_log_sum(stats.nll, stats.log_sum, picked, keep, bad)
     else:
       # Already 0 where not kept and NaN at bad labels: unweighted, the loss
       # is the statistic itself, and its cotangent one scalar.
@@ -197,20 +197,22 @@ def _log_sum_through_nll(
 
 
 def _nll_through_log_sum(
-    nll: jax.Array, log_sum: jax.Array, picked: jax.Array, keep: jax.Array,
-    nan_at_bad: jax.Array,
+    nll: jax.Array, log_sum: jax.Array, picked: jax.Array, keep: jax.Array, bad: jax.Array,
 ) -> jax.Array:
   """`nll`, differentiated as log_sum - picked (the reverse of
   `_log_sum_through_nll`), for class weights with label smoothing: the
   label's term then has a per-row cotangent (w_y) and the smoothing's adds
   one to log_sum, and this way the gradient is p * a - [c = y] b - w_c
   [active] d with one exp, where through nll it took a second exp or a
-  seventh per-row operand: on a v5p chip (float32, N=2048, D=512,
-  C=32768) and a v5e chip (bfloat16) XLA:TPU wrote that gradient out (385
-  against optax's 256 MiB, 257 against 128). `nan_at_bad` keeps nll's NaN
-  derivative at labels outside [0, C)."""
-  return jax.lax.stop_gradient(nll) + jnp.where(
-      keep, (derivative_of(log_sum) - derivative_of(picked)) * nan_at_bad, 0.0)
+  seventh per-row operand: on a v5p chip (float32, N=2048, D=512, C=32768)
+  and a v5e chip (bfloat16) XLA:TPU wrote that gradient out (385 against
+  optax's 256 MiB, 257 against 128). `log_sum` is the statistic before
+  masking: on `bad` rows (labels outside [0, C)) the derivative is NaN, as
+  nll's own is, also on rows with no active class (through log_sum's
+  derivative there, as nll's)."""
+  routed = (jnp.where(keep | bad, derivative_of(log_sum), 0.0)
+            - jnp.where(keep, derivative_of(picked), 0.0))
+  return jax.lax.stop_gradient(nll) + routed * jnp.where(bad, jnp.nan, 1.0).astype(nll.dtype)
 
 
 def _smoothed_through_nll(
