@@ -37,7 +37,7 @@ import pytest
 
 from jaxce.benchmark import aot
 
-pytestmark = pytest.mark.aot
+pytestmark = [pytest.mark.aot, pytest.mark.all_platforms]
 
 SMALL = aot.Shape(2048, 512, 32768)
 # The vocabulary-sharded layouts check collectives, not memory: their seven

@@ -13,6 +13,8 @@ from jax import export
 import jaxce
 import jaxce.checked
 
+pytestmark = pytest.mark.all_platforms  # exports for TPU and GPU too
+
 F32, BF16 = jnp.float32, jnp.bfloat16
 
 

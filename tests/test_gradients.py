@@ -424,6 +424,7 @@ def test_lean_residuals_broadcast_where(where_shape):
   _assert_lean(res, "f32", 1)
 
 
+@pytest.mark.all_platforms
 @pytest.mark.parametrize(("classes", "numbers"), [(1000, "s16"), (40000, "s32")])
 def test_cpu_gradient_finds_the_label_by_constant_class_numbers(classes, numbers):
   """XLA:CPU compares an iota in 64-bit vector lanes, which doubled the time

@@ -797,6 +797,7 @@ def test_default_chunk_size_rule():
           assert n * c <= _linear_stats.BLOCK_ELEMENTS < n * 2 * c, (n, v, c)
 
 
+@pytest.mark.all_platforms  # (counts the other backends' loops too)
 def test_default_chunk_size_is_used(monkeypatch, fresh_caches):
   rng = np.random.default_rng(16)
   n, vocab = 8, 1000
@@ -1323,6 +1324,7 @@ def test_infinite_softcap():
 # XLA:CPU workarounds apply only when lowering for CPU.
 
 
+@pytest.mark.all_platforms
 @pytest.mark.parametrize("forward_mode", [False, True])
 def test_cpu_workarounds_only_on_cpu(forward_mode):
   """The optimization barriers (on the bf16 kernel carried through the chunk

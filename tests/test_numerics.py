@@ -366,6 +366,7 @@ _BCE_FORMS = {
 }
 
 
+@pytest.mark.all_platforms
 @pytest.mark.parametrize("platform", ["cpu", "tpu", "cuda"])
 @pytest.mark.parametrize("form", sorted(_BCE_FORMS))
 def test_bfloat16_bce_backward_fuses_its_cotangent(form, platform):
@@ -406,7 +407,8 @@ def test_bce_narrow_rows_run_flat(loss, shape, cpu_devices):
   assert len(shaped) <= 1, entry
 
 
-@pytest.mark.parametrize("shape", [(5, 1), (4, 3, 2), (6, 64), (3, 65)])
+@pytest.mark.parametrize("shape", [(5, 1), pytest.param((4, 3, 2), marks=pytest.mark.slow),
+                                   (6, 64), pytest.param((3, 65), marks=pytest.mark.slow)])
 def test_bce_narrow_rows_values(shape, cpu_devices):
   # Both BCE losses flattened (one CPU device, last axis <= 64) or not:
   # value, gradients (logits or probabilities, targets, weight) and a jvp
@@ -1539,6 +1541,7 @@ def test_dominant_label_losses_accurate_to_their_own_magnitude(c, offset):
   assert np.all(np.abs(np.asarray(g, np.float64) - ref_g) <= 4 * EPS32 * scale)
 
 
+@pytest.mark.all_platforms  # (counts the platform's cond too)
 @pytest.mark.parametrize("far", [False, True], ids=["label_shift", "max_fallback"])
 def test_vmap_keeps_one_cond(far):
   """Under jax.vmap the CPU label-shift's cond stays a cond (its rule maps
@@ -1571,9 +1574,11 @@ _FAR_LAYOUTS = {
 
 
 # With 8 devices every count takes the same path (the whole batch redone):
-# "few" and "many" there run with `pytest -m slow`.
+# "few" and "many" there run with `pytest -m slow`, as they do with one
+# device (the default suite's time limit).
 @pytest.mark.parametrize(("count", "cpu_devices"), [
-    ("one", "one_device"), ("few", "one_device"), ("many", "one_device"), ("one", "devices"),
+    ("one", "one_device"), pytest.param("few", "one_device", marks=pytest.mark.slow),
+    pytest.param("many", "one_device", marks=pytest.mark.slow), ("one", "devices"),
     pytest.param("few", "devices", marks=pytest.mark.slow),
     pytest.param("many", "devices", marks=pytest.mark.slow)], indirect=["cpu_devices"])
 @pytest.mark.parametrize("layout", list(_FAR_LAYOUTS))
@@ -2033,15 +2038,16 @@ def test_both_paths_out_of_range_label_nan_row_with_options(all_branches, opts):
   if kw.pop("weight", False):
     kw["weight"] = jnp.linspace(0.5, 2.0, 7)
   f = lambda x: jaxce.cross_entropy(x, y, where=where, **kw)
-  loss, g = jax.jit(jax.value_and_grad(f))(x)
+  rows = [1, 6, 7]
+  tangents = jnp.zeros((3, *x.shape), x.dtype).at[np.arange(3), np.asarray(rows)].set(1.0)
+  (loss, g), jvps = jax.jit(lambda x, ts: (
+      jax.value_and_grad(f)(x), jax.vmap(lambda t: jax.jvp(f, (x,), (t,))[1])(ts)))(x, tangents)
   g = np.asarray(g)
   assert np.isnan(loss)
-  assert np.all(np.isnan(g[[1, 6, 7]]))
+  assert np.all(np.isnan(g[rows]))
   assert np.all(g[3] == 0)
   assert np.all(np.isfinite(g[[0, 2, 4, 5]]))
-  for row in (1, 6, 7):
-    t = jnp.zeros_like(x).at[row].set(1.0)
-    assert np.isnan(jax.jit(lambda x, t: jax.jvp(f, (x,), (t,))[1])(x, t)), row
+  assert np.all(np.isnan(jvps)), jvps
 
 
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
