@@ -207,17 +207,30 @@ _SLOW_VARIANTS = {
 }
 
 
-def _slow_variant(item) -> bool:
-  ids = _SLOW_VARIANTS.get(getattr(item, "originalname", ""))
+def _slow_entries(item) -> set[tuple[str, str]]:
+  """The `_SLOW_VARIANTS` entries (test, id pattern) that match `item`."""
+  name = getattr(item, "originalname", "")
   callspec = getattr(item, "callspec", None)
-  if not ids or callspec is None:
-    return False
-  return any(callspec.id == i or (i.endswith("*") and callspec.id.startswith(i[:-1]))
-             for i in ids)
+  if callspec is None:
+    return set()
+  return {(name, i) for i in _SLOW_VARIANTS.get(name, ())
+          if callspec.id == i or (i.endswith("*") and callspec.id.startswith(i[:-1]))}
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
+  matched = set()
   for item in items:
-    if _slow_variant(item):
+    entries = _slow_entries(item)
+    if entries:
       item.add_marker(pytest.mark.slow)
+      matched |= entries
+  # On a collection of the whole suite, an entry that matches no test (one
+  # renamed) is an error rather than a variant silently back in the default
+  # suite.
+  whole = (config.args_source == pytest.Config.ArgsSource.TESTPATHS
+           and not config.option.keyword and not config.option.deselect)
+  stale = {(n, i) for n, ids in _SLOW_VARIANTS.items() for i in ids} - matched
+  if whole and stale:
+    raise pytest.UsageError(
+        f"tests/conftest.py: _SLOW_VARIANTS entries that match no test: {sorted(stale)}")
