@@ -62,11 +62,15 @@ def pytest_unconfigure(config):
     os._exit(0)
 
 
-AS_SHIPPED = os.environ.get("JAXCE_TEST_COMPILE") == "shipped"
+from fast_compile import AS_SHIPPED  # noqa: E402 (after XLA_FLAGS)
 
 
-def _cpu_branch(*args, default=None, **per_platform):
-  return per_platform.get("cpu", default)(*args)
+def _only_branch(key):
+  """A `lax.platform_dependent` that calls the branch of platform `key`
+  alone (or the default), as lowering for that platform would."""
+  def platform_dependent(*args, default=None, **per_platform):
+    return per_platform.get(key, default)(*args)
+  return platform_dependent
 
 
 @pytest.fixture(autouse=True)
@@ -91,7 +95,7 @@ def _cpu_branches_only(request, monkeypatch):
     yield
     return
   _cpu_traces = True
-  monkeypatch.setattr(jax.lax, "platform_dependent", _cpu_branch)
+  monkeypatch.setattr(jax.lax, "platform_dependent", _only_branch("cpu"))
   yield
 
 
@@ -103,11 +107,7 @@ def _on_branch(param, monkeypatch):
     yield param
     return
   key = "tpu" if param == "tpu" else "cuda"
-
-  def accelerator(*args, default=None, **per_platform):
-    return per_platform.get(key, default)(*args)
-
-  monkeypatch.setattr(jax.lax, "platform_dependent", accelerator)
+  monkeypatch.setattr(jax.lax, "platform_dependent", _only_branch(key))
   with jax.default_matmul_precision("highest" if key == "tpu" else "float32"):
     yield param
 
