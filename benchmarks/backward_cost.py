@@ -12,8 +12,13 @@ each round): each loss's forward and `value_and_grad` (jitted, mean
 reduction), and one bare exp pass, exp(x - c) for a per-row c, written to a
 fresh buffer. It prints the medians of same-round ratios:
 
-- vg / optax vg: jaxce's `value_and_grad` time over optax's;
-- (vg - fwd) / exp: what `value_and_grad` adds to the forward, in exp passes.
+- vg / optax vg (fwd / optax fwd): jaxce's `value_and_grad` (forward) time
+  over optax's;
+- (vg - fwd) / exp: what `value_and_grad` adds to the forward, in exp passes;
+- exp sum / exp: a row sum of the same exps (nothing written; what jaxce's
+  forward reduces), over the exp pass. Below 1 where a reduction of exps
+  costs less than an exp pass written out, which jaxce's forward counts on:
+  not so on every CPU (benchmarks/README.md).
 
   PYTHONPATH=. python benchmarks/backward_cost.py
   PYTHONPATH=. python benchmarks/backward_cost.py --shapes 1024x1024 65536x10 --rounds 31
@@ -46,9 +51,9 @@ def main() -> None:
   dt = jnp.dtype(args.dtype)
   print(f"# {jax.devices()[0].platform}, jax {jax.__version__}, optax {optax.__version__}, "
         f"{args.dtype}, {args.rounds} rounds")
-  print("| N x C | jaxce vg / optax vg | jaxce (vg - fwd) / exp | optax (vg - fwd) / exp "
-        "| exp pass |")
-  print("|---|---:|---:|---:|---:|")
+  print("| N x C | jaxce vg / optax vg | jaxce fwd / optax fwd | jaxce (vg - fwd) / exp "
+        "| optax (vg - fwd) / exp | exp pass | exp sum / exp |")
+  print("|---|---:|---:|---:|---:|---:|---:|")
   for spec in args.shapes:
     n, c = (int(s) for s in spec.split("x"))
     rng = np.random.default_rng(0)
@@ -65,13 +70,19 @@ def main() -> None:
     def exp_pass(x, y, shift=shift):  # type: ignore[no-untyped-def]
       return jnp.exp(x.astype(jnp.float32) - shift[:, None]).astype(x.dtype)
 
+    def exp_sum(x, y, shift=shift):  # type: ignore[no-untyped-def]
+      return jnp.sum(jnp.exp(x.astype(jnp.float32) - shift[:, None]), axis=-1)
+
     fns = {"jaxce_fwd": ours, "jaxce_vg": jax.value_and_grad(ours),
-           "optax_fwd": theirs, "optax_vg": jax.value_and_grad(theirs), "exp": exp_pass}
+           "optax_fwd": theirs, "optax_vg": jax.value_and_grad(theirs), "exp": exp_pass,
+           "exp_sum": exp_sum}
     units = {k: (jax.jit(f).lower(x, y).compile(), (x, y)) for k, f in fns.items()}
     times = round_robin(units, warmup=1, repeats=args.rounds)
     print(f"| {spec} | {paired_ratio(times['jaxce_vg'], times['optax_vg']):.2f} | "
+          f"{paired_ratio(times['jaxce_fwd'], times['optax_fwd']):.2f} | "
           f"{_added(times, 'jaxce'):.2f} | {_added(times, 'optax'):.2f} | "
-          f"{1e6 * statistics.median(times['exp']):.0f} us |", flush=True)
+          f"{1e6 * statistics.median(times['exp']):.0f} us | "
+          f"{paired_ratio(times['exp_sum'], times['exp']):.2f} |", flush=True)
 
 
 def _added(times: dict[str, list[float]], who: str) -> float:
