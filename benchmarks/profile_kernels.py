@@ -17,6 +17,7 @@ one run with each other, not with another run's.
 
   PYTHONPATH=. python benchmarks/profile_kernels.py --case ce_int --shape 16384x1000
   PYTHONPATH=. python benchmarks/profile_kernels.py --case nll --shape 64x1024 --top 8
+  PYTHONPATH=. python benchmarks/profile_kernels.py --case ce_int --shape 1024x1024 --forward
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def main() -> None:
   p.add_argument("--dtype", default="float32")
   p.add_argument("--calls", type=positive_int, default=20, help="traced calls per implementation")
   p.add_argument("--top", type=positive_int, default=12, help="events shown per implementation")
+  p.add_argument("--forward", action="store_true", help="the forward alone, not value_and_grad")
   args = p.parse_args()
   case = CASES[args.case]
   dims = args.shape
@@ -84,10 +86,11 @@ def main() -> None:
   else:
     p.error(f"expected NxC or NxDxV, got {'x'.join(map(str, dims))}")
   inputs = case.make_inputs(shape, jnp.dtype(args.dtype), jax.random.PRNGKey(0))
-  print(f"# {case.title}, {shape.label()}, {args.dtype}, value_and_grad, {args.calls} calls, "
+  mode = "forward" if args.forward else "value_and_grad"
+  print(f"# {case.title}, {shape.label()}, {args.dtype}, {mode}, {args.calls} calls, "
         f"{jax.devices()[0].platform}, jax {jax.__version__}")
   for impl in case.impls:
-    fn = jax.jit(jax.value_and_grad(impl.loss, argnums=case.argnums))
+    fn = jax.jit(impl.loss if args.forward else jax.value_and_grad(impl.loss, argnums=case.argnums))
     rows = profile(fn, inputs, args.calls)
     print(f"\n## {impl.name}\n\n| us per call | per call | event |\n|---:|---:|---|")
     for us, count, name in rows[:args.top]:
