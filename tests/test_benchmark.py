@@ -132,9 +132,11 @@ def test_standalone_scripts_refuse_bad_counts_and_specs():
     assert "Traceback" not in done.stderr, args
 
 
-def test_profile_kernels_lists_each_implementations_kernels(monkeypatch, capsys):
+@pytest.mark.parametrize("forward", [False, True])
+def test_profile_kernels_lists_each_implementations_kernels(monkeypatch, capsys, forward):
   """benchmarks/profile_kernels.py: one table per implementation, jaxce's
-  and its peers', of the traced program's events, the kernels among them."""
+  and its peers', of the traced program's events, the kernels among them;
+  of value_and_grad, or with --forward of the forward alone."""
   import importlib.util
   import pathlib
   import sys
@@ -145,9 +147,13 @@ def test_profile_kernels_lists_each_implementations_kernels(monkeypatch, capsys)
   assert spec.loader is not None
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  monkeypatch.setattr(sys, "argv", [str(path), "--case", "nll", "--shape", "8x16", "--calls", "2"])
+  argv = [str(path), "--case", "nll", "--shape", "8x16", "--calls", "2"]
+  monkeypatch.setattr(sys, "argv", argv + ["--forward"] * forward)
   module.main()
   out = capsys.readouterr().out
+  header = out.split("\n")[0]
+  assert header.startswith("#"), out
+  assert (", forward," if forward else ", value_and_grad,") in header, out
   tables = out.split("\n## ")[1:]
   assert [t.split("\n")[0] for t in tables] == ["jaxce", "naive"], out
   for table in tables:
