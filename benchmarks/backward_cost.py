@@ -15,10 +15,10 @@ fresh buffer. It prints the medians of same-round ratios:
 - vg / optax vg (fwd / optax fwd): jaxce's `value_and_grad` (forward) time
   over optax's;
 - (vg - fwd) / exp: what `value_and_grad` adds to the forward, in exp passes;
-- exp sum / exp: a row sum of the same exps (nothing written; what jaxce's
-  forward reduces), over the exp pass. Below 1 where a reduction of exps
-  costs less than an exp pass written out, which jaxce's forward counts on:
-  not so on every CPU (benchmarks/README.md).
+- exp sum / exp: a row sum of the same exps (nothing written, as jaxce's
+  forward takes it), over the exp pass. jaxce's `value_and_grad` takes one
+  of each where optax's takes one exp pass and cheaper ones: below 1, the
+  sum is the cheaper; not so on every CPU (benchmarks/README.md).
 
   PYTHONPATH=. python benchmarks/backward_cost.py
   PYTHONPATH=. python benchmarks/backward_cost.py --shapes 1024x1024 65536x10 --rounds 31
