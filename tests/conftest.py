@@ -180,7 +180,9 @@ _SLOW_VARIANTS = {
         "all_ignored-mean"},
     "test_loss_and_gradient_dtypes": {"float16", "float64"},
     "test_under_vmap_eagerly_and_on_axis_1": {"bfloat16"},
-    "test_bce_narrow_rows_values": {"devices-shape2"},
+    "test_bce_narrow_rows_values": {
+        "devices-shape1", "devices-shape2", "devices-shape3", "one_device-shape1",
+        "one_device-shape3"},
     "test_check_grads_cross_entropy_probs": {"z_loss"},
     "test_label_outside_where_is_a_neg_inf_logit_at_every_order": {"opts1"},
     "test_jvp_matches_grad_beside_infinite_losses": {"ce_outside_where", "nll"},
@@ -202,8 +204,11 @@ _SLOW_VARIANTS = {
     "test_large_offset_accuracy": {"f16_6e4"},
     "test_hessian_matches_reference": {"log_softmax", "logsumexp", "nll"},
     "test_second_order_weight_masked_class": {"int_where"},
-    "test_jit_named_sharding": {"cross_entropy_probs-Auto", "nll_loss-Auto",
-                                "cross_entropy_int-Explicit"},
+    "test_jit_named_sharding": {  # cross_entropy_int-Auto and linear_cross_entropy stay
+        "cross_entropy_probs-Auto", "nll_loss-Auto", "cross_entropy_int_rows-Auto",
+        "cross_entropy_axis1_where-Auto", "elementwise-Auto", "cross_entropy_int-Explicit",
+        "cross_entropy_int_rows-Explicit", "cross_entropy_probs-Explicit",
+        "cross_entropy_axis1_where-Explicit", "nll_loss-Explicit", "elementwise-Explicit"},
 }
 
 

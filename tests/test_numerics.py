@@ -407,8 +407,7 @@ def test_bce_narrow_rows_run_flat(loss, shape, cpu_devices):
   assert len(shaped) <= 1, entry
 
 
-@pytest.mark.parametrize("shape", [(5, 1), pytest.param((4, 3, 2), marks=pytest.mark.slow),
-                                   (6, 64), pytest.param((3, 65), marks=pytest.mark.slow)])
+@pytest.mark.parametrize("shape", [(5, 1), (4, 3, 2), (6, 64), (3, 65)])
 def test_bce_narrow_rows_values(shape, cpu_devices):
   # Both BCE losses flattened (one CPU device, last axis <= 64) or not:
   # value, gradients (logits or probabilities, targets, weight) and a jvp

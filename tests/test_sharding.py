@@ -413,19 +413,10 @@ def _jit_reference(family: str):
   return _single_device(ref_cases or cases, arrays, diff)
 
 
-# Explicit meshes of the families beside the two main ones: `pytest -m slow` (.ci/run)
-_SLOW_EXPLICIT = {"cross_entropy_int_rows", "cross_entropy_probs", "cross_entropy_axis1_where",
-                  "nll_loss", "elementwise"}
-# and these Auto ones, whose layouts the other families cover (the default
-# suite's time limit)
-_SLOW_JIT = {("cross_entropy_int_rows", "Auto"), ("cross_entropy_axis1_where", "Auto"),
-             ("elementwise", "Auto")}
-
-
+# (most families' cases run with `pytest -m slow`: tests/conftest.py's
+# _SLOW_VARIANTS)
 @pytest.mark.parametrize(("family", "axis_type"), [
-    pytest.param(f, t, marks=pytest.mark.slow)
-    if (t == "Explicit" and f in _SLOW_EXPLICIT) or (f, t) in _SLOW_JIT
-    else (f, t) for f in JIT_FAMILIES for t in ("Auto", "Explicit")])
+    (f, t) for f in JIT_FAMILIES for t in ("Auto", "Explicit")])
 def test_jit_named_sharding(family, axis_type):
   arrays, specs, diff, cases, _, never_gathered = JIT_FAMILIES[family]
   mesh = _mesh(axis_type)
