@@ -1507,11 +1507,14 @@ def _ref_rows(x, y):
   hot = np.arange(x.shape[1]) == y[:, None]
   others = np.where(hot, 0.0, z).sum(1)
   loss = np.where(keep, np.log1p(others), 0.0)
-  g = np.where(keep[:, None], z / s[:, None] - hot, 0.0)
+  # p_y - 1 as -others / s: z_y / s - 1 cancels to float64's ulp of 1 (5e-17
+  # off a p_y - 1 of 5e-11 at two classes: 7e-7 of it)
+  g = np.where(keep[:, None], np.where(hot, -others[:, None], z) / s[:, None], 0.0)
   return loss, g
 
 
-# C = 10, 50, 257: the arithmetic mask; 1000, 4096: blocks; 45007 (prime,
+# C = 10: columns (_stats._others_in_columns); 50, 257: the arithmetic mask;
+# 1000, 4096: blocks; 45007 (prime,
 # past LONG_ROW): the arithmetic mask in this process of 8 CPU devices (row
 # chunks with one device: test_long_rows_without_blocks_match_reference). A
 # third of the cases in the default run, the rest with the slow marker
@@ -1698,6 +1701,82 @@ def test_many_short_rows_take_the_mask_and_stay_exact(far_label):
   np.testing.assert_allclose(np.asarray(per, np.float64), ref, rtol=4 * EPS32, atol=0)
   scale = np.max(np.abs(ref_g), axis=1, keepdims=True)
   assert np.all(np.abs(np.asarray(g, np.float64) - ref_g) <= 8 * EPS32 * scale)  # row 60: 0
+
+
+def _class_axis_reductions(f, x):
+  """The reductions in `f`'s jaxpr (nested ones included) whose operand has
+  the shape of `x`."""
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      yield eqn
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          sub = getattr(sub, "jaxpr", sub)
+          if hasattr(sub, "eqns"):
+            yield from walk(sub)
+
+  return [e.primitive.name for e in walk(jax.make_jaxpr(f)(x).jaxpr)
+          if e.primitive.name.startswith(("reduce", "argm")) and e.invars
+          and getattr(e.invars[0].aval, "shape", None) == x.shape]
+
+
+@pytest.mark.parametrize("c", [2, 10, pytest.param(17, marks=pytest.mark.slow), 32])
+def test_narrow_rows_sum_by_columns_and_stay_exact(c):
+  """Rows of at most NARROW_ROW classes: on CPU the log-sum and the max are
+  elementwise over the class columns (_stats._others_in_columns), with no
+  reduction over the classes in the forward, and stay exact: losses near 0
+  within 4 ulps of themselves, gradients within 8 ulps of their row's
+  largest entry (exp((x - shift) - log_sum) rounds its argument to half an
+  ulp of |x - shift|: 4 ulps at two classes), with -inf classes, an ignored
+  row and labels far below their row's max (the max-shift fallback, by
+  columns too); also with the classes on axis 1 of (N, C, H, W), and under
+  jax.vmap over N."""
+  from jaxce import _stats
+
+  assert _stats._narrow_row((5, c), 1)
+  assert not _stats._narrow_row((5, _stats.NARROW_ROW + 1), 1)
+  x, y = _dominant_label_inputs(c, 3e4 if c == 10 else 0.0)
+  # Logits on a 1/256 grid, so that x - x_y is exact in float32: with two
+  # classes a loss near 0 is one exp of it, and the rounding of x_y (half an
+  # ulp of 16) alone moved it by 8.7 ulps (the earlier kernel the same).
+  x = (np.round(x.astype(np.float64) * 256) / 256).astype(np.float32)
+  ref, ref_g = _ref_rows(x, y)
+  jx, jy = jnp.asarray(x), jnp.asarray(y)
+  per_row = lambda x: jaxce.cross_entropy(x, jy, reduction="none")
+  assert _class_axis_reductions(per_row, jx) == []
+  wide = jnp.zeros((x.shape[0], _stats.NARROW_ROW + 1), jnp.float32)  # (the walk sees them)
+  assert _class_axis_reductions(lambda x: jaxce.cross_entropy(x, jy), wide)
+  total = lambda x: jaxce.cross_entropy(x, jy, reduction="sum")
+  per, g = jax.jit(lambda x: (per_row(x), jax.grad(total)(x)))(jx)
+  np.testing.assert_allclose(np.asarray(per, np.float64), ref, rtol=4 * EPS32, atol=0)
+  scale = np.max(np.abs(ref_g), axis=1, keepdims=True)
+  assert np.all(np.abs(np.asarray(g, np.float64) - ref_g) <= 8 * EPS32 * scale)
+  # (N, C, H, W) = (4, c, 3, 4): row n * 12 + h * 4 + w is x[n, :, h, w]
+  image = lambda a: np.moveaxis(a.reshape(4, 3, 4, *a.shape[1:]), 3, 1) if a.ndim == 2 else (
+      a.reshape(4, 3, 4))
+  xi, yi = jnp.asarray(image(x)), jnp.asarray(image(y))
+  scale_i = image(np.broadcast_to(scale, ref_g.shape))
+
+  def both(x, y, axis):
+    sum_loss = lambda x: jaxce.cross_entropy(x, y, axis=axis, reduction="sum")
+    return jaxce.cross_entropy(x, y, axis=axis, reduction="none"), jax.grad(sum_loss)(x)
+
+  for per_i, g_i in (jax.jit(functools.partial(both, axis=1))(xi, yi),
+                     jax.jit(jax.vmap(functools.partial(both, axis=0)))(xi, yi)):
+    np.testing.assert_allclose(np.asarray(per_i, np.float64), image(ref), rtol=4 * EPS32, atol=0)
+    assert np.all(np.abs(np.asarray(g_i, np.float64) - image(ref_g)) <= 8 * EPS32 * scale_i)
+
+
+def test_one_class_rows():
+  """A single class (the columns' shortest row): loss 0 and gradient 0 for
+  finite logits, NaN for a label out of range, 0 for an ignored one."""
+  x = jnp.asarray([[3.0], [-1e30], [0.0], [5.0]], jnp.float32)
+  y = jnp.asarray([0, 0, -100, 1])
+  per = jaxce.cross_entropy(x, y, reduction="none")
+  np.testing.assert_array_equal(np.asarray(per[:3]), [0.0, 0.0, 0.0])
+  assert np.isnan(per[3])
+  g = jax.grad(lambda x: jaxce.cross_entropy(x[:3], y[:3], reduction="sum"))(x)
+  np.testing.assert_array_equal(np.asarray(g), np.zeros((4, 1), np.float32))
 
 
 def test_export_with_symbolic_batch_keeps_the_blocks():
