@@ -570,6 +570,10 @@ def _others_in_columns(
   if shift is None:
     m = functools.reduce(jnp.maximum, cols)
     shift = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+  # (Labels that are constants of the program, e.g. closed over under
+  # `jax.jit`, would otherwise fold into one constant mask per column: 1.5-
+  # 1.8x optax's value_and_grad time at 65536 x 32, against 0.93x.)
+  labels = jax.lax.optimization_barrier(labels)
   others = functools.reduce(jnp.add, [
       jnp.where(labels == c, 0.0, jnp.exp(col - shift)) for c, col in enumerate(cols)])
   return shift, others
