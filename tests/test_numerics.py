@@ -1704,13 +1704,18 @@ def test_many_short_rows_take_the_mask_and_stay_exact(far_label):
 
 
 def _class_axis_reductions(f, x):
-  """The reductions in `f`'s jaxpr (nested ones included) whose operand has
-  the shape of `x`."""
+  """The reductions in `f`'s jaxpr (nested ones included; of a platform
+  switch, the CPU's branch only) whose operand has the shape of `x`."""
   def walk(jaxpr):
     for eqn in jaxpr.eqns:
       yield eqn
-      for value in eqn.params.values():
-        for sub in value if isinstance(value, (tuple, list)) else (value,):
+      platforms = eqn.params.get("branches_platforms")
+      for name, value in eqn.params.items():
+        subs = value if isinstance(value, (tuple, list)) else (value,)
+        if name == "branches" and platforms is not None:
+          cpu = [b for b, p in zip(subs, platforms, strict=True) if p and "cpu" in p]
+          subs = cpu or [b for b, p in zip(subs, platforms, strict=True) if p is None]
+        for sub in subs:
           sub = getattr(sub, "jaxpr", sub)
           if hasattr(sub, "eqns"):
             yield from walk(sub)
