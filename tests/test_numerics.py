@@ -1752,7 +1752,7 @@ def test_narrow_rows_sum_by_columns_and_stay_exact(c):
   wide = jnp.zeros((x.shape[0], _stats.NARROW_ROW + 1), jnp.float32)  # (the walk sees them)
   assert _class_axis_reductions(lambda x: jaxce.cross_entropy(x, jy), wide)
   # Labels closed over (constants of the program) do not fold into a
-  # constant mask per column (one [N] mask is the `inside` test's).
+  # constant mask per column: at most one [N] constant mask is left.
   hlo = jax.jit(lambda x: jaxce.cross_entropy(x, jy)).lower(jx).compile().as_text()
   assert len(re.findall(rf"pred\[{x.shape[0]}\]\{{0\}} constant", hlo)) <= 1
   total = lambda x: jaxce.cross_entropy(x, jy, reduction="sum")
