@@ -1514,11 +1514,10 @@ def _ref_rows(x, y):
 
 
 # C = 10: columns (_stats._others_in_columns); 50, 257: the arithmetic mask;
-# 1000, 4096: blocks; 45007 (prime,
-# past LONG_ROW): the arithmetic mask in this process of 8 CPU devices (row
-# chunks with one device: test_long_rows_without_blocks_match_reference). A
-# third of the cases in the default run, the rest with the slow marker
-# (.ci/run runs both).
+# 1000, 4096: blocks; 45007 (prime, past LONG_ROW): the arithmetic mask in
+# this process of 8 CPU devices (row chunks with one device:
+# test_long_rows_without_blocks_match_reference). A third of the cases in
+# the default run, the rest with the slow marker (.ci/run runs both).
 _DOMINANT = [pytest.param(c, off, marks=[] if (c, off) in {(10, 3e4), (257, -1e6), (1000, 3e4),
                                                           (4096, -1e6), (50, 0.0), (45007, 3e4)}
                           else [pytest.mark.slow])
