@@ -9,9 +9,9 @@ layout on axis 1 of (N, C, H, W) logits. Each class count below (both sides
 of those bounds) is a case of its own; hypothesis draws the rows, the
 layout, the options, the dtypes and the data's seed together, so that a
 combination no hand-written case names is still compared with the
-reference. (The redo of a few far rows needs one CPU device, and these
-tests run with eight: `test_numerics.py` covers it in a subprocess.) Slow
-(`pytest -m slow`): each draw compiles its own program.
+reference. (The redo of only the far rows needs one CPU device, and these
+tests run with eight: `test_numerics.py::test_far_labels_redo_their_rows`
+covers it.) Slow (`pytest -m slow`): each draw compiles its own program.
 """
 
 from __future__ import annotations
@@ -100,10 +100,12 @@ def case_st(num_classes):
       Case, st.just(num_classes), st.sampled_from(ROWS), st.sampled_from(LAYOUTS),
       st.sampled_from(["float32", "float32", "bfloat16", "float16"]),
       st.sampled_from([1.0, 30.0, 1e3]), st.booleans(), st.integers(0, 2**31 - 1))
-# (Not 1.0: the label's gradient entry is rounded at 1, a documented bound
-# of about 800 ulps of a near-uniform row's largest entry at eps = 1, which
-# `test_numerics.py::test_cpu_label_shift_gradient_bound` holds;
-# docs/guides/backward.md.)
+
+
+# Label smoothing not 1.0: the label's gradient entry is rounded at 1, a
+# documented bound of about 800 ulps of a near-uniform row's largest entry at
+# eps = 1, which `test_numerics.py::test_cpu_label_shift_gradient_bound`
+# holds (docs/guides/backward.md).
 options_st = st.fixed_dictionaries({
     "weight": st.booleans(), "label_smoothing": st.sampled_from([0.0, 0.1, 0.5]),
     "z_loss": st.sampled_from([0.0, 1e-3]), "reduction": st.sampled_from(["mean", "sum", "none"]),
@@ -111,7 +113,7 @@ options_st = st.fixed_dictionaries({
 
 
 def _options(case, drawn):
-  """(jaxce keyword arguments, reference keyword arguments, where mask)."""
+  """(keyword arguments for jaxce and the reference, the `where` mask)."""
   kw = {k: drawn[k] for k in ("label_smoothing", "z_loss", "reduction")}
   if drawn["weight"]:
     kw["weight"] = case.rng.uniform(0.1, 2.0, size=case.num_classes).astype(np.float32)
@@ -152,7 +154,7 @@ def _integer_labels(case, drawn, label_dtype, ignore, far):
   np.put_along_axis(x, at, np.where(np.isfinite(x_at), x_at, 0.0), -1)
   if far and x.size:
     # A few rows whose label lies far below their max: the CPU's label-logit
-    # shift underflows there, and those rows are redone with the max.
+    # shift underflows there, and the batch is redone with the max.
     flat_x, flat_at = x.reshape(-1, c), at.reshape(-1, 1)
     for r in case.rng.choice(len(flat_x), size=min(3, len(flat_x)), replace=False):
       np.put_along_axis(flat_x[r:r + 1], flat_at[r:r + 1], np.nanmax(
