@@ -183,9 +183,9 @@ def _integer_labels(case, drawn, label_dtype, ignore, far):
       x, wide, cot=None if kw["reduction"] != "none" else cot.astype(np.float64), **rkw)
   if kw["reduction"] != "none":
     rg = rg * float(cot)
-  valid = np.ones(wide.shape, bool) if ignore_index is None else wide != ignore_index
-  w_y = 1.0 if "weight" not in kw else kw["weight"][np.where(valid, wide, 0)]
-  denominator = float(np.sum(np.where(valid, w_y, 0.0)))
+  # ("mean" divides by the label weights of the positions not ignored)
+  denominator = float(np.sum(ref._int_parts(
+      x, wide, kw.get("weight"), ignore_index, case.axis, where).w_y))
   atol = _grad_atol(rg, case.dtype) + _label_entry_atol(case.rows_last(x), kw, cot, denominator)
   _assert_loss(loss, rl)
   _assert_grad(grad, rg, atol)
