@@ -1,7 +1,8 @@
 """backward="precompute" against "recompute" for `jaxce.linear_cross_entropy`.
 
-float32 value_and_grad with respect to x and kernel, at the shapes behind the
-`backward="auto"` rule (`jaxce._linear_precompute.MIN_ROWS`). The two paths
+value_and_grad with respect to x and kernel (float32 unless `--dtype` says
+otherwise), at the shapes behind the `backward="auto"` rule
+(`jaxce._linear_precompute.MIN_ROWS` and `platforms`). The two paths
 run interleaved in one process (A B A B ...) and the table shows the ratio
 of each round, so that a loaded machine slows both alike; also the compiled
 temp memory and the rows of a precompute block.
@@ -9,6 +10,7 @@ temp memory and the rows of a precompute block.
   PYTHONPATH=. python benchmarks/linear_backward.py        # the five shapes, 3 rounds
   PYTHONPATH=. python benchmarks/linear_backward.py --optax --shapes 2048,512,32768
   PYTHONPATH=. python benchmarks/linear_backward.py --optax --bias --shapes 1024,128,16384
+  PYTHONPATH=. python benchmarks/linear_backward.py --optax --dtype bfloat16 --rounds 7
 
 (`--optax` adds optax's softmax_cross_entropy_with_integer_labels on the
 materialized logits x @ kernel to each round; `--bias` adds a [V] bias to
@@ -37,11 +39,15 @@ SHAPES = ((2048, 512, 32768), (4096, 512, 50257), (512, 64, 2**20), (2048, 256, 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--rounds", type=positive_int, default=3)
+  parser.add_argument("--calls", type=positive_int, default=1,
+                      help="calls timed together in a round (for small shapes)")
   parser.add_argument("--shapes", nargs="+", default=None, help="N,D,V triples")
   parser.add_argument("--optax", action="store_true", help="add materialized logits + optax")
   parser.add_argument("--bias", action="store_true", help="a [V] bias in every loss")
   parser.add_argument("--forward-mode", action="store_true", help="add forward_mode=True")
   parser.add_argument("--softcap", type=float, default=None, help="softcap of every loss")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                      help="dtype of x, kernel and bias")
   args = parser.parse_args()
   shapes = SHAPES if not args.shapes else [tuple(int(v) for v in s.split(",")) for s in args.shapes]
   optax_head = " optax s | pre/optax, re/optax per round |" if args.optax else ""
@@ -53,10 +59,10 @@ def main() -> None:
   cap = args.softcap
   for n, d, v in shapes:
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
-    kernel = jnp.asarray(rng.normal(size=(d, v)) / np.sqrt(d), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(n, d)), args.dtype)
+    kernel = jnp.asarray(rng.normal(size=(d, v)) / np.sqrt(d), args.dtype)
     labels = jnp.asarray(rng.integers(0, v, size=(n,)), jnp.int32)
-    bias = jnp.asarray(rng.normal(size=(v,)), jnp.float32) if args.bias else None
+    bias = jnp.asarray(rng.normal(size=(v,)), args.dtype) if args.bias else None
     fns, temps = {}, {}
     losses = {b: lambda x, k, y, c, b=b: jaxce.linear_cross_entropy(
         x, k, y, bias=c, softcap=cap, backward=b) for b in ("precompute", "recompute")}
@@ -85,12 +91,13 @@ def main() -> None:
     for _ in range(args.rounds):
       for b, f in fns.items():
         t0 = time.perf_counter()
-        jax.block_until_ready(f(*inputs))
-        times[b].append(time.perf_counter() - t0)
+        for _ in range(args.calls):
+          jax.block_until_ready(f(*inputs))
+        times[b].append((time.perf_counter() - t0) / args.calls)
     ratios = [p / r for p, r in zip(times["precompute"], times["recompute"], strict=True)]
     print(f"| {n} | {d} | {v} | {_linear_precompute.block_rows(n, v)} |"
           f" {min(times['precompute']):.2f} | {min(times['recompute']):.2f} |"
-          f" {', '.join(f'{r:.2f}' for r in ratios)} |"
+          f" {', '.join(f'{r:.2f}' for r in ratios)} (median {np.median(ratios):.2f}) |"
           f" {temps['precompute']:.0f} / {temps['recompute']:.0f} |" + _optax_cols(times)
           + _forward_mode_cols(times), flush=True)
 
@@ -106,8 +113,11 @@ def _optax_cols(times: dict[str, list[float]]) -> str:
   if "optax" not in times:
     return ""
   rounds = zip(times["precompute"], times["recompute"], times["optax"], strict=True)
+  pairs = [(p / o, r / o) for p, r, o in rounds]
+  medians = np.median(np.asarray(pairs), axis=0)
   return (f" {min(times['optax']):.2f} |"
-          f" {', '.join(f'{p / o:.2f}/{r / o:.2f}' for p, r, o in rounds)} |")
+          f" {', '.join(f'{p:.2f}/{r:.2f}' for p, r in pairs)}"
+          f" (median {medians[0]:.2f}/{medians[1]:.2f}) |")
 
 
 if __name__ == "__main__":

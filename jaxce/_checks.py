@@ -524,7 +524,6 @@ def backward(
     fn: str,
     value: object,
     *,
-    kernel_dtype: DTypeLike,
     reduction: str,
     forward_mode: bool,
     chunk_size: int | None,
@@ -536,10 +535,7 @@ def backward(
   if value != "precompute":
     return cast(Backward, value)
   clash = None
-  if np.dtype(kernel_dtype).itemsize < 4:
-    clash = (f"a {np.dtype(kernel_dtype)} kernel (its gradient would need a float32"
-             " accumulator: twice the kernel's memory)")
-  elif reduction == "none":
+  if reduction == "none":
     clash = 'reduction="none" (the gradient must be known in the forward: use "mean" or "sum")'
   elif forward_mode:
     clash = "forward_mode=True (a custom_vjp has no forward mode)"

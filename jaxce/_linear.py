@@ -113,15 +113,15 @@ def linear_cross_entropy(
     each block's full-vocabulary logits once (a float32 [rows, V] block of
     about 64 MiB) and the gradients with them (three matmuls in all, as on
     materialized logits). What is kept for the backward is the gradients:
-    dx, dbias, dweight and **a dkernel as large as the kernel**, from the
-    forward until the backward (all of them whenever the loss is
-    differentiated, even with respect to `x` alone); each block rereads and
-    rewrites that dkernel.
-  * ``backward="auto"`` (default) picks precompute for float32 and float64
-    kernels with "mean" or "sum", without `bias`, `forward_mode`,
-    `chunk_size` or a vocabulary split over devices, when V <= 52428 (a
-    block then holds at least 320 rows), and recompute otherwise, and
-    always in a program compiled for TPU (see `backward` below).
+    dx, dbias, dweight and **a dkernel as large as the kernel** (float32
+    for a 16-bit kernel: twice its bytes), from the forward until the
+    backward (all of them whenever the loss is differentiated, even with
+    respect to `x` alone); each block rereads and rewrites that dkernel.
+  * ``backward="auto"`` (default) picks precompute with "mean" or "sum",
+    without `bias`, `forward_mode`, `chunk_size` or a vocabulary split over
+    devices, when V <= 52428 (a block then holds at least 320 rows), for
+    float32 and float64 kernels on CPU and GPU and for 16-bit kernels with
+    D * V <= 2**24 on CPU; recompute otherwise (see `backward` below).
 
   Under `jax.vmap` over examples that share the kernel, JAX batches the
   backward, and a dkernel is computed per mapped example before they are
@@ -195,22 +195,25 @@ def linear_cross_entropy(
       copy of the kernel and of its gradient per device). (Explicit meshes
       need no name: the split is in the type.)
     backward: "recompute", "precompute" or "auto" (see above). "precompute"
-      needs a float32 or float64 kernel, reduction "mean" or "sum", a
-      concrete number of tokens, and no `forward_mode`, `chunk_size`,
-      `class_axis_name` or Explicit-mesh sharding (ValueError otherwise); it
-      keeps a gradient of the kernel's size (plus x's, bias's and weight's)
-      from the forward to the backward. "auto" decides at trace time from
-      static shapes and dtypes: precompute when all of those hold, the
-      number of devices (the size of the mesh in the arrays' types, else the
-      device count) shares no factor with V (a kernel XLA may have split
-      over its vocabulary axis), there is no `bias`, and
-      ``V <= 2**24 / 320``; recompute otherwise (bfloat16 kernels
-      always: a float32 dkernel accumulator would double the kernel's
-      memory). On TPU (the platform the program is lowered for) "auto"
-      always recomputes: XLA:TPU's default-precision matmuls read a float32
-      kernel as bfloat16, and since precompute's token blocks each read the
-      whole kernel, it keeps a bfloat16 copy of it (D * V * 2 bytes), as an
-      explicit "precompute" does there.
+      needs reduction "mean" or "sum", a concrete number of tokens, and no
+      `forward_mode`, `chunk_size`, `class_axis_name` or Explicit-mesh
+      sharding (ValueError otherwise); it keeps a gradient of the kernel's
+      size (float32 for a 16-bit kernel, whose gradient accumulates in
+      float32 over the token blocks), plus x's, bias's and weight's, from
+      the forward to the backward. "auto" decides at trace time from static
+      shapes and dtypes: precompute when all of those hold, the number of
+      devices (the size of the mesh in the arrays' types, else the device
+      count) shares no factor with V (a kernel XLA may have split over its
+      vocabulary axis), there is no `bias`, and ``V <= 2**24 / 320``, and
+      for a 16-bit kernel ``D * V <= 2**24`` (its float32 accumulator at
+      most 64 MiB); recompute otherwise. The platform the program is lowered
+      for decides too. On TPU "auto" always recomputes: XLA:TPU's
+      default-precision matmuls read a float32 kernel as bfloat16, and since
+      precompute's token blocks each read the whole kernel, it keeps a
+      bfloat16 copy of it (D * V * 2 bytes), as an explicit "precompute"
+      does there. 16-bit kernels precompute on CPU only, where it was
+      measured (0.73-0.94x recompute's time in bfloat16; on GPU the float32
+      accumulator is not measured against the matmul it saves).
 
   Returns:
     float32 (float64 for float64 inputs) loss.
@@ -275,7 +278,7 @@ def linear_cross_entropy(
   softcap = _checks.softcap(fn, softcap)
   chunk_size = _checks.chunk_size(fn, chunk_size)
   forward_mode = _checks.static_bool(fn, "forward_mode", forward_mode)
-  backward = _checks.backward(fn, backward, kernel_dtype=kernel.dtype, reduction=reduction,
+  backward = _checks.backward(fn, backward, reduction=reduction,
                               forward_mode=forward_mode, chunk_size=chunk_size,
                               class_axis_name=class_axis_name)
   _collective.require_bound(fn, class_axis_name, "kernel", auto_mesh=True)
@@ -373,7 +376,7 @@ def linear_cross_entropy(
   auto = backward == "auto"
   if auto:
     backward = _linear_precompute.auto_backward(
-        kernel.dtype, n, vocab, reduction=reduction, forward_mode=forward_mode,
+        kernel.shape, kernel.dtype, n, reduction=reduction, forward_mode=forward_mode,
         chunk_size=chunk_size, class_sharded=False, groups=groups, bias=bias is not None)
   if backward != "precompute" or vocab == 0:  # (V = 0: no logits, nothing to precompute)
     return recompute(*args)
@@ -391,10 +394,9 @@ def linear_cross_entropy(
 
   if not auto:
     return precompute(*args)
-  # "auto" on TPU recomputes: XLA:TPU's default-precision matmuls read the
-  # float32 kernel as bfloat16, and a token-block loop that reads all of it
-  # every block gets a bf16 [D, V] copy of it ahead of the loop (256 MiB at
-  # D=4096, V=32768: more than a batch-sharded slice's logits).
-  chosen: jax.Array = jax.lax.platform_dependent(*args, tpu=recompute, default=precompute)
+  # Where "auto" precomputes depends on the platform the program is lowered
+  # for (`_linear_precompute.platforms`), decided at lowering.
+  branches = dict.fromkeys(_linear_precompute.platforms(kernel.dtype), precompute)
+  chosen: jax.Array = jax.lax.platform_dependent(*args, **branches, default=recompute)
   return chosen
 

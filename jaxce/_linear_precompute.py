@@ -8,10 +8,11 @@ logits are one float32 [rows, V] temporary; its statistics are
 `_stats.label_stats` of them; the cotangent of those statistics comes from
 autodiff of `_reduction.integer_target_loss` (the same function that forms
 the loss), and autodiff of `label_stats` turns it into the block's logit
-cotangent, from which dx (written per block), dkernel (accumulated in the
-kernel's own 32- or 64-bit dtype), dbias and dweight follow. The custom_vjp
-keeps the gradients (`PrecomputedGrads`) and its backward scales them by the
-cotangent: a kernel-sized array lives from the forward to the backward.
+cotangent, from which dx (written per block), dkernel (accumulated in
+float32, or float64 for a float64 kernel), dbias and dweight follow. The
+custom_vjp keeps the gradients (`PrecomputedGrads`) and its backward scales
+them by the cotangent: a kernel-sized array (twice the kernel's bytes for a
+16-bit kernel) lives from the forward to the backward.
 """
 
 from __future__ import annotations
@@ -55,10 +56,10 @@ class Options(NamedTuple):  # static: everything but the arrays
 
 class PrecomputedGrads(NamedTuple):
   """What the forward keeps for the backward: the gradients of the loss,
-  in the inputs' dtypes, to be scaled by the cotangent."""
+  to be scaled by the cotangent (and cast to the inputs' dtypes)."""
 
-  dx: jax.Array  # [N, D]
-  dkernel: jax.Array  # [D, V]: as large as the kernel
+  dx: jax.Array  # [N, D], x's dtype
+  dkernel: jax.Array  # [D, V] float32 (float64): the accumulator, kernel-sized
   dbias: jax.Array | None  # [V]
   dweight: jax.Array | None  # [V]
 
@@ -72,9 +73,9 @@ def block_rows(num_tokens: int, vocab: int) -> int:
 
 
 def auto_backward(
+    kernel_shape: tuple[Any, ...],
     kernel_dtype: DTypeLike,
     num_tokens: object,
-    vocab: int,
     *,
     reduction: str,
     forward_mode: bool,
@@ -83,32 +84,62 @@ def auto_backward(
     groups: int,
     bias: bool = False,
 ) -> Literal["precompute", "recompute"]:
-  """What `backward="auto"` runs: "precompute" or "recompute".
+  """What `backward="auto"` runs where the platform allows it (see
+  `platforms`): "precompute" or "recompute".
 
-  Precompute when the kernel is 32- or 64-bit (a bf16 kernel would need a
-  float32 dkernel accumulator: twice its memory), the reduction is "mean" or
-  "sum" (the gradient must be known in the forward), forward mode is off, no
-  `chunk_size` is given (a vocabulary chunk asks for the streamed path),
-  the vocabulary is not split over devices (no `class_axis_name`, no
-  Explicit-mesh split, and no number of devices (the mesh in the arrays'
-  types, else the device count) sharing a factor with V, under which XLA
-  may have split the kernel: `groups` == 1), the number of tokens
-  is concrete, V > 0, there is no bias, and a row block holds at least
-  `MIN_ROWS` rows (``V <= ROW_BLOCK_ELEMENTS / MIN_ROWS`` = 52428): with
-  fewer, rereading and rewriting the [D, V] dkernel accumulator per block
-  costs more than the matmul it saves. With a bias, XLA:CPU writes the
-  block's biased logits out beside the matmul's (192 MiB of temp against
-  64 at N=1024, D=128, V=16384), and recompute was faster at every shape
-  measured: precompute / recompute 1.03-2.49 in each round, N=256 to 4096,
-  V=8192 to 50000 (`benchmarks/linear_backward.py --optax --bias`).
-  Decided from static shapes and dtypes only; in a program lowered for TPU
-  `linear_cross_entropy` recomputes instead (see there).
+  Precompute when the reduction is "mean" or "sum" (the gradient must be
+  known in the forward), forward mode is off, no `chunk_size` is given (a
+  vocabulary chunk asks for the streamed path), the vocabulary is not split
+  over devices (no `class_axis_name`, no Explicit-mesh split, and no number
+  of devices (the mesh in the arrays' types, else the device count) sharing
+  a factor with V, under which XLA may have split the kernel: `groups` ==
+  1), the number of tokens is concrete, V > 0, there is no bias, and a row
+  block holds at least `MIN_ROWS` rows (``V <= ROW_BLOCK_ELEMENTS /
+  MIN_ROWS`` = 52428): with fewer, rereading and rewriting the [D, V]
+  dkernel accumulator per block costs more than the matmul it saves. A
+  16-bit kernel also needs ``D * V <= ROW_BLOCK_ELEMENTS``: its float32
+  accumulator, twice the kernel's bytes, at most one logits block (64 MiB),
+  so that the default's memory stays bounded as V grows (at D = 4096 every
+  V above 4096 recomputes; D = 128 precomputes up to the 52428 bound). With a
+  bias, XLA:CPU writes the block's biased logits out beside the matmul's
+  (192 MiB of temp against 64 at N=1024, D=128, V=16384), and recompute was
+  faster at every shape measured: precompute / recompute 1.03-2.49 in each
+  round, N=256 to 4096, V=8192 to 50000 (`benchmarks/linear_backward.py
+  --optax --bias`). Decided from static shapes and options only.
   """
-  if (np.dtype(kernel_dtype).itemsize < 4 or reduction == "none" or forward_mode
+  hidden, vocab = kernel_shape
+  if (reduction == "none" or forward_mode
       or chunk_size is not None or class_sharded or groups != 1 or bias
       or not _checks.static(num_tokens, vocab) or vocab == 0):
     return "recompute"
+  if np.dtype(kernel_dtype).itemsize < 4 and not (
+      _checks.static(hidden) and hidden * vocab <= ROW_BLOCK_ELEMENTS):
+    return "recompute"
   return "precompute" if ROW_BLOCK_ELEMENTS // vocab >= MIN_ROWS else "recompute"
+
+
+def platforms(kernel_dtype: DTypeLike) -> tuple[str, ...]:
+  """The platforms on which `backward="auto"` precomputes, when
+  `auto_backward` allows it; the others recompute.
+
+  32- and 64-bit kernels: every platform but TPU, where XLA:TPU's
+  default-precision matmuls read a float32 kernel as bfloat16, and a token
+  block loop that reads all of it every block gets a bf16 [D, V] copy of it
+  ahead of the loop (256 MiB at D=4096, V=32768: more than a batch-sharded
+  slice's logits).
+
+  16-bit kernels: CPU only. Their dkernel accumulates in float32 (twice the
+  kernel's bytes, the residual); on XLA:CPU that still took less temp
+  memory than optax on the materialized logits and 0.73-0.94x recompute's
+  time in bfloat16 (medians, N=64 to 16384, D=128 to 1024, V=1024 to 50257;
+  `benchmarks/linear_backward.py --optax --dtype bfloat16`; float16
+  0.74-1.01x), and its matmuls with float32 results are slower than float32
+  ones on an AVX2 CPU. On GPU and TPU the doubled kernel was not measured
+  against the fourth matmul.
+  """
+  if np.dtype(kernel_dtype).itemsize < 4:
+    return ("cpu",)
+  return ("cpu", "cuda", "rocm")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -187,7 +218,8 @@ def _run(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Ar
                           zeros)
   acc: tuple[Any, ...] = ()
   if grads:
-    acc = (jnp.zeros(x.shape, x.dtype), jnp.zeros(kernel.shape, kernel.dtype),
+    # A 16-bit kernel's gradient accumulates in float32 across the blocks.
+    acc = (jnp.zeros(x.shape, x.dtype), jnp.zeros(kernel.shape, ct),
            None if bias is None else jnp.zeros(bias.shape, ct),
            None if weight is None else jnp.zeros(weight.shape, ct))
   all_stats = init_stats
@@ -218,10 +250,12 @@ def _fwd(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Ar
 
 def _bwd(options: Options, res: PrecomputedGrads, g: jax.Array) -> tuple[jax.Array | None, ...]:
   del options
-  def scaled(v: jax.Array | None) -> jax.Array | None:
-    return None if v is None else (g * v).astype(v.dtype)
+  def scaled(v: jax.Array | None, dtype: DTypeLike | None = None) -> jax.Array | None:
+    return None if v is None else (g * v).astype(v.dtype if dtype is None else dtype)
 
-  return scaled(res.dx), scaled(res.dkernel), scaled(res.dbias), None, scaled(res.dweight)
+  # (x and kernel share a dtype, `_checks`: the kernel's is dx's.)
+  return (scaled(res.dx), scaled(res.dkernel, res.dx.dtype), scaled(res.dbias), None,
+          scaled(res.dweight))
 
 
 precomputed_loss.defvjp(_fwd, _bwd)

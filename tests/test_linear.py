@@ -1014,8 +1014,6 @@ BAD = {
     "precompute_forward_mode": (dict(backward="precompute", forward_mode=True), ValueError,
                                 "backward"),
     "precompute_chunk_size": (dict(backward="precompute", chunk_size=8), ValueError, "backward"),
-    "precompute_bf16": (dict(x=_X.astype(jnp.bfloat16), kernel=_K.astype(jnp.bfloat16),
-                             backward="precompute"), ValueError, "backward"),
     "precompute_class_axis": (dict(backward="precompute", class_axis_name="model"), ValueError,
                               "backward"),
 }
@@ -1500,27 +1498,37 @@ def test_auto_backward_rule():
   limit = _linear_precompute.ROW_BLOCK_ELEMENTS // _linear_precompute.MIN_ROWS
   assert limit == 52428
   for vocab in (1, 1000, 32000, 32768, 50257, limit):
-    assert rule(F32, 2048, vocab, **base) == "precompute", vocab
-    assert rule(jnp.float64, 2048, vocab, **base) == "precompute", vocab
-    assert rule(F32, 2048, vocab, **{**base, "reduction": "sum"}) == "precompute", vocab
+    for dtype in (F32, jnp.float64, jnp.bfloat16, jnp.float16):  # D * V <= 2**24 here
+      assert rule((128, vocab), dtype, 2048, **base) == "precompute", (vocab, dtype)
+    assert rule((128, vocab), F32, 2048, **{**base, "reduction": "sum"}) == "precompute"
   for vocab in (limit + 1, 65536, 131072, 2**20):
-    assert rule(F32, 2048, vocab, **base) == "recompute", vocab
+    assert rule((128, vocab), F32, 2048, **base) == "recompute", vocab
   for change in (dict(reduction="none"), dict(forward_mode=True), dict(chunk_size=1024),
                  dict(class_sharded=True), dict(groups=2), dict(bias=True)):
-    assert rule(F32, 2048, 32000, **{**base, **change}) == "recompute", change
-  for dtype in (jnp.bfloat16, jnp.float16):
-    assert rule(dtype, 2048, 32000, **base) == "recompute", dtype
-  assert rule(F32, 2048, 0, **base) == "recompute"
+    for dtype in (F32, jnp.bfloat16):
+      assert rule((128, 32000), dtype, 2048, **{**base, **change}) == "recompute", change
+  assert rule((128, 0), F32, 2048, **base) == "recompute"
+  # 16-bit kernels: the float32 dkernel accumulator at most one logits block
+  assert rule((512, 32768), jnp.bfloat16, 2048, **base) == "precompute"  # D * V = 2**24
+  for d, vocab in ((513, 32768), (4096, 4097), (4096, 32768)):
+    assert rule((d, vocab), jnp.bfloat16, 8192, **base) == "recompute", (d, vocab)
+    assert rule((d, vocab), jnp.float16, 8192, **base) == "recompute", (d, vocab)
+    assert rule((d, vocab), F32, 8192, **base) == "precompute", (d, vocab)
   from jax import export
   b, = export.symbolic_shape("b")
-  assert rule(F32, b, 32000, **base) == "recompute"  # symbolic N
+  assert rule((128, 32000), F32, b, **base) == "recompute"  # symbolic N
+  assert rule((b, 32000), jnp.bfloat16, 2048, **base) == "recompute"  # symbolic D
+  assert rule((b, 32000), F32, 2048, **base) == "precompute"
+  where = _linear_precompute.platforms
+  assert where(F32) == where(jnp.float64) == ("cpu", "cuda", "rocm")
+  assert where(jnp.bfloat16) == where(jnp.float16) == ("cpu",)
 
 
 @pytest.mark.parametrize(("case", "expected"), [
     (dict(), "precompute"),  # V = 37 shares no factor with the 8 test devices
     (dict(reduction="sum"), "precompute"),
     (dict(reduction="none"), "recompute"),
-    (dict(dtype=jnp.bfloat16), "recompute"),
+    (dict(dtype=jnp.bfloat16), "precompute"),  # on CPU (platforms: CPU only)
     (dict(chunk_size=7), "recompute"),
     (dict(forward_mode=True), "recompute"),
     (dict(vocab=40), "recompute"),  # gcd(40, 8) = 8: a kernel XLA may have split
