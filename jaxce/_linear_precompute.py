@@ -251,7 +251,8 @@ def _fwd(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Ar
 def _bwd(options: Options, res: PrecomputedGrads, g: jax.Array) -> tuple[jax.Array | None, ...]:
   del options
   def scaled(v: jax.Array | None, dtype: DTypeLike | None = None) -> jax.Array | None:
-    return None if v is None else (g * v).astype(v.dtype if dtype is None else dtype)
+    # (in the loss's dtype: a 16-bit dx or dbias is widened, not promoted)
+    return None if v is None else (g * v.astype(g.dtype)).astype(dtype or v.dtype)
 
   # (x and kernel share a dtype, `_checks`: the kernel's is dx's.)
   return (scaled(res.dx), scaled(res.dkernel, res.dx.dtype), scaled(res.dbias), None,

@@ -1418,6 +1418,62 @@ def test_precompute_matches_recompute_and_reference(name):
                     what=f"gradient with respect to {k} vs {what}")
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_precompute_half_precision(monkeypatch, fresh_caches, dtype):
+  """A 16-bit kernel: dkernel accumulates in float32 over the blocks (the
+  residual) and comes back in the kernel's dtype; the same as recompute and
+  as the float32 reference on the same rounded inputs, within the rounding
+  of the logits' cotangent to 16 bits before each matmul."""
+  spec = _spec(**ALL_OPTS, chunk=None, lead=(2, 3))  # "mean"; 6 rows: blocks 0-3 and 2-5
+  params, labels, cot = _inputs(spec, 102)
+  kw = _kwargs(spec)
+  half = {k: jnp.asarray(v, F32 if k == "weight" else dtype) for k, v in params.items()}
+  monkeypatch.setattr(_linear_precompute, "ROW_BLOCK_ELEMENTS", PRE_BLOCK * V)
+  out = jax.device_get(_fast(lambda p: tuple(
+      _value_and_grads(fn, p, labels, cot, {**kw, **extra})
+      for fn, extra in ((_lin_loss, dict(backward="precompute")),
+                        (_lin_loss, dict(backward="recompute", chunk_size=7)),
+                        (_ref_loss, {}))))(half))
+  (loss, grads), *others = out
+  assert loss.dtype == np.float32
+  assert set(grads) == set(half)
+  for other_loss, other_grads in others:
+    _assert_close(loss, other_loss, rtol=1e-5, atol=1e-5, what="loss")
+    for k, g in grads.items():
+      assert g.dtype == other_grads[k].dtype == half[k].dtype, (k, g.dtype)
+      scale = float(np.max(np.abs(np.asarray(other_grads[k], np.float32))))
+      _assert_close(g, other_grads[k], rtol=3e-2, atol=2e-2 * scale, what=f"d{k}")
+
+  x, kernel, _, weight, res_labels = _res_inputs(jnp.dtype(dtype))
+  res = saved_residuals(lambda x, k, w: jaxce.linear_cross_entropy(
+      x, k, res_labels, weight=w, label_smoothing=0.1, backward="precompute"),
+      x, kernel, weight)
+  computed = sorted((dt, s) for dt, s, o in res
+                    if not o.startswith(("from a constant", "from a lit")))
+  short = {jnp.bfloat16: "bf16", jnp.float16: "f16"}[dtype]
+  # dx in x's dtype, dkernel in float32 (the accumulator), dweight float32
+  assert computed == sorted([(short, (RES_N, RES_D)), ("f32", (RES_D, RES_V)),
+                             ("f32", (RES_V,))]), res
+
+
+@pytest.mark.all_platforms  # (the real platform_dependent: each platform's branch)
+def test_auto_precompute_platforms_as_lowered():
+  """backward="auto" at a shape where it may precompute: the token-block
+  loop (`_linear_precompute._run`) is in the program lowered for CPU in
+  both dtypes and for GPU in float32, and in none for TPU, nor for GPU in
+  bfloat16 (`_linear_precompute.platforms`)."""
+  from jax import export
+  labels = jax.ShapeDtypeStruct((64,), jnp.int32)
+  for dtype, where in ((F32, {"cpu", "cuda"}), (jnp.bfloat16, {"cpu"})):
+    # (V = 999 shares no factor with the 8 test devices)
+    args = (jax.ShapeDtypeStruct((64, 16), dtype), jax.ShapeDtypeStruct((16, 999), dtype),
+            labels)
+    f = jax.jit(jax.value_and_grad(lambda x, k, y: _lin_loss(x, k, y), (0, 1)))
+    for platform in ("cpu", "cuda", "tpu"):
+      text = export.export(f, platforms=(platform,))(*args).mlir_module()
+      assert ("func.func private @_run(" in text) == (platform in where), (dtype, platform)
+
+
 def test_precompute_block_rows():
   assert _linear_precompute.block_rows(2048, 32768) == 512
   assert _linear_precompute.block_rows(512, 2**20) == 16
