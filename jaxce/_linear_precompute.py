@@ -133,9 +133,10 @@ def platforms(kernel_dtype: DTypeLike) -> tuple[str, ...]:
   memory than optax on the materialized logits and 0.73-0.94x recompute's
   time in bfloat16 (medians, N=64 to 16384, D=128 to 1024, V=1024 to 50257;
   `benchmarks/linear_backward.py --optax --dtype bfloat16`; float16
-  0.74-1.01x), and its matmuls with float32 results are slower than float32
-  ones on an AVX2 CPU. On GPU and TPU the doubled kernel was not measured
-  against the fourth matmul.
+  0.74-1.01x). The matmul it saves weighs more there than in float32: on
+  the AVX2 CPU a bfloat16 matmul with a float32 result took 1.1-1.5x the
+  time of a float32 one. On GPU and TPU the doubled kernel was not measured
+  against the matmul it saves.
   """
   if np.dtype(kernel_dtype).itemsize < 4:
     return ("cpu",)
@@ -252,7 +253,9 @@ def _bwd(options: Options, res: PrecomputedGrads, g: jax.Array) -> tuple[jax.Arr
   del options
   def scaled(v: jax.Array | None, dtype: DTypeLike | None = None) -> jax.Array | None:
     # (in the loss's dtype: a 16-bit dx or dbias is widened, not promoted)
-    return None if v is None else (g * v.astype(g.dtype)).astype(dtype or v.dtype)
+    if v is None:
+      return None
+    return (g * v.astype(g.dtype)).astype(v.dtype if dtype is None else dtype)
 
   # (x and kernel share a dtype, `_checks`: the kernel's is dx's.)
   return (scaled(res.dx), scaled(res.dkernel, res.dx.dtype), scaled(res.dbias), None,
