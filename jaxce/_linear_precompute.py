@@ -131,7 +131,7 @@ def platforms(kernel_dtype: DTypeLike) -> tuple[str, ...]:
   16-bit kernels: CPU only. Their dkernel accumulates in float32 (twice the
   kernel's bytes, the residual); on XLA:CPU that still took less temp
   memory than optax on the materialized logits and 0.73-0.94x recompute's
-  time in bfloat16 (medians, N=64 to 16384, D=128 to 1024, V=1024 to 50257;
+  time in bfloat16 (medians, N=64 to 32768, D=128 to 1024, V=1024 to 50257;
   `benchmarks/linear_backward.py --optax --dtype bfloat16`; float16
   0.74-1.01x). The matmul it saves weighs more there than in float32: on
   the AVX2 CPU a bfloat16 matmul with a float32 result took 1.1-1.5x the
