@@ -129,14 +129,13 @@ def platforms(kernel_dtype: DTypeLike) -> tuple[str, ...]:
   slice's logits).
 
   16-bit kernels: CPU only. Their dkernel accumulates in float32 (twice the
-  kernel's bytes, the residual); on XLA:CPU that still took less temp
-  memory than optax on the materialized logits and 0.73-0.94x recompute's
-  time in bfloat16 (medians, N=64 to 32768, D=128 to 1024, V=1024 to 50257;
-  `benchmarks/linear_backward.py --optax --dtype bfloat16`; float16
-  0.74-1.01x). The matmul it saves weighs more there than in float32: on
-  the AVX2 CPU a bfloat16 matmul with a float32 result took 1.1-1.5x the
-  time of a float32 one. On GPU and TPU the doubled kernel was not measured
-  against the matmul it saves.
+  kernel's bytes, the residual), and on CPU the matmuls take float32
+  operands (`_matmul`); on XLA:CPU that still took less temp memory than
+  optax on the materialized logits and 0.63-0.77x recompute's time at 13
+  of 14 bfloat16 shapes, 1.00x at 64 x 128 x 50257 (medians, N=64 to
+  32768, D=128 to 1024, V=1024 to 50257; `benchmarks/linear_backward.py
+  --optax --dtype bfloat16`; docs/guides/fused-linear.md). On GPU and TPU
+  the doubled kernel was not measured against the matmul it saves.
   """
   if np.dtype(kernel_dtype).itemsize < 4:
     return ("cpu",)
@@ -186,7 +185,7 @@ def _run(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Ar
     fresh = start + jnp.arange(rows, dtype=jnp.int32) >= j * rows
     x_rows = jax.lax.dynamic_slice_in_dim(x, start, rows)
     y_rows = jax.lax.dynamic_slice_in_dim(labels, start, rows)
-    raw = matmul(x_rows, kernel, (1,), (0,))  # [rows, V] float32
+    raw = _matmul(x_rows, kernel, (1,), (0,))  # [rows, V] float32
     if bias is not None:
       raw = raw + bias.astype(ct)[None]
     if not grads:
@@ -203,10 +202,10 @@ def _run(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Ar
     g = jax.tree.map(lambda v: jnp.where(fresh, v, 0.0), g)
     dz, dw = stats_vjp(g)
     dx, dkernel, dbias, dweight = acc
-    dx_rows = matmul(dz.astype(kernel.dtype), kernel, (1,), (1,)).astype(dx.dtype)
+    dx_rows = _matmul(dz, kernel, (1,), (1,)).astype(dx.dtype)
     old = jax.lax.dynamic_slice_in_dim(dx, start, rows)
     dx = jax.lax.dynamic_update_slice_in_dim(dx, jnp.where(fresh[:, None], dx_rows, old), start, 0)
-    dkernel = dkernel + matmul(x_rows, dz.astype(x.dtype), (0,), (0,)).astype(dkernel.dtype)
+    dkernel = dkernel + _matmul(x_rows, dz, (0,), (0,)).astype(dkernel.dtype)
     if dbias is not None:
       dbias = dbias + jnp.sum(dz, axis=0)
     if dweight is not None and dw is not None:
@@ -240,6 +239,26 @@ def _run(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Ar
     return None if like is None else v.astype(like.dtype)
 
   return loss, PrecomputedGrads(dx, dkernel, cast(dbias, bias), cast(dweight, weight))
+
+
+def _matmul(a: jax.Array, b: jax.Array, contract_a: tuple[int, ...],
+            contract_b: tuple[int, ...]) -> jax.Array:
+  """a . b accumulated in float32 (float64), where one operand is the 16-
+  or 32-bit input and the other may be a float32 cotangent. Elsewhere both
+  are rounded to the input's dtype first (`matmul`). On CPU a 16-bit pair
+  is widened instead: XLA:CPU runs a bf16 x bf16 -> float32 matmul in a
+  bf16 kernel that took 1.1-1.5x the time of a float32 one on the AVX2
+  machine, and it runs optax's bf16 matmuls as float32 ones on converted
+  copies too. (The float32 cotangent is then not rounded to 16 bits.)"""
+  narrow = a.dtype if a.dtype.itemsize < b.dtype.itemsize else b.dtype
+  if narrow.itemsize >= 4:
+    return matmul(a, b, contract_a, contract_b)
+  ct = _checks.compute_dtype(narrow)
+  out: jax.Array = jax.lax.platform_dependent(
+      a, b,
+      cpu=lambda a, b: matmul(a.astype(ct), b.astype(ct), contract_a, contract_b),
+      default=lambda a, b: matmul(a.astype(narrow), b.astype(narrow), contract_a, contract_b))
+  return out
 
 
 def _fwd(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Array,

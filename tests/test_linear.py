@@ -1461,7 +1461,7 @@ def test_auto_precompute_platforms_as_lowered():
   """backward="auto" at a shape where it may precompute: the token-block
   loop (`_linear_precompute._run`) is in the program lowered for CPU in
   both dtypes and for GPU in float32, and in none for TPU, nor for GPU in
-  bfloat16 (`_linear_precompute.platforms`)."""
+  bfloat16 (`_linear_precompute.platforms`); and its bfloat16 matmuls."""
   from jax import export
   labels = jax.ShapeDtypeStruct((64,), jnp.int32)
   for dtype, where in ((F32, {"cpu", "cuda"}), (jnp.bfloat16, {"cpu"})):
@@ -1472,6 +1472,18 @@ def test_auto_precompute_platforms_as_lowered():
     for platform in ("cpu", "cuda", "tpu"):
       text = export.export(f, platforms=(platform,))(*args).mlir_module()
       assert ("func.func private @_run(" in text) == (platform in where), (dtype, platform)
+  # The precomputing matmuls of a bf16 kernel: float32 operands on CPU
+  # (`_linear_precompute._matmul`), bf16 elsewhere.
+  f = jax.jit(jax.value_and_grad(lambda x, k, y: _lin_loss(x, k, y, backward="precompute"),
+                                 (0, 1)))
+  args = (jax.ShapeDtypeStruct((64, 16), jnp.bfloat16),
+          jax.ShapeDtypeStruct((16, 999), jnp.bfloat16), labels)
+  for platform, operand in (("cpu", "f32"), ("cuda", "bf16"), ("tpu", "bf16")):
+    text = export.export(f, platforms=(platform,))(*args).mlir_module()
+    dots = re.findall(r"stablehlo\.dot_general .*: \(tensor<\w+x(\w+)>, tensor<\w+x(\w+)>\)",
+                      text)
+    assert len(dots) == 3, (platform, dots)
+    assert all(set(d) == {operand} for d in dots), (platform, dots)
 
 
 def test_precompute_block_rows():
