@@ -201,8 +201,9 @@ def linear_cross_entropy(
       `forward_mode`, `chunk_size`, `class_axis_name` or Explicit-mesh
       sharding (ValueError otherwise); it keeps a gradient of the kernel's
       size (float32 for a 16-bit kernel, whose gradient accumulates in
-      float32 over the token blocks), plus x's, bias's and weight's, from
-      the forward to the backward. "auto" decides at trace time from static
+      float32 over the token blocks; on CPU its matmuls also read a float32
+      copy of such a kernel), plus x's, bias's and weight's, from the
+      forward to the backward. "auto" decides at trace time from static
       shapes and dtypes: precompute when all of those hold, the number of
       devices (the size of the mesh in the arrays' types, else the device
       count) shares no factor with V (a kernel XLA may have split over its
