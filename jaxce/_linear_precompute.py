@@ -122,7 +122,7 @@ def platforms(kernel_dtype: DTypeLike) -> tuple[str, ...]:
   """The platforms on which `backward="auto"` precomputes, when
   `auto_backward` allows it; the others recompute.
 
-  32- and 64-bit kernels: every platform but TPU, where XLA:TPU's
+  32- and 64-bit kernels: CPU and GPU (CUDA, ROCm), not TPU, where XLA:TPU's
   default-precision matmuls read a float32 kernel as bfloat16, and a token
   block loop that reads all of it every block gets a bf16 [D, V] copy of it
   ahead of the loop (256 MiB at D=4096, V=32768: more than a batch-sharded
@@ -244,12 +244,13 @@ def _run(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Ar
 def _matmul(a: jax.Array, b: jax.Array, contract_a: tuple[int, ...],
             contract_b: tuple[int, ...]) -> jax.Array:
   """a . b accumulated in float32 (float64), where one operand is the 16-
-  or 32-bit input and the other may be a float32 cotangent. Elsewhere both
-  are rounded to the input's dtype first (`matmul`). On CPU a 16-bit pair
-  is widened instead: XLA:CPU runs a bf16 x bf16 -> float32 matmul in a
-  bf16 kernel that took 1.1-1.5x the time of a float32 one on the AVX2
-  machine, and it runs optax's bf16 matmuls as float32 ones on converted
-  copies too. (The float32 cotangent is then not rounded to 16 bits.)"""
+  or 32-bit input and the other may be a float32 cotangent. With a 16-bit
+  input, a program lowered for CPU widens both operands to float32: XLA:CPU
+  runs a bf16 x bf16 -> float32 matmul in a bf16 kernel that took 1.1-1.5x
+  the time of a float32 one on the AVX2 machine, and it runs optax's bf16
+  matmuls as float32 ones on converted copies too (the cotangent is then
+  not rounded to 16 bits). Other platforms round both to the 16-bit dtype
+  (`matmul`)."""
   narrow = a.dtype if a.dtype.itemsize < b.dtype.itemsize else b.dtype
   if narrow.itemsize >= 4:
     return matmul(a, b, contract_a, contract_b)
