@@ -1423,7 +1423,8 @@ def test_precompute_half_precision(monkeypatch, fresh_caches, dtype):
   """A 16-bit kernel: dkernel accumulates in float32 over the blocks (the
   residual) and comes back in the kernel's dtype; the same as recompute and
   as the float32 reference on the same rounded inputs, within the rounding
-  of the logits' cotangent to 16 bits before each matmul."""
+  of the logits' cotangent to 16 bits that recompute (and precompute off
+  CPU) does before each matmul."""
   spec = _spec(**ALL_OPTS, chunk=None, lead=(2, 3))  # "mean"; 6 rows: blocks 0-3 and 2-5
   params, labels, cot = _inputs(spec, 102)
   kw = _kwargs(spec)
