@@ -29,7 +29,7 @@ from jax.typing import ArrayLike
 
 from jaxce import _checks, _dispatch, _explicit
 from jaxce._barrier import on_cpu
-from jaxce._sum import block_shape, block_size, blocked_total, total
+from jaxce._sum import block_shape, block_size, blocked_total, column_total, total
 
 Axes = tuple[int, ...]
 F = TypeVar("F", bound=Callable[..., Any])
@@ -150,6 +150,35 @@ def _flat_stats(axes: Axes, plain: bool, x: jax.Array) -> tuple[jax.Array, jax.A
   return shift, _plain_log(total(jnp.exp(x.astype(shift.dtype) - apart), axes), axes)
 
 
+def row_sum(a: jax.Array, axes: Axes, dtype: Any) -> jax.Array:
+  """`jnp.sum(a, axes, keepdims=True)` in the tangent rule of an input of
+  `dtype`: on CPU, for at least `COLUMN_ROWS` float32+ rows of at most
+  `COLUMN_ROW` entries, by columns (`column_total`)."""
+  if (len(axes) == 1 and _checks.static(*a.shape) and 1 <= a.shape[axes[0]] <= COLUMN_ROW
+      and a.size >= COLUMN_ROWS * a.shape[axes[0]] and jnp.dtype(dtype).itemsize >= 4):
+    out: jax.Array = jax.lax.platform_dependent(
+        a, cpu=functools.partial(column_total, axis=axes[0]),
+        default=lambda a: jnp.sum(a, axes, keepdims=True))
+    return out
+  return jnp.sum(a, axes, keepdims=True)
+
+
+# `log_softmax`'s float32 tangent sums rows of at most COLUMN_ROW entries by
+# columns on CPU where there are at least COLUMN_ROWS rows, and reverse mode
+# (its transpose) then broadcasts the cotangent's row sum back by columns:
+# XLA:CPU makes the gradient a loop fusion rather than a YNNPACK one that
+# reduces and broadcasts inside. value_and_grad against the row reduction
+# (`benchmarks/against_commit.py`, 15-25 rounds, AVX2): 0.84-0.92x the time
+# at 4096 and 16384 x 10, 0.70-0.94x at 65536 x 10 (three runs), 0.46-0.82x
+# at 65536 x 2 to 8, and with `where` at 65536 x 10 0.80x, with 3.0 MiB of
+# temp memory against 5.5. Not taken: 1024 rows (1.29x), 12 to 32 classes
+# (1.29-2.5x), bfloat16 (1.54x at 65536 x 10); the forward's max and
+# exp-sum by columns too (its output, consumed in the same program, was
+# written out three times: 7.5 MiB of temp at 65536 x 10, against none).
+COLUMN_ROW = 10
+COLUMN_ROWS = 4096
+
+
 def _sum_shift(shift: jax.Array) -> jax.Array:
   """The shift of `log_softmax`'s exp-sum, on CPU behind an optimization
   barrier: XLA's CSE otherwise shares x - shift with the output's, and where
@@ -235,7 +264,7 @@ def _log_softmax_tangent(
   xm = masked(x, where)
   tx = _masked_tangent(tx.astype(shift.dtype), where)
   p = tangent_probs(xm, shift, ls)
-  return _masked_tangent(tx - jnp.sum(p * tx, axes, keepdims=True), where).astype(x.dtype)
+  return _masked_tangent(tx - row_sum(p * tx, axes, x.dtype), where).astype(x.dtype)
 
 
 def _masked_tangent(t: jax.Array, where: jax.Array | None) -> jax.Array:

@@ -684,12 +684,13 @@ def test_neg_inf_logits_log_softmax_logsumexp():
   assert np.all(np.asarray(g)[ninf] == 0)
 
 
-@pytest.mark.parametrize("rows", ["short", "long"])
+@pytest.mark.parametrize("rows", ["narrow", "short", "long"])
 def test_log_softmax_non_finite_rows_like_jax_nn(branches, rows):
   # The forward has no select (`_log_softmax._plain_shift`): a row with a
   # +inf or NaN entry is NaN throughout, as in jax.nn (and PyTorch); a row
-  # of -inf entries only is -inf (jax.nn: NaN). "long": blocked rows on CPU.
-  c = 40 if rows == "short" else 65536
+  # of -inf entries only is -inf (jax.nn: NaN). "narrow": by columns on CPU;
+  # "long": blocked rows on CPU.
+  c = {"narrow": 10, "short": 40, "long": 65536}[rows]
   x = np.tile(np.linspace(-3.0, 2.0, c, dtype=np.float32), (5, 1))
   x[0, 7] = np.inf
   x[1, 7] = np.nan
@@ -740,7 +741,7 @@ def test_log_softmax_derivatives_like_jax_nn(branches, masking):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("shape", [(4096, 1024), (65536, 100)])
+@pytest.mark.parametrize("shape", [(4096, 1024), (65536, 100), (65536, 10)])
 def test_log_softmax_forward_holds_no_shifted_copy(dtype, shape):
   # With selects (a non-finite max to 0, log(0) to -inf, a -inf output
   # row), XLA:CPU wrote x - shift out as an N x C float32 array and read it
@@ -754,7 +755,7 @@ def test_log_softmax_forward_holds_no_shifted_copy(dtype, shape):
   assert temp <= shape[0] * 4 * 8, temp
 
 
-@pytest.mark.parametrize("shape", [(2048, 1024), (2048, 8192), (64, 32000)])
+@pytest.mark.parametrize("shape", [(2048, 1024), (2048, 8192), (64, 32000), (65536, 10)])
 def test_log_softmax_gradient_holds_no_shifted_copy(shape):
   # XLA's CSE shared the exp-sum's x - shift with the output's, and a
   # consumer that sums the output (here sum(out * t)) made XLA:CPU's
@@ -1722,6 +1723,48 @@ def _class_axis_reductions(f, x):
   return [e.primitive.name for e in walk(jax.make_jaxpr(f)(x).jaxpr)
           if e.primitive.name.startswith(("reduce", "argm")) and e.invars
           and getattr(e.invars[0].aval, "shape", None) == x.shape]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_log_softmax_gradient_of_narrow_rows_by_columns(dtype):
+  """At least `COLUMN_ROWS` rows of at most `_log_softmax.COLUMN_ROW`
+  classes: on CPU the float32 tangent's row sum is elementwise over the
+  class columns (no reduction over the classes; bfloat16 keeps its row
+  reduction), and reverse mode's broadcast of the cotangent's row sum is by
+  columns too; jax.nn's derivatives: -inf inputs, `where`, axis 1 of (N, C,
+  H, W), jax.vmap."""
+  from jaxce import _log_softmax
+
+  c, n = _log_softmax.COLUMN_ROW, _log_softmax.COLUMN_ROWS
+  dt = jnp.dtype(dtype)
+  rng = _rng(41)
+  x = rng.normal(size=(n, c)).astype(np.float32) * 4
+  x[3, 2] = -np.inf
+  where = rng.random((n, c)) < 0.8
+  where[:, 0] = True
+  jx, ct = jnp.asarray(x, dt), jnp.asarray(rng.normal(size=(n, c)), dt)
+  vjp = lambda f, x, ct: jax.vjp(f, x)[1](ct)[0]
+  by_columns = {(n, c): True, (n // 4, 4, c): True, (n, c + 1): False, (n - 1, c): False}
+  for shape, columns in by_columns.items():
+    x1 = jnp.zeros(shape, dt)
+    sums = _class_axis_reductions(lambda x: jax.jvp(jaxce.log_softmax, (x,), (x,))[1], x1)
+    assert sums.count("reduce_sum") == (not columns or dt == jnp.bfloat16), (shape, sums)
+  # (bfloat16: jax.nn rounds its steps to 16 bits; 0.027 seen, 2 ulps of |ct| ~ 4)
+  tol = {"rtol": 1e-5, "atol": 1e-5} if dt == jnp.float32 else {"rtol": 2e-2, "atol": 6e-2}
+
+  def close(f, g, x, ct):
+    np.testing.assert_allclose(np.asarray(jax.jit(f)(x, ct), np.float32),
+                               np.asarray(g(x, ct), np.float32), **tol)
+
+  for mask in (None, jnp.asarray(where)):
+    mine = functools.partial(jaxce.log_softmax, where=mask)
+    theirs = functools.partial(jax.nn.log_softmax, where=mask)
+    close(lambda x, ct, f=mine: vjp(f, x, ct), lambda x, ct, f=theirs: vjp(f, x, ct), jx, ct)
+  x4 = jnp.asarray(rng.normal(size=(16, c, 16, 16)), dt)
+  close(lambda x, ct: vjp(functools.partial(jaxce.log_softmax, axis=1), x, ct),
+        lambda x, ct: vjp(functools.partial(jax.nn.log_softmax, axis=1), x, ct), x4, x4)
+  close(lambda x, ct: vjp(jax.vmap(jaxce.log_softmax), x, ct),
+        lambda x, ct: vjp(jax.nn.log_softmax, x, ct), jx.reshape(8, -1, c), ct.reshape(8, -1, c))
 
 
 @pytest.mark.parametrize("c", [2, 10, pytest.param(17, marks=pytest.mark.slow), 32])
