@@ -168,10 +168,10 @@ def row_sum(a: jax.Array, axes: Axes, dtype: Any) -> jax.Array:
 # (its transpose) then broadcasts the cotangent's row sum back by columns:
 # XLA:CPU makes the gradient a loop fusion rather than a YNNPACK one that
 # reduces and broadcasts inside. value_and_grad against the row reduction
-# (`benchmarks/against_commit.py`, 15-25 rounds, AVX2): 0.84-0.95x the time
-# at 4096 and 16384 x 10, 0.70-0.94x at 65536 x 10 (four runs), 0.46-0.82x
-# at 65536 x 2 to 8, and with `where` at 65536 x 10 0.77-0.80x, with 3.0 MiB
-# of temp memory against 5.5. Not taken: 1024 rows (1.29x), 12 to 32 classes
+# (`benchmarks/against_commit.py`, 15-25 rounds, AVX2): 0.81-0.95x the time
+# at 4096 and 16384 x 10, 0.87-0.94x at 65536 x 10 (three runs), 0.70-0.82x
+# at 65536 x 2 and 4, and with `where` at 65536 x 10 0.77-0.80x, with 3.0
+# MiB of temp memory against 5.5. Not taken: 1024 rows (1.29x), 12 to 32 classes
 # (1.29-2.5x), bfloat16 (1.54x at 65536 x 10); the forward's max and
 # exp-sum by columns too (its output, consumed in the same program, was
 # written out three times: 7.5 MiB of temp at 65536 x 10, against none).
