@@ -171,9 +171,9 @@ def row_sum(a: jax.Array, axes: Axes, dtype: Any) -> jax.Array:
 # (`benchmarks/against_commit.py`, 15-25 rounds, AVX2): 0.81-0.95x the time
 # at 4096 and 16384 x 10, 0.87-0.94x at 65536 x 10 (three runs), 0.70-0.82x
 # at 65536 x 2 and 4, and with `where` at 65536 x 10 0.77-0.80x, with 3.0
-# MiB of temp memory against 5.5. Not taken: 1024 rows (1.29x), 12 to 32 classes
-# (1.29-2.5x), bfloat16 (1.54x at 65536 x 10); the forward's max and
-# exp-sum by columns too (its output, consumed in the same program, was
+# MiB of temp memory against 5.5. Not taken: 1024 rows (1.29x), 12 to 32
+# classes (1.29-2.5x), bfloat16 (1.54x at 65536 x 10); the forward's max
+# and exp-sum by columns too (its output, consumed in the same program, was
 # written out three times: 7.5 MiB of temp at 65536 x 10, against none).
 COLUMN_ROW = 10
 COLUMN_ROWS = 4096

@@ -44,8 +44,9 @@ def _total_jvp(
 def column_total(a: jax.Array, axis: int) -> jax.Array:
   """The sum over a short `axis` (kept), for XLA:CPU: elementwise adds of
   its slices, one loop fusion vectorized across rows, where its reductions
-  over rows this short run slower (`_stats._others_in_columns`,
-  `_log_softmax.row_sum`)."""
+  over rows this short run slower (`_log_softmax.row_sum`; the integer
+  labels' `_stats._others_in_columns` sums its columns the same way, with
+  the label's column left out)."""
   return functools.reduce(jnp.add, [
       jax.lax.index_in_dim(a, c, axis, keepdims=True) for c in range(a.shape[axis])])
 
