@@ -217,7 +217,11 @@ def linear_cross_entropy(
       does there. 16-bit kernels precompute on CPU only, where it was
       measured (with float32 matmuls there, 0.63-0.77x recompute's time at
       13 of 14 bfloat16 shapes, 1.00x at 64 x 128 x 50257; on GPU the
-      float32 accumulator is not measured against the matmul it saves).
+      float32 accumulator is not measured against the matmul it saves),
+      and bfloat16 ones not on CPUs with bfloat16 dot instructions
+      (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo), where XLA:CPU's
+      bfloat16 matmuls are faster and precompute took 1.27-1.48x
+      recompute's time.
 
   Returns:
     float32 (float64 for float64 inputs) loss.
@@ -401,6 +405,8 @@ def linear_cross_entropy(
   # Where "auto" precomputes depends on the platform the program is lowered
   # for (`_linear_precompute.platforms`), decided at lowering.
   branches = dict.fromkeys(_linear_precompute.platforms(kernel.dtype), precompute)
+  if not branches:
+    return recompute(*args)
   chosen: jax.Array = jax.lax.platform_dependent(*args, **branches, default=recompute)
   return chosen
 

@@ -134,12 +134,48 @@ def platforms(kernel_dtype: DTypeLike) -> tuple[str, ...]:
   optax on the materialized logits and 0.63-0.77x recompute's time at 13
   of 14 bfloat16 shapes, 1.00x at 64 x 128 x 50257 (medians, N=64 to
   32768, D=128 to 1024, V=1024 to 50257; `benchmarks/linear_backward.py
-  --optax --dtype bfloat16`; docs/guides/fused-linear.md). On GPU and TPU
-  the doubled kernel was not measured against the matmul it saves.
+  --optax --dtype bfloat16`; docs/guides/fused-linear.md). That was on CPUs
+  without bfloat16 dot instructions (AVX2). A bfloat16 kernel on a host
+  that has them (`cpu_has_bf16_dot`) recomputes everywhere: there XLA:CPU's
+  bf16 matmuls are the fast ones, and precompute took 1.27-1.48x
+  recompute's time at the 5 shapes measured (AMD Zen 4, avx512_bf16;
+  `--dtype bfloat16 --shapes 64,128,32000 1024,128,16384 4096,512,8192
+  2048,1024,4096 8192,256,32768`), against 0.68-0.92x on AMD Zen 3 (AVX2).
+  On GPU and TPU the doubled kernel was not measured against the matmul it
+  saves.
   """
-  if np.dtype(kernel_dtype).itemsize < 4:
-    return ("cpu",)
+  dtype = np.dtype(kernel_dtype)
+  if dtype.itemsize < 4:
+    return () if dtype == jnp.bfloat16 and cpu_has_bf16_dot() else ("cpu",)
   return ("cpu", "cuda", "rocm")
+
+
+# x86 CPU flags of bfloat16 dot-product instructions (Linux /proc/cpuinfo).
+_BF16_DOT_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+@functools.cache
+def cpu_has_bf16_dot() -> bool:
+  """Whether this machine's CPU has bfloat16 dot-product instructions, which
+  XLA:CPU's matmul kernels pick at run time (the compiled HLO is the same
+  either way, so the program cannot tell). XLA:CPU compiles for the host it
+  runs on, so the host is the CPU the program targets. Read from
+  /proc/cpuinfo; False where that is missing (not Linux) or names no such
+  flag, e.g. on ARM, where it was not measured."""
+  try:
+    with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+      return bf16_dot_in_cpuinfo(f.read())
+  except OSError:
+    return False
+
+
+def bf16_dot_in_cpuinfo(text: str) -> bool:
+  """Whether a /proc/cpuinfo text lists a bfloat16 dot-product flag."""
+  for line in text.splitlines():
+    key, _, value = line.partition(":")
+    if key.strip() == "flags" and _BF16_DOT_FLAGS & set(value.split()):
+      return True
+  return False
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))

@@ -1458,14 +1458,19 @@ def test_precompute_half_precision(monkeypatch, fresh_caches, dtype):
 
 
 @pytest.mark.all_platforms  # (the real platform_dependent: each platform's branch)
-def test_auto_precompute_platforms_as_lowered():
+@pytest.mark.parametrize("bf16_dot", [False, True])
+def test_auto_precompute_platforms_as_lowered(monkeypatch, bf16_dot):
   """backward="auto" at a shape where it may precompute: the token-block
   loop (`_linear_precompute._run`) is in the program lowered for CPU in
-  both dtypes and for GPU in float32, and in none for TPU, nor for GPU in
+  float32, and in bfloat16 unless the host CPU has bfloat16 dot
+  instructions, and for GPU in float32; in none for TPU, nor for GPU in
   bfloat16 (`_linear_precompute.platforms`); and its bfloat16 matmuls."""
   from jax import export
+  monkeypatch.setattr(_linear_precompute, "cpu_has_bf16_dot", lambda: bf16_dot)
+  jax.clear_caches()  # no trace made under the other answer
   labels = jax.ShapeDtypeStruct((64,), jnp.int32)
-  for dtype, where in ((F32, {"cpu", "cuda"}), (jnp.bfloat16, {"cpu"})):
+  for dtype, where in ((F32, {"cpu", "cuda"}),
+                       (jnp.bfloat16, set() if bf16_dot else {"cpu"})):
     # (V = 999 shares no factor with the 8 test devices)
     args = (jax.ShapeDtypeStruct((64, 16), dtype), jax.ShapeDtypeStruct((16, 999), dtype),
             labels)
@@ -1473,6 +1478,9 @@ def test_auto_precompute_platforms_as_lowered():
     for platform in ("cpu", "cuda", "tpu"):
       text = export.export(f, platforms=(platform,))(*args).mlir_module()
       assert ("func.func private @_run(" in text) == (platform in where), (dtype, platform)
+  if bf16_dot:
+    jax.clear_caches()  # (no trace made under this answer outlives the test)
+    return
   # The precomputing matmuls of a bf16 kernel: float32 operands on CPU
   # (`_linear_precompute._matmul`), bf16 elsewhere.
   f = jax.jit(jax.value_and_grad(lambda x, k, y: _lin_loss(x, k, y, backward="precompute"),
@@ -1588,9 +1596,29 @@ def test_auto_backward_rule():
   assert rule((128, 32000), F32, b, **base) == "recompute"  # symbolic N
   assert rule((b, 32000), jnp.bfloat16, 2048, **base) == "recompute"  # symbolic D
   assert rule((b, 32000), F32, 2048, **base) == "precompute"
+
+
+def test_auto_backward_platforms(monkeypatch):
   where = _linear_precompute.platforms
-  assert where(F32) == where(jnp.float64) == ("cpu", "cuda", "rocm")
-  assert where(jnp.bfloat16) == where(jnp.float16) == ("cpu",)
+  for bf16_dot in (False, True):
+    monkeypatch.setattr(_linear_precompute, "cpu_has_bf16_dot", lambda b=bf16_dot: b)
+    assert where(F32) == where(jnp.float64) == ("cpu", "cuda", "rocm")
+    assert where(jnp.float16) == ("cpu",)
+    # A CPU with bfloat16 dot instructions recomputes bfloat16 kernels too.
+    assert where(jnp.bfloat16) == (() if bf16_dot else ("cpu",))
+
+
+def test_bf16_dot_in_cpuinfo():
+  found = _linear_precompute.bf16_dot_in_cpuinfo
+  zen4 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n"
+  spr = "flags\t: avx512f amx_bf16 amx_tile\n"
+  zen3 = "processor\t: 0\nflags\t\t: fpu avx2 fma\nbugs\t\t: avx512_bf16\n"
+  arm = "processor\t: 0\nFeatures\t: fp asimd bf16\n"
+  assert found(zen4)
+  assert found(spr)
+  for text in (zen3, arm, ""):  # (Zen 3's "bugs" line is not its flags)
+    assert not found(text), text
+  assert isinstance(_linear_precompute.cpu_has_bf16_dot(), bool)
 
 
 @pytest.mark.parametrize(("case", "expected"), [
@@ -1598,6 +1626,8 @@ def test_auto_backward_rule():
     (dict(reduction="sum"), "precompute"),
     (dict(reduction="none"), "recompute"),
     (dict(dtype=jnp.bfloat16), "precompute"),  # on CPU (platforms: CPU only)
+    (dict(dtype=jnp.bfloat16, bf16_dot=True), "recompute"),  # a CPU with bf16 dots
+    (dict(dtype=jnp.float16, bf16_dot=True), "precompute"),
     (dict(chunk_size=7), "recompute"),
     (dict(forward_mode=True), "recompute"),
     (dict(vocab=40), "recompute"),  # gcd(40, 8) = 8: a kernel XLA may have split
@@ -1609,6 +1639,8 @@ def test_auto_backward_rule():
 def test_auto_backward_is_what_runs(monkeypatch, case, expected):
   case = dict(case)
   dtype, vocab = case.pop("dtype", F32), case.pop("vocab", V)
+  bf16_dot = case.pop("bf16_dot", False)
+  monkeypatch.setattr(_linear_precompute, "cpu_has_bf16_dot", lambda: bf16_dot)
   if case.pop("bias", False):
     case["bias"] = jnp.zeros((vocab,), dtype)
   calls = []
@@ -1620,6 +1652,8 @@ def test_auto_backward_is_what_runs(monkeypatch, case, expected):
   kernel = jax.ShapeDtypeStruct((D, vocab), dtype)
   labels = jax.ShapeDtypeStruct((6,), jnp.int32)
   jax.eval_shape(lambda x, k, y: _lin_loss(x, k, y, **case), x, kernel, labels)
+  if bf16_dot:
+    jax.clear_caches()  # (no trace made under this answer outlives the test)
   assert ("precompute" if calls else "recompute") == expected
 
 
