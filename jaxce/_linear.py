@@ -215,8 +215,8 @@ def linear_cross_entropy(
       precompute's token blocks each read the whole kernel, it keeps a
       bfloat16 copy of it (D * V * 2 bytes), as an explicit "precompute"
       does there. 16-bit kernels precompute on CPU only, where it was
-      measured (with float32 matmuls there, 0.63-0.77x recompute's time at
-      13 of 14 bfloat16 shapes, 1.00x at 64 x 128 x 50257; on GPU the
+      measured (with float32 matmuls there, 0.50-0.93x recompute's time at
+      12 of 13 bfloat16 shapes, 1.08x at 64 x 128 x 50257; on GPU the
       float32 accumulator is not measured against the matmul it saves),
       and bfloat16 ones not on CPUs with bfloat16 dot instructions
       (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo), where XLA:CPU's

@@ -27,7 +27,7 @@ from jax.typing import DTypeLike
 
 from jaxce import _checks
 from jaxce._collective import ClassSlice
-from jaxce._linear_stats import BLOCK_ELEMENTS, matmul, soft_cap
+from jaxce._linear_stats import BLOCK_ELEMENTS, cpu_transposed, matmul, soft_cap
 from jaxce._reduction import integer_target_loss
 from jaxce._stats import LabelStats, SmoothingSums, label_stats
 
@@ -39,10 +39,12 @@ ROW_BLOCK_ELEMENTS = 4 * BLOCK_ELEMENTS
 # backward="auto" precomputes only when a block holds at least this many
 # rows, i.e. V <= ROW_BLOCK_ELEMENTS / MIN_ROWS = 52428. Measured on CPU
 # (benchmarks/linear_backward.py, float32 value_and_grad, precompute /
-# recompute time): 0.85-0.89 with 512-524 rows (V = 32000, 32768), about
-# 0.86 with 333 (V = 50257), 0.86-1.41 with 256 (V = 65536), 1.18-1.49 with
-# 128 (V = 131072) and 2.5-4.3 with 16 (V = 2**20). Below the bound it is
-# not faster everywhere (0.69-1.18 over N, D and V; docs/guides/fused-linear.md).
+# recompute time), on the AVX-512 machine of 2026-12-06: 0.85-0.89 with
+# 512-524 rows (V = 32000, 32768), about 0.86 with 333 (V = 50257),
+# 0.86-1.41 with 256 (V = 65536), 1.18-1.49 with 128 (V = 131072) and
+# 2.5-4.3 with 16 (V = 2**20). With the transposed dkernel product, on the
+# AVX2 machine of 2026-12-07: 0.64-0.81 below the bound, 0.75 with 256
+# rows, 0.89 with 128 and 3.8 with 16 (docs/guides/fused-linear.md).
 MIN_ROWS = 320
 
 
@@ -131,16 +133,18 @@ def platforms(kernel_dtype: DTypeLike) -> tuple[str, ...]:
   16-bit kernels: CPU only. Their dkernel accumulates in float32 (twice the
   kernel's bytes, the residual), and on CPU the matmuls take float32
   operands (`_matmul`); on XLA:CPU that still took less temp memory than
-  optax on the materialized logits and 0.63-0.77x recompute's time at 13
-  of 14 bfloat16 shapes, 1.00x at 64 x 128 x 50257 (medians, N=64 to
-  32768, D=128 to 1024, V=1024 to 50257; `benchmarks/linear_backward.py
-  --optax --dtype bfloat16`; docs/guides/fused-linear.md). That was on CPUs
-  without bfloat16 dot instructions (AVX2). A bfloat16 kernel on a host
+  optax on the materialized logits and 0.50-0.93x recompute's time at 12
+  of 13 bfloat16 shapes, 1.08x at 64 x 128 x 50257 (medians, N=64 to
+  8192, D=128 to 1024, V=1024 to 50257; `benchmarks/linear_backward.py
+  --optax --dtype bfloat16`; docs/guides/fused-linear.md). That was on a
+  CPU without bfloat16 dot instructions (AMD Zen 3, AVX2). A bfloat16 kernel on a host
   that has them (`cpu_has_bf16_dot`) recomputes everywhere: there XLA:CPU's
   bf16 matmuls are the fast ones, and precompute took 1.27-1.48x
   recompute's time at the 5 shapes measured (AMD Zen 4, avx512_bf16;
   `--dtype bfloat16 --shapes 64,128,32000 1024,128,16384 4096,512,8192
-  2048,1024,4096 8192,256,32768`), against 0.68-0.92x on AMD Zen 3 (AVX2).
+  2048,1024,4096 8192,256,32768`), against 0.68-0.92x on AMD Zen 3 (AVX2);
+  both before precompute's transposed dkernel product, which took it to
+  0.69-0.84x of its time on Zen 3 and was not measured on Zen 4.
   On GPU and TPU the doubled kernel was not measured against the matmul it
   saves.
   """
@@ -241,7 +245,12 @@ def _run(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Ar
     dx_rows = _matmul(dz, kernel, (1,), (1,)).astype(dx.dtype)
     old = jax.lax.dynamic_slice_in_dim(dx, start, rows)
     dx = jax.lax.dynamic_update_slice_in_dim(dx, jnp.where(fresh[:, None], dx_rows, old), start, 0)
-    dkernel = dkernel + _matmul(x_rows, dz, (0,), (0,)).astype(dkernel.dtype)
+    # x_rows^T . dz from a transposed copy of the block's rows on CPU: XLA:CPU's
+    # matmul contracting both first axes took 1.3-2.2x the time of this
+    # plain one (4096 x 512 x 8192, 1024 x 128 x 16384, ...); elsewhere the
+    # transpose folds into the matmul.
+    x_t = cpu_transposed(x_rows)
+    dkernel = dkernel + _matmul(x_t, dz, (1,), (0,)).astype(dkernel.dtype)
     if dbias is not None:
       dbias = dbias + jnp.sum(dz, axis=0)
     if dweight is not None and dw is not None:
