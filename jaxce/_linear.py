@@ -221,7 +221,8 @@ def linear_cross_entropy(
       and bfloat16 ones not on CPUs with bfloat16 dot instructions
       (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo), where XLA:CPU's
       bfloat16 matmuls are faster and precompute took 1.27-1.48x
-      recompute's time.
+      recompute's time (AMD Zen 4, before precompute's transposed dkernel
+      product; not remeasured there).
 
   Returns:
     float32 (float64 for float64 inputs) loss.

@@ -137,9 +137,10 @@ def platforms(kernel_dtype: DTypeLike) -> tuple[str, ...]:
   of 13 bfloat16 shapes, 1.08x at 64 x 128 x 50257 (medians, N=64 to
   8192, D=128 to 1024, V=1024 to 50257; `benchmarks/linear_backward.py
   --optax --dtype bfloat16`; docs/guides/fused-linear.md). That was on a
-  CPU without bfloat16 dot instructions (AMD Zen 3, AVX2). A bfloat16 kernel on a host
-  that has them (`cpu_has_bf16_dot`) recomputes everywhere: there XLA:CPU's
-  bf16 matmuls are the fast ones, and precompute took 1.27-1.48x
+  CPU without bfloat16 dot instructions (AMD Zen 3, AVX2). A bfloat16
+  kernel on a host that has them (`cpu_has_bf16_dot`) recomputes
+  everywhere: there XLA:CPU's bf16 matmuls are the fast ones, and
+  precompute took 1.27-1.48x
   recompute's time at the 5 shapes measured (AMD Zen 4, avx512_bf16;
   `--dtype bfloat16 --shapes 64,128,32000 1024,128,16384 4096,512,8192
   2048,1024,4096 8192,256,32768`), against 0.68-0.92x on AMD Zen 3 (AVX2);
