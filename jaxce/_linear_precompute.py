@@ -140,14 +140,10 @@ def platforms(kernel_dtype: DTypeLike) -> tuple[str, ...]:
   CPU without bfloat16 dot instructions (AMD Zen 3, AVX2). A bfloat16
   kernel on a host that has them (`cpu_has_bf16_dot`) recomputes
   everywhere: there XLA:CPU's bf16 matmuls are the fast ones, and
-  precompute took 1.27-1.48x
-  recompute's time at the 5 shapes measured (AMD Zen 4, avx512_bf16;
-  `--dtype bfloat16 --shapes 64,128,32000 1024,128,16384 4096,512,8192
-  2048,1024,4096 8192,256,32768`), against 0.68-0.92x on AMD Zen 3 (AVX2);
-  both before precompute's transposed dkernel product, which took it to
-  0.69-0.84x of its time on Zen 3 and was not measured on Zen 4.
-  On GPU and TPU the doubled kernel was not measured against the matmul it
-  saves.
+  precompute took 1.27-1.48x recompute's time at 5 shapes (AMD Zen 4,
+  measured before the transposed dkernel product; the guide's "Speed
+  notes"). On GPU and TPU the doubled kernel was not measured against the
+  matmul it saves.
   """
   dtype = np.dtype(kernel_dtype)
   if dtype.itemsize < 4:
