@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
 
-from jaxce import _checks
+from jaxce import _checks, _cpu_features
 from jaxce._collective import ClassSlice
-from jaxce._linear_stats import BLOCK_ELEMENTS, cpu_transposed, matmul, soft_cap
+from jaxce._linear_stats import BLOCK_ELEMENTS, cpu_transposed, mixed_matmul, soft_cap
 from jaxce._reduction import integer_target_loss
 from jaxce._stats import LabelStats, SmoothingSums, label_stats
 
@@ -132,13 +132,13 @@ def platforms(kernel_dtype: DTypeLike) -> tuple[str, ...]:
 
   16-bit kernels: CPU only. Their dkernel accumulates in float32 (twice the
   kernel's bytes, the residual), and on CPU the matmuls take float32
-  operands (`_matmul`); on XLA:CPU that still took less temp memory than
+  operands (`_linear_stats.mixed_matmul`); on XLA:CPU that still took less temp memory than
   optax on the materialized logits and 0.50-0.93x recompute's time at 12
   of 13 bfloat16 shapes, 1.08x at 64 x 128 x 50257 (medians, N=64 to
   8192, D=128 to 1024, V=1024 to 50257; `benchmarks/linear_backward.py
   --optax --dtype bfloat16`; docs/guides/fused-linear.md). That was on a
   CPU without bfloat16 dot instructions (AMD Zen 3, AVX2). A bfloat16
-  kernel on a host that has them (`cpu_has_bf16_dot`) recomputes
+  kernel on a host that has them (`_cpu_features.cpu_has_bf16_dot`) recomputes
   everywhere: there XLA:CPU's bf16 matmuls are the fast ones, and
   precompute took 1.27-1.48x recompute's time at 5 shapes (AMD Zen 4,
   measured before the transposed dkernel product; the guide's "Speed
@@ -147,36 +147,8 @@ def platforms(kernel_dtype: DTypeLike) -> tuple[str, ...]:
   """
   dtype = np.dtype(kernel_dtype)
   if dtype.itemsize < 4:
-    return () if dtype == jnp.bfloat16 and cpu_has_bf16_dot() else ("cpu",)
+    return () if dtype == jnp.bfloat16 and _cpu_features.cpu_has_bf16_dot() else ("cpu",)
   return ("cpu", "cuda", "rocm")
-
-
-# x86 CPU flags of bfloat16 dot-product instructions (Linux /proc/cpuinfo).
-_BF16_DOT_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
-
-
-@functools.cache
-def cpu_has_bf16_dot() -> bool:
-  """Whether this machine's CPU has bfloat16 dot-product instructions, which
-  XLA:CPU's matmul kernels pick at run time (the compiled HLO is the same
-  either way, so the program cannot tell). XLA:CPU compiles for the host it
-  runs on, so the host is the CPU the program targets. Read from
-  /proc/cpuinfo; False where that is missing (not Linux) or names no such
-  flag, e.g. on ARM, where it was not measured."""
-  try:
-    with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-      return bf16_dot_in_cpuinfo(f.read())
-  except OSError:
-    return False
-
-
-def bf16_dot_in_cpuinfo(text: str) -> bool:
-  """Whether a /proc/cpuinfo text lists a bfloat16 dot-product flag."""
-  for line in text.splitlines():
-    key, _, value = line.partition(":")
-    if key.strip() == "flags" and _BF16_DOT_FLAGS & set(value.split()):
-      return True
-  return False
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -222,7 +194,7 @@ def _run(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Ar
     fresh = start + jnp.arange(rows, dtype=jnp.int32) >= j * rows
     x_rows = jax.lax.dynamic_slice_in_dim(x, start, rows)
     y_rows = jax.lax.dynamic_slice_in_dim(labels, start, rows)
-    raw = _matmul(x_rows, kernel, (1,), (0,))  # [rows, V] float32
+    raw = mixed_matmul(x_rows, kernel, (1,), (0,))  # [rows, V] float32
     if bias is not None:
       raw = raw + bias.astype(ct)[None]
     if not grads:
@@ -239,7 +211,7 @@ def _run(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Ar
     g = jax.tree.map(lambda v: jnp.where(fresh, v, 0.0), g)
     dz, dw = stats_vjp(g)
     dx, dkernel, dbias, dweight = acc
-    dx_rows = _matmul(dz, kernel, (1,), (1,)).astype(dx.dtype)
+    dx_rows = mixed_matmul(dz, kernel, (1,), (1,)).astype(dx.dtype)
     old = jax.lax.dynamic_slice_in_dim(dx, start, rows)
     dx = jax.lax.dynamic_update_slice_in_dim(dx, jnp.where(fresh[:, None], dx_rows, old), start, 0)
     # x_rows^T . dz from a transposed copy of the block's rows on CPU: XLA:CPU's
@@ -247,7 +219,7 @@ def _run(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Ar
     # plain one (4096 x 512 x 8192, 1024 x 128 x 16384, ...); elsewhere the
     # transpose folds into the matmul.
     x_t = cpu_transposed(x_rows)
-    dkernel = dkernel + _matmul(x_t, dz, (1,), (0,)).astype(dkernel.dtype)
+    dkernel = dkernel + mixed_matmul(x_t, dz, (1,), (0,)).astype(dkernel.dtype)
     if dbias is not None:
       dbias = dbias + jnp.sum(dz, axis=0)
     if dweight is not None and dw is not None:
@@ -281,27 +253,6 @@ def _run(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Ar
     return None if like is None else v.astype(like.dtype)
 
   return loss, PrecomputedGrads(dx, dkernel, cast(dbias, bias), cast(dweight, weight))
-
-
-def _matmul(a: jax.Array, b: jax.Array, contract_a: tuple[int, ...],
-            contract_b: tuple[int, ...]) -> jax.Array:
-  """a . b accumulated in float32 (float64), where one operand is the 16-
-  or 32-bit input and the other may be a float32 cotangent. With a 16-bit
-  input, a program lowered for CPU widens both operands to float32: XLA:CPU
-  runs a bf16 x bf16 -> float32 matmul in a bf16 kernel that took 1.1-1.5x
-  the time of a float32 one on the AVX2 machine, and it runs optax's bf16
-  matmuls as float32 ones on converted copies too (the cotangent is then
-  not rounded to 16 bits). Other platforms round both to the 16-bit dtype
-  (`matmul`)."""
-  narrow = a.dtype if a.dtype.itemsize < b.dtype.itemsize else b.dtype
-  if narrow.itemsize >= 4:
-    return matmul(a, b, contract_a, contract_b)
-  ct = _checks.compute_dtype(narrow)
-  out: jax.Array = jax.lax.platform_dependent(
-      a, b,
-      cpu=lambda a, b: matmul(a.astype(ct), b.astype(ct), contract_a, contract_b),
-      default=lambda a, b: matmul(a.astype(narrow), b.astype(narrow), contract_a, contract_b))
-  return out
 
 
 def _fwd(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: jax.Array,

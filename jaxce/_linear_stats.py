@@ -27,6 +27,7 @@ reduction after them keeps a few more per token.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeVar
 
@@ -34,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from jaxce import _checks
+from jaxce import _checks, _cpu_features
 from jaxce._barrier import on_cpu
 from jaxce._collective import match_vma
 from jaxce._stats import LabelStats, SmoothingSums, take_at
@@ -216,6 +217,51 @@ def matmul(a: jax.Array, b: jax.Array, contract_a: Sequence[int],
   return jax.lax.dot_general(a, b, dims, preferred_element_type=_checks.compute_dtype(a.dtype))
 
 
+def mixed_matmul(a: jax.Array, b: jax.Array, contract_a: Sequence[int],
+                 contract_b: Sequence[int], widen: bool = True) -> jax.Array:
+  """`matmul` of a 16- or 32-bit input and an operand that may be a float32
+  cotangent, both in the narrower dtype. On a CPU without bfloat16 dot
+  instructions (`_cpu_features`), a program lowered for CPU widens 16-bit
+  operands to float32 instead: there XLA:CPU runs bf16 x bf16 -> float32
+  matmuls in a kernel that took 1.5x the time of a float32 one on
+  converted copies (a [2048, 512] x [512, 512] chunk on AMD Zen 3: 12.3
+  against 8.3 ms), and runs optax's bf16 matmuls on float32 copies too (the
+  cotangent is then not rounded to 16 bits). In the recomputing path's
+  chunk loops that took bfloat16 `value_and_grad` to 0.63-0.78x its time at
+  N x D x V of 512-2048 x 128 x 65536-262144 and 2048 x 512 x 50257, for
+  float32 copies of x and x.T that XLA hoists out of the loop (3-9 MiB more
+  temp memory there; `benchmarks/against_commit.py`, the fused-loss guide),
+  hence `_widened`. `widen=False` keeps 16-bit operands everywhere."""
+  narrow = a.dtype if a.dtype.itemsize < b.dtype.itemsize else b.dtype
+  if narrow.itemsize >= 4:
+    return matmul(a, b, contract_a, contract_b)
+  rounded: Callable[[jax.Array, jax.Array], jax.Array] = lambda a, b: matmul(
+      a.astype(narrow), b.astype(narrow), contract_a, contract_b)
+  if not widen or (narrow == jnp.bfloat16 and _cpu_features.cpu_has_bf16_dot()):
+    return rounded(a, b)
+  ct = _checks.compute_dtype(narrow)
+  out: jax.Array = jax.lax.platform_dependent(
+      a, b, cpu=lambda a, b: matmul(a.astype(ct), b.astype(ct), contract_a, contract_b),
+      default=rounded)
+  return out
+
+
+# At most this many bytes of float32 copies of x and x.T (8 N D) for
+# `mixed_matmul`'s widened chunk products, as for the precomputing backward's
+# float32 accumulator of a 16-bit kernel (one 64 MiB logits block): above
+# it the 16-bit products keep the default's memory as it was (196 MiB of
+# temp at N=8192, D=4096 in bfloat16, against 448 widened).
+WIDEN_BYTES = 2**26
+
+
+def _widened(x: jax.Array, chunk: Any, per_group: Any) -> bool:
+  """Whether the chunk products may widen (`mixed_matmul`): the kernel is
+  read in chunks of a loop (whole, its float32 copy would be a second
+  kernel), and float32 copies of x and x.T fit in `WIDEN_BYTES`."""
+  return (_checks.static(chunk, per_group, *x.shape) and chunk < per_group
+          and 8 * math.prod(x.shape) <= WIDEN_BYTES)
+
+
 def chunk_logits(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, i: jax.Array,
                  chunk: int, softcap: float | None, groups: int) -> Chunk:
   """Logits of chunk i of every group. The last chunk is shifted left to stay
@@ -223,7 +269,8 @@ def chunk_logits(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, i: jax
   previous chunk are marked not `fresh`."""
   per_group = kernel.shape[-1] // groups
   start = jnp.minimum(i * chunk, per_group - chunk)
-  z = matmul(x, kernel_cols(kernel, start, chunk, groups), (1,), (0,))
+  z = mixed_matmul(x, kernel_cols(kernel, start, chunk, groups), (1,), (0,),
+                   widen=_widened(x, chunk, per_group))
   if bias is not None:
     z = z + group_cols(bias, start, chunk, groups).astype(z.dtype)[None]
   t: jax.Array | None = None
@@ -401,17 +448,18 @@ def cpu_transposed(x: jax.Array) -> jax.Array:
   return out
 
 
-def _rows_product(x_t: jax.Array, x: jax.Array, dz: jax.Array) -> jax.Array:
+def _rows_product(x_t: jax.Array, x: jax.Array, dz: jax.Array, widen: bool) -> jax.Array:
   """x^T . dz over the rows ([D, ...]): on CPU from `cpu_transposed`;
   elsewhere as (dz^T . x) moved to [D, ...], which reads x in its own
   layout. Written x^T . dz, XLA:TPU keeps a column-major copy of x for the
   loop and XLA:GPU a transposed one (64 MiB at the Llama-3 head; libtpu
-  0.0.50 no longer places the TPU's in dx's output buffer)."""
+  0.0.50 no longer places the TPU's in dx's output buffer). `widen`: see
+  `mixed_matmul`."""
   def x_first(x_t: jax.Array, x: jax.Array, dz: jax.Array) -> jax.Array:
-    return matmul(x_t, dz, (1,), (0,))
+    return mixed_matmul(x_t, dz, (1,), (0,), widen)
 
   def dz_first(x_t: jax.Array, x: jax.Array, dz: jax.Array) -> jax.Array:
-    return jnp.moveaxis(matmul(dz, x, (0,), (0,)), -1, 0)
+    return jnp.moveaxis(mixed_matmul(dz, x, (0,), (0,), widen), -1, 0)
 
   out: jax.Array = jax.lax.platform_dependent(x_t, x, dz, cpu=x_first, default=dz_first)
   return out
@@ -603,8 +651,8 @@ def _rev_fwd(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, labels: ja
 
 
 def _add_rows_matmul(acc: jax.Array, a: jax.Array, b: jax.Array,
-                     block_elements: int | None) -> jax.Array:
-  """acc + a . b over their last two axes (a float32, cast to b's dtype).
+                     block_elements: int | None, widen: bool) -> jax.Array:
+  """acc + a . b over their last two axes (a float32; `mixed_matmul`).
 
   On CPU (`block_elements` given) in blocks of rows of about that many
   elements: XLA:CPU would keep a [N, D] float32 product beside the [N, D]
@@ -616,8 +664,8 @@ def _add_rows_matmul(acc: jax.Array, a: jax.Array, b: jax.Array,
   sharded: 145 MiB of temp memory with row blocks, 39 without)."""
   shape: tuple[Any, ...] = acc.shape  # a dim may be symbolic (jax.export)
   n, d = shape
-  product: Callable[[jax.Array], jax.Array] = lambda rows: matmul(
-      rows.astype(b.dtype), b, (1, 2), (1, 2))
+  product: Callable[[jax.Array], jax.Array] = lambda rows: mixed_matmul(
+      rows, b, (1, 2), (1, 2), widen)
   # one block off CPU, and for symbolic sizes (jax.export)
   if block_elements is None or not _checks.static(n, d):
     return acc + product(a)
@@ -733,8 +781,9 @@ def _rev_bwd_loop(chunk: int, block_elements: int | None, softcap: float | None,
       assert ch.raw_tanh is not None
       dz = dz * (1.0 - ch.raw_tanh**2)
     w_chunk = kernel_cols(kernel, ch.start, chunk, groups)
-    dx = _add_rows_matmul(dx, jnp.where(ch.fresh, dz, 0.0), w_chunk, block_elements)
-    dk = _rows_product(x_t, x, dz.astype(x.dtype)).astype(kernel.dtype)
+    widen = _widened(x, chunk, per_group)
+    dx = _add_rows_matmul(dx, jnp.where(ch.fresh, dz, 0.0), w_chunk, block_elements, widen)
+    dk = _rows_product(x_t, x, dz, widen).astype(kernel.dtype)
     dkernel = _write_cols(dkernel, _bits(dk) if bits else dk, ch.start - origin, groups)
     if dbias is not None:
       dbias = _write_cols(dbias, jnp.sum(dz, axis=0), ch.start, groups)

@@ -33,7 +33,7 @@ from golden import load, torch_version
 from residuals import saved_residuals
 
 import jaxce
-from jaxce import _linear_precompute, _linear_stats
+from jaxce import _cpu_features, _linear_precompute, _linear_stats
 
 F32 = jnp.float32
 F32_EPS = float(np.finfo(np.float32).eps)
@@ -1464,9 +1464,9 @@ def test_auto_precompute_platforms_as_lowered(monkeypatch, bf16_dot):
   loop (`_linear_precompute._run`) is in the program lowered for CPU in
   float32, and in bfloat16 unless the host CPU has bfloat16 dot
   instructions, and for GPU in float32; in none for TPU, nor for GPU in
-  bfloat16 (`_linear_precompute.platforms`); and its bfloat16 matmuls."""
+  bfloat16 (`_linear_precompute.platforms`)."""
   from jax import export
-  monkeypatch.setattr(_linear_precompute, "cpu_has_bf16_dot", lambda: bf16_dot)
+  monkeypatch.setattr(_cpu_features, "cpu_has_bf16_dot", lambda: bf16_dot)
   jax.clear_caches()  # no trace made under the other answer
   labels = jax.ShapeDtypeStruct((64,), jnp.int32)
   for dtype, where in ((F32, {"cpu", "cuda"}),
@@ -1481,18 +1481,6 @@ def test_auto_precompute_platforms_as_lowered(monkeypatch, bf16_dot):
   if bf16_dot:
     jax.clear_caches()  # (no trace made under this answer outlives the test)
     return
-  # The precomputing matmuls of a bf16 kernel: float32 operands on CPU
-  # (`_linear_precompute._matmul`), bf16 elsewhere.
-  f = jax.jit(jax.value_and_grad(lambda x, k, y: _lin_loss(x, k, y, backward="precompute"),
-                                 (0, 1)))
-  args = (jax.ShapeDtypeStruct((64, 16), jnp.bfloat16),
-          jax.ShapeDtypeStruct((16, 999), jnp.bfloat16), labels)
-  for platform, operand in (("cpu", "f32"), ("cuda", "bf16"), ("tpu", "bf16")):
-    text = export.export(f, platforms=(platform,))(*args).mlir_module()
-    dots = re.findall(r"stablehlo\.dot_general .*: \(tensor<\w+x(\w+)>, tensor<\w+x(\w+)>\)",
-                      text)
-    assert len(dots) == 3, (platform, dots)
-    assert all(set(d) == {operand} for d in dots), (platform, dots)
   # dkernel from a transposed copy of the block's rows on CPU
   # (`cpu_transposed`): no compiled dot contracts both first axes, the form
   # XLA:CPU ran at 1.3-2.2x the time.
@@ -1502,6 +1490,49 @@ def test_auto_precompute_platforms_as_lowered(monkeypatch, bf16_dot):
     compiled = f.lower(*args).compile().as_text()
     lhs = re.findall(r" dot\(.*?lhs_contracting_dims=\{(\d)\}", compiled)
     assert lhs == ["1", "1", "1"], (dtype, lhs)
+
+
+@pytest.mark.all_platforms  # (the real platform_dependent: each platform's branch)
+@pytest.mark.parametrize("bf16_dot", [False, True])
+def test_matmul_operands_of_16_bit_kernels(monkeypatch, bf16_dot):
+  """Both backwards' matmuls of a 16-bit kernel (`_linear_stats.mixed_matmul`):
+  float32 operands in a program lowered for CPU, 16-bit ones there on a
+  host CPU with bfloat16 dot instructions (for a bf16 kernel) or where the
+  recomputing path reads the kernel whole (one chunk, V=999 here), and
+  16-bit ones for GPU and TPU."""
+  from jax import export
+  monkeypatch.setattr(_cpu_features, "cpu_has_bf16_dot", lambda: bf16_dot)
+  jax.clear_caches()  # no trace made under the other answer
+  labels = jax.ShapeDtypeStruct((64,), jnp.int32)
+  dots_of = lambda text: re.findall(
+      r"stablehlo\.dot_general .*: \(tensor<\w+x(\w+)>, tensor<\w+x(\w+)>\)", text)
+  for dtype, short in ((jnp.bfloat16, "bf16"), (jnp.float16, "f16")):
+    # forward logits, then the backward's logits, dx and dkernel (recompute)
+    for backward, vocab, count in (("precompute", 999, 3), ("recompute", 39999, 4),
+                                   ("recompute", 999, 4)):
+      assert (_linear_stats.cpu_chunk_size(64, vocab, 16 * 2) < vocab) == (vocab > 999)
+      args = (jax.ShapeDtypeStruct((64, 16), dtype), jax.ShapeDtypeStruct((16, vocab), dtype),
+              labels)
+      f = jax.jit(jax.value_and_grad(
+          lambda x, k, y, b=backward: _lin_loss(x, k, y, backward=b), (0, 1)))
+      for platform in ("cpu", "cuda", "tpu"):
+        widened = (platform == "cpu" and not (bf16_dot and dtype == jnp.bfloat16)
+                   and (backward, vocab) != ("recompute", 999))
+        dots = dots_of(export.export(f, platforms=(platform,))(*args).mlir_module())
+        assert len(dots) == count, (backward, platform, dots)
+        operand = "f32" if widened else short
+        assert all(set(d) == {operand} for d in dots), (short, backward, vocab, platform, dots)
+  # Nor where float32 copies of x and x.T would exceed WIDEN_BYTES.
+  n, d = 8192, 4096
+  assert 8 * n * d > _linear_stats.WIDEN_BYTES >= 8 * 64 * 16
+  args = (jax.ShapeDtypeStruct((n, d), jnp.bfloat16),
+          jax.ShapeDtypeStruct((d, 39999), jnp.bfloat16), jax.ShapeDtypeStruct((n,), jnp.int32))
+  f = jax.jit(jax.value_and_grad(lambda x, k, y: _lin_loss(x, k, y, backward="recompute"),
+                                 (0, 1)))
+  dots = dots_of(export.export(f, platforms=("cpu",))(*args).mlir_module())
+  assert len(dots) >= 4, dots  # (dx in row blocks)
+  assert all(set(d) == {"bf16"} for d in dots), dots
+  jax.clear_caches()  # (no trace made under this answer outlives the test)
 
 
 def test_precompute_block_rows():
@@ -1610,7 +1641,7 @@ def test_auto_backward_rule():
 def test_auto_backward_platforms(monkeypatch):
   where = _linear_precompute.platforms
   for bf16_dot in (False, True):
-    monkeypatch.setattr(_linear_precompute, "cpu_has_bf16_dot", lambda b=bf16_dot: b)
+    monkeypatch.setattr(_cpu_features, "cpu_has_bf16_dot", lambda b=bf16_dot: b)
     assert where(F32) == where(jnp.float64) == ("cpu", "cuda", "rocm")
     assert where(jnp.float16) == ("cpu",)
     # A CPU with bfloat16 dot instructions recomputes bfloat16 kernels too.
@@ -1618,7 +1649,7 @@ def test_auto_backward_platforms(monkeypatch):
 
 
 def test_bf16_dot_in_cpuinfo():
-  found = _linear_precompute.bf16_dot_in_cpuinfo
+  found = _cpu_features.bf16_dot_in_cpuinfo
   zen4 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n"
   spr = "flags\t: avx512f amx_bf16 amx_tile\n"
   zen3 = "processor\t: 0\nflags\t\t: fpu avx2 fma\nbugs\t\t: avx512_bf16\n"
@@ -1627,7 +1658,7 @@ def test_bf16_dot_in_cpuinfo():
   assert found(spr)
   for text in (zen3, arm, ""):  # (Zen 3's "bugs" line is not its flags)
     assert not found(text), text
-  assert isinstance(_linear_precompute.cpu_has_bf16_dot(), bool)
+  assert isinstance(_cpu_features.cpu_has_bf16_dot(), bool)
 
 
 @pytest.mark.parametrize(("case", "expected"), [
@@ -1649,7 +1680,7 @@ def test_auto_backward_is_what_runs(monkeypatch, case, expected):
   case = dict(case)
   dtype, vocab = case.pop("dtype", F32), case.pop("vocab", V)
   bf16_dot = case.pop("bf16_dot", False)
-  monkeypatch.setattr(_linear_precompute, "cpu_has_bf16_dot", lambda: bf16_dot)
+  monkeypatch.setattr(_cpu_features, "cpu_has_bf16_dot", lambda: bf16_dot)
   if case.pop("bias", False):
     case["bias"] = jnp.zeros((vocab,), dtype)
   calls = []
