@@ -213,6 +213,7 @@ _SLOW_VARIANTS = {
         "cross_entropy_int_rows-Explicit", "cross_entropy_probs-Explicit",
         "cross_entropy_axis1_where-Explicit", "nll_loss-Explicit", "elementwise-Explicit"},
     "test_precompute_half_precision": {"float16"},
+    "test_matmul_operands_of_16_bit_kernels": {"True"},  # (a CPU with bf16 dots)
     "test_vmap_of_weighted_smoothing_rows_and_classes_split": {"cpu-probs"},
     "test_check_grads_log_softmax_logsumexp": {"log_softmax-plain", "logsumexp-where"},
     "test_check_grads_nll_loss": {"sum"},
