@@ -121,7 +121,8 @@ def linear_cross_entropy(
     without `bias`, `forward_mode`, `chunk_size` or a vocabulary split over
     devices, when V <= 52428 (a block then holds at least 320 rows), for
     float32 and float64 kernels on CPU and GPU and for 16-bit kernels with
-    D * V <= 2**24 on CPU; recompute otherwise (see `backward` below).
+    D * V <= 2**24 or N >= 4 * D on CPU; recompute otherwise (see `backward`
+    below).
 
   Under `jax.vmap` over examples that share the kernel, JAX batches the
   backward, and a dkernel is computed per mapped example before they are
@@ -209,8 +210,10 @@ def linear_cross_entropy(
       count) shares no factor with V (a kernel XLA may have split over its
       vocabulary axis), there is no `bias`, and ``V <= 2**24 / 320``, and
       for a 16-bit kernel ``D * V <= 2**24`` (its float32 accumulator at
-      most 64 MiB); recompute otherwise. The platform the program is lowered
-      for decides too. On TPU "auto" always recomputes: XLA:TPU's
+      most 64 MiB) or ``N >= 4 * D`` (the accumulator and a float32 copy of
+      the kernel at most the bytes of the 16-bit logits); recompute
+      otherwise. The platform the program is lowered for decides too. On
+      TPU "auto" always recomputes: XLA:TPU's
       default-precision matmuls read a float32 kernel as bfloat16, and since
       precompute's token blocks each read the whole kernel, it keeps a
       bfloat16 copy of it (D * V * 2 bytes), as an explicit "precompute"

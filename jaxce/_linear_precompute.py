@@ -18,7 +18,7 @@ them by the cotangent: a kernel-sized array (twice the kernel's bytes for a
 from __future__ import annotations
 
 import functools
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -99,10 +99,12 @@ def auto_backward(
   block holds at least `MIN_ROWS` rows (``V <= ROW_BLOCK_ELEMENTS /
   MIN_ROWS`` = 52428): with fewer, rereading and rewriting the [D, V]
   dkernel accumulator per block costs more than the matmul it saves. A
-  16-bit kernel also needs ``D * V <= ROW_BLOCK_ELEMENTS``: its float32
-  accumulator, twice the kernel's bytes, at most one logits block (64 MiB),
-  so that the default's memory stays bounded as V grows (at D = 4096 every
-  V above 4096 recomputes; D = 128 precomputes up to the 52428 bound). With a
+  16-bit kernel also needs ``D * V <= ROW_BLOCK_ELEMENTS`` (its float32
+  accumulator, twice the kernel's bytes, at most one logits block, 64 MiB)
+  or ``N >= 4 * D``: the accumulator and the matmuls' float32 copy of the
+  kernel (on CPU, `mixed_matmul`) then take at most the bytes of the 16-bit
+  [N, V] logits, and precompute's temp memory stayed below the materialized
+  logits' (optax) at every such shape measured (the fused-loss guide). With a
   bias, XLA:CPU writes the block's biased logits out beside the matmul's
   (192 MiB of temp against 64 at N=1024, D=128, V=16384), and recompute was
   faster at every shape measured: precompute / recompute 1.03-2.49 in each
@@ -115,7 +117,8 @@ def auto_backward(
       or not _checks.static(num_tokens, vocab) or vocab == 0):
     return "recompute"
   if np.dtype(kernel_dtype).itemsize < 4 and not (
-      _checks.static(hidden) and hidden * vocab <= ROW_BLOCK_ELEMENTS):
+      _checks.static(hidden)
+      and (hidden * vocab <= ROW_BLOCK_ELEMENTS or 4 * hidden <= cast(int, num_tokens))):
     return "recompute"
   return "precompute" if ROW_BLOCK_ELEMENTS // vocab >= MIN_ROWS else "recompute"
 
@@ -132,14 +135,16 @@ def platforms(kernel_dtype: DTypeLike) -> tuple[str, ...]:
 
   16-bit kernels: CPU only. Their dkernel accumulates in float32 (twice the
   kernel's bytes, the residual), and on CPU the matmuls take float32
-  operands (`_linear_stats.mixed_matmul`); on XLA:CPU that still took less temp memory than
-  optax on the materialized logits and 0.50-0.93x recompute's time at 12
-  of 13 bfloat16 shapes, 1.08x at 64 x 128 x 50257 (medians, N=64 to
-  8192, D=128 to 1024, V=1024 to 50257; `benchmarks/linear_backward.py
-  --optax --dtype bfloat16`; docs/guides/fused-linear.md). That was on a
-  CPU without bfloat16 dot instructions (AMD Zen 3, AVX2). A bfloat16
-  kernel on a host that has them (`_cpu_features.cpu_has_bf16_dot`) recomputes
-  everywhere: there XLA:CPU's bf16 matmuls are the fast ones, and
+  operands (`_linear_stats.mixed_matmul`). On a CPU without bfloat16 dot
+  instructions (AMD Zen 3, AVX2) that took less temp memory than optax on
+  the materialized logits, and 0.70-0.78x the time of the recomputing path
+  (whose chunk products take float32 operands there too) at 2048-4096 x
+  512-1024 x 32000-50257 in bfloat16 (0.50-0.93x at 12 of 13 shapes with
+  D of 128 to 1024 before that path's float32 operands;
+  `benchmarks/linear_backward.py --optax --dtype bfloat16`;
+  docs/guides/fused-linear.md). A bfloat16
+  kernel on a host that has them (`_cpu_features.cpu_has_bf16_dot`)
+  recomputes everywhere: there XLA:CPU's bf16 matmuls are the fast ones, and
   precompute took 1.27-1.48x recompute's time at 5 shapes (AMD Zen 4,
   measured before the transposed dkernel product; the guide's "Speed
   notes"). On GPU and TPU the doubled kernel was not measured against the

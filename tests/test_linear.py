@@ -1625,12 +1625,14 @@ def test_auto_backward_rule():
     for dtype in (F32, jnp.bfloat16):
       assert rule((128, 32000), dtype, 2048, **{**base, **change}) == "recompute", change
   assert rule((128, 0), F32, 2048, **base) == "recompute"
-  # 16-bit kernels: the float32 dkernel accumulator at most one logits block
-  assert rule((512, 32768), jnp.bfloat16, 2048, **base) == "precompute"  # D * V = 2**24
+  # 16-bit kernels: the float32 dkernel accumulator at most one logits block,
+  # or N >= 4 D (the accumulator and a float32 kernel at most the logits)
+  assert rule((512, 32768), jnp.bfloat16, 2047, **base) == "precompute"  # D * V = 2**24
   for d, vocab in ((513, 32768), (4096, 4097), (4096, 32768)):
-    assert rule((d, vocab), jnp.bfloat16, 8192, **base) == "recompute", (d, vocab)
-    assert rule((d, vocab), jnp.float16, 8192, **base) == "recompute", (d, vocab)
-    assert rule((d, vocab), F32, 8192, **base) == "precompute", (d, vocab)
+    for n, expected in ((4 * d - 1, "recompute"), (4 * d, "precompute")):
+      assert rule((d, vocab), jnp.bfloat16, n, **base) == expected, (d, vocab, n)
+      assert rule((d, vocab), jnp.float16, n, **base) == expected, (d, vocab, n)
+      assert rule((d, vocab), F32, n, **base) == "precompute", (d, vocab, n)
   from jax import export
   b, = export.symbolic_shape("b")
   assert rule((128, 32000), F32, b, **base) == "recompute"  # symbolic N
