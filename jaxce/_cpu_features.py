@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import functools
 
+import jax.numpy as jnp
+
 # x86 CPU flags of bfloat16 dot-product instructions (Linux /proc/cpuinfo).
 _BF16_DOT_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
@@ -30,3 +32,10 @@ def bf16_dot_in_cpuinfo(text: str) -> bool:
     if key.strip() == "flags" and _BF16_DOT_FLAGS & set(value.split()):
       return True
   return False
+
+
+def native_bf16_dot(dtype: object) -> bool:
+  """Whether XLA:CPU on this host multiplies `dtype` operands with native
+  instructions: bfloat16 on a CPU with bfloat16 dot instructions. Elsewhere
+  16-bit matmuls are the slow ones, and jaxce's fused loss widens them."""
+  return dtype == jnp.bfloat16 and cpu_has_bf16_dot()

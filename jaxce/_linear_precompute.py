@@ -142,17 +142,16 @@ def platforms(kernel_dtype: DTypeLike) -> tuple[str, ...]:
   512-1024 x 32000-50257 in bfloat16 (0.50-0.93x at 12 of 13 shapes with
   D of 128 to 1024 before that path's float32 operands;
   `benchmarks/linear_backward.py --optax --dtype bfloat16`;
-  docs/guides/fused-linear.md). A bfloat16
-  kernel on a host that has them (`_cpu_features.cpu_has_bf16_dot`)
-  recomputes everywhere: there XLA:CPU's bf16 matmuls are the fast ones, and
-  precompute took 1.27-1.48x recompute's time at 5 shapes (AMD Zen 4,
-  measured before the transposed dkernel product; the guide's "Speed
-  notes"). On GPU and TPU the doubled kernel was not measured against the
-  matmul it saves.
+  docs/guides/fused-linear.md). A bfloat16 kernel on a host that has them
+  (`_cpu_features.native_bf16_dot`) recomputes everywhere: there XLA:CPU's
+  bf16 matmuls are the fast ones, and precompute took 1.27-1.48x
+  recompute's time at 5 shapes (AMD Zen 4, measured before the transposed
+  dkernel product; the guide's "Speed notes"). On GPU and TPU the doubled
+  kernel was not measured against the matmul it saves.
   """
   dtype = np.dtype(kernel_dtype)
   if dtype.itemsize < 4:
-    return () if dtype == jnp.bfloat16 and _cpu_features.cpu_has_bf16_dot() else ("cpu",)
+    return () if _cpu_features.native_bf16_dot(dtype) else ("cpu",)
   return ("cpu", "cuda", "rocm")
 
 

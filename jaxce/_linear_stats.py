@@ -237,7 +237,7 @@ def mixed_matmul(a: jax.Array, b: jax.Array, contract_a: Sequence[int],
     return matmul(a, b, contract_a, contract_b)
   rounded: Callable[[jax.Array, jax.Array], jax.Array] = lambda a, b: matmul(
       a.astype(narrow), b.astype(narrow), contract_a, contract_b)
-  if not widen or (narrow == jnp.bfloat16 and _cpu_features.cpu_has_bf16_dot()):
+  if not widen or _cpu_features.native_bf16_dot(narrow):
     return rounded(a, b)
   ct = _checks.compute_dtype(narrow)
   out: jax.Array = jax.lax.platform_dependent(
